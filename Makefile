@@ -1,0 +1,51 @@
+# qmig developer entry points. `make test` is what CI runs (via .ci/run).
+# setup is idempotent: Debian packages are checked with dpkg, pip runs only when
+# pyproject.toml is newer than the stamp file.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+# python3.11 if present, else python3 (checked to be >= 3.11 when the venv is made)
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
+
+.PHONY: setup system test lint demo bench clean distclean
+
+setup: system $(STAMP)
+
+system:
+	@bash scripts/setup-system.sh
+
+$(VENV_PY): | system
+	@test -n "$(PYTHON)" || { echo "make: no python3.11 or python3 found" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "make: $(PYTHON) is older than Python 3.11; install python3.11" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml $(VENV_PY)
+	$(VENV_PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+demo: setup
+	$(VENV_PY) -m qmig demo
+
+bench: setup
+	@mkdir -p reports
+	$(VENV_PY) -m qmig bench broker --json reports/bench-broker.json
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache .hypothesis *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) reports

@@ -1,0 +1,206 @@
+"""Broker settings: defaults, a YAML file and command-line flags, merged and validated.
+
+Precedence is "flags win over the YAML file, the file wins over defaults", so every flag
+defaults to ``None`` and only flags actually given override anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_PACKET_SIZE_LIMIT = 268_435_460  # largest MQTT packet: 1 + 4 length bytes + 268435455
+UINT32_MAX = 4_294_967_295
+
+
+class ConfigError(ValueError):
+    """A bad setting or file; the CLI prints it as one line and exits with status 2."""
+
+
+@dataclass
+class BrokerConfig:
+    """Everything the broker needs to start; port 0 disables that listener."""
+
+    host: str = "0.0.0.0"
+    tcp_port: int = 1883
+    tls_port: int = 8883
+    mptcp_port: int = 1885
+    cert: str | None = None
+    key: str | None = None
+    cafile: str | None = None
+    require_certificate: bool = False
+    password_file: str | None = None
+    acl_file: str | None = None
+    allow_anonymous: bool = True
+    max_packet_size: int = 1_048_576
+    receive_maximum: int = 1024
+    max_inflight_messages: int = 1024
+    max_queued_messages: int = 10_000
+    queue_qos0_messages: bool = False
+    topic_alias_maximum: int = 64
+    max_keepalive: int = 0  # 0 = no cap
+    max_session_expiry: int | None = None
+    max_subscriptions_per_client: int = 5000
+    sys_interval: float = 10.0  # 0 disables $SYS
+    redirect: str | None = None  # server reference; new connections are refused with it
+    redirect_permanent: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def tls_enabled(self) -> bool:
+        """TLS listens only when it has a port and both a certificate and its key."""
+        return self.tls_port != 0 and bool(self.cert) and bool(self.key)
+
+    def validate(self) -> BrokerConfig:
+        """Check types and ranges so mistakes fail at start-up, not at the first client."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name], "")
+        for name in ("tcp_port", "tls_port", "mptcp_port"):
+            _check_range(name, getattr(self, name), 0, 65535)
+        if not self.host:
+            raise ConfigError("host must not be empty")
+        _check_range("max_packet_size", self.max_packet_size, 16, MAX_PACKET_SIZE_LIMIT)
+        _check_range("receive_maximum", self.receive_maximum, 1, 65535)
+        _check_range("max_inflight_messages", self.max_inflight_messages, 1, 65535)
+        _check_range("max_queued_messages", self.max_queued_messages, 0, None)
+        _check_range("topic_alias_maximum", self.topic_alias_maximum, 0, 65535)
+        _check_range("max_keepalive", self.max_keepalive, 0, 65535)
+        if self.max_session_expiry is not None:
+            _check_range("max_session_expiry", self.max_session_expiry, 0, UINT32_MAX)
+        _check_range("max_subscriptions_per_client", self.max_subscriptions_per_client, 1, None)
+        if self.sys_interval < 0:
+            raise ConfigError(f"sys_interval must be >= 0 (0 disables), got {self.sys_interval}")
+        if bool(self.cert) != bool(self.key):
+            raise ConfigError("cert and key must be given together")
+        if self.require_certificate and self.tls_enabled and not self.cafile:
+            raise ConfigError("require_certificate needs cafile to verify client certificates")
+        if self.redirect is not None and not self.redirect.strip():
+            raise ConfigError("redirect must be a non-empty server reference such as host:port")
+        level = self.log_level.upper()
+        if level not in LOG_LEVELS:
+            choices = ", ".join(LOG_LEVELS)
+            raise ConfigError(f"log_level must be one of {choices}, got {self.log_level!r}")
+        self.log_level = level
+        return self
+
+
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(BrokerConfig)
+_FIELD_NAMES = frozenset(f.name for f in fields(BrokerConfig))
+
+
+def _check_range(name: str, value: int, low: int, high: int | None) -> None:
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+
+
+def _type_ok(value: Any, expected: Any) -> bool:
+    if isinstance(expected, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(expected))
+    return "null" if expected is type(None) else expected.__name__
+
+
+def _check_type(name: str, value: Any, expected: Any, where: str) -> None:
+    if not _type_ok(value, expected):
+        raise ConfigError(
+            f"{where}{name} must be {_type_name(expected)}, got {type(value).__name__} {value!r}"
+        )
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML settings file into a dict of known, type-checked fields.
+
+    Dashes in keys are accepted as underscores (``tcp-port`` is ``tcp_port``).
+    """
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError(f"config file {p} must be a mapping of settings, not {kind}")
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in _FIELD_NAMES:
+            raise ConfigError(f"unknown setting {raw_key!r} in config file {p}")
+        expected = _FIELD_TYPES[key]
+        _check_type(key, value, expected, f"config file {p}: ")
+        if expected is float and isinstance(value, int):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the broker's flags; all default to None so unset flags never override the file."""
+    add = parser.add_argument
+    add("--config", metavar="FILE", default=None, help="YAML settings file")
+    add("--host", default=None, help="address to listen on (default 0.0.0.0)")
+    add("--tcp-port", type=int, default=None, help="plain MQTT port, 0 disables (default 1883)")
+    add("--tls-port", type=int, default=None, help="MQTT over TLS port, 0 disables (default 8883)")
+    add("--mptcp-port", type=int, default=None, help="MPTCP port, 0 disables (default 1885)")
+    add("--cert", default=None, help="server certificate (PEM); TLS needs it and --key")
+    add("--key", default=None, help="server private key (PEM)")
+    add("--cafile", default=None, help="CA bundle for verifying client certificates")
+    add("--require-certificate", action="store_true", default=None,
+        help="TLS clients must present a certificate signed by --cafile")
+    add("--password-file", default=None, help="mosquitto-format password file")
+    add("--acl-file", default=None, help="mosquitto-format ACL file")
+    add("--allow-anonymous", action=argparse.BooleanOptionalAction, default=None,
+        help="accept clients without a username (default yes)")
+    add("--max-packet-size", type=int, default=None, help="largest accepted packet in bytes")
+    add("--receive-maximum", type=int, default=None, help="QoS>0 publishes in flight per client")
+    add("--max-queued-messages", type=int, default=None, help="per-session offline queue length")
+    add("--max-keepalive", type=int, default=None, help="cap on keep-alive seconds, 0 = none")
+    add("--sys-interval", type=float, default=None, help="seconds between $SYS updates, 0 disables")
+    add("--redirect", metavar="HOST:PORT", default=None,
+        help="refuse new connections, pointing clients at this server reference")
+    add("--log-level", type=_log_level, default=None, help="DEBUG, INFO, WARNING or ERROR")
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    """Merge defaults, the ``--config`` file and the flags given, then validate."""
+    values: dict[str, Any] = {}
+    config_path = getattr(args, "config", None)
+    if config_path:
+        values.update(load_yaml(config_path))
+    for name in _FIELD_NAMES:
+        flag = getattr(args, name, None)
+        if flag is not None:
+            values[name] = flag
+    return dataclasses.replace(BrokerConfig(), **values).validate()

@@ -1,0 +1,475 @@
+"""One client connection as a sans-I/O state machine (in the manner of h11 and aioquic).
+
+The I/O layer feeds received bytes to :meth:`BrokerConnection.receive_data`, takes what to
+write from :meth:`data_to_send` and closes the transport once :attr:`closing` is set and the
+output is flushed.  A protocol violation closes only this connection, with the reason code
+the specification asks for (section 4.13); the broker and other clients carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from mqttproto.codec import PacketReader, encode, encode_publish
+from mqttproto.errors import MQTTError, ProtocolError
+from mqttproto.packets import (
+    MQTT_5,
+    Auth,
+    Connack,
+    Connect,
+    Disconnect,
+    Packet,
+    Pingreq,
+    Pingresp,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    Suback,
+    Subscribe,
+    Unsuback,
+    Unsubscribe,
+)
+from mqttproto.properties import PropertyId
+from mqttproto.reasons import ReasonCode
+
+from .session import AWAIT_PUBACK, AWAIT_PUBCOMP, AWAIT_PUBREC, Delivery, Session
+
+if TYPE_CHECKING:
+    from .engine import Broker
+
+log = logging.getLogger("qmig.broker")
+
+P = PropertyId
+_MAX_PROPERTY_INT = 0xFFFFFFFF
+
+
+class State(Enum):
+    AWAIT_CONNECT = "await-connect"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+class BrokerConnection:
+    """Protocol state of one network connection; the session it serves outlives it."""
+
+    def __init__(self, broker: Broker, transport: str, peer: str) -> None:
+        self.broker = broker
+        self.transport = transport
+        self.peer = peer
+        self.state = State.AWAIT_CONNECT
+        self.version = 0
+        self.client_id = ""
+        self.username: str | None = None
+        self.session: Session | None = None
+        self.reader = PacketReader(max_packet_size=broker.config.max_packet_size)
+        now = broker.now()
+        self.opened_at = now
+        self.last_received = now
+        self.keep_alive = 0
+        # Limits the client announced in CONNECT (MQTT 5).
+        self.send_quota = 65535
+        self.client_max_packet = 0  # 0: no limit announced
+        self.client_alias_max = 0
+        self.out_aliases: dict[str, int] = {}
+        self.in_aliases: dict[int, str] = {}
+        self.writable = True
+        self.closing = False
+        self.close_reason: int | None = None
+        self.disconnected_cleanly = False
+        self.io: Any = None  # the I/O layer's handle for this connection
+        self._out: list[bytes] = []
+
+    def __repr__(self) -> str:
+        return f"<BrokerConnection {self.transport} {self.peer} {self.client_id!r}>"
+
+    # ----------------------------------------------------------------- I/O interface
+    def receive_data(self, data: bytes) -> None:
+        """Handle bytes from the network; errors close this connection, never raise."""
+        if self.closing:
+            return
+        try:
+            packets = self.reader.feed(data)
+        except MQTTError as exc:
+            self.protocol_violation(exc)
+            return
+        handle = self._handle
+        for packet in packets:
+            if self.closing:
+                break
+            try:
+                handle(packet)
+            except MQTTError as exc:
+                self.protocol_violation(exc)
+                break
+        if packets:
+            self.last_received = self.broker.now()
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def set_writable(self, writable: bool) -> None:
+        """Flow control from the transport: while paused, QoS 0 is dropped, QoS > 0 waits."""
+        self.writable = writable
+        if writable and self.session is not None and self.state is State.CONNECTED:
+            self.pump()
+
+    def connection_lost(self) -> None:
+        """The transport closed (either side); tell the broker once."""
+        if self.state is State.CLOSED:
+            return
+        was_connected = self.state is State.CONNECTED
+        self.state = State.CLOSED
+        self.closing = True
+        if was_connected:
+            self.broker.connection_closed(self, clean=self.disconnected_cleanly)
+        else:
+            self.broker.connection_dropped(self)
+
+    # ----------------------------------------------------------------- output helpers
+    def send_bytes(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if not self._out:
+            self.broker.mark_dirty(self)
+        self._out.append(data)
+
+    def send(self, packet: Packet) -> None:
+        self.send_bytes(encode(packet, self.version or MQTT_5))
+
+    def close(self, reason: int = ReasonCode.SUCCESS, reference: str | None = None) -> None:
+        """Close after flushing; MQTT 5 clients get a DISCONNECT with ``reason`` first."""
+        if self.closing:
+            return
+        if self.version == MQTT_5 and self.state is State.CONNECTED:
+            props: dict[int, Any] = {}
+            if reference:
+                props[P.SERVER_REFERENCE] = reference
+            self.send(Disconnect(reason, props))
+        self.close_reason = reason
+        self.closing = True
+        self.broker.mark_dirty(self)
+
+    def protocol_violation(self, exc: MQTTError) -> None:
+        log.info(
+            "closing %s (%s): %s [reason %#04x]",
+            self.client_id or self.peer,
+            self.transport,
+            exc.message,
+            exc.reason_code,
+        )
+        self.broker.stats.protocol_errors += 1
+        if self.state is State.AWAIT_CONNECT and self.version:
+            # A CONNECT that failed validation after its header was read.
+            self.send(Connack(False, exc.reason_code))
+            self.closing = True
+            self.close_reason = exc.reason_code
+            self.broker.mark_dirty(self)
+            return
+        self.close(exc.reason_code)
+
+    # ----------------------------------------------------------------- packet dispatch
+    def _handle(self, packet: Packet) -> None:
+        kind = type(packet)
+        if kind is Publish:
+            self._on_publish(packet)  # type: ignore[arg-type]
+        elif kind is Puback:
+            self._on_puback(packet)  # type: ignore[arg-type]
+        elif kind is Pubrec:
+            self._on_pubrec(packet)  # type: ignore[arg-type]
+        elif kind is Pubrel:
+            self._on_pubrel(packet)  # type: ignore[arg-type]
+        elif kind is Pubcomp:
+            self._on_pubcomp(packet)  # type: ignore[arg-type]
+        elif kind is Pingreq:
+            self.send_bytes(b"\xd0\x00")
+        elif kind is Subscribe:
+            self.broker.subscribe(self, packet)  # type: ignore[arg-type]
+        elif kind is Unsubscribe:
+            self._on_unsubscribe(packet)  # type: ignore[arg-type]
+        elif kind is Connect:
+            self._on_connect(packet)  # type: ignore[arg-type]
+        elif kind is Disconnect:
+            self._on_disconnect(packet)  # type: ignore[arg-type]
+        elif kind is Auth:
+            raise ProtocolError("AUTH without an authentication method")  # MQTT-4.12.0-1
+        else:
+            raise ProtocolError(f"{kind.__name__} is not sent by clients")
+
+    def _on_connect(self, packet: Connect) -> None:
+        self.version = packet.protocol_version
+        if packet.properties.get(P.AUTHENTICATION_METHOD) is not None:
+            # Enhanced authentication is not offered (MQTT-4.12.0-1 lets us refuse it).
+            self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD, "enhanced auth not supported")
+            return
+        self.broker.connect(self, packet)
+
+    def _refuse(self, reason: int, why: str, properties: dict[int, Any] | None = None) -> None:
+        log.info("refusing %s (%s): %s", self.peer, self.transport, why)
+        self.send(Connack(False, reason, properties or {}))
+        self.closing = True
+        self.close_reason = reason
+        self.broker.mark_dirty(self)
+
+    def accept(self, session: Session, present: bool, connack_props: dict[int, Any]) -> None:
+        """Called by the broker once CONNECT is accepted: CONNACK, then resend in-flight."""
+        self.state = State.CONNECTED
+        self.session = session
+        self.send(Connack(present, ReasonCode.SUCCESS, connack_props))
+        # MQTT-4.4.0-1: resend unacknowledged PUBLISH (DUP) and PUBREL on session resume.
+        for delivery in session.inflight.values():
+            if delivery.state == AWAIT_PUBCOMP:
+                self.send_bytes(encode(Pubrel(delivery.packet_id), self.version))
+            else:
+                self._transmit(delivery, dup=True)
+        self.pump()
+
+    def _on_disconnect(self, packet: Disconnect) -> None:
+        session = self.session
+        if self.version == MQTT_5 and session is not None:
+            expiry = packet.properties.get(P.SESSION_EXPIRY_INTERVAL)
+            if expiry is not None:
+                if session.expiry_interval == 0 and expiry != 0:
+                    raise ProtocolError("session expiry set on DISCONNECT after 0 in CONNECT")
+                session.expiry_interval = self.broker.cap_expiry(expiry)
+        # MQTT-3.14.4-3: a normal DISCONNECT discards the will; 0x04 asks for it.
+        self.disconnected_cleanly = packet.reason_code != ReasonCode.DISCONNECT_WITH_WILL
+        self.closing = True
+        self.broker.mark_dirty(self)
+
+    # ----------------------------------------------------------------- inbound PUBLISH
+    def _on_publish(self, packet: Publish) -> None:
+        session = self.session
+        if session is None:
+            raise ProtocolError("PUBLISH before CONNECT")
+        topic = packet.topic
+        props = packet.properties
+        if props:
+            alias = props.pop(P.TOPIC_ALIAS, None)
+            if alias is not None:
+                if alias > self.broker.config.topic_alias_maximum:
+                    raise MQTTError("topic alias out of range", ReasonCode.TOPIC_ALIAS_INVALID)
+                if topic:
+                    self.in_aliases[alias] = topic
+                else:
+                    topic = self.in_aliases.get(alias, "")
+                    if not topic:
+                        raise ProtocolError("unknown topic alias")  # MQTT-3.3.4-? / 3.3.2-8
+            if P.SUBSCRIPTION_IDENTIFIER in props:
+                raise ProtocolError("subscription identifier sent by a client")  # 3.3.4-6
+            if props.get(P.PAYLOAD_FORMAT_INDICATOR) == 1:
+                try:
+                    packet.payload.decode()
+                except UnicodeDecodeError:
+                    self._ack_error(packet, ReasonCode.PAYLOAD_FORMAT_INVALID)
+                    return
+        if not topic or "+" in topic or "#" in topic:
+            raise MQTTError(f"invalid topic name {topic!r}", ReasonCode.TOPIC_NAME_INVALID)
+        qos = packet.qos
+        if qos == 2:
+            pid = packet.packet_id
+            if pid in session.inbound_qos2:
+                # Duplicate of a message we already routed (method A, section 4.3.3).
+                self.send_bytes(b"\x50\x02" + pid.to_bytes(2, "big"))  # type: ignore[union-attr]
+                return
+            if len(session.inbound_qos2) >= self.broker.config.receive_maximum:
+                raise MQTTError("receive maximum exceeded", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+        reason = self.broker.publish_from(self, topic, packet)
+        if qos == 1:
+            if reason and self.version == MQTT_5:
+                self.send_bytes(encode(Puback(packet.packet_id, reason), MQTT_5))  # type: ignore[arg-type]
+            else:
+                self.send_bytes(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
+        elif qos == 2:
+            if reason >= 0x80 and self.version == MQTT_5:
+                # An error PUBREC ends the exchange: nothing to remember (section 4.3.3).
+                self.send_bytes(encode(Pubrec(packet.packet_id, reason), MQTT_5))  # type: ignore[arg-type]
+                return
+            session.inbound_qos2.add(packet.packet_id)  # type: ignore[arg-type]
+            if reason and self.version == MQTT_5:
+                self.send_bytes(encode(Pubrec(packet.packet_id, reason), MQTT_5))  # type: ignore[arg-type]
+            else:
+                self.send_bytes(b"\x50\x02" + packet.packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
+
+    def _ack_error(self, packet: Publish, reason: int) -> None:
+        if packet.qos == 1 and self.version == MQTT_5:
+            self.send(Puback(packet.packet_id, reason))  # type: ignore[arg-type]
+        elif packet.qos == 2 and self.version == MQTT_5:
+            self.send(Pubrec(packet.packet_id, reason))  # type: ignore[arg-type]
+        elif packet.qos:
+            # MQTT 3.1.1 cannot say why: closing is the only refusal it knows.
+            self.close(reason)
+
+    def _on_pubrel(self, packet: Pubrel) -> None:
+        session = self.session
+        if session is None:
+            raise ProtocolError("PUBREL before CONNECT")
+        pid = packet.packet_id
+        if pid in session.inbound_qos2:
+            session.inbound_qos2.discard(pid)
+            self.send_bytes(b"\x70\x02" + pid.to_bytes(2, "big"))
+        elif self.version == MQTT_5:
+            self.send(Pubcomp(pid, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+        else:
+            self.send_bytes(b"\x70\x02" + pid.to_bytes(2, "big"))
+
+    # ----------------------------------------------------------------- outbound acks
+    def _on_puback(self, packet: Puback) -> None:
+        session = self.session
+        if session is None:
+            raise ProtocolError("PUBACK before CONNECT")
+        delivery = session.inflight.get(packet.packet_id)
+        if delivery is not None and delivery.state == AWAIT_PUBACK:
+            del session.inflight[packet.packet_id]
+            if session.pending:
+                self.pump()
+
+    def _on_pubrec(self, packet: Pubrec) -> None:
+        session = self.session
+        if session is None:
+            raise ProtocolError("PUBREC before CONNECT")
+        pid = packet.packet_id
+        delivery = session.inflight.get(pid)
+        if delivery is None or delivery.state == AWAIT_PUBACK:
+            if self.version == MQTT_5:
+                self.send(Pubrel(pid, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+            return
+        if packet.reason_code >= 0x80:
+            # The receiver refused the message: the exchange ends here (MQTT-4.3.3).
+            del session.inflight[pid]
+            self.pump()
+            return
+        delivery.state = AWAIT_PUBCOMP
+        self.send_bytes(b"\x62\x02" + pid.to_bytes(2, "big"))
+
+    def _on_pubcomp(self, packet: Pubcomp) -> None:
+        session = self.session
+        if session is None:
+            raise ProtocolError("PUBCOMP before CONNECT")
+        delivery = session.inflight.get(packet.packet_id)
+        if delivery is not None and delivery.state == AWAIT_PUBCOMP:
+            del session.inflight[packet.packet_id]
+            if session.pending:
+                self.pump()
+
+    def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        session = self.session
+        if session is None:
+            raise ProtocolError("UNSUBSCRIBE before CONNECT")
+        codes = []
+        store = self.broker.store
+        for topic_filter in packet.topic_filters:
+            found = store.unsubscribe(session, topic_filter)
+            codes.append(ReasonCode.SUCCESS if found else ReasonCode.NO_SUBSCRIPTION_EXISTED)
+        self.send(Unsuback(packet.packet_id, codes))
+
+    def send_suback(self, packet_id: int, codes: list[int]) -> None:
+        self.send(Suback(packet_id, codes))
+
+    # ----------------------------------------------------------------- outbound PUBLISH
+    def deliver(self, delivery: Delivery) -> None:
+        """Send now if the window allows, else queue in the session (MQTT-4.9.0-?)."""
+        session = self.session
+        assert session is not None
+        if delivery.qos == 0:
+            if self.writable:
+                self._transmit(delivery, dup=False)
+            else:
+                session.dropped += 1
+                self.broker.stats.dropped += 1
+            return
+        if (
+            self.writable
+            and not session.pending
+            and len(session.inflight) < self.send_quota
+        ):
+            delivery.packet_id = session.allocate_packet_id()
+            delivery.state = AWAIT_PUBACK if delivery.qos == 1 else AWAIT_PUBREC
+            session.inflight[delivery.packet_id] = delivery
+            if not self._transmit(delivery, dup=False):
+                del session.inflight[delivery.packet_id]
+            return
+        self.broker.enqueue(session, delivery)
+
+    def pump(self) -> None:
+        """Move queued deliveries into the in-flight window while it has room."""
+        session = self.session
+        if session is None or self.closing:
+            return
+        pending = session.pending
+        inflight = session.inflight
+        now = self.broker.now()
+        while pending and self.writable and len(inflight) < self.send_quota:
+            delivery = pending.popleft()
+            expires_at = delivery.message.expires_at
+            if expires_at is not None and expires_at <= now:
+                continue  # MQTT-3.3.2-5: expired messages are not delivered
+            if delivery.qos:
+                delivery.packet_id = session.allocate_packet_id()
+                delivery.state = AWAIT_PUBACK if delivery.qos == 1 else AWAIT_PUBREC
+                inflight[delivery.packet_id] = delivery
+                if not self._transmit(delivery, dup=False):
+                    del inflight[delivery.packet_id]
+            else:
+                self._transmit(delivery, dup=False)
+
+    def _transmit(self, delivery: Delivery, dup: bool) -> bool:
+        """Encode and queue one PUBLISH; False if the client's size limit forbids it."""
+        message = delivery.message
+        v5 = self.version == MQTT_5
+        qos = delivery.qos
+        retain = delivery.retain
+        topic = message.topic
+        props = message.properties
+        if v5 and (
+            props
+            or delivery.subscription_ids
+            or message.expires_at is not None
+            or self.client_alias_max
+        ):
+            props = dict(props)
+            if delivery.subscription_ids:
+                props[P.SUBSCRIPTION_IDENTIFIER] = delivery.subscription_ids
+            if message.expires_at is not None:
+                remaining = message.expires_at - self.broker.now()
+                props[P.MESSAGE_EXPIRY_INTERVAL] = max(0, int(remaining + 0.999))  # 3.3.2-6
+            if self.client_alias_max:
+                alias = self.out_aliases.get(topic)
+                if alias is not None:
+                    topic = ""
+                    props[P.TOPIC_ALIAS] = alias
+                elif len(self.out_aliases) < self.client_alias_max:
+                    alias = len(self.out_aliases) + 1
+                    self.out_aliases[message.topic] = alias
+                    props[P.TOPIC_ALIAS] = alias
+            data = encode_publish(
+                topic, message.payload, qos, retain, dup, delivery.packet_id or None, props, 5
+            )
+        elif qos == 0:
+            cache = message.encoded
+            key = (v5, retain)
+            if cache is None:
+                cache = message.encoded = {}
+            data = cache.get(key)  # type: ignore[assignment]
+            if data is None:
+                data = cache[key] = encode_publish(
+                    topic, message.payload, 0, retain, False, None, None, self.version
+                )
+        else:
+            data = encode_publish(
+                topic, message.payload, qos, retain, dup, delivery.packet_id, None, self.version
+            )
+        if self.client_max_packet and len(data) > self.client_max_packet:
+            # MQTT-3.1.2-25: discard as if delivered rather than exceed the client's limit.
+            self.broker.stats.dropped += 1
+            return False
+        self.send_bytes(data)
+        self.broker.stats.messages_sent += 1
+        return True

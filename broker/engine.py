@@ -1,0 +1,487 @@
+"""The broker's rules: sessions, routing, retained messages, wills, timers and redirects.
+
+:class:`Broker` is pure: it never touches a socket or a clock of its own (``clock`` is
+injected), so every rule is unit-testable.  The asyncio layer in :mod:`broker.server` owns
+the transports, calls :meth:`Broker.tick` periodically and flushes :meth:`take_dirty`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from mqttproto.errors import MQTTError, ProtocolError
+from mqttproto.packets import MQTT_5, Connect, Publish, Subscribe, Will
+from mqttproto.properties import PropertyId
+from mqttproto.reasons import ReasonCode
+from mqttproto.topics import parse_shared, validate_topic_filter
+
+from .auth import Authenticator
+from .config import BrokerConfig
+from .connection import BrokerConnection, State
+from .session import NEVER_EXPIRES, Delivery, Message, Session, SubOptions
+from .store import MemoryStore, Store
+
+log = logging.getLogger("qmig.broker")
+P = PropertyId
+
+
+@dataclass
+class Stats:
+    """Counters published under ``$SYS/broker/`` (mosquitto's topic names)."""
+
+    messages_received: int = 0
+    messages_sent: int = 0
+    publish_received: int = 0
+    dropped: int = 0
+    protocol_errors: int = 0
+    connections_total: int = 0
+
+
+class Broker:
+    """Sessions and routing shared by all connections of all transports."""
+
+    def __init__(
+        self,
+        config: BrokerConfig | None = None,
+        store: Store | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        version: str = "qmig",
+    ) -> None:
+        self.config = config or BrokerConfig()
+        self.store: Store = store or MemoryStore()
+        self.now = clock
+        self.version = version
+        self.started_at = clock()
+        self.stats = Stats()
+        self.auth = Authenticator.from_files(
+            self.config.password_file, self.config.acl_file, self.config.allow_anonymous
+        )
+        self._acl = self.config.acl_file is not None
+        self.connections: set[BrokerConnection] = set()
+        self.redirect: tuple[str, bool] | None = (
+            (self.config.redirect, self.config.redirect_permanent) if self.config.redirect else None
+        )
+        self._dirty: set[BrokerConnection] = set()
+        self._wills: dict[str, tuple[float, Will, str | None]] = {}
+        self._expiring: dict[str, float] = {}
+        self._next_sys = self.started_at
+        self.wakeup: Callable[[], None] = lambda: None
+
+    # ----------------------------------------------------------------- I/O hooks
+    def open_connection(self, transport: str, peer: str) -> BrokerConnection:
+        conn = BrokerConnection(self, transport, peer)
+        self.connections.add(conn)
+        return conn
+
+    def mark_dirty(self, conn: BrokerConnection) -> None:
+        if not self._dirty:
+            self.wakeup()
+        self._dirty.add(conn)
+
+    def take_dirty(self) -> set[BrokerConnection]:
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    # ----------------------------------------------------------------- connect
+    def cap_expiry(self, expiry: int) -> int:
+        cap = self.config.max_session_expiry
+        return expiry if cap is None else min(expiry, cap)
+
+    def connect(self, conn: BrokerConnection, packet: Connect) -> None:
+        """Authenticate, resolve the session (clean start, takeover, resume) and CONNACK."""
+        v5 = packet.protocol_version == MQTT_5
+        props = packet.properties
+        if self.redirect is not None:
+            reference, permanent = self.redirect
+            reason = ReasonCode.SERVER_MOVED if permanent else ReasonCode.USE_ANOTHER_SERVER
+            conn._refuse(reason, f"redirected to {reference}", {P.SERVER_REFERENCE: reference})
+            return
+        if not self.auth.check_password(packet.username, packet.password):
+            conn._refuse(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
+            return
+        client_id = packet.client_id
+        connack: dict[int, Any] = {}
+        if not client_id:
+            if not v5 and not packet.clean_start:
+                # MQTT-3.1.3-8: a zero-length id needs clean session in 3.1.1.
+                conn._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "empty client id")
+                return
+            client_id = "qmig-" + secrets.token_hex(8)
+            if v5:
+                connack[P.ASSIGNED_CLIENT_IDENTIFIER] = client_id  # MQTT-3.2.2-16
+        keep_alive = packet.keep_alive
+        max_ka = self.config.max_keepalive
+        if max_ka and (keep_alive == 0 or keep_alive > max_ka):
+            if not v5:
+                # 3.1.1 cannot be told a server keep alive: refuse as mosquitto does.
+                conn._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "keep alive above maximum")
+                return
+            keep_alive = max_ka
+            connack[P.SERVER_KEEP_ALIVE] = max_ka
+        # Session expiry: 3.1.1 clean session 0 keeps the session until it is cleaned.
+        if v5:
+            expiry = self.cap_expiry(props.get(P.SESSION_EXPIRY_INTERVAL, 0))
+            if expiry != props.get(P.SESSION_EXPIRY_INTERVAL, 0):
+                connack[P.SESSION_EXPIRY_INTERVAL] = expiry
+        else:
+            expiry = 0 if packet.clean_start else self.cap_expiry(NEVER_EXPIRES)
+        conn.client_id = client_id
+        conn.username = packet.username
+        conn.keep_alive = keep_alive
+        if v5:
+            conn.send_quota = min(
+                props.get(P.RECEIVE_MAXIMUM, 65535), self.config.max_inflight_messages
+            )
+            conn.client_max_packet = props.get(P.MAXIMUM_PACKET_SIZE, 0)
+            conn.client_alias_max = props.get(P.TOPIC_ALIAS_MAXIMUM, 0)
+            connack[P.RECEIVE_MAXIMUM] = self.config.receive_maximum
+            connack[P.MAXIMUM_PACKET_SIZE] = self.config.max_packet_size
+            if self.config.topic_alias_maximum:
+                connack[P.TOPIC_ALIAS_MAXIMUM] = self.config.topic_alias_maximum
+        else:
+            conn.send_quota = self.config.max_inflight_messages
+        # A pending delayed will of a previous connection is cancelled (MQTT-3.1.3-9).
+        self._wills.pop(client_id, None)
+        session = self.store.get_session(client_id)
+        if session is not None and session.connection is not None:
+            old = session.connection
+            log.info("client %s taken over by a new connection from %s", client_id, conn.peer)
+            old.close(ReasonCode.SESSION_TAKEN_OVER)  # MQTT-3.1.4-3
+            self._connection_gone(old, clean=False, takeover=True)
+        present = False
+        if session is not None and not packet.clean_start:
+            present = True  # MQTT-3.2.2-3
+            self._expiring.pop(client_id, None)
+        else:
+            if session is not None:
+                self.store.remove_session(client_id)  # MQTT-3.1.2-4
+            session = Session(client_id, packet.protocol_version)
+            self.store.add_session(session)
+        session.version = packet.protocol_version
+        session.username = packet.username
+        session.expiry_interval = expiry
+        session.expires_at = None
+        session.will = packet.will
+        session.connection = conn
+        self.stats.connections_total += 1
+        log.debug("client %s connected over %s from %s", client_id, conn.transport, conn.peer)
+        conn.accept(session, present, connack)
+
+    # ----------------------------------------------------------------- disconnect
+    def connection_dropped(self, conn: BrokerConnection) -> None:
+        """A connection that closed before CONNECT was accepted."""
+        self.connections.discard(conn)
+        self._dirty.discard(conn)
+
+    def connection_closed(self, conn: BrokerConnection, clean: bool) -> None:
+        self.connections.discard(conn)
+        self._dirty.discard(conn)
+        self._connection_gone(conn, clean, takeover=False)
+
+    def _connection_gone(self, conn: BrokerConnection, clean: bool, takeover: bool) -> None:
+        session = conn.session
+        if session is None or session.connection is not conn:
+            return
+        session.connection = None
+        now = self.now()
+        will = session.will
+        session.will = None
+        if will is not None and not clean:
+            delay = will.properties.get(P.WILL_DELAY_INTERVAL, 0) if conn.version == MQTT_5 else 0
+            delay = min(delay, session.expiry_interval)
+            if delay and not takeover:
+                self._wills[session.client_id] = (now + delay, will, session.username)
+            else:
+                self._publish_will(session.client_id, will, session.username)
+        if takeover:
+            return
+        if session.expiry_interval == 0:
+            self._end_session(session.client_id)
+        elif session.expiry_interval != NEVER_EXPIRES:
+            session.expires_at = now + session.expiry_interval
+            self._expiring[session.client_id] = session.expires_at
+
+    def _end_session(self, client_id: str) -> None:
+        self._expiring.pop(client_id, None)
+        pending = self._wills.pop(client_id, None)
+        if pending is not None:
+            # MQTT-3.1.3-9: the will is sent when the session ends, if that comes first.
+            self._publish_will(client_id, pending[1], pending[2])
+        self.store.remove_session(client_id)
+
+    def _publish_will(self, client_id: str, will: Will, username: str | None) -> None:
+        if self._acl and not self.auth.can_publish(client_id, username, will.topic):
+            return
+        props = {k: v for k, v in will.properties.items() if k != P.WILL_DELAY_INTERVAL}
+        expiry = props.get(P.MESSAGE_EXPIRY_INTERVAL)
+        message = Message(
+            will.topic,
+            will.payload,
+            will.qos,
+            will.retain,
+            props,
+            self.now() + expiry if expiry is not None else None,
+            client_id,
+        )
+        log.debug("publishing the will of %s to %s", client_id, will.topic)
+        self.route(message)
+
+    # ----------------------------------------------------------------- publish
+    def publish_from(self, conn: BrokerConnection, topic: str, packet: Publish) -> int:
+        """Route a client's PUBLISH; the reason code is what its PUBACK/PUBREC says."""
+        self.stats.publish_received += 1
+        if topic.startswith("$SYS"):
+            return ReasonCode.NOT_AUTHORIZED
+        if self._acl and not self.auth.can_publish(conn.client_id, conn.username, topic):
+            return ReasonCode.NOT_AUTHORIZED
+        props = packet.properties
+        expires_at = None
+        if props:
+            expiry = props.get(P.MESSAGE_EXPIRY_INTERVAL)
+            if expiry is not None:
+                expires_at = self.now() + expiry
+        message = Message(
+            topic, packet.payload, packet.qos, packet.retain, props, expires_at, conn.client_id
+        )
+        delivered = self.route(message)
+        return ReasonCode.SUCCESS if delivered else ReasonCode.NO_MATCHING_SUBSCRIBERS
+
+    def route(self, message: Message) -> int:
+        """Deliver ``message`` to every matching subscription; returns how many sessions."""
+        self.stats.messages_received += 1
+        if message.retain:
+            self.store.set_retained(message)
+        matches, shared = self.store.match(message.topic)
+        count = 0
+        sender = message.sender
+        pub_qos = message.qos
+        if len(matches) == 1 and not shared:
+            # Common case: a single matching filter, so no merging of overlaps.
+            for client_id, opts in matches[0].items():
+                if opts.no_local and client_id == sender:
+                    continue  # MQTT-3.8.3-3
+                session = self.store.get_session(client_id)
+                if session is None:
+                    continue
+                sub_ids = [opts.subscription_id] if opts.subscription_id else None
+                qos = pub_qos if pub_qos < opts.qos else opts.qos  # MQTT-3.8.4-6
+                retain = message.retain and opts.retain_as_published  # MQTT-3.3.1-12/13
+                if self._deliver(session, message, qos, retain, sub_ids):
+                    count += 1
+            return count
+        merged: dict[str, list[Any]] = {}
+        for subs in matches:
+            for client_id, opts in subs.items():
+                if opts.no_local and client_id == sender:
+                    continue
+                entry = merged.get(client_id)
+                if entry is None:
+                    entry = merged[client_id] = [opts.qos, opts.retain_as_published, []]
+                else:
+                    # MQTT-3.3.4-2: one copy with the maximum QoS of all matches.
+                    entry[0] = max(entry[0], opts.qos)
+                    entry[1] = entry[1] or opts.retain_as_published
+                if opts.subscription_id:
+                    entry[2].append(opts.subscription_id)  # MQTT-3.3.4-3
+        for client_id, (sub_qos, rap, ids) in merged.items():
+            session = self.store.get_session(client_id)
+            if session is None:
+                continue
+            qos = min(pub_qos, sub_qos)
+            if self._deliver(session, message, qos, message.retain and rap, ids or None):
+                count += 1
+        for groups in shared:
+            for group in groups.values():
+                if self._deliver_shared(group, message):
+                    count += 1
+        return count
+
+    def _deliver_shared(self, group: Any, message: Message) -> bool:
+        """Round-robin among members, preferring connected ones (section 4.8.2)."""
+        members = list(group.members.items())
+        n = len(members)
+        fallback = None
+        for i in range(n):
+            client_id, opts = members[(group.cursor + i) % n]
+            session = self.store.get_session(client_id)
+            if session is None:
+                continue
+            if session.connection is None or not session.connection.writable:
+                if fallback is None:
+                    fallback = (session, opts)
+                continue
+            group.cursor = (group.cursor + i + 1) % n
+            sub_ids = [opts.subscription_id] if opts.subscription_id else None
+            return self._deliver(session, message, min(message.qos, opts.qos), False, sub_ids)
+        if fallback is not None:
+            group.cursor = (group.cursor + 1) % n
+            session, opts = fallback
+            sub_ids = [opts.subscription_id] if opts.subscription_id else None
+            return self._deliver(session, message, min(message.qos, opts.qos), False, sub_ids)
+        return False
+
+    def _deliver(
+        self,
+        session: Session,
+        message: Message,
+        qos: int,
+        retain: bool,
+        sub_ids: list[int] | None,
+    ) -> bool:
+        if self._acl and not self.auth.can_receive(
+            session.client_id, session.username, message.topic
+        ):
+            return False
+        conn = session.connection
+        if conn is not None and conn.state is State.CONNECTED and not conn.closing:
+            conn.deliver(Delivery(message, qos, retain, sub_ids))
+            return True
+        if qos == 0 and not self.config.queue_qos0_messages:
+            return True  # QoS 0 is not kept for offline clients (section 4.1 allows it)
+        return self.enqueue(session, Delivery(message, qos, retain, sub_ids))
+
+    def enqueue(self, session: Session, delivery: Delivery) -> bool:
+        if len(session.pending) >= self.config.max_queued_messages:
+            session.dropped += 1
+            self.stats.dropped += 1
+            return False
+        session.pending.append(delivery)
+        return True
+
+    # ----------------------------------------------------------------- subscribe
+    def subscribe(self, conn: BrokerConnection, packet: Subscribe) -> None:
+        session = conn.session
+        if session is None:
+            raise ProtocolError("SUBSCRIBE before CONNECT")
+        v5 = conn.version == MQTT_5
+        sub_id_list = packet.properties.get(P.SUBSCRIPTION_IDENTIFIER)
+        sub_id = sub_id_list[0] if sub_id_list else None
+        codes: list[int] = []
+        retained: list[Delivery] = []
+        limit = self.config.max_subscriptions_per_client
+        for sub in packet.subscriptions:
+            topic_filter = sub.topic_filter
+            try:
+                validate_topic_filter(topic_filter)
+            except MQTTError:
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID)
+                continue
+            group, inner = parse_shared(topic_filter)
+            if group is not None and sub.no_local:
+                raise ProtocolError("no local on a shared subscription")  # MQTT-3.8.3-4
+            if self._acl and not self.auth.can_subscribe(
+                conn.client_id, conn.username, inner
+            ):
+                codes.append(ReasonCode.NOT_AUTHORIZED)
+                continue
+            if topic_filter not in session.subscriptions and len(session.subscriptions) >= limit:
+                codes.append(ReasonCode.QUOTA_EXCEEDED)
+                continue
+            opts = SubOptions(
+                sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling, sub_id
+            )
+            existed = self.store.subscribe(session, topic_filter, opts)
+            codes.append(sub.qos)
+            if group is None and (
+                sub.retain_handling == 0 or (sub.retain_handling == 1 and not existed)
+            ):
+                for message in self.store.retained_matching(inner):
+                    if self._acl and not self.auth.can_receive(
+                        conn.client_id, conn.username, message.topic
+                    ):
+                        continue
+                    ids = [sub_id] if sub_id else None
+                    # MQTT-3.3.1-9: retained messages sent on subscribe keep RETAIN 1.
+                    retained.append(Delivery(message, min(message.qos, sub.qos), True, ids))
+        if not v5 and len(codes) != len(packet.subscriptions):  # pragma: no cover
+            raise ProtocolError("internal: SUBACK does not match SUBSCRIBE")
+        conn.send_suback(packet.packet_id, codes)
+        now = self.now()
+        for delivery in retained:
+            expires_at = delivery.message.expires_at
+            if expires_at is not None and expires_at <= now:
+                self.store.drop_retained(delivery.message.topic)
+                continue
+            conn.deliver(delivery)
+
+    # ----------------------------------------------------------------- migration API
+    def disconnect_clients(
+        self,
+        transports: Iterable[str],
+        reason: int = ReasonCode.SERVER_MOVED,
+        server_reference: str | None = None,
+    ) -> int:
+        """Close every connection of the given transports, telling MQTT 5 clients where to go.
+
+        Sessions stay: after a migration the clients resume them at ``server_reference``.
+        """
+        wanted = set(transports)
+        closed = 0
+        for conn in list(self.connections):
+            if conn.transport in wanted and not conn.closing:
+                conn.close(reason, server_reference)
+                closed += 1
+        return closed
+
+    def set_redirect(self, reference: str | None, permanent: bool = False) -> None:
+        """Refuse new connections with a server reference (or stop doing so with None)."""
+        self.redirect = (reference, permanent) if reference else None
+
+    # ----------------------------------------------------------------- timers
+    def tick(self) -> None:
+        """Keep-alive, will delays, session expiry and $SYS; call about twice a second."""
+        now = self.now()
+        for conn in list(self.connections):
+            if conn.closing:
+                continue
+            if conn.state is State.AWAIT_CONNECT:
+                if now - conn.opened_at > 10.0:
+                    log.info("closing %s: no CONNECT within 10 s", conn.peer)
+                    conn.close()
+            elif conn.keep_alive and now - conn.last_received > 1.5 * conn.keep_alive:
+                log.info("keep alive timeout for %s", conn.client_id)  # MQTT-3.1.2-24
+                conn.close(ReasonCode.KEEP_ALIVE_TIMEOUT)
+        if self._wills:
+            for client_id, (at, will, username) in list(self._wills.items()):
+                if at <= now:
+                    del self._wills[client_id]
+                    self._publish_will(client_id, will, username)
+        if self._expiring:
+            for client_id, at in list(self._expiring.items()):
+                if at <= now:
+                    log.debug("session of %s expired", client_id)
+                    self._end_session(client_id)
+        interval = self.config.sys_interval
+        if interval and now >= self._next_sys:
+            self._next_sys = now + interval
+            self.publish_sys()
+
+    def publish_sys(self) -> None:
+        now = self.now()
+        connected = sum(1 for c in self.connections if c.state is State.CONNECTED)
+        values = {
+            "version": self.version,
+            "uptime": f"{int(now - self.started_at)} seconds",
+            "clients/connected": connected,
+            "clients/total": self.store.session_count(),
+            "messages/received": self.stats.messages_received,
+            "messages/sent": self.stats.messages_sent,
+            "publish/messages/received": self.stats.publish_received,
+            "publish/messages/dropped": self.stats.dropped,
+            "subscriptions/count": self.store.subscription_count(),
+            "retained messages/count": self.store.retained_count(),
+        }
+        for name, value in values.items():
+            message = Message(f"$SYS/broker/{name}", str(value).encode(), 0, True, {})
+            self.store.set_retained(message)
+            matches, _ = self.store.match(message.topic)
+            for subs in matches:
+                for client_id, opts in subs.items():
+                    session = self.store.get_session(client_id)
+                    if session is not None and session.connection is not None:
+                        self._deliver(session, message, 0, opts.retain_as_published, None)

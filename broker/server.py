@@ -1,0 +1,248 @@
+"""The asyncio edge of the broker: TCP, TLS and MPTCP listeners around the sans-I/O engine.
+
+Output is batched: connections that have something to send are marked dirty, and one
+callback per event-loop turn writes each of them once, however many packets piled up.
+Listeners can be closed and reopened at run time (``close_listener``/``open_listener``):
+CRIU cannot checkpoint MPTCP sockets, so a migrating broker closes that one first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import sys
+from dataclasses import dataclass
+
+from mqttproto.reasons import ReasonCode
+
+from .config import BrokerConfig
+from .connection import BrokerConnection
+from .engine import Broker
+
+log = logging.getLogger("qmig.broker")
+
+TICK_SECONDS = 0.5
+WRITE_HIGH_WATER = 1 << 20  # bytes buffered for one client before its QoS 0 is dropped
+
+
+class StreamConnection(asyncio.Protocol):
+    """Carries one MQTT byte stream between a transport and a :class:`BrokerConnection`."""
+
+    __slots__ = ("conn", "kind", "server", "transport")
+
+    def __init__(self, server: BrokerServer, kind: str) -> None:
+        self.server = server
+        self.kind = kind
+        self.transport: asyncio.Transport | None = None
+        self.conn: BrokerConnection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = self.server.broker.open_connection(self.kind, peer_text)
+        self.conn.io = self
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.conn.connection_lost()
+            self.conn.io = None
+
+    def pause_writing(self) -> None:
+        self.conn.set_writable(False)  # type: ignore[union-attr]
+
+    def resume_writing(self) -> None:
+        self.conn.set_writable(True)  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.transport.close()  # type: ignore[union-attr]
+
+
+@dataclass
+class Listener:
+    kind: str
+    host: str
+    port: int
+    server: asyncio.AbstractServer | None = None
+
+    @property
+    def bound(self) -> str:
+        if self.server is None or not self.server.sockets:
+            return f"{self.host}:{self.port} (closed)"
+        addr = self.server.sockets[0].getsockname()
+        return f"{addr[0]}:{addr[1]}"
+
+
+class BrokerServer:
+    """Owns the engine, the listeners and the timers of one broker process."""
+
+    def __init__(self, config: BrokerConfig, broker: Broker | None = None) -> None:
+        self.config = config
+        self.broker = broker or Broker(config, version=_version())
+        self.broker.wakeup = self._schedule_flush
+        self.listeners: dict[str, Listener] = {}
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self._ssl: ssl.SSLContext | None = None
+
+    # ----------------------------------------------------------------- output
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write everything the engine produced since the last turn, one write per client."""
+        self._flush_scheduled = False
+        for conn in self.broker.take_dirty():
+            io = conn.io
+            if io is None:
+                continue
+            data = conn.data_to_send()
+            if data:
+                io.write(data)
+            if conn.closing:
+                io.close()
+
+    def _tick(self) -> None:
+        self.broker.tick()
+        assert self._loop is not None
+        self._ticker = self._loop.call_later(TICK_SECONDS, self._tick)
+
+    # ----------------------------------------------------------------- listeners
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        if cfg.tcp_port:
+            self.listeners["tcp"] = Listener("tcp", cfg.host, cfg.tcp_port)
+        if cfg.tls_enabled:
+            self._ssl = self._make_ssl_context()
+            self.listeners["tls"] = Listener("tls", cfg.host, cfg.tls_port)
+        elif cfg.tls_port:
+            log.info("TLS listener off: no --cert/--key given")
+        if cfg.mptcp_port:
+            self.listeners["mptcp"] = Listener("mptcp", cfg.host, cfg.mptcp_port)
+        for kind in list(self.listeners):
+            await self.open_listener(kind)
+        self._ticker = self._loop.call_later(TICK_SECONDS, self._tick)
+
+    def _make_ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.config.cert, self.config.key)  # type: ignore[arg-type]
+        if self.config.cafile:
+            ctx.load_verify_locations(self.config.cafile)
+            if self.config.require_certificate:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    async def open_listener(self, kind: str) -> Listener:
+        """(Re)open one listener, e.g. after a checkpoint/restore closed it."""
+        listener = self.listeners[kind]
+        if listener.server is not None:
+            return listener
+        loop = asyncio.get_running_loop()
+        sock = self._listening_socket(kind, listener.host, listener.port)
+        listener.server = await loop.create_server(
+            lambda: StreamConnection(self, kind),
+            sock=sock,
+            ssl=self._ssl if kind == "tls" else None,
+            backlog=1024,
+        )
+        log.info("listening %s %s", kind, listener.bound)
+        return listener
+
+    async def close_listener(self, kind: str) -> None:
+        """Stop accepting on one listener; established connections are left alone."""
+        listener = self.listeners.get(kind)
+        if listener is None or listener.server is None:
+            return
+        listener.server.close()
+        await listener.server.wait_closed()
+        listener.server = None
+        log.info("closed %s listener", kind)
+
+    def _listening_socket(self, kind: str, host: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        proto = 0
+        if kind == "mptcp":
+            proto = getattr(socket, "IPPROTO_MPTCP", 262)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+        except OSError as exc:
+            if kind != "mptcp":
+                raise
+            log.warning("MPTCP refused by the kernel (%s): mptcp listener uses plain TCP", exc)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    # ----------------------------------------------------------------- shutdown
+    async def stop(self) -> None:
+        """Close listeners, tell MQTT 5 clients the server is shutting down, flush."""
+        for kind in list(self.listeners):
+            await self.close_listener(kind)
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for conn in list(self.broker.connections):
+            conn.close(ReasonCode.SERVER_SHUTTING_DOWN)
+        self.flush()
+        await asyncio.sleep(0.05)
+
+
+def _version() -> str:
+    from qmig import __version__
+
+    return f"qmig {__version__}"
+
+
+async def serve(config: BrokerConfig) -> None:
+    server = BrokerServer(config)
+    await server.start()
+    print("qmig broker: ready", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+
+
+def run(config: BrokerConfig) -> int:
+    """Entry point of ``qmig broker``."""
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="qmig broker: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0

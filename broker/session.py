@@ -1,0 +1,96 @@
+"""What the broker remembers per client: messages, subscription options and sessions.
+
+These are plain records; the rules that act on them live in :mod:`broker.engine` and
+:mod:`broker.connection`.  Everything here is in process memory on purpose: that memory is
+exactly what CRIU checkpoints and restores when the broker container migrates.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mqttproto.packets import Will
+
+if TYPE_CHECKING:
+    from .connection import BrokerConnection
+
+NEVER_EXPIRES = 0xFFFFFFFF
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """An application message as routed: immutable once published."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: dict[int, Any]
+    expires_at: float | None = None
+    sender: str | None = None
+    # Encoded PUBLISH bytes for QoS 0 deliveries without per-subscriber properties,
+    # keyed by (is_v5, retain flag): fan-out encodes each message at most a few times.
+    encoded: dict[tuple[bool, bool], bytes] | None = None
+
+
+@dataclass(slots=True)
+class SubOptions:
+    """Options of one subscription (section 3.8.3.1) plus its subscription identifier."""
+
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    subscription_id: int | None = None
+
+
+# States of an outgoing QoS > 0 delivery.
+AWAIT_PUBACK = 1  # QoS 1 PUBLISH sent
+AWAIT_PUBREC = 2  # QoS 2 PUBLISH sent
+AWAIT_PUBCOMP = 3  # PUBREL sent
+
+
+@dataclass(slots=True, eq=False)
+class Delivery:
+    """One message on its way to one session, with the options that shape the PUBLISH."""
+
+    message: Message
+    qos: int
+    retain: bool
+    subscription_ids: list[int] | None = None
+    packet_id: int = 0
+    state: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    """MQTT session state (section 4.1), which outlives connections when expiry allows."""
+
+    client_id: str
+    version: int
+    username: str | None = None
+    expiry_interval: int = 0
+    subscriptions: dict[str, SubOptions] = field(default_factory=dict)
+    inflight: dict[int, Delivery] = field(default_factory=dict)
+    pending: deque[Delivery] = field(default_factory=deque)
+    inbound_qos2: set[int] = field(default_factory=set)
+    next_packet_id: int = 1
+    connection: BrokerConnection | None = None
+    expires_at: float | None = None
+    will: Will | None = None
+    dropped: int = 0
+
+    def allocate_packet_id(self) -> int:
+        """The next packet identifier not in use by an in-flight delivery (MQTT-2.2.1-3)."""
+        pid = self.next_packet_id
+        inflight = self.inflight
+        for _ in range(65535):
+            if pid not in inflight:
+                break
+            pid = pid + 1 if pid < 65535 else 1
+        else:  # pragma: no cover - the in-flight window is far below 65535
+            raise RuntimeError("no free packet identifier")
+        self.next_packet_id = pid + 1 if pid < 65535 else 1
+        return pid

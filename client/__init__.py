@@ -1,0 +1,1 @@
+"""qmig's asyncio MQTT client (arrives with the MQTT-over-QUIC issue)."""

@@ -1,0 +1,1 @@
+"""Locust load tests (arrive with the load-test issue)."""

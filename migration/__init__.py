@@ -1,0 +1,1 @@
+"""Container live migration with Podman and CRIU (arrives with the migration issues)."""

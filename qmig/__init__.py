@@ -1,0 +1,3 @@
+"""The `qmig` command line and benchmarks."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,677 @@
+"""MQTT 3.1.1 load generator for ``qmig bench broker``: one OS process per role.
+
+Each role runs in its own ``python -m qmig.benchmarks.loadgen SPEC`` process so that the
+publisher and the subscribers never share a GIL with each other or with the orchestrator.
+Packets are encoded once with qmig's codec and only patched (sequence number, timestamp,
+packet id) before big batched writes; the receive path scans fixed headers by hand instead
+of decoding every PUBLISH, because a full decode would make the load generator the
+bottleneck.
+
+Control protocol, one JSON object per line:
+
+* worker to orchestrator (stdout): ``{"event": "ready"}`` once connected and subscribed,
+  then ``{"event": "result", ...}`` just before exiting;
+* orchestrator to worker (stdin): ``{"cmd": "go", "start": t, "warm_end": t, "stop": t}``
+  with ``time.monotonic()`` instants (the clock is system-wide, so processes agree on it),
+  and ``{"cmd": "stop"}`` to end a ``hold`` worker.
+
+Every worker also exits by itself at ``deadline_s`` after it started, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import select
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mqttproto.codec import PacketReader, encode
+from mqttproto.packets import (
+    MQTT_3_1_1,
+    Connack,
+    Connect,
+    Disconnect,
+    Publish,
+    Suback,
+    Subscribe,
+    Subscription,
+)
+
+PAYLOAD_SIZE = 64
+"""Bytes of application payload per message: sequence (8), send time in ns (8), filler."""
+
+_SEQ = struct.Struct(">Q")
+_SEQ_TS = struct.Struct(">QQ")
+_PID_SEQ = struct.Struct(">HQ")
+_PID_SEQ_TS = struct.Struct(">HQQ")
+_PUBACK_HEAD = b"\x40\x02"
+_FLOOD_BATCH = 512
+_WRITE_HIGH_WATER = 256 * 1024
+_FLOOD_YIELD_S = 0.005
+_CONNECT_PARALLEL = 50
+
+DISCONNECT = encode(Disconnect(), MQTT_3_1_1)
+
+
+def connect_packet(client_id: str, keep_alive: int = 60) -> bytes:
+    """CONNECT with a clean session: benchmark clients never resume state."""
+    return encode(
+        Connect(client_id=client_id, protocol_version=MQTT_3_1_1, keep_alive=keep_alive),
+        MQTT_3_1_1,
+    )
+
+
+def subscribe_packet(topic: str, qos: int, packet_id: int = 1) -> bytes:
+    return encode(Subscribe(packet_id, [Subscription(topic, qos=qos)]), MQTT_3_1_1)
+
+
+def publish_template(topic: str, qos: int, payload_size: int = PAYLOAD_SIZE) -> tuple[bytes, int]:
+    """One encoded PUBLISH and the offset of its payload, which is always the packet's tail.
+
+    For QoS > 0 the packet id sits in the two bytes just before the payload, so callers can
+    patch packet id, sequence and timestamp in place with one ``struct`` call.
+    """
+    payload = bytes(payload_size)
+    packet_id = 1 if qos else None
+    pkt = encode(Publish(topic, payload, qos=qos, packet_id=packet_id), MQTT_3_1_1)
+    return pkt, len(pkt) - payload_size
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (``q`` in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+def raise_nofile(wanted: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (capped by the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class _Conn(asyncio.Protocol):
+    """A client connection whose non-PUBLISH packets go through qmig's codec.
+
+    Control traffic (CONNACK, SUBACK, PUBACK) is rare or cheap enough to decode; PUBLISH is
+    the hot path and subclasses override :meth:`data_received` to scan it by hand.
+    """
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.reader = PacketReader(version=MQTT_3_1_1)
+        self.connack: asyncio.Future[Connack] = loop.create_future()
+        self.suback: asyncio.Future[Suback] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for fut in (self.connack, self.suback):
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"connection lost: {exc}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    def data_received(self, data: bytes) -> None:
+        for packet in self.reader.feed(data):
+            self.on_packet(packet)
+
+    def on_packet(self, packet: Any) -> None:
+        if isinstance(packet, Connack) and not self.connack.done():
+            self.connack.set_result(packet)
+        elif isinstance(packet, Suback) and not self.suback.done():
+            self.suback.set_result(packet)
+
+    async def handshake(self, client_id: str, topic: str | None, qos: int, timeout: float) -> None:
+        """CONNECT (+ SUBSCRIBE) and wait for the acks; raises if the broker refuses."""
+        assert self.transport is not None
+        self.transport.write(connect_packet(client_id))
+        connack = await asyncio.wait_for(self.connack, timeout)
+        if connack.reason_code:
+            raise ConnectionError(f"CONNACK refused: {connack.reason_code}")
+        if topic is not None:
+            self.transport.write(subscribe_packet(topic, qos))
+            suback = await asyncio.wait_for(self.suback, timeout)
+            if not suback.reason_codes or suback.reason_codes[0] >= 0x80:
+                raise ConnectionError(f"SUBACK refused: {suback.reason_codes}")
+
+    async def disconnect(self, timeout: float = 1.0) -> None:
+        """Send DISCONNECT and let the broker close first, so TIME_WAIT lands on its side."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(DISCONNECT)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.closed), timeout)
+        self.transport.close()
+
+
+class SubConn(_Conn):
+    """Subscriber: counts PUBLISHes, checks sequence numbers, PUBACKs QoS 1, times latency."""
+
+    def __init__(self, record_latency: bool = False) -> None:
+        super().__init__()
+        self._rest = b""
+        self.received = 0
+        self.duplicates = 0
+        self.gaps = 0
+        self.expected = 0
+        self.record_latency = record_latency
+        self.latencies_ns: list[int] = []
+        # Latency samples count only for messages sent inside [lat_from_ns, lat_to_ns).
+        self.lat_from_ns = 1 << 62
+        self.lat_to_ns = 1 << 62
+
+    def data_received(self, data: bytes) -> None:
+        if self._rest:
+            data = self._rest + data
+        n = len(data)
+        i = 0
+        received = self.received
+        expected = self.expected
+        acks: list[bytes] = []
+        lat = self.record_latency
+        unpack = _SEQ_TS.unpack_from
+        while i + 2 <= n:
+            b0 = data[i]
+            rl = data[i + 1]
+            h = 2
+            if rl & 0x80:
+                rl, h = _varint_tail(data, i + 1, n)
+                if h == 0:
+                    break
+            end = i + h + rl
+            if end > n:
+                break
+            if b0 & 0xF0 == 0x30:
+                p = i + h
+                p += 2 + ((data[p] << 8) | data[p + 1])
+                if b0 & 0x06:
+                    acks.append(_PUBACK_HEAD + data[p : p + 2])
+                    p += 2
+                seq, ts = unpack(data, p)
+                received += 1
+                if seq == expected:
+                    expected += 1
+                elif seq > expected:
+                    self.gaps += seq - expected
+                    expected = seq + 1
+                else:
+                    self.duplicates += 1
+                if lat:
+                    now = time.monotonic_ns()
+                    if self.lat_from_ns <= ts < self.lat_to_ns:
+                        self.latencies_ns.append(now - ts)
+            else:
+                for packet in self.reader.feed(data[i:end]):
+                    self.on_packet(packet)
+            i = end
+        self._rest = data[i:] if i < n else b""
+        self.received = received
+        self.expected = expected
+        if acks and self.transport is not None:
+            self.transport.write(b"".join(acks))
+
+
+def _varint_tail(data: bytes, pos: int, n: int) -> tuple[int, int]:
+    """Remaining length starting at ``pos``: (value, fixed header length) or (0, 0) if short."""
+    value = 0
+    for k in range(4):
+        if pos + k >= n:
+            return 0, 0
+        byte = data[pos + k]
+        value |= (byte & 0x7F) << (7 * k)
+        if not byte & 0x80:
+            return value, k + 2
+    raise ValueError("malformed remaining length")
+
+
+class PubConn(_Conn):
+    """Publisher: QoS 0 flood, QoS 1 with a window of in-flight PUBLISHes, or a fixed rate."""
+
+    def __init__(self, topic: str, qos: int, window: int) -> None:
+        super().__init__()
+        self.qos = qos
+        self.window = window
+        self.packet, self.payload_off = publish_template(topic, qos)
+        self.size = len(self.packet)
+        self.sent = 0
+        self.acked = 0
+        self.inflight = 0
+        self.stop_at = 0.0
+        self.running = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch = _FLOOD_BATCH if qos == 0 else window
+        self._batch = bytearray(self.packet * batch)
+        # QoS 0 patches the sequence number; QoS 1 the packet id just before it as well.
+        first = self.payload_off - (2 if qos else 0)
+        self._offsets = [first + k * self.size for k in range(batch)]
+
+    # QoS 0 flood -----------------------------------------------------------------------
+    def start_flood(self, stop_at: float) -> None:
+        self.stop_at = stop_at
+        self.running = True
+        self._pump()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.running and self.qos == 0:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Write batches until the transport pushes back, yielding every few ms for timers."""
+        tr = self.transport
+        assert tr is not None
+        batch = self._batch
+        offsets = self._offsets
+        pack = _SEQ.pack_into
+        began = time.monotonic()
+        seq = self.sent
+        while not self.paused:
+            now = time.monotonic()
+            if now >= self.stop_at or tr.is_closing():
+                self.sent = seq
+                self._finish()
+                return
+            if now - began > _FLOOD_YIELD_S:
+                asyncio.get_running_loop().call_soon(self._pump)
+                break
+            for off in offsets:
+                pack(batch, off, seq)
+                seq += 1
+            tr.write(bytes(batch))
+        self.sent = seq
+
+    # QoS 1 window ----------------------------------------------------------------------
+    def start_window(self, stop_at: float) -> None:
+        self.stop_at = stop_at
+        self.running = True
+        self._send_qos1(self.window)
+
+    def _send_qos1(self, k: int) -> None:
+        if k <= 0 or self.transport is None or self.transport.is_closing():
+            return
+        batch = self._batch
+        pack = _PID_SEQ.pack_into
+        seq = self.sent
+        for off in self._offsets[:k]:
+            pack(batch, off, seq % 65535 + 1, seq)
+            seq += 1
+        self.transport.write(bytes(batch[: k * self.size]))
+        self.sent = seq
+        self.inflight += k
+
+    def data_received(self, data: bytes) -> None:
+        acks = 0
+        for packet in self.reader.feed(data):
+            if packet.type == 4:  # PUBACK
+                acks += 1
+            else:
+                self.on_packet(packet)
+        if acks:
+            self.acked += acks
+            self.inflight -= acks
+            if not self.running:
+                if self.inflight <= 0 and not self.done.done():
+                    self.done.set_result(None)
+            elif time.monotonic() >= self.stop_at:
+                self._finish()
+            else:
+                self._send_qos1(self.window - self.inflight)
+
+    # fixed rate (latency) --------------------------------------------------------------
+    def start_rate(self, start: float, stop_at: float, rate: float) -> None:
+        self.stop_at = stop_at
+        self.running = True
+        self._rate_start = start
+        self._interval = 1.0 / rate
+        asyncio.get_running_loop().call_at(start, self._tick)
+
+    def _tick(self) -> None:
+        """Send every message that is due, then sleep until the next one is."""
+        tr = self.transport
+        if tr is None or tr.is_closing():
+            self._finish()
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self.stop_at:
+            self._finish()
+            return
+        batch = self._batch
+        off = self._offsets[0]
+        while self._rate_start + self.sent * self._interval <= now:
+            if self.qos:
+                seq = self.sent
+                _PID_SEQ_TS.pack_into(batch, off, seq % 65535 + 1, seq, time.monotonic_ns())
+            else:
+                _SEQ_TS.pack_into(batch, off, self.sent, time.monotonic_ns())
+            tr.write(bytes(batch[: self.size]))
+            self.sent += 1
+        loop.call_at(self._rate_start + self.sent * self._interval, self._tick)
+
+    def _finish(self) -> None:
+        self.running = False
+        if (self.qos == 0 or self.inflight <= 0) and not self.done.done():
+            self.done.set_result(None)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class _Control:
+    """Reads orchestrator commands from stdin without blocking the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.go: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.stop: asyncio.Future[None] = loop.create_future()
+        self._buf = b""
+        self._fd = sys.stdin.fileno()
+        os.set_blocking(self._fd, False)
+        loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:  # orchestrator went away: behave as if told to stop
+            asyncio.get_running_loop().remove_reader(self._fd)
+            if not self.stop.done():
+                self.stop.set_result(None)
+            return
+        self._buf += chunk
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if msg.get("cmd") == "go" and not self.go.done():
+                self.go.set_result(msg)
+            elif msg.get("cmd") == "stop" and not self.stop.done():
+                self.stop.set_result(None)
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def _open(factory: Any, host: str, port: int, timeout: float) -> Any:
+    loop = asyncio.get_running_loop()
+    _, proto = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
+    return proto
+
+
+async def _role_sub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
+    """N subscriber connections in this process; snapshot their counts at warm_end and stop."""
+    loop = asyncio.get_running_loop()
+    latency = spec.get("latency", False)
+    conns: list[SubConn] = []
+    for k in range(spec.get("connections", 1)):
+        conn = await _open(lambda: SubConn(latency), spec["host"], spec["port"], 10)
+        await conn.handshake(f"{spec['client_id']}-{k}", spec["topic"], spec["qos"], 10)
+        conns.append(conn)
+    emit({"event": "ready"})
+    go = await ctl.go
+    for c in conns:
+        c.lat_from_ns = int(go["warm_end"] * 1e9)
+        c.lat_to_ns = int(go["stop"] * 1e9)
+    snaps: dict[str, tuple[float, int]] = {}
+
+    def snap(name: str) -> None:
+        snaps[name] = (time.monotonic(), sum(c.received for c in conns))
+
+    loop.call_at(go["warm_end"], snap, "warm")
+    loop.call_at(go["stop"], snap, "stop")
+    await asyncio.sleep(max(0.0, go["stop"] - loop.time()) + 0.01)
+    # Drain: keep receiving what the broker still has queued, until it goes quiet.
+    idle, drain_until = spec.get("drain_idle_s", 0.5), loop.time() + spec.get("drain_max_s", 5)
+    last, quiet_since = -1, loop.time()
+    while loop.time() < drain_until:
+        total = sum(c.received for c in conns)
+        if total != last:
+            last, quiet_since = total, loop.time()
+        elif loop.time() - quiet_since >= idle:
+            break
+        await asyncio.sleep(0.05)
+    (t0, c0), (t1, c1) = snaps["warm"], snaps["stop"]
+    lat = sorted(x for c in conns for x in c.latencies_ns)
+    result = {
+        "rate": (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0,
+        "window_count": c1 - c0,
+        "received": sum(c.received for c in conns),
+        "unique": [c.received - c.duplicates for c in conns],
+        "duplicates": sum(c.duplicates for c in conns),
+        "gaps": sum(c.gaps for c in conns),
+    }
+    if latency:
+        result["latency_ms"] = {
+            "p50": percentile(lat, 50) / 1e6,
+            "p99": percentile(lat, 99) / 1e6,
+            "max": (lat[-1] / 1e6) if lat else float("nan"),
+            "samples": len(lat),
+        }
+    for c in conns:
+        await c.disconnect(0.5)
+    return result
+
+
+async def _role_pub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
+    """One publisher: flood (QoS 0), windowed (QoS 1), or fixed rate (latency)."""
+    loop = asyncio.get_running_loop()
+    qos, mode = spec["qos"], spec["mode"]
+    conn: PubConn = await _open(
+        lambda: PubConn(spec["topic"], qos, spec.get("window", 100)), spec["host"], spec["port"], 10
+    )
+    await conn.handshake(spec["client_id"], None, 0, 10)
+    emit({"event": "ready"})
+    go = await ctl.go
+    await asyncio.sleep(max(0.0, go["start"] - loop.time()))
+    if mode == "rate":
+        conn.start_rate(go["start"], go["stop"], spec["rate"])
+    elif qos == 0:
+        conn.start_flood(go["stop"])
+    else:
+        conn.start_window(go["stop"])
+    await asyncio.sleep(max(0.0, go["stop"] - loop.time()))
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(conn.done, spec.get("drain_max_s", 5))
+    result = {"sent": conn.sent, "acked": conn.acked, "inflight_left": conn.inflight}
+    # Let buffered PUBLISHes reach the broker before DISCONNECT ends the session.
+    while conn.transport is not None and conn.transport.get_write_buffer_size():
+        if loop.time() > go["stop"] + spec.get("drain_max_s", 5):
+            break
+        await asyncio.sleep(0.01)
+    await conn.disconnect(1.0)
+    return result
+
+
+async def _role_connsub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
+    """A few concurrent loops of CONNECT, CONNACK, SUBSCRIBE, SUBACK, DISCONNECT."""
+    loop = asyncio.get_running_loop()
+    emit({"event": "ready"})
+    go = await ctl.go
+    await asyncio.sleep(max(0.0, go["start"] - loop.time()))
+    counted = 0
+    failures = 0
+    errors: list[str] = []
+
+    async def one_loop(k: int) -> None:
+        nonlocal counted, failures
+        n = 0
+        while loop.time() < go["stop"]:
+            n += 1
+            try:
+                conn = await _open(_Conn, spec["host"], spec["port"], 5)
+                await conn.handshake(f"{spec['client_id']}-{k}-{n}", f"bench/cs/{k}", 0, 5)
+                await conn.disconnect(1.0)
+            except (OSError, asyncio.TimeoutError) as exc:
+                failures += 1
+                if len(errors) < 3:
+                    errors.append(repr(exc))
+                await asyncio.sleep(0.01)
+                continue
+            if go["warm_end"] <= loop.time() < go["stop"]:
+                counted += 1
+
+    await asyncio.gather(*(one_loop(k) for k in range(spec.get("concurrency", 4))))
+    window = go["stop"] - go["warm_end"]
+    return {"rate": counted / window, "count": counted, "failures": failures, "errors": errors}
+
+
+async def _role_hold(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
+    """Open N connections, each with one subscription of its own, and hold them until told."""
+    raise_nofile(spec["clients"] + 256)
+    sem = asyncio.Semaphore(_CONNECT_PARALLEL)
+    conns: list[_Conn] = []
+    errors: list[str] = []
+
+    async def one(k: int) -> None:
+        async with sem:
+            try:
+                conn = await _open(_Conn, spec["host"], spec["port"], 10)
+                await conn.handshake(f"{spec['client_id']}-{k}", f"bench/rss/{k}", 0, 10)
+                conns.append(conn)
+            except (OSError, asyncio.TimeoutError) as exc:
+                if len(errors) < 3:
+                    errors.append(repr(exc))
+
+    await asyncio.gather(*(one(k) for k in range(spec["clients"])))
+    emit({"event": "ready", "connected": len(conns), "errors": errors})
+    await ctl.stop
+    alive = sum(1 for c in conns if not c.closed.done())
+    for c in conns:
+        if c.transport is not None:
+            c.transport.abort()
+    return {"connected": len(conns), "alive_at_stop": alive, "errors": errors}
+
+
+_ROLES = {"sub": _role_sub, "pub": _role_pub, "connsub": _role_connsub, "hold": _role_hold}
+
+
+async def _worker(spec: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    ctl = _Control(loop)
+    try:
+        result = await asyncio.wait_for(_ROLES[spec["role"]](spec, ctl), spec["deadline_s"])
+    except asyncio.TimeoutError:
+        result = {"error": f"worker deadline of {spec['deadline_s']} s reached"}
+    except Exception as exc:
+        result = {"error": repr(exc)}
+    emit({"event": "result", **result})
+
+
+def worker_main(argv: list[str]) -> int:
+    """Entry point of a worker process; ``argv[0]`` is its JSON spec."""
+    spec = json.loads(argv[0])
+    asyncio.run(_worker(spec))
+    return 0
+
+
+# --------------------------------------------------------------------------- orchestrator side
+
+
+class Worker:
+    """A load-generator process seen from the orchestrator: spawn, talk, stop by PID."""
+
+    def __init__(self, name: str, spec: dict[str, Any], log_dir: Path) -> None:
+        self.name = name
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        self.log_path = log_dir / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "qmig.benchmarks.loadgen", json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+            )
+        self._buf = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, obj: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+            self.proc.stdin.flush()
+
+    def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        """Wait for the next message of kind ``event``; an error result raises."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                msg = json.loads(line)
+                if "error" in msg:
+                    raise RuntimeError(f"{self.name}: {msg['error']}{self._log_tail()}")
+                if msg.get("event") == event:
+                    return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name}: no {event!r} within {timeout} s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"{self.name} exited without {event!r}{self._log_tail()}")
+                self._buf += chunk
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f" ({lines[-1]})" if lines else ""
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Wait for a clean exit, then SIGTERM, then SIGKILL, always by this worker's PID."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(2)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

@@ -1,0 +1,132 @@
+"""The ``qmig`` command: broker, lab certificates, password files, benchmarks and the demo.
+
+Heavy modules (the broker, benchmarks, demo) are imported only by the subcommand that runs
+them, so ``qmig certs`` or ``qmig passwd`` start fast and work even if those are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from broker.config import ConfigError, add_broker_arguments, config_from_args
+
+from . import __version__
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from broker.server import run
+
+    return run(config)
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from broker.certs import DEFAULT_HOSTS, make_lab_certs
+
+    hosts = args.host or list(DEFAULT_HOSTS)
+    paths = make_lab_certs(Path(args.out), hosts=hosts, days=args.days, overwrite=args.overwrite)
+    for path in (paths.ca_cert, paths.server_cert, paths.server_key):
+        print(path)
+    return 0
+
+
+def _cmd_passwd(args: argparse.Namespace) -> int:
+    from broker.auth import add_user
+
+    password = args.password
+    if password is None:
+        password = getpass.getpass(f"Password for {args.user}: ")
+        if password != getpass.getpass("Reenter password: "):
+            print("qmig passwd: passwords do not match", file=sys.stderr)
+            return 1
+    add_user(args.file, args.user, password)
+    return 0
+
+
+def _unavailable(what: str, reason: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        print(f"qmig: {what} is not available: {reason}", file=sys.stderr)
+        return 1
+
+    return handler
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from qmig.demo import run as demo_run
+    except ImportError as exc:
+        return _unavailable("demo", str(exc))(args)
+    return demo_run(args)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="run benchmarks")
+    targets = bench.add_subparsers(dest="target", metavar="TARGET", required=True)
+    p = targets.add_parser("broker", help="broker throughput and latency benchmark")
+    try:
+        from qmig.benchmarks import broker as bench_broker
+    except ImportError as exc:
+        # accept whatever flags were meant for it, to reach the clear message below
+        p.set_defaults(handler=_unavailable("bench broker", str(exc)), accepts_extra=True)
+        return
+    bench_broker.add_arguments(p)
+    p.set_defaults(handler=bench_broker.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser; exposed for tests and shell completion."""
+    parser = argparse.ArgumentParser(
+        prog="qmig", description="MQTT broker and live-migration lab tools.",
+    )
+    parser.add_argument("--version", action="version", version=f"qmig {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("broker", help="run the MQTT broker")
+    add_broker_arguments(p)
+    p.set_defaults(handler=_cmd_broker)
+
+    p = sub.add_parser("certs", help="create a lab CA and server certificate")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the PEM files")
+    p.add_argument("--host", action="append", metavar="H",
+                   help="DNS name or IP for the certificate (repeatable; default localhost, "
+                   "127.0.0.1, ::1)")
+    p.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing valid files")
+    p.set_defaults(handler=_cmd_certs)
+
+    p = sub.add_parser("passwd", help="add or update a user in a mosquitto-format password file")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("user", metavar="USER")
+    p.add_argument("-p", "--password", default=None, help="password (prompted if omitted)")
+    p.set_defaults(handler=_cmd_passwd)
+
+    _add_bench(sub)
+
+    p = sub.add_parser("demo", help="run the live-migration demo")
+    p.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; configuration mistakes print one line and return 2."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as exc:
+        print(f"qmig: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""Interoperability / conformance tests with real MQTT clients (paho, mosquitto, amqtt)."""
