@@ -33,6 +33,7 @@ class BrokerConfig:
     tcp_port: int = 1883
     tls_port: int = 8883
     mptcp_port: int = 1885
+    quic_port: int = 14567
     cert: str | None = None
     key: str | None = None
     cafile: str | None = None
@@ -59,11 +60,16 @@ class BrokerConfig:
         """TLS listens only when it has a port and both a certificate and its key."""
         return self.tls_port != 0 and bool(self.cert) and bool(self.key)
 
+    @property
+    def quic_enabled(self) -> bool:
+        """QUIC always runs TLS 1.3, so it too needs a certificate and its key."""
+        return self.quic_port != 0 and bool(self.cert) and bool(self.key)
+
     def validate(self) -> BrokerConfig:
         """Check types and ranges so mistakes fail at start-up, not at the first client."""
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name], "")
-        for name in ("tcp_port", "tls_port", "mptcp_port"):
+        for name in ("tcp_port", "tls_port", "mptcp_port", "quic_port"):
             _check_range(name, getattr(self, name), 0, 65535)
         if not self.host:
             raise ConfigError("host must not be empty")
@@ -174,6 +180,8 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tcp-port", type=int, default=None, help="plain MQTT port, 0 disables (default 1883)")
     add("--tls-port", type=int, default=None, help="MQTT over TLS port, 0 disables (default 8883)")
     add("--mptcp-port", type=int, default=None, help="MPTCP port, 0 disables (default 1885)")
+    add("--quic-port", type=int, default=None,
+        help="QUIC (UDP) port, 0 disables; needs --cert/--key (default 14567)")
     add("--cert", default=None, help="server certificate (PEM); TLS needs it and --key")
     add("--key", default=None, help="server private key (PEM)")
     add("--cafile", default=None, help="CA bundle for verifying client certificates")

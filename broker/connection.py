@@ -22,7 +22,6 @@ from mqttproto.packets import (
     Disconnect,
     Packet,
     Pingreq,
-    Pingresp,
     Puback,
     Pubcomp,
     Publish,

@@ -16,6 +16,7 @@ import socket
 import ssl
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from mqttproto.reasons import ReasonCode
 
@@ -82,14 +83,26 @@ class Listener:
     kind: str
     host: str
     port: int
-    server: asyncio.AbstractServer | None = None
+    server: Any = None  # asyncio.Server, or aioquic's QuicServer for "quic"
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self.server is None:
+            return None
+        if self.kind == "quic":
+            transport = self.server._transport  # aioquic keeps its UDP transport here
+            sockname = transport.get_extra_info("sockname") if transport else None
+        else:
+            sockets = self.server.sockets
+            sockname = sockets[0].getsockname() if sockets else None
+        return (sockname[0], sockname[1]) if sockname else None
 
     @property
     def bound(self) -> str:
-        if self.server is None or not self.server.sockets:
+        address = self.address
+        if address is None:
             return f"{self.host}:{self.port} (closed)"
-        addr = self.server.sockets[0].getsockname()
-        return f"{addr[0]}:{addr[1]}"
+        return f"{address[0]}:{address[1]}"
 
 
 class BrokerServer:
@@ -104,6 +117,7 @@ class BrokerServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
+        self._quic_touched: set[Any] = set()
 
     # ----------------------------------------------------------------- output
     def _schedule_flush(self) -> None:
@@ -123,6 +137,14 @@ class BrokerServer:
                 io.write(data)
             if conn.closing:
                 io.close()
+        if self._quic_touched:
+            touched, self._quic_touched = self._quic_touched, set()
+            for proto in touched:
+                proto.transmit()
+
+    def quic_touched(self, proto: Any) -> None:
+        """A QUIC connection got stream data this turn: transmit it once, after the flush."""
+        self._quic_touched.add(proto)
 
     def _tick(self) -> None:
         self.broker.tick()
@@ -142,6 +164,10 @@ class BrokerServer:
             log.info("TLS listener off: no --cert/--key given")
         if cfg.mptcp_port:
             self.listeners["mptcp"] = Listener("mptcp", cfg.host, cfg.mptcp_port)
+        if cfg.quic_enabled:
+            self.listeners["quic"] = Listener("quic", cfg.host, cfg.quic_port)
+        elif cfg.quic_port:
+            log.info("QUIC listener off: no --cert/--key given")
         for kind in list(self.listeners):
             await self.open_listener(kind)
         self._ticker = self._loop.call_later(TICK_SECONDS, self._tick)
@@ -160,6 +186,15 @@ class BrokerServer:
         listener = self.listeners[kind]
         if listener.server is not None:
             return listener
+        if kind == "quic":
+            from .quic import start_quic_listener
+
+            assert self.config.cert and self.config.key
+            listener.server = await start_quic_listener(
+                self, listener.host, listener.port, self.config.cert, self.config.key
+            )
+            log.info("listening quic %s (UDP, ALPN mqtt)", listener.bound)
+            return listener
         loop = asyncio.get_running_loop()
         sock = self._listening_socket(kind, listener.host, listener.port)
         listener.server = await loop.create_server(
@@ -177,7 +212,8 @@ class BrokerServer:
         if listener is None or listener.server is None:
             return
         listener.server.close()
-        await listener.server.wait_closed()
+        if kind != "quic":
+            await listener.server.wait_closed()
         listener.server = None
         log.info("closed %s listener", kind)
 

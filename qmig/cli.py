@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,10 +21,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _cmd_broker(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    from broker.server import run
+    from broker.server import run  # configures logging from config.log_level
 
     return run(config)
 
@@ -112,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench(sub)
 
-    p = sub.add_parser("demo", help="run the live-migration demo")
+    p = sub.add_parser("demo", help="run the cross-transport demo")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds to publish (default 5)")
+    p.add_argument("--rate", type=float, default=20.0,
+                   help="messages per second per transport (default 20)")
     p.set_defaults(handler=_cmd_demo)
     return parser
 

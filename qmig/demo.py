@@ -1,14 +1,16 @@
 """``qmig demo``: a broker with telemetry publishers and subscribers over every transport.
 
 Until the migration issues land this is the demo: it starts ``qmig broker`` on loopback with
-TCP, TLS and MPTCP listeners, runs one paho-mqtt (MQTT 5) publisher and one subscriber per
-transport, and prints who received what, how fast and with what loss.  Every subscriber
+QUIC, TCP, TLS and MPTCP listeners, runs one MQTT 5 publisher and one subscriber per
+transport (paho-mqtt over TCP/TLS/MPTCP, qmig's own client over QUIC), and prints who
+received what, how fast and with what loss.  Every subscriber
 listens to every publisher, so the table shows each transport carrying the others' traffic.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 import statistics
@@ -24,13 +26,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-TRANSPORTS = ("tcp", "tls", "mptcp")
+TRANSPORTS = ("quic", "tcp", "tls", "mptcp")
 TOPIC = "demo/{transport}/telemetry"
 IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
+def free_port(udp: bool = False) -> int:
+    with socket.socket(type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -52,7 +54,8 @@ class BrokerProcess:
         cmd = [
             sys.executable, "-m", "qmig", "broker", "--host", "127.0.0.1",
             "--tcp-port", str(self.ports["tcp"]), "--tls-port", str(self.ports["tls"]),
-            "--mptcp-port", str(self.ports["mptcp"]), "--cert", str(certs.server_cert),
+            "--mptcp-port", str(self.ports["mptcp"]), "--quic-port", str(self.ports["quic"]),
+            "--cert", str(certs.server_cert),
             "--key", str(certs.server_key), "--sys-interval", "1",
         ]  # fmt: skip
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -77,6 +80,81 @@ class BrokerProcess:
                 self.proc.wait(5)
         if hasattr(self, "_log"):
             self._log.close()
+
+
+class QuicThreadClient:
+    """qmig's asyncio QUIC client behind the few paho-style calls the demo makes.
+
+    paho-mqtt has no QUIC transport, so the QUIC publisher and subscriber are qmig's own
+    client, run on an event loop in a thread of their own.
+    """
+
+    def __init__(self, client_id: str, cafile: str) -> None:
+        self.client_id = client_id
+        self.cafile = cafile
+        self.on_message: Any = None
+        self.on_subscribe: Any = None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.client: Any = None
+
+    def _call(self, coro: Any, timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def connect(self, host: str, port: int) -> None:
+        from client.client import Client
+
+        async def start() -> Any:
+            client = Client(host, port, transport="quic", client_id=self.client_id,
+                            cafile=self.cafile)  # fmt: skip
+            await client.connect()
+            self.loop.create_task(self._receive(client))
+            return client
+
+        self.client = self._call(start())
+
+    async def _receive(self, client: Any) -> None:
+        async for message in client.messages():
+            if self.on_message is not None:
+                self.on_message(self, None, message)
+
+    def loop_start(self) -> None:
+        pass
+
+    def subscribe(self, topic: str, qos: int) -> None:
+        self._call(self.client.subscribe(topic, qos))
+        if self.on_subscribe is not None:
+            self.on_subscribe(self)
+
+    def socket(self) -> None:
+        return None
+
+    def publish(self, topic: str, payload: str, qos: int) -> Any:
+        future = asyncio.run_coroutine_threadsafe(
+            self.client.publish(topic, payload, qos), self.loop
+        )
+
+        class Info:
+            @staticmethod
+            def wait_for_publish(timeout: float) -> None:
+                future.result(timeout)
+
+        return Info()
+
+    def disconnect(self) -> None:
+        if self.client is not None:
+            self._call(self.client.disconnect())
+
+    def loop_stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def make_client(transport: str, client_id: str, cafile: str) -> Any:
+    if transport == "quic":
+        return QuicThreadClient(client_id, cafile)
+    return paho_client(transport, client_id, cafile)
 
 
 def paho_client(transport: str, client_id: str, cafile: str) -> Any:
@@ -116,7 +194,7 @@ class Subscriber:
 
 def run_demo(duration: float, rate: float, console: Console) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qmig-demo-") as tmp:
-        ports = {t: free_port() for t in TRANSPORTS}
+        ports = {t: free_port(udp=t == "quic") for t in TRANSPORTS}
         broker = BrokerProcess(ports, Path(tmp) / "certs", Path(tmp) / "broker.log")
         console.print(f"[bold]Starting qmig broker[/] on 127.0.0.1: {ports}")
         broker.start()
@@ -127,7 +205,7 @@ def run_demo(duration: float, rate: float, console: Console) -> dict[str, Any]:
         try:
             for transport in TRANSPORTS:
                 sub = Subscriber(transport)
-                client = paho_client(transport, f"demo-sub-{transport}", broker.cafile)
+                client = make_client(transport, f"demo-sub-{transport}", broker.cafile)
                 client.on_message = sub.on_message
                 subscribed = threading.Event()
                 client.on_subscribe = lambda *a, ev=subscribed: ev.set()
@@ -137,12 +215,14 @@ def run_demo(duration: float, rate: float, console: Console) -> dict[str, Any]:
                 if not subscribed.wait(5):
                     raise RuntimeError(f"no SUBACK over {transport}")
                 sock = client.socket()
-                protocols[transport] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+                protocols[transport] = (
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) if sock else 17
+                )
                 subscribers[transport] = sub
                 clients.append(client)
             publishers = {}
             for transport in TRANSPORTS:
-                pub = paho_client(transport, f"demo-pub-{transport}", broker.cafile)
+                pub = make_client(transport, f"demo-pub-{transport}", broker.cafile)
                 pub.connect("127.0.0.1", ports[transport])
                 pub.loop_start()
                 publishers[transport] = pub
@@ -182,7 +262,7 @@ def summarize(
     for transport, sub in subscribers.items():
         lat = sorted(sub.latencies_ms)
         report["subscribers"][transport] = {
-            "socket_protocol": {6: "TCP", IPPROTO_MPTCP: "MPTCP"}.get(
+            "socket_protocol": {6: "TCP", 17: "QUIC", IPPROTO_MPTCP: "MPTCP"}.get(
                 protocols.get(transport, 0), str(protocols.get(transport))
             ),
             "received": {src: len(seqs) for src, seqs in sub.received.items()},

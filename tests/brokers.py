@@ -269,6 +269,10 @@ class BrokerProcess:
             "connection_messages true",
             "log_timestamp true",
         ]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            # as root mosquitto would drop to user "mosquitto", who cannot read the
+            # private pytest temp dir holding the certificates and generated files
+            lines.append("user root")
         extra = dict(self.extra)
         if "password_file" in extra:
             lines.append(f"password_file {extra.pop('password_file')}")

@@ -133,14 +133,14 @@ def _command(name: str, port: int, workdir: Path) -> list[str]:
             sys.executable, "-m", "qmig", "broker", "--host", HOST, "--tcp-port", str(port),
             "--tls-port", "0", "--mptcp-port", "0", "--sys-interval", "0",
             "--log-level", "WARNING",
-        ]  # fmt: skip
+        ]
     if name == "amqtt":
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{HOST}:{port}"}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {
                 "allow_anonymous": True,
             }},
-        }  # fmt: skip
+        }
         return [sys.executable, "-c", _AMQTT_LAUNCHER, json.dumps(config)]
     if name == "mosquitto":
         conf = workdir / "mosquitto.conf"
@@ -150,8 +150,9 @@ def _command(name: str, port: int, workdir: Path) -> list[str]:
                     f"listener {port} {HOST}",
                     "allow_anonymous true",
                     "persistence false",
-                    # Same Nagle setting as the asyncio brokers (asyncio sets TCP_NODELAY).
-                    "set_tcp_nodelay true",
+                    # Stock Nagle setting on purpose: set_tcp_nodelay true sends one segment
+                    # per message and cut mosquitto's QoS 0 figure from ~150k to ~100k msg/s
+                    # here, while p99 latency at 200 msg/s stays ~0.3 ms either way.
                     # Queue enough that a flood measures throughput, not drops; the in-flight
                     # limit matches the load generator's QoS 1 window of 100.
                     "max_queued_messages 1000000",

@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from brokers import broker_kind
 
 from .rawmqtt import RawClient
 
@@ -36,6 +39,13 @@ class BrokerLike(Protocol):
 
     @property
     def cafile(self) -> str: ...
+
+
+def skip_on_mosquitto(reason: str) -> pytest.MarkDecorator:
+    """For tests mosquitto itself fails because it deviates from the spec (kept for qmig)."""
+    return pytest.mark.skipif(
+        broker_kind() == "mosquitto", reason=f"mosquitto deviates from the spec: {reason}"
+    )
 
 
 def uid(prefix: str = "") -> str:
@@ -367,10 +377,11 @@ class PahoClient:
             self.client.disconnect()
         self._wait(lambda: len(self.disconnects) > n, timeout, "on_disconnect")
 
-    def wait_disconnected(self, timeout: float = TIMEOUT) -> Disconnected:
-        """Wait until the *broker* closes the connection (e.g. DISCONNECT 0x8E, keepalive)."""
-        self._wait(lambda: bool(self.disconnects), timeout, "server-side disconnect")
-        return self.disconnects[-1]
+    def wait_disconnected(self, timeout: float = TIMEOUT, since: int = 0) -> Disconnected:
+        """Wait until the *broker* closes the connection (e.g. DISCONNECT 0x8E, keepalive);
+        return the first disconnect event after the first ``since`` ones."""
+        self._wait(lambda: len(self.disconnects) > since, timeout, "server-side disconnect")
+        return self.disconnects[since]
 
     def close(self) -> None:
         """Finalizer: DISCONNECT if still connected, then stop the loop thread."""
@@ -469,6 +480,9 @@ class MosquittoSub:
         if count is not None:
             argv += ["-C", str(count)]
         argv += list(extra)
+        stdbuf = shutil.which("stdbuf")
+        if stdbuf:  # line-buffer stdout so "-d" SUBACK lines are seen when they happen
+            argv = [stdbuf, "-oL", *argv]
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)

@@ -1,0 +1,167 @@
+"""MQTT over QUIC for the broker: aioquic connections carrying one MQTT byte stream each.
+
+Single-stream mode (as EMQX does it): the client opens one bidirectional stream and MQTT
+runs over it exactly as over TCP, so the same :class:`~broker.connection.BrokerConnection`
+serves it.  aioquic is extended by subclassing its protocol class, never by patching it.
+Writes are batched: the broker's flush appends to the stream and each touched connection
+transmits once per event-loop turn.  A client that stops acknowledging makes its stream's
+send buffer grow; past a high-water mark the connection is paused like a full TCP socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import stream_is_client_initiated, stream_is_unidirectional
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+
+if TYPE_CHECKING:
+    from .connection import BrokerConnection
+    from .server import BrokerServer
+
+log = logging.getLogger("qmig.broker")
+
+ALPN = "mqtt"
+HIGH_WATER = 1 << 20  # unacknowledged bytes on the stream before the connection pauses
+LOW_WATER = 256 << 10
+CLOSE_LINGER = 3.0  # seconds to let a final DISCONNECT be acknowledged before closing
+# Application error codes in CONNECTION_CLOSE (RFC 9000 section 20.2: ours to define).
+ERROR_NONE = 0x0
+ERROR_PROTOCOL = 0x1
+
+
+def server_configuration(cert: str, key: str) -> QuicConfiguration:
+    """TLS 1.3 with ALPN ``mqtt``; flow-control windows sized for bursts of small messages."""
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=[ALPN],
+        max_data=16 << 20,
+        max_stream_data=8 << 20,
+        idle_timeout=180.0,
+    )
+    config.load_cert_chain(cert, key)
+    return config
+
+
+class BrokerQuicProtocol(QuicConnectionProtocol):
+    """One QUIC connection = one MQTT connection on its first client bidirectional stream."""
+
+    def __init__(self, *args: Any, broker_server: BrokerServer, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.broker_server = broker_server
+        self.stream_id: int | None = None
+        self.conn: BrokerConnection | None = None
+        self.paused = False
+        self._closing = False
+
+    # ----------------------------------------------------------------- events
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            self._on_stream_data(event)
+        elif isinstance(event, StreamReset):
+            if event.stream_id == self.stream_id:
+                self._lost()
+        elif isinstance(event, ConnectionTerminated):
+            self._lost()
+
+    def _on_stream_data(self, event: StreamDataReceived) -> None:
+        sid = event.stream_id
+        if self.stream_id is None:
+            if not stream_is_client_initiated(sid) or stream_is_unidirectional(sid):
+                self._reject(f"MQTT must start on a client bidirectional stream, not {sid}")
+                return
+            self.stream_id = sid
+            addr = self._quic._network_paths[0].addr if self._quic._network_paths else None
+            peer = f"{addr[0]}:{addr[1]}" if addr else "?"
+            self.conn = self.broker_server.broker.open_connection("quic", peer)
+            self.conn.io = self
+        elif sid != self.stream_id:
+            self._reject(f"a second stream ({sid}) in single-stream mode")
+            return
+        conn = self.conn
+        assert conn is not None
+        if event.data:
+            conn.receive_data(event.data)
+        if event.end_stream:
+            conn.connection_lost()
+            self.close()
+
+    def _reject(self, why: str) -> None:
+        log.info("closing QUIC connection: %s", why)
+        self._quic.close(error_code=ERROR_PROTOCOL, reason_phrase=why)
+        self.transmit()
+        self._lost()
+
+    def _lost(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.connection_lost()
+            conn.io = None
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        if self.paused and self.conn is not None and self._unacked() < LOW_WATER:
+            self.paused = False
+            self.conn.set_writable(True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._lost()
+
+    # ----------------------------------------------------------------- output (BrokerServer.flush)
+    def _unacked(self) -> int:
+        # aioquic has no public send-buffer size; its stream sender's offsets tell it.
+        stream = self._quic._streams.get(self.stream_id)  # type: ignore[arg-type]
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def write(self, data: bytes) -> None:
+        if self.stream_id is None or self._closing:
+            return
+        self._quic.send_stream_data(self.stream_id, data)
+        self.broker_server.quic_touched(self)
+        if not self.paused and self.conn is not None and self._unacked() > HIGH_WATER:
+            self.paused = True
+            self.conn.set_writable(False)
+
+    def close(self) -> None:  # type: ignore[override]
+        """Finish the stream, then close once it is acknowledged (or after a linger)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.stream_id is not None:
+            # The peer may have finished or reset the stream already.
+            with contextlib.suppress(Exception):
+                self._quic.send_stream_data(self.stream_id, b"", end_stream=True)
+        self.transmit()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_LINGER
+
+        def check() -> None:
+            if self._unacked() == 0 or loop.time() >= deadline:
+                self._quic.close(error_code=ERROR_NONE)
+                self.transmit()
+            else:
+                loop.call_later(0.05, check)
+
+        loop.call_later(0.01, check)
+
+
+async def start_quic_listener(
+    broker_server: BrokerServer, host: str, port: int, cert: str, key: str
+) -> QuicServer:
+    return await serve(
+        host,
+        port,
+        configuration=server_configuration(cert, key),
+        create_protocol=partial(BrokerQuicProtocol, broker_server=broker_server),
+    )

@@ -1,0 +1,217 @@
+"""Byte-stream transports for the client: TCP, TLS, MPTCP and QUIC behind one small interface.
+
+MQTT needs an ordered byte stream.  For TCP, TLS and MPTCP that is the socket; for QUIC it is
+one client-initiated bidirectional stream (the single-stream mode EMQX also uses).  Each
+transport calls ``on_data`` with received bytes and ``on_lost`` once when it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Protocol
+
+from aioquic.asyncio.client import connect as quic_connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+
+IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
+ALPN = "mqtt"
+TRANSPORTS = ("quic", "tcp", "tls", "mptcp")
+DEFAULT_PORTS = {"quic": 14567, "tcp": 1883, "tls": 8883, "mptcp": 1885}
+
+DataCallback = Callable[[bytes], None]
+LostCallback = Callable[[Exception | None], None]
+
+
+class ByteStream(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class _StreamProtocol(asyncio.Protocol):
+    def __init__(self, on_data: DataCallback, on_lost: LostCallback) -> None:
+        self.on_data = on_data
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_lost(exc)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class QuicStreamProtocol(QuicConnectionProtocol):
+    """aioquic client connection carrying MQTT on stream 0; one transmit per loop turn."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.on_data: DataCallback = lambda data: None
+        self.on_lost: LostCallback = lambda exc: None
+        self.stream_id: int | None = None
+        self._lost = False
+        self._transmit_soon = False
+
+    def start_stream(self) -> None:
+        self.stream_id = self._quic.get_next_available_stream_id()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived) and event.stream_id == self.stream_id:
+            if event.data:
+                self.on_data(event.data)
+            if event.end_stream:
+                self._gone(None)
+        elif isinstance(event, StreamReset) and event.stream_id == self.stream_id:
+            self._gone(ConnectionResetError("QUIC stream reset by the broker"))
+        elif isinstance(event, ConnectionTerminated):
+            self._gone(ConnectionError(f"QUIC connection closed: {event.reason_phrase}"))
+
+    def _gone(self, exc: Exception | None) -> None:
+        if not self._lost:
+            self._lost = True
+            self.on_lost(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._gone(exc)
+
+    def write(self, data: bytes) -> None:
+        if self._lost or self.stream_id is None:
+            return
+        self._quic.send_stream_data(self.stream_id, data)
+        if not self._transmit_soon:
+            self._transmit_soon = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._transmit_soon = False
+        self.transmit()
+
+    def close(self) -> None:  # type: ignore[override]
+        if not self._lost:
+            if self.stream_id is not None:
+                self._quic.send_stream_data(self.stream_id, b"", end_stream=True)
+            super().close()
+        self._gone(None)
+
+    def abort(self) -> None:
+        self.close()
+
+
+async def _connect_mptcp(host: str, port: int) -> socket.socket:
+    """Connect an MPTCP socket (plain TCP if the kernel refuses MPTCP).
+
+    asyncio's ``sock_connect`` resolves with the socket's protocol number, which
+    getaddrinfo rejects for IPPROTO_MPTCP, so resolve first and wait for writability here.
+    """
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, _, _, _, address = infos[0]
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP)
+    except OSError:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    err = sock.connect_ex(address)
+    if err not in (0, errno.EINPROGRESS):
+        sock.close()
+        raise OSError(err, os.strerror(err))
+    if err:
+        ready = loop.create_future()
+        loop.add_writer(sock.fileno(), ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_writer(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            raise OSError(err, os.strerror(err))
+    return sock
+
+
+def quic_configuration(
+    cafile: str | None = None, insecure: bool = False, server_name: str | None = None
+) -> QuicConfiguration:
+    config = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN],
+        max_data=16 << 20,
+        max_stream_data=8 << 20,
+        idle_timeout=60.0,
+        server_name=server_name,
+    )
+    if insecure:
+        config.verify_mode = ssl.CERT_NONE
+    elif cafile:
+        config.load_verify_locations(cafile)
+    return config
+
+
+async def open_stream(
+    transport: str,
+    host: str,
+    port: int,
+    on_data: DataCallback,
+    on_lost: LostCallback,
+    cafile: str | None = None,
+    insecure: bool = False,
+    timeout: float = 10.0,
+) -> tuple[ByteStream, object]:
+    """Connect and return (stream, closer); ``closer`` is an async context to exit on close."""
+    loop = asyncio.get_running_loop()
+    if transport in ("tcp", "mptcp", "tls"):
+        ssl_ctx = None
+        if transport == "tls":
+            ssl_ctx = ssl.create_default_context(cafile=cafile)
+            if insecure:
+                ssl_ctx.check_hostname = False
+                ssl_ctx.verify_mode = ssl.CERT_NONE
+        sock = None
+        if transport == "mptcp":
+            sock = await asyncio.wait_for(_connect_mptcp(host, port), timeout)
+        factory = lambda: _StreamProtocol(on_data, on_lost)  # noqa: E731
+        if sock is not None:
+            _, proto = await loop.create_connection(factory, sock=sock)
+        else:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(factory, host, port, ssl=ssl_ctx), timeout
+            )
+        raw = proto.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        if raw is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return proto, None
+    if transport == "quic":
+        config = quic_configuration(cafile, insecure, server_name=host)
+        manager = quic_connect(
+            host, port, configuration=config, create_protocol=QuicStreamProtocol
+        )
+        proto = await asyncio.wait_for(manager.__aenter__(), timeout)
+        proto.on_data = on_data
+        proto.on_lost = on_lost
+        proto.start_stream()
+        return proto, manager
+    raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``qmig bench``: kept import-light because load-generator workers import it."""

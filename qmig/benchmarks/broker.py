@@ -1,0 +1,507 @@
+"""``qmig bench broker``: qmig, amqtt and mosquitto side by side under the same load.
+
+Every figure is measured on a freshly started broker process, with the load generator of
+:mod:`qmig.benchmarks.loadgen` running in separate processes, over a bounded window that
+follows a discarded warm-up.  CPU of the broker and of each load-generator process is taken
+from ``psutil`` over that same window, so a report can say who was the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .brokers import BROKER_NAMES, HOST, BrokerUnavailable, RunningBroker, start_broker, version_of
+from .loadgen import Worker, raise_nofile
+
+TESTS = ("qos0", "qos1", "fanout", "latency", "connect", "rss")
+_SATURATED_PCT = 85.0
+_GO_LEAD_S = 0.3
+
+
+@dataclass
+class Settings:
+    duration: float = 5.0
+    warmup: float = 1.0
+    rss_clients: int = 1000
+    fanout_subscribers: int = 10
+    fanout_processes: int = 2
+    window: int = 100
+    latency_rate: float = 200.0
+    connect_processes: int = 4
+    flood_read_interval_s: float = 0.001
+    log_dir: Path = Path(tempfile.gettempdir())
+
+    @property
+    def drain_max_s(self) -> float:
+        return max(3.0, self.duration)
+
+    def deadline_s(self) -> float:
+        """Hard lifetime of a worker: start-up, warm-up, window, drain and some slack."""
+        return 30.0 + self.warmup + self.duration + self.drain_max_s
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=None,
+                        help="measured seconds per test (default 5, or 1 with --quick)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="discarded seconds before each window (default 1, 0.3 with --quick)")
+    parser.add_argument("--brokers", default=",".join(BROKER_NAMES),
+                        help="comma-separated brokers to compare (default: %(default)s)")
+    parser.add_argument("--only", default=",".join(TESTS),
+                        help="comma-separated tests to run (default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=None,
+                        help="connected clients for the RSS test (default 1000, 100 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: 1 s per test and 100 clients for RSS")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                        help="write the JSON report to PATH, or to stdout without PATH")
+    parser.add_argument("--log-dir", default=None,
+                        help="where broker and worker logs go (default: a temporary folder)")
+
+
+
+def _settings(args: argparse.Namespace, log_dir: Path) -> Settings:
+    quick = bool(args.quick)
+    return Settings(
+        duration=args.duration if args.duration is not None else (1.0 if quick else 5.0),
+        warmup=args.warmup if args.warmup is not None else (0.3 if quick else 1.0),
+        rss_clients=args.clients if args.clients is not None else (100 if quick else 1000),
+        log_dir=log_dir,
+    )
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _go(s: Settings) -> dict[str, Any]:
+    start = time.monotonic() + _GO_LEAD_S
+    warm_end = start + s.warmup
+    return {"cmd": "go", "start": start, "warm_end": warm_end, "stop": warm_end + s.duration}
+
+
+def _sleep_until(t: float) -> None:
+    delay = t - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    out = {}
+    for label, p in procs.items():
+        try:
+            t = p.cpu_times()
+            out[label] = t.user + t.system
+        except psutil.Error:
+            out[label] = math.nan
+    return out
+
+
+def _cpu_window(go: dict[str, Any], procs: dict[str, psutil.Process]) -> dict[str, Any]:
+    """CPU% of each process over the measured window, plus who (if anyone) saturates."""
+    _sleep_until(go["warm_end"])
+    t0, c0 = time.monotonic(), _cpu_seconds(procs)
+    _sleep_until(go["stop"])
+    t1, c1 = time.monotonic(), _cpu_seconds(procs)
+    pct = {k: round(100 * (c1[k] - c0[k]) / (t1 - t0), 1) for k in procs}
+    return {**pct, "saturates": _saturation(pct)}
+
+
+def _saturation(pct: dict[str, float]) -> str:
+    busiest = max(pct, key=lambda k: pct[k] if not math.isnan(pct[k]) else -1)
+    total = sum(v for v in pct.values() if not math.isnan(v))
+    cores = psutil.cpu_count() or 1
+    parts = []
+    if pct[busiest] >= _SATURATED_PCT:
+        parts.append(f"{busiest} ({pct[busiest]:.0f}% of a core)")
+    else:
+        parts.append(f"none (busiest: {busiest} {pct[busiest]:.0f}%)")
+    if total >= 0.9 * 100 * cores:
+        parts.append(f"all {cores} cores busy ({total:.0f}%)")
+    return "; ".join(parts)
+
+
+def _spec(role: str, b: RunningBroker, s: Settings, **kw: Any) -> dict[str, Any]:
+    return {"role": role, "host": HOST, "port": b.port, "deadline_s": s.deadline_s(),
+            "drain_max_s": s.drain_max_s, "drain_idle_s": 0.5, **kw}
+
+
+def _split(n: int, parts: int) -> list[int]:
+    parts = max(1, min(n, parts))
+    return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
+
+
+def _pubsub(b: RunningBroker, s: Settings, *, qos: int, subscribers: int = 1,
+            sub_processes: int = 1, rate: float | None = None) -> dict[str, Any]:
+    """One publisher process against subscriber process(es) on one topic."""
+    topic = "bench/t"
+    latency = rate is not None
+    workers: list[Worker] = []
+    try:
+        subs = []
+        for k, n in enumerate(_split(subscribers, sub_processes)):
+            # Only QoS 0 floods batch their reads: QoS 1 acks and latency need prompt reads.
+            interval = s.flood_read_interval_s if qos == 0 and not latency else 0.0
+            spec = _spec("sub", b, s, topic=topic, qos=qos, connections=n,
+                         client_id=f"bench-sub{k}", latency=latency, read_interval_s=interval)
+            subs.append(Worker(f"{b.name}-sub{k}", spec, s.log_dir))
+            workers.append(subs[-1])
+        for w in subs:
+            w.expect("ready", 30)
+        mode = "rate" if latency else ("flood" if qos == 0 else "window")
+        pub = Worker(f"{b.name}-pub", _spec("pub", b, s, topic=topic, qos=qos, mode=mode,
+                     window=s.window, rate=rate, client_id="bench-pub"), s.log_dir)
+        workers.append(pub)
+        pub.expect("ready", 30)
+        go = _go(s)
+        for w in workers:
+            w.send(go)
+        procs = {"broker": b.ps, "publisher": psutil.Process(pub.pid)}
+        for k, w in enumerate(subs):
+            procs["subscriber" if len(subs) == 1 else f"subscriber{k + 1}"] = psutil.Process(w.pid)
+        cpu = _cpu_window(go, procs)
+        wait = s.drain_max_s + 15
+        pub_res = pub.expect("result", wait)
+        sub_res = [w.expect("result", wait) for w in subs]
+    finally:
+        for w in workers:
+            w.stop()
+    unique = [u for r in sub_res for u in r["unique"]]
+    return {
+        "rate": sum(r["rate"] for r in sub_res),
+        "sent": pub_res["sent"],
+        "received": sum(r["received"] for r in sub_res),
+        "lost": sum(max(0, pub_res["sent"] - u) for u in unique),
+        "duplicates": sum(r["duplicates"] for r in sub_res),
+        "latency_ms": sub_res[0].get("latency_ms"),
+        "cpu": cpu,
+    }
+
+
+def _connect_rate(b: RunningBroker, s: Settings) -> dict[str, Any]:
+    workers = []
+    try:
+        for k in range(s.connect_processes):
+            spec = _spec("connsub", b, s, client_id=f"bench-cs{k}")
+            workers.append(Worker(f"{b.name}-connsub{k}", spec, s.log_dir))
+        for w in workers:
+            w.expect("ready", 30)
+        go = _go(s)
+        for w in workers:
+            w.send(go)
+        procs = {"broker": b.ps}
+        procs.update({f"client{k + 1}": psutil.Process(w.pid) for k, w in enumerate(workers)})
+        cpu = _cpu_window(go, procs)
+        res = [w.expect("result", s.drain_max_s + 15) for w in workers]
+    finally:
+        for w in workers:
+            w.stop()
+    return {"rate": sum(r["rate"] for r in res), "failures": sum(r["failures"] for r in res),
+            "errors": [e for r in res for e in r["errors"]][:3], "cpu": cpu}
+
+
+def _rss(b: RunningBroker, s: Settings) -> dict[str, Any]:
+    time.sleep(1.0)  # let start-up allocations settle before calling it idle
+    idle = b.rss_mb()
+    spec = _spec("hold", b, s, clients=s.rss_clients, client_id="bench-hold")
+    spec["deadline_s"] += 60 + s.rss_clients / 50
+    w = Worker(f"{b.name}-hold", spec, s.log_dir)
+    try:
+        ready = w.expect("ready", 60 + s.rss_clients / 50)
+        time.sleep(1.0)
+        loaded = b.rss_mb()
+        w.send({"cmd": "stop"})
+        res = w.expect("result", 30)
+    finally:
+        w.stop()
+    return {"idle_mb": idle, "loaded_mb": loaded, "connected": ready["connected"],
+            "alive_at_stop": res["alive_at_stop"], "errors": ready["errors"]}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench_one(name: str, s: Settings, tests: list[str]) -> dict[str, Any]:
+    """All requested tests against one broker, each on a fresh broker process."""
+    out: dict[str, Any] = {"available": True, "version": version_of(name), "cpu": {},
+                           "lost": {}, "errors": {}}
+    for test in tests:
+        try:
+            b = start_broker(name, s.log_dir / name)
+        except BrokerUnavailable as exc:
+            if test == tests[0]:
+                _log(f"[{name}] unavailable: {exc}")
+                return {"available": False, "reason": str(exc), "version": out["version"]}
+            out["errors"][test] = f"broker did not start: {exc}"
+            continue
+        try:
+            _run_test(name, test, b, s, out)
+        except Exception as exc:
+            out["errors"][test] = f"{type(exc).__name__}: {exc}"
+            _log(f"[{name}] {test}: FAILED {out['errors'][test]}")
+        finally:
+            if not b.alive():
+                out["errors"].setdefault(test, f"broker exited with code {b.proc.returncode}")
+            b.stop()
+    if not out["errors"]:
+        del out["errors"]
+    return out
+
+
+def _run_test(name: str, test: str, b: RunningBroker, s: Settings, out: dict[str, Any]) -> None:
+    if test == "qos0":
+        r = _pubsub(b, s, qos=0)
+        out["qos0_msg_s"], out["lost"]["qos0"], out["cpu"]["qos0"] = r["rate"], r["lost"], r["cpu"]
+        _log(f"[{name}] qos0: {r['rate']:,.0f} msg/s, lost {r['lost']}; "
+             f"saturates: {r['cpu']['saturates']}")
+    elif test == "qos1":
+        r = _pubsub(b, s, qos=1)
+        out["qos1_msg_s"], out["lost"]["qos1"], out["cpu"]["qos1"] = r["rate"], r["lost"], r["cpu"]
+        out["qos1_duplicates"] = r["duplicates"]
+        _log(f"[{name}] qos1: {r['rate']:,.0f} msg/s, lost {r['lost']}; "
+             f"saturates: {r['cpu']['saturates']}")
+    elif test == "fanout":
+        r = _pubsub(b, s, qos=0, subscribers=s.fanout_subscribers,
+                    sub_processes=s.fanout_processes)
+        out["fanout_deliveries_s"], out["cpu"]["fanout"] = r["rate"], r["cpu"]
+        out["lost"]["fanout"] = r["lost"]
+        _log(f"[{name}] fanout: {r['rate']:,.0f} deliveries/s; "
+             f"saturates: {r['cpu']['saturates']}")
+    elif test == "latency":
+        r = _pubsub(b, s, qos=0, rate=s.latency_rate)
+        out["latency_ms"], out["lost"]["latency"] = r["latency_ms"], r["lost"]
+        out["cpu"]["latency"] = r["cpu"]
+        lat = r["latency_ms"]
+        _log(f"[{name}] latency: p50 {lat['p50']:.3f} p99 {lat['p99']:.3f} "
+             f"max {lat['max']:.3f} ms ({lat['samples']} samples)")
+    elif test == "connect":
+        r = _connect_rate(b, s)
+        out["connect_subscribe_s"], out["cpu"]["connect"] = r["rate"], r["cpu"]
+        if r["failures"]:
+            out["connect_failures"] = {"count": r["failures"], "examples": r["errors"]}
+        _log(f"[{name}] connect+subscribe: {r['rate']:,.0f}/s ({r['failures']} failures); "
+             f"saturates: {r['cpu']['saturates']}")
+    elif test == "rss":
+        r = _rss(b, s)
+        out["rss_idle_mb"], out["rss_1000_clients_mb"] = r["idle_mb"], r["loaded_mb"]
+        out["rss_delta_mb"] = r["loaded_mb"] - r["idle_mb"]
+        out["rss_clients"] = r["connected"]
+        if r["connected"] < s.rss_clients or r["alive_at_stop"] < r["connected"]:
+            out["errors"]["rss"] = (f"{r['connected']}/{s.rss_clients} connected, "
+                                    f"{r['alive_at_stop']} alive at the end: {r['errors']}")
+        _log(f"[{name}] rss: idle {r['idle_mb']:.1f} MB, {r['connected']} clients "
+             f"{r['loaded_mb']:.1f} MB")
+
+
+# --------------------------------------------------------------------------- reporting
+
+# figure key -> (higher is better, how it is read from a broker's results)
+_GOALS: dict[str, bool] = {
+    "qos0_msg_s": True,
+    "qos1_msg_s": True,
+    "fanout_deliveries_s": True,
+    "latency_p99_ms": False,
+    "connect_subscribe_s": True,
+    "rss_delta_mb": False,
+}
+
+
+def _figure(res: dict[str, Any], key: str) -> float | None:
+    if key.startswith("latency_"):
+        lat = res.get("latency_ms") or {}
+        return lat.get(key.removeprefix("latency_").removesuffix("_ms"))
+    value = res.get(key)
+    return value if isinstance(value, int | float) else None
+
+
+def _goals(brokers: dict[str, Any]) -> dict[str, Any]:
+    """qmig should do at least as well as amqtt, the other Python broker, on every figure."""
+    q, a = brokers.get("qmig", {}), brokers.get("amqtt", {})
+    goals: dict[str, Any] = {}
+    for key, higher in _GOALS.items():
+        qv, av = _figure(q, key), _figure(a, key)
+        ratio = qv / av if qv is not None and av else None
+        met = None if ratio is None else (ratio >= 1.0 if higher else ratio <= 1.0)
+        goals[key] = {"target": f"qmig {'>=' if higher else '<='} amqtt", "qmig": qv,
+                      "amqtt": av, "ratio": ratio, "met": met}
+    lost = (q.get("lost") or {}).get("qos1")
+    goals["qos1_lost"] = {"target": "0", "qmig": lost, "met": None if lost is None else lost == 0}
+    return goals
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": model,
+        "logical_cpus": psutil.cpu_count(),
+        "physical_cpus": psutil.cpu_count(logical=False),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+_ROWS: list[tuple[str, str, str]] = [
+    # label, figure key, format
+    ("QoS 0 msg/s (1→1)", "qos0_msg_s", "{:,.0f}"),
+    ("QoS 1 msg/s (1→1, window 100)", "qos1_msg_s", "{:,.0f}"),
+    ("Fan-out deliveries/s (1→10)", "fanout_deliveries_s", "{:,.0f}"),
+    ("Latency p50 ms (200 msg/s)", "latency_p50_ms", "{:.3f}"),
+    ("Latency p99 ms", "latency_p99_ms", "{:.3f}"),
+    ("Latency max ms", "latency_max_ms", "{:.3f}"),
+    ("Connect+subscribe /s", "connect_subscribe_s", "{:,.0f}"),
+    ("RSS idle MB", "rss_idle_mb", "{:.1f}"),
+    ("RSS with N clients MB", "rss_1000_clients_mb", "{:.1f}"),
+    ("RSS delta MB", "rss_delta_mb", "{:.1f}"),
+]
+
+
+def render_table(report: dict[str, Any], file: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = list(report["brokers"])
+    table = Table(title=f"qmig bench broker — {report['duration_s']:g} s per test, "
+                        f"{report['machine']['logical_cpus']} CPUs")
+    table.add_column("figure")
+    for n in names:
+        table.add_column(n, justify="right")
+    show_ratio = "qmig" in names and "amqtt" in names
+    if show_ratio:
+        table.add_column("qmig/amqtt", justify="right")
+    res = report["brokers"]
+
+    def cell(n: str, key: str, fmt: str) -> str:
+        if not res[n].get("available", False):
+            return "—"
+        v = _figure(res[n], key)
+        return "n/a" if v is None else fmt.format(v)
+
+    table.add_row("status", *[("ok" if res[n].get("available") else
+                               f"unavailable: {res[n].get('reason', '')}") for n in names],
+                  *([""] if show_ratio else []))
+    for label, key, fmt in _ROWS:
+        ratio = ""
+        if show_ratio:
+            qv, av = _figure(res["qmig"], key), _figure(res["amqtt"], key)
+            ratio = f"{qv / av:.2f}x" if qv is not None and av else "n/a"
+        if key == "rss_1000_clients_mb":
+            clients = {res[n].get("rss_clients") for n in names if res[n].get("available")}
+            label = f"RSS with {'/'.join(str(c) for c in clients if c) or 'N'} clients MB"
+        table.add_row(label, *[cell(n, key, fmt) for n in names], *([ratio] if show_ratio else []))
+    table.add_row("Lost qos0 / qos1 / latency", *[
+        " / ".join(str((res[n].get("lost") or {}).get(t, "-")) for t in ("qos0", "qos1", "latency"))
+        if res[n].get("available") else "—" for n in names], *([""] if show_ratio else []))
+    for test in ("qos0", "qos1", "fanout", "connect"):
+        cpus = [(res[n].get("cpu") or {}).get(test) for n in names]
+        if not any(cpus):
+            continue
+        table.add_row(f"CPU % {test} (broker/loadgen)", *[_cpu_cell(c) for c in cpus],
+                      *([""] if show_ratio else []))
+        table.add_row(f"  {test} saturates", *[(c or {}).get("saturates", "—") for c in cpus],
+                      *([""] if show_ratio else []))
+    Console(file=file, width=max(120, 40 + 28 * len(names))).print(table)
+    errors = {n: r["errors"] for n, r in res.items() if r.get("errors")}
+    for n, errs in errors.items():
+        for test, msg in errs.items():
+            print(f"{n} {test}: {msg}", file=file)
+
+
+def _cpu_cell(cpu: dict[str, Any] | None) -> str:
+    if not cpu:
+        return "—"
+    loadgen = [f"{v:.0f}" for k, v in cpu.items() if k not in ("broker", "saturates")]
+    return f"{cpu['broker']:.0f} / {'+'.join(loadgen)}"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run(args: argparse.Namespace) -> int:
+    brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    tests = [t.strip() for t in args.only.split(",") if t.strip()]
+    bad = [b for b in brokers if b not in BROKER_NAMES] + [t for t in tests if t not in TESTS]
+    if bad or not brokers or not tests:
+        print(f"unknown or missing broker/test names: {bad}; brokers: {BROKER_NAMES}, "
+              f"tests: {TESTS}", file=sys.stderr)
+        return 2
+    tmp = None
+    if args.log_dir:
+        log_dir = Path(args.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="qmig-bench-")
+        log_dir = Path(tmp.name)
+    s = _settings(args, log_dir)
+    # Children (brokers, workers) inherit this limit: 1,000 clients need >1,000 descriptors.
+    raise_nofile(2 * s.rss_clients + 1024)
+    machine = machine_info()
+    results: dict[str, Any] = {}
+    try:
+        for name in brokers:
+            _log(f"[{name}] benchmarking: {', '.join(tests)}")
+            results[name] = bench_one(name, s, tests)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    report = {
+        "machine": machine,
+        "duration_s": s.duration,
+        "warmup_s": s.warmup,
+        "settings": {"rss_clients": s.rss_clients, "fanout_subscribers": s.fanout_subscribers,
+                     "qos1_window": s.window, "latency_rate_msg_s": s.latency_rate,
+                     "connect_concurrency": s.connect_processes,
+                     "payload_bytes": 64, "protocol": "MQTT 3.1.1"},
+        "brokers": results,
+        "goals": _goals(results),
+    }
+    text = json.dumps(_finite(report), indent=2, allow_nan=False)
+    if args.json == "-":
+        render_table(report, sys.stderr)
+        print(text)
+    else:
+        if args.json:
+            Path(args.json).write_text(text + "\n")
+        render_table(report, sys.stdout)
+    return 0 if any(r.get("available") for r in results.values()) else 1
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null, so the report stays strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qmig bench broker", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
