@@ -79,6 +79,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=bench_broker.run)
 
 
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+    from client import bridge
+    from client.cli import add_pub_arguments, add_sub_arguments, run_pub, run_sub
+
+    p = sub.add_parser("pub", add_help=False, help="publish (mosquitto_pub flags, QUIC default)")
+    add_pub_arguments(p)
+    p.set_defaults(handler=run_pub)
+    p = sub.add_parser("sub", add_help=False, help="subscribe (mosquitto_sub flags, QUIC default)")
+    add_sub_arguments(p)
+    p.set_defaults(handler=run_sub)
+    p = sub.add_parser("bridge", help="carry plain MQTT clients from local TCP over QUIC")
+    bridge.add_arguments(p)
+    p.set_defaults(handler=bridge.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; exposed for tests and shell completion."""
     parser = argparse.ArgumentParser(
@@ -106,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--password", default=None, help="password (prompted if omitted)")
     p.set_defaults(handler=_cmd_passwd)
 
+    _add_client_commands(sub)
     _add_bench(sub)
 
     p = sub.add_parser("demo", help="run the cross-transport demo")

@@ -1,0 +1,164 @@
+"""``qmig bridge``: plain MQTT over local TCP in, one QUIC connection per client out.
+
+Any MQTT client (paho, mosquitto_pub/sub, device firmware behind a gateway) connects to the
+bridge over TCP; the bridge opens a QUIC connection to the broker for it and copies bytes
+both ways without parsing MQTT.  The QUIC leg is what survives address changes, so a plain
+client behind the bridge keeps its session when the broker (or the gateway) moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from .transports import ByteStream, open_stream
+
+log = logging.getLogger("qmig.bridge")
+
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest else default_port
+    host, _, port = text.rpartition(":")
+    if not host:
+        return text, default_port
+    return host, int(port)
+
+
+class BridgedClient(asyncio.Protocol):
+    """One local TCP client and its QUIC leg to the broker."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.tcp: asyncio.Transport | None = None
+        self.quic: ByteStream | None = None
+        self.closer: object = None
+        self.backlog: list[bytes] = []
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.tcp = transport
+        self.tcp.pause_reading()  # until the QUIC leg is up
+        task = asyncio.get_running_loop().create_task(self._open())
+        self.bridge.tasks.add(task)
+        task.add_done_callback(self.bridge.tasks.discard)
+
+    async def _open(self) -> None:
+        b = self.bridge
+        try:
+            self.quic, self.closer = await open_stream(
+                "quic", b.host, b.port, self._from_broker, self._broker_lost, b.cafile,
+                b.insecure,
+            )  # fmt: skip
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            log.warning("cannot reach broker %s:%s over QUIC: %s", b.host, b.port, exc)
+            self.close()
+            return
+        if self.closed:
+            self.quic.close()
+            return
+        for chunk in self.backlog:
+            self.quic.write(chunk)
+        self.backlog.clear()
+        assert self.tcp is not None
+        self.tcp.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.quic is None:
+            self.backlog.append(data)
+        else:
+            self.quic.write(data)
+
+    def _from_broker(self, data: bytes) -> None:
+        if self.tcp is not None and not self.tcp.is_closing():
+            self.tcp.write(data)
+
+    def _broker_lost(self, exc: Exception | None) -> None:
+        log.info("broker side closed%s", f": {exc}" if exc else "")
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.tcp is not None:
+            self.tcp.close()
+        if self.quic is not None:
+            self.quic.close()
+        self.bridge.clients.discard(self)
+
+
+class Bridge:
+    def __init__(
+        self, host: str, port: int, cafile: str | None = None, insecure: bool = False
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.cafile = cafile
+        self.insecure = insecure
+        self.clients: set[BridgedClient] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.AbstractServer | None = None
+
+    def _accept(self) -> BridgedClient:
+        client = BridgedClient(self)
+        self.clients.add(client)
+        return client
+
+    async def start(self, listen_host: str, listen_port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self._accept, listen_host, listen_port)
+        sockname = self.server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for client in list(self.clients):
+            client.close()
+        await asyncio.sleep(0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="127.0.0.1:1884", metavar="HOST:PORT",
+                        help="local TCP address for plain MQTT clients (default 127.0.0.1:1884)")
+    parser.add_argument("--to", required=True, metavar="HOST:PORT",
+                        help="the broker's QUIC address (port default 14567)")
+    parser.add_argument("--cafile", default=None, help="CA certificate of the broker")
+    parser.add_argument("--insecure", action="store_true", help="do not verify the broker")
+    parser.add_argument("--log-level", default="INFO")  # fmt: skip
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    host, port = parse_hostport(args.to, 14567)
+    bridge = Bridge(host, port, args.cafile, args.insecure)
+    lhost, lport = parse_hostport(args.listen, 1884)
+    bound = await bridge.start(lhost, lport)
+    print(f"qmig bridge: listening tcp {bound[0]}:{bound[1]} -> quic {host}:{port}; ready",
+          file=sys.stderr, flush=True)  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await bridge.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="qmig bridge: %(message)s")
+    try:
+        asyncio.run(_serve(args))
+    except OSError as exc:
+        print(f"qmig bridge: {exc}", file=sys.stderr)
+        return 1
+    return 0
