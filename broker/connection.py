@@ -13,8 +13,9 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from mqttproto.codec import PacketReader, encode, encode_publish
-from mqttproto.errors import MQTTError, ProtocolError
+from mqttproto.errors import MQTTError, ProtocolError, UnsupportedProtocolVersion
 from mqttproto.packets import (
+    MQTT_3_1_1,
     MQTT_5,
     Auth,
     Connack,
@@ -79,7 +80,11 @@ class BrokerConnection:
         self.closing = False
         self.close_reason: int | None = None
         self.disconnected_cleanly = False
+        # Set when the broker sends the client elsewhere (migration): its will waits this
+        # long for the client to reconnect before it is published.
+        self.will_grace = 0.0
         self.io: Any = None  # the I/O layer's handle for this connection
+        self._warned: set[str] = set()
         self._out: list[bytes] = []
 
     def __repr__(self) -> str:
@@ -89,6 +94,16 @@ class BrokerConnection:
     def receive_data(self, data: bytes) -> None:
         """Handle bytes from the network; errors close this connection, never raise."""
         if self.closing:
+            return
+        if (
+            self.state is State.AWAIT_CONNECT
+            and data
+            and data[0] != 0x10
+            and not self.reader.buffered
+        ):
+            # MQTT-3.1.0-1: the first byte already shows this is not a CONNECT; do not wait
+            # (up to the CONNECT timeout) for the rest of something that is not MQTT.
+            self.protocol_violation(ProtocolError("the first packet must be CONNECT"))
             return
         try:
             packets = self.reader.feed(data)
@@ -156,6 +171,12 @@ class BrokerConnection:
         self.closing = True
         self.broker.mark_dirty(self)
 
+    def warn_once(self, key: str, message: str, *args: Any) -> None:
+        """Log a condition at INFO the first time on this connection, at DEBUG after that."""
+        level = logging.DEBUG if key in self._warned else logging.INFO
+        self._warned.add(key)
+        log.log(level, message, *args)
+
     def protocol_violation(self, exc: MQTTError) -> None:
         log.info(
             "closing %s (%s): %s [reason %#04x]",
@@ -165,6 +186,16 @@ class BrokerConnection:
             exc.reason_code,
         )
         self.broker.stats.protocol_errors += 1
+        if isinstance(exc, UnsupportedProtocolVersion) and self.state is State.AWAIT_CONNECT:
+            # MQTT-3.1.2-2 (3.1.1 and 5.0): CONNACK return code 1 / reason 0x84, then close.
+            # The level was refused, so answer in the format of the nearest one known.
+            level = exc.protocol_level or 0
+            version = MQTT_5 if level >= MQTT_5 else MQTT_3_1_1
+            self.send_bytes(encode(Connack(False, exc.reason_code), version))
+            self.closing = True
+            self.close_reason = exc.reason_code
+            self.broker.mark_dirty(self)
+            return
         if self.state is State.AWAIT_CONNECT and self.version:
             # A CONNECT that failed validation after its header was read.
             self.send(Connack(False, exc.reason_code))
@@ -223,11 +254,13 @@ class BrokerConnection:
         self.session = session
         self.send(Connack(present, ReasonCode.SUCCESS, connack_props))
         # MQTT-4.4.0-1: resend unacknowledged PUBLISH (DUP) and PUBREL on session resume.
-        for delivery in session.inflight.values():
+        for pid, delivery in list(session.inflight.items()):
             if delivery.state == AWAIT_PUBCOMP:
                 self.send_bytes(encode(Pubrel(delivery.packet_id), self.version))
-            else:
-                self._transmit(delivery, dup=True)
+            elif not self._transmit(delivery, dup=True):
+                # Too big for the client's new Maximum Packet Size: discarded as if
+                # delivered (MQTT-3.1.2-25) instead of holding an in-flight slot forever.
+                del session.inflight[pid]
         self.pump()
 
     def _on_disconnect(self, packet: Disconnect) -> None:
@@ -239,7 +272,8 @@ class BrokerConnection:
                     raise ProtocolError("session expiry set on DISCONNECT after 0 in CONNECT")
                 session.expiry_interval = self.broker.cap_expiry(expiry)
         # MQTT-3.14.4-3: a normal DISCONNECT discards the will; 0x04 asks for it.
-        self.disconnected_cleanly = packet.reason_code != ReasonCode.DISCONNECT_WITH_WILL
+        # MQTT-3.1.2-10: only reason 0x00 deletes the will; any other reason publishes it.
+        self.disconnected_cleanly = packet.reason_code == ReasonCode.SUCCESS
         self.closing = True
         self.broker.mark_dirty(self)
 
@@ -383,6 +417,13 @@ class BrokerConnection:
             else:
                 session.dropped += 1
                 self.broker.stats.dropped += 1
+                self.warn_once(
+                    "paused",
+                    "client %s (%s) is not reading: dropping QoS 0 messages while its output"
+                    " is paused",
+                    self.client_id,
+                    self.transport,
+                )
             return
         if (
             self.writable
@@ -427,6 +468,7 @@ class BrokerConnection:
         retain = delivery.retain
         topic = message.topic
         props = message.properties
+        new_alias = 0
         if v5 and (
             props
             or delivery.subscription_ids
@@ -445,9 +487,10 @@ class BrokerConnection:
                     topic = ""
                     props[P.TOPIC_ALIAS] = alias
                 elif len(self.out_aliases) < self.client_alias_max:
-                    alias = len(self.out_aliases) + 1
-                    self.out_aliases[message.topic] = alias
-                    props[P.TOPIC_ALIAS] = alias
+                    # Assigned only once the PUBLISH is known to be sent (below): a
+                    # discarded one must not teach us an alias the client never saw.
+                    new_alias = len(self.out_aliases) + 1
+                    props[P.TOPIC_ALIAS] = new_alias
             data = encode_publish(
                 topic, message.payload, qos, retain, dup, delivery.packet_id or None, props, 5
             )
@@ -469,6 +512,8 @@ class BrokerConnection:
             # MQTT-3.1.2-25: discard as if delivered rather than exceed the client's limit.
             self.broker.stats.dropped += 1
             return False
+        if new_alias:
+            self.out_aliases[message.topic] = new_alias
         self.send_bytes(data)
         self.broker.stats.messages_sent += 1
         return True

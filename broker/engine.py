@@ -18,7 +18,7 @@ from mqttproto.errors import MQTTError, ProtocolError
 from mqttproto.packets import MQTT_5, Connect, Publish, Subscribe, Will
 from mqttproto.properties import PropertyId
 from mqttproto.reasons import ReasonCode
-from mqttproto.topics import parse_shared, validate_topic_filter
+from mqttproto.topics import parse_shared, validate_topic_filter, validate_topic_name
 
 from .auth import Authenticator
 from .config import BrokerConfig
@@ -101,6 +101,17 @@ class Broker:
             reason = ReasonCode.SERVER_MOVED if permanent else ReasonCode.USE_ANOTHER_SERVER
             conn._refuse(reason, f"redirected to {reference}", {P.SERVER_REFERENCE: reference})
             return
+        will = packet.will
+        if will is not None:
+            try:
+                validate_topic_name(will.topic)  # MQTT-3.1.3-11: a topic name, no wildcards
+            except MQTTError as exc:
+                if v5:
+                    conn._refuse(ReasonCode.TOPIC_NAME_INVALID, f"will {exc.message}")
+                else:  # 3.1.1 has no return code for it: close (section 4.8 of 3.1.1)
+                    log.info("closing %s (%s): will %s", conn.peer, conn.transport, exc.message)
+                    conn.close()
+                return
         if not self.auth.check_password(packet.username, packet.password):
             conn._refuse(ReasonCode.BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
             return
@@ -145,18 +156,27 @@ class Broker:
                 connack[P.TOPIC_ALIAS_MAXIMUM] = self.config.topic_alias_maximum
         else:
             conn.send_quota = self.config.max_inflight_messages
-        # A pending delayed will of a previous connection is cancelled (MQTT-3.1.3-9).
-        self._wills.pop(client_id, None)
+        # A pending delayed will of a previous connection is cancelled by a connection that
+        # resumes the session (MQTT-3.1.3-9); Clean Start ends that session, and a will
+        # waits at most until its session ends, so then it is sent now.
+        pending_will = self._wills.pop(client_id, None)
+        if pending_will is not None and packet.clean_start:
+            self._publish_will(client_id, pending_will[1], pending_will[2])
         session = self.store.get_session(client_id)
         if session is not None and session.connection is not None:
             old = session.connection
             log.info("client %s taken over by a new connection from %s", client_id, conn.peer)
             old.close(ReasonCode.SESSION_TAKEN_OVER)  # MQTT-3.1.4-3
-            self._connection_gone(old, clean=False, takeover=True)
+            # A DISCONNECT 0x00 already received on it still discards its will.
+            self._connection_gone(
+                old, old.disconnected_cleanly, takeover=True, resumed=not packet.clean_start
+            )
         present = False
+        # A connected session never expires; and a session discarded by Clean Start must
+        # not leave its timer behind to end the new one.
+        self._expiring.pop(client_id, None)
         if session is not None and not packet.clean_start:
             present = True  # MQTT-3.2.2-3
-            self._expiring.pop(client_id, None)
         else:
             if session is not None:
                 self.store.remove_session(client_id)  # MQTT-3.1.2-4
@@ -183,7 +203,9 @@ class Broker:
         self._dirty.discard(conn)
         self._connection_gone(conn, clean, takeover=False)
 
-    def _connection_gone(self, conn: BrokerConnection, clean: bool, takeover: bool) -> None:
+    def _connection_gone(
+        self, conn: BrokerConnection, clean: bool, takeover: bool, resumed: bool = False
+    ) -> None:
         session = conn.session
         if session is None or session.connection is not conn:
             return
@@ -194,10 +216,16 @@ class Broker:
         if will is not None and not clean:
             delay = will.properties.get(P.WILL_DELAY_INTERVAL, 0) if conn.version == MQTT_5 else 0
             delay = min(delay, session.expiry_interval)
+            if conn.will_grace and session.expiry_interval:
+                # Sent away on purpose (server moved): the client is expected back, so
+                # its will waits for it rather than announcing it gone.
+                delay = max(delay, min(conn.will_grace, session.expiry_interval))
             if delay and not takeover:
                 self._wills[session.client_id] = (now + delay, will, session.username)
-            else:
+            elif not (delay and resumed):
                 self._publish_will(session.client_id, will, session.username)
+            # else: taken over by a connection that resumes the session before the will
+            # delay elapsed, so the will is not sent (MQTT-3.1.3-9, MQTT-3.1.2-8).
         if takeover:
             return
         if session.expiry_interval == 0:
@@ -215,6 +243,8 @@ class Broker:
         self.store.remove_session(client_id)
 
     def _publish_will(self, client_id: str, will: Will, username: str | None) -> None:
+        if will.topic.startswith("$SYS"):
+            return  # clients cannot publish to $SYS, by will no more than by PUBLISH
         if self._acl and not self.auth.can_publish(client_id, username, will.topic):
             return
         props = {k: v for k, v in will.properties.items() if k != P.WILL_DELAY_INTERVAL}
@@ -364,6 +394,7 @@ class Broker:
         codes: list[int] = []
         retained: list[Delivery] = []
         limit = self.config.max_subscriptions_per_client
+        refused = 0
         for sub in packet.subscriptions:
             topic_filter = sub.topic_filter
             try:
@@ -381,6 +412,7 @@ class Broker:
                 continue
             if topic_filter not in session.subscriptions and len(session.subscriptions) >= limit:
                 codes.append(ReasonCode.QUOTA_EXCEEDED)
+                refused += 1
                 continue
             opts = SubOptions(
                 sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling, sub_id
@@ -400,6 +432,14 @@ class Broker:
                     retained.append(Delivery(message, min(message.qos, sub.qos), True, ids))
         if not v5 and len(codes) != len(packet.subscriptions):  # pragma: no cover
             raise ProtocolError("internal: SUBACK does not match SUBSCRIBE")
+        if refused:
+            conn.warn_once(
+                "subscriptions",
+                "client %s reached its limit of %d subscriptions: refused %d topic filters",
+                conn.client_id,
+                limit,
+                refused,
+            )
         conn.send_suback(packet.packet_id, codes)
         now = self.now()
         for delivery in retained:
@@ -415,15 +455,19 @@ class Broker:
         transports: Iterable[str],
         reason: int = ReasonCode.SERVER_MOVED,
         server_reference: str | None = None,
+        will_grace: float = 30.0,
     ) -> int:
         """Close every connection of the given transports, telling MQTT 5 clients where to go.
 
         Sessions stay: after a migration the clients resume them at ``server_reference``.
+        Their wills wait ``will_grace`` seconds (capped by the session expiry) for them to
+        come back, so a planned move does not announce every device as gone.
         """
         wanted = set(transports)
         closed = 0
         for conn in list(self.connections):
             if conn.transport in wanted and not conn.closing:
+                conn.will_grace = will_grace
                 conn.close(reason, server_reference)
                 closed += 1
         return closed

@@ -8,10 +8,12 @@ transport calls ``on_data`` with received bytes and ``on_lost`` once when it is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
 import ssl
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
@@ -21,6 +23,8 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
 
 IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
+# Linux: queue ICMP errors (port unreachable) on unconnected UDP sockets too (ip(7), ipv6(7)).
+_RECVERR = ((socket.IPPROTO_IP, 11), (socket.IPPROTO_IPV6, 25)) if sys.platform == "linux" else ()
 ALPN = "mqtt"
 TRANSPORTS = ("quic", "tcp", "tls", "mptcp")
 DEFAULT_PORTS = {"quic": 14567, "tcp": 1883, "tls": 8883, "mptcp": 1885}
@@ -72,8 +76,36 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         self.on_data: DataCallback = lambda data: None
         self.on_lost: LostCallback = lambda exc: None
         self.stream_id: int | None = None
+        self.close_reason = ""  # why the connection was terminated, for error messages
         self._lost = False
         self._transmit_soon = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Without this a handshake with no listener behind the port waits for the timeout.
+        sock = transport.get_extra_info("socket")
+        for level, option in _RECVERR if sock is not None else ():
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, 1)
+
+    def error_received(self, exc: Exception) -> None:
+        """An ICMP error (e.g. port unreachable) during the handshake fails the connect."""
+        waiter = self._connected_waiter
+        if waiter is not None and not waiter.done():
+            self._connected_waiter = None
+            self.close_reason = str(exc)
+            waiter.set_exception(exc)
+
+    async def wait_connected(self) -> None:
+        try:
+            await super().wait_connected()
+        except asyncio.CancelledError:
+            # aioquic shields its waiter: once the close ends the handshake it gets an
+            # exception no one awaits ("Future exception was never retrieved").
+            waiter = self._connected_waiter
+            if waiter is not None:
+                waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
 
     def start_stream(self) -> None:
         self.stream_id = self._quic.get_next_available_stream_id()
@@ -87,7 +119,8 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         elif isinstance(event, StreamReset) and event.stream_id == self.stream_id:
             self._gone(ConnectionResetError("QUIC stream reset by the broker"))
         elif isinstance(event, ConnectionTerminated):
-            self._gone(ConnectionError(f"QUIC connection closed: {event.reason_phrase}"))
+            self.close_reason = event.reason_phrase or f"error code {event.error_code:#x}"
+            self._gone(ConnectionError(f"QUIC connection closed: {self.close_reason}"))
 
     def _gone(self, exc: Exception | None) -> None:
         if not self._lost:
@@ -206,10 +239,20 @@ async def open_stream(
         return proto, None
     if transport == "quic":
         config = quic_configuration(cafile, insecure, server_name=host)
-        manager = quic_connect(
-            host, port, configuration=config, create_protocol=QuicStreamProtocol
-        )
-        proto = await asyncio.wait_for(manager.__aenter__(), timeout)
+        made: list[QuicStreamProtocol] = []
+
+        def create_protocol(*args, **kwargs) -> QuicStreamProtocol:  # type: ignore[no-untyped-def]
+            made.append(QuicStreamProtocol(*args, **kwargs))
+            return made[-1]
+
+        manager = quic_connect(host, port, configuration=config, create_protocol=create_protocol)
+        try:
+            proto = await asyncio.wait_for(manager.__aenter__(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no QUIC handshake within {timeout:g} s") from None
+        except ConnectionError as exc:
+            why = made[0].close_reason if made else ""
+            raise ConnectionError(f"QUIC handshake failed: {why or exc or 'closed'}") from exc
         proto.on_data = on_data
         proto.on_lost = on_lost
         proto.start_stream()

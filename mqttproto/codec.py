@@ -75,6 +75,28 @@ _CONNACK_FROM_311 = {
 # The only SUBACK return codes 3.1.1 defines (MQTT-3.9.3-2); they equal their MQTT 5 codes.
 _SUBACK_CODES_311 = frozenset({0x00, 0x01, 0x02, 0x80})
 
+# The MQTT 5 reason codes each packet type may carry (5.0 sections 3.2.2.2, 3.4.2.1, 3.5.2.1,
+# 3.6.2.1, 3.7.2.1, 3.9.3, 3.11.3, 3.14.2.1, 3.15.2.1; MQTT-3.2.2-8, -3.4.2-1, -3.5.2-1,
+# -3.6.2-1, -3.7.2-1, -3.9.3-1, -3.11.3-1, -3.14.2-1, -3.15.2-1).  Anything else is malformed.
+_PUB_ACK_REASONS = frozenset(bytes.fromhex("00 10 80 83 87 90 91 97 99"))
+_REASONS: dict[int, frozenset[int]] = {
+    PacketType.CONNACK: frozenset(
+        bytes.fromhex("00 80 81 82 83 84 85 86 87 88 89 8A 8C 90 95 97 99 9A 9B 9C 9D 9F")
+    ),
+    PacketType.PUBACK: _PUB_ACK_REASONS,
+    PacketType.PUBREC: _PUB_ACK_REASONS,
+    PacketType.PUBREL: frozenset({0x00, 0x92}),
+    PacketType.PUBCOMP: frozenset({0x00, 0x92}),
+    PacketType.SUBACK: frozenset(bytes.fromhex("00 01 02 80 83 87 8F 91 97 9E A1 A2")),
+    PacketType.UNSUBACK: frozenset(bytes.fromhex("00 11 80 83 87 8F 91")),
+    PacketType.DISCONNECT: frozenset(
+        bytes.fromhex(
+            "00 04 80 81 82 83 87 89 8B 8D 8E 8F 90 93 94 95 96 97 98 99 9A 9B 9C 9D 9E 9F A0 A1 A2"
+        )
+    ),
+    PacketType.AUTH: frozenset({0x00, 0x18, 0x19}),
+}
+
 
 # --------------------------------------------------------------------------- primitives
 
@@ -578,6 +600,8 @@ class PacketReader:
         if self.version == MQTT_5:
             if length > 2:
                 reason = buf[pos + 2]
+                if reason not in _REASONS[kind]:
+                    raise MalformedPacket(f"reason code {reason:#x} not valid in packet {kind}")
                 if length > 3:
                     props, stop = _decode_properties(buf, pos + 3, end, kind)
                     if stop != end:
@@ -594,13 +618,17 @@ class PacketReader:
         if pos + 4 > end:
             raise MalformedPacket("truncated CONNECT variable header")
         version = buf[pos]
+        refused = None
         if name not in (b"MQTT", b"MQIsdp"):
             # MQTT-3.1.2-1: the server MAY answer CONNACK 0x84 (Unsupported Protocol Version)
             # and MUST then close the connection; it must not go on reading it as MQTT.
-            raise UnsupportedProtocolVersion(f"unknown protocol name {name!r}")
-        if version not in (MQTT_3_1, MQTT_3_1_1, MQTT_5) or _PROTOCOL_NAMES[version] != name:
+            refused = UnsupportedProtocolVersion(f"unknown protocol name {name!r}")
+        elif version not in (MQTT_3_1, MQTT_3_1_1, MQTT_5) or _PROTOCOL_NAMES[version] != name:
             # MQTT-3.1.2-2: answer with CONNACK 0x84 / return code 1, then close.
-            raise UnsupportedProtocolVersion(f"unsupported protocol level {version}")
+            refused = UnsupportedProtocolVersion(f"unsupported protocol level {version}")
+        if refused is not None:
+            refused.protocol_level = version
+            raise refused
         flags = buf[pos + 1]
         keep_alive = _unpack_u16(buf, pos + 2)[0]
         pos += 4
@@ -651,6 +679,8 @@ class PacketReader:
         reason = buf[pos + 1]
         props: Properties = {}
         if self.version == MQTT_5:
+            if reason not in _REASONS[PacketType.CONNACK]:
+                raise MalformedPacket(f"reason code {reason:#x} not valid in CONNACK")
             props, stop = _decode_properties(buf, pos + 2, end, PacketType.CONNACK)
             if stop != end:
                 raise MalformedPacket("trailing bytes after CONNACK properties")
@@ -722,6 +752,8 @@ class PacketReader:
         props: Properties = {}
         if self.version == MQTT_5:
             props, pos = _decode_properties(buf, pos, end, kind)
+            if not _REASONS[kind].issuperset(buf[pos:end]):
+                raise MalformedPacket(f"reason code not valid in packet {kind}")
         elif kind == PacketType.UNSUBACK:
             if pos != end:
                 raise MalformedPacket("MQTT 3.1.1 UNSUBACK carries only a packet identifier")
@@ -743,10 +775,8 @@ class PacketReader:
         props: Properties = {}
         if end > pos:
             reason = buf[pos]
-            try:
-                ReasonCode(reason)
-            except ValueError as exc:
-                raise MalformedPacket(f"unknown reason code {reason:#x}") from exc
+            if reason not in _REASONS[kind]:
+                raise MalformedPacket(f"reason code {reason:#x} not valid in packet {kind}")
             if end > pos + 1:
                 props, stop = _decode_properties(buf, pos + 1, end, kind)
                 if stop != end:

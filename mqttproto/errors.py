@@ -34,3 +34,6 @@ class PacketTooLarge(MQTTError):
 
 class UnsupportedProtocolVersion(MQTTError):
     reason_code = ReasonCode.UNSUPPORTED_PROTOCOL_VERSION
+    # The Protocol Level byte of the refused CONNECT, so that a server can answer in the
+    # CONNACK format that client most likely reads (None when unknown).
+    protocol_level: int | None = None

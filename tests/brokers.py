@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 15.0
@@ -142,6 +144,7 @@ class BrokerProcess:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     argv: list[str] = field(default_factory=list)
+    stopped: bool = False  # True once stop() was called: not running is then expected
 
     @property
     def cafile(self) -> str:
@@ -172,6 +175,7 @@ class BrokerProcess:
 
     def start(self) -> BrokerProcess:
         last_error: Exception | None = None
+        self.stopped = False
         for attempt in range(3):  # a free port may be grabbed by someone else meanwhile
             self.tcp_port, self.tls_port = free_port(self.host), free_port(self.host)
             while self.tls_port == self.tcp_port:
@@ -195,9 +199,15 @@ class BrokerProcess:
             except BrokerStartError as exc:
                 last_error = exc
                 self.stop()
+                self.stopped = False
         raise BrokerStartError(f"{last_error}") from last_error
 
+    def crashed(self) -> bool:
+        """The process exited although nobody asked it to stop."""
+        return self.proc is not None and not self.stopped and self.proc.poll() is not None
+
     def stop(self) -> None:
+        self.stopped = True
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -246,6 +256,7 @@ class BrokerProcess:
             "--tcp-port", str(self.tcp_port),
             "--tls-port", str(self.tls_port),
             "--mptcp-port", "0",
+            "--quic-port", "0",  # default 14567/udp would clash between concurrent brokers
             "--cert", str(self.certs.server_cert),
             "--key", str(self.certs.server_key),
             "--sys-interval", "1",
@@ -322,3 +333,27 @@ def start_broker_process(
             raise UnsupportedOption(f"mosquitto fixture cannot map options {unsupported}")
     workdir.mkdir(parents=True, exist_ok=True)
     return BrokerProcess(kind=kind, workdir=workdir, certs=certs, extra=dict(extra)).start()
+
+
+class BrokerFactory:
+    """``start_broker(**extra)``: a dedicated broker for tests needing special config."""
+
+    def __init__(self, kind: str, certs: LabCerts, workdir: Path) -> None:
+        self.kind = kind
+        self.certs = certs
+        self.workdir = workdir
+        self.started: list[BrokerProcess] = []
+
+    def __call__(self, **extra: Any) -> BrokerProcess:
+        try:
+            proc = start_broker_process(
+                self.kind, self.workdir / f"b{len(self.started)}", self.certs, **extra
+            )
+        except UnsupportedOption as exc:
+            pytest.skip(f"{self.kind}: {exc}")
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            proc.stop()

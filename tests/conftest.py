@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,9 +20,9 @@ if _TESTS_DIR not in sys.path:  # make ``import brokers`` work however pytest im
     sys.path.insert(0, _TESTS_DIR)
 
 from brokers import (  # noqa: E402
+    BrokerFactory,
     BrokerProcess,
     LabCerts,
-    UnsupportedOption,
     broker_kind,
     make_certs,
     start_broker_process,
@@ -52,47 +51,6 @@ def broker(
         yield proc
     finally:
         proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def _session_broker_health(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Restart the shared broker if an earlier test crashed it; flag a crash during a test."""
-    if "broker" not in request.fixturenames:
-        yield
-        return
-    proc: BrokerProcess = request.getfixturevalue("broker")
-    if not proc.alive():
-        crashed_log = proc.log_path
-        proc.start()
-        print(f"shared broker was dead (log {crashed_log}); restarted: {proc.describe()}")
-    yield
-    if not proc.alive():
-        rc = proc.proc.returncode if proc.proc else None
-        pytest.fail(f"broker died during the test (exit {rc})\n{proc.log_tail(LOG_TAIL_LINES)}")
-
-
-class BrokerFactory:
-    """``start_broker(**extra)``: a dedicated broker for tests needing special config."""
-
-    def __init__(self, kind: str, certs: LabCerts, workdir: Path) -> None:
-        self.kind = kind
-        self.certs = certs
-        self.workdir = workdir
-        self.started: list[BrokerProcess] = []
-
-    def __call__(self, **extra: Any) -> BrokerProcess:
-        try:
-            proc = start_broker_process(
-                self.kind, self.workdir / f"b{len(self.started)}", self.certs, **extra
-            )
-        except UnsupportedOption as exc:
-            pytest.skip(f"{self.kind}: {exc}")
-        self.started.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.started:
-            proc.stop()
 
 
 @pytest.fixture

@@ -148,7 +148,8 @@ class FakeClient:
         props = dict(properties or {})
         if session_expiry is not None:
             props[P.SESSION_EXPIRY_INTERVAL] = session_expiry
-        self.send(Connect(client_id, self.version, clean_start, keep_alive, None, None, will, props))
+        connect = Connect(client_id, self.version, clean_start, keep_alive, None, None, will, props)
+        self.send(connect)
         return self.expect(Connack)
 
     def subscribe(

@@ -8,13 +8,18 @@ ids of MQTT 5.0 (or 3.1.1 where marked) are cited in names and docstrings.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from sansio import FakeClient, make_broker
 
 from broker.connection import State
+from broker.engine import Broker
 from mqttproto.codec import encode
 from mqttproto.packets import (
     MQTT_3_1_1,
     MQTT_5,
+    Connack,
     Connect,
     Disconnect,
     Pingreq,
@@ -33,13 +38,11 @@ from mqttproto.packets import (
 from mqttproto.properties import PropertyId
 from mqttproto.reasons import ReasonCode
 
-from sansio import FakeClient, make_broker
-
 P = PropertyId
 R = ReasonCode
 
 
-def connected(broker, client_id: str = "", version: int = MQTT_5, **kw) -> FakeClient:  # type: ignore[no-untyped-def]
+def connected(broker: Broker, client_id: str = "", version: int = MQTT_5, **kw: Any) -> FakeClient:
     client = FakeClient(broker, version)
     connack = client.connect(client_id, **kw)
     assert connack.reason_code == R.SUCCESS
@@ -515,7 +518,7 @@ def will(topic: str = "will/c", payload: bytes = b"gone", delay: int | None = No
     return Will(topic, payload, 1, False, props)
 
 
-def will_watcher(broker) -> FakeClient:  # type: ignore[no-untyped-def]
+def will_watcher(broker: Broker) -> FakeClient:
     watcher = connected(broker, "watcher")
     watcher.subscribe("will/#", qos=1)
     return watcher
@@ -548,6 +551,37 @@ def test_will_published_on_disconnect_with_will_0x04_mqtt_3_14_4_3() -> None:
     client.disconnect(R.DISCONNECT_WITH_WILL)
     assert client.closed
     assert [m.payload for m in watcher.publishes()] == [b"gone"]
+
+
+def test_will_published_on_disconnect_with_error_reason_mqtt_3_1_2_10() -> None:
+    """Only reason 0x00 deletes the will; a client DISCONNECT with 0x80 still publishes it."""
+    broker, _ = make_broker()
+    watcher = will_watcher(broker)
+    client = connected(broker, "c", will=will())
+    client.disconnect(R.UNSPECIFIED_ERROR)
+    assert client.closed
+    assert [m.payload for m in watcher.publishes()] == [b"gone"]
+
+
+def test_will_waits_for_client_sent_away_by_migration() -> None:
+    """disconnect_clients (server moved) holds wills back for the grace period."""
+    broker, clock = make_broker()
+    watcher = FakeClient(broker, transport="quic")  # QUIC clients are not sent away
+    watcher.connect("watcher")
+    watcher.subscribe("will/#", qos=1)
+    c = connected(broker, "c", will=will(), clean_start=False, session_expiry=300)
+    d = connected(broker, "d", will=will("will/d"), clean_start=False, session_expiry=300)
+    broker.disconnect_clients({"tcp"}, R.SERVER_MOVED, "198.18.2.2:1883", will_grace=10)
+    assert c.closed and d.closed
+    clock.advance(5)
+    broker.tick()
+    watcher.expect_nothing()
+    # "c" comes back in time: its will is never sent; "d" does not: its will goes out.
+    back = FakeClient(broker)
+    assert back.connect("c", clean_start=False, session_expiry=300).session_present
+    clock.advance(6)
+    broker.tick()
+    assert [m.topic for m in watcher.publishes()] == ["will/d"]
 
 
 def test_will_published_when_server_closes_on_protocol_error_mqtt_3_1_2_8() -> None:
@@ -1096,6 +1130,26 @@ def test_packet_before_connect_closes_silently_mqtt_3_1_0_1() -> None:
     assert client.packets() == [] and client.closed
 
 
+@pytest.mark.parametrize(
+    "first", [b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00\x01", b"\x30\x10"]
+)
+def test_first_byte_not_connect_closes_at_once_mqtt_3_1_0_1(first: bytes) -> None:
+    """HTTP, a TLS ClientHello or a PUBLISH header: no need to wait for a whole packet."""
+    broker, _ = make_broker()
+    client = FakeClient(broker)
+    client.send_raw(first)
+    assert client.packets() == [] and client.closed
+    assert broker.stats.protocol_errors == 1
+
+
+def test_connect_split_in_single_bytes_is_accepted() -> None:
+    broker, _ = make_broker()
+    client = FakeClient(broker)
+    for byte in encode(Connect("split", properties={P.SESSION_EXPIRY_INTERVAL: 5}), MQTT_5):
+        client.send_raw(bytes((byte,)))
+    assert client.expect(Connack).reason_code == R.SUCCESS
+
+
 def test_unsupported_protocol_level_connack_0x84_mqtt_3_1_2_2() -> None:
     broker, _ = make_broker()
     client = FakeClient(broker)
@@ -1192,3 +1246,63 @@ def test_take_dirty_lists_connections_with_output() -> None:
     b.publish("t", b"x")
     assert a.conn in broker.take_dirty()
     assert broker.take_dirty() == set()
+
+
+def test_clean_start_session_not_ended_by_old_session_expiry_mqtt_3_1_2_4() -> None:
+    """The expiry timer of a session discarded by Clean Start must not end its successor."""
+    broker, clock = make_broker()
+    connected(broker, "c", clean_start=False, session_expiry=10).disconnect()
+    client = connected(broker, "c", clean_start=True, session_expiry=100)
+    client.subscribe("t", qos=1)
+    clock.advance(11)
+    broker.tick()
+    session = broker.store.get_session("c")
+    assert session is not None and session.connection is client.conn
+    connected(broker, "pub").publish_acked("t", b"still-subscribed")
+    assert [m.payload for m in client.publishes()] == [b"still-subscribed"]
+
+
+@pytest.mark.parametrize("topic", ["will/#", "will/+/x"])
+def test_will_topic_with_wildcard_refused_v5_connack_0x90_mqtt_3_1_3_11(topic: str) -> None:
+    """The Will Topic is a topic name (MQTT-3.1.3-11), so wildcards are not allowed
+    (MQTT-4.7.0-1); otherwise subscribers would receive a PUBLISH they must reject."""
+    broker, _ = make_broker()
+    watcher = will_watcher(broker)
+    client = FakeClient(broker)
+    connack = client.connect("c", will=Will(topic, b"x"))
+    assert connack.reason_code == R.TOPIC_NAME_INVALID
+    assert client.closed
+    watcher.expect_nothing()
+    assert broker.store.get_session("c") is None
+
+
+def test_will_topic_with_wildcard_v311_closed_without_connack_mqtt_3_1_3_11() -> None:
+    broker, _ = make_broker()
+    watcher = will_watcher(broker)
+    client = FakeClient(broker, MQTT_3_1_1)
+    client.send(Connect("c", MQTT_3_1_1, will=Will("will/#", b"x")))
+    assert client.packets() == [] and client.closed
+    watcher.expect_nothing()
+
+
+def test_will_cannot_publish_to_sys() -> None:
+    """A client cannot write to $SYS by PUBLISH, and not through its will either."""
+    broker, _ = make_broker(sys_interval=10.0)
+    broker.tick()
+    client = connected(broker, "c", will=Will("$SYS/broker/version", b"forged", 0, True))
+    client.drop()
+    reader = connected(broker, "reader")
+    reader.subscribe("$SYS/broker/version")
+    assert [m.payload for m in reader.publishes()] == [b"qmig-test"]
+
+
+def test_takeover_after_normal_disconnect_does_not_send_will_mqtt_3_14_4_3() -> None:
+    """DISCONNECT 0x00 discards the will even if the new connection arrives before the
+    transport of the old one is closed (the I/O layer closes it asynchronously)."""
+    broker, _ = make_broker()
+    watcher = will_watcher(broker)
+    old = connected(broker, "c", will=will(), clean_start=False, session_expiry=60)
+    old.send(Disconnect())  # not yet polled: connection_lost has not happened
+    connected(broker, "c", clean_start=False, session_expiry=60)
+    old.poll()
+    watcher.expect_nothing()

@@ -132,6 +132,7 @@ class _Conn(asyncio.Protocol):
         for fut in (self.connack, self.suback):
             if not fut.done():
                 fut.set_exception(ConnectionError(f"connection lost: {exc}"))
+                fut.exception()  # mark retrieved: nobody awaits SUBACK on a publisher
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -405,6 +406,7 @@ class _Control:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.go: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.stop: asyncio.Future[None] = loop.create_future()
+        self.sent: int | None = None
         self._buf = b""
         self._fd = sys.stdin.fileno()
         os.set_blocking(self._fd, False)
@@ -428,6 +430,8 @@ class _Control:
                 self.go.set_result(msg)
             elif msg.get("cmd") == "stop" and not self.stop.done():
                 self.stop.set_result(None)
+            elif msg.get("cmd") == "sent":
+                self.sent = int(msg["n"])
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -435,9 +439,21 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def _open(factory: Any, host: str, port: int, timeout: float) -> Any:
+async def _open(factory: Any, host: str, port: int, timeout: float, rcvbuf: int = 0) -> Any:
+    """Connect a Protocol; ``rcvbuf`` is set before connecting so the window scale fits it."""
     loop = asyncio.get_running_loop()
-    _, proto = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
+    if not rcvbuf:
+        _, proto = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
+        return proto
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+        _, proto = await loop.create_connection(factory, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return proto
 
 
@@ -448,7 +464,8 @@ async def _role_sub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
     interval = spec.get("read_interval_s", 0.0)
     conns: list[SubConn] = []
     for k in range(spec.get("connections", 1)):
-        conn = await _open(lambda: SubConn(latency, interval), spec["host"], spec["port"], 10)
+        conn = await _open(lambda: SubConn(latency, interval), spec["host"], spec["port"], 10,
+                           spec.get("rcvbuf", 0))
         await conn.handshake(f"{spec['client_id']}-{k}", spec["topic"], spec["qos"], 10)
         conns.append(conn)
     emit({"event": "ready"})
@@ -464,10 +481,13 @@ async def _role_sub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
     loop.call_at(go["warm_end"], snap, "warm")
     loop.call_at(go["stop"], snap, "stop")
     await asyncio.sleep(max(0.0, go["stop"] - loop.time()) + 0.01)
-    # Drain: keep receiving what the broker still has queued, until it goes quiet.
-    idle, drain_until = spec.get("drain_idle_s", 0.5), loop.time() + spec.get("drain_max_s", 5)
+    # Drain what the broker still has queued: until every connection has all the messages the
+    # publisher reports sent, or the broker goes quiet (real loss), or the cap.
+    idle, drain_until = spec.get("drain_idle_s", 1.0), loop.time() + spec.get("drain_max_s", 5)
     last, quiet_since = -1, loop.time()
     while loop.time() < drain_until:
+        if ctl.sent is not None and all(c.expected >= ctl.sent for c in conns):
+            break
         total = sum(c.received for c in conns)
         if total != last:
             last, quiet_since = total, loop.time()

@@ -10,6 +10,7 @@ purpose (it is the oracle, not the thing under test).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -167,7 +168,5 @@ class RawClient:
 
     def close(self) -> None:
         self.closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from brokers import BrokerFactory, BrokerProcess
 
-from brokers import BrokerProcess
-
-from .clients import V5, V311, ClientPool, topic_root, uid
+from .clients import V5, V311, ClientPool, skip_on_mosquitto, topic_root, uid
 from .rawmqtt import Will
 
 pytestmark = pytest.mark.interop
@@ -16,6 +15,10 @@ pytestmark = pytest.mark.interop
 VERSIONS = pytest.mark.parametrize("version", [V311, V5], ids=["v311", "v5"])
 
 
+@skip_on_mosquitto(
+    "deviates from MQTT-3.1.2-22: 2.0.11 checks keep-alive only every ~5 s, so a silent "
+    "keep-alive-1 client is closed after 5-6 s instead of within 1.5 s"
+)
 @VERSIONS
 def test_silent_client_disconnected_after_1_5_keepalive_mqtt_3_1_2_22(
     broker: BrokerProcess, clients: ClientPool, version: int
@@ -38,11 +41,11 @@ def test_silent_client_disconnected_after_1_5_keepalive_mqtt_3_1_2_22(
 
 
 def test_server_keep_alive_from_max_keepalive_v5_mqtt_3_2_2_21(
-    start_broker: object, clients: ClientPool
+    start_broker: BrokerFactory, clients: ClientPool
 ) -> None:
     """MQTT-3.2.2-21 / -22: with --max-keepalive 10 a client asking for 60 s gets Server Keep
     Alive 10 in CONNACK; one asking for 5 s keeps 5 (no larger Server Keep Alive)."""
-    broker = start_broker(max_keepalive=10)  # type: ignore[operator]
+    broker = start_broker(max_keepalive=10)
     greedy = clients.paho(broker, version=V5, keepalive=60)
     assert greedy.connack is not None
     assert greedy.connack.properties.get("ServerKeepAlive") == 10, greedy.connack
@@ -72,15 +75,15 @@ def test_client_maximum_packet_size_respected_mqtt_3_1_2_24_25(
     assert small_client.is_connected
 
 
-@pytest.mark.parametrize("version", [V311, V5], ids=["v311", "v5"])
+@VERSIONS
 def test_server_maximum_packet_size_mqtt_3_2_2_15(
-    start_broker: object, clients: ClientPool, version: int
+    start_broker: BrokerFactory, clients: ClientPool, version: int
 ) -> None:
     """MQTT 5 §3.2.2.3.6 / MQTT-3.2.2-15 / §4.13: the server announces Maximum Packet Size
     1024 in CONNACK (v5); a larger PUBLISH closes only the offending connection, with
     DISCONNECT 0x95 (Packet too large) for v5; other clients are unaffected and the
     oversized message is not delivered."""
-    broker = start_broker(max_packet_size=1024)  # type: ignore[operator]
+    broker = start_broker(max_packet_size=1024)
     root = topic_root("smps")
     observer = clients.paho(broker, version=V5)
     assert observer.subscribe(f"{root}/#", 1) == [1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from brokers import BrokerProcess
 
 from .clients import V5, V311, ClientPool, Received, topic_root, uid

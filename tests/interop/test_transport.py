@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from brokers import BrokerProcess
 
 from .clients import V5, V311, ClientPool, amqtt_client, amqtt_receive, mosquitto_pub, topic_root

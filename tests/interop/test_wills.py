@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from brokers import BrokerProcess
 
 from .clients import V5, V311, ClientPool, topic_root, uid

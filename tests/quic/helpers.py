@@ -1,0 +1,132 @@
+"""Small helpers shared by the QUIC tests: unique names, message collection, paho in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sys
+import threading
+import uuid
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from client.client import Client, Message
+from mqttproto.packets import MQTT_3_1_1, MQTT_5
+
+from .conftest import HOST, QBroker
+
+TIMEOUT = 5.0
+VERSIONS = {"v5": MQTT_5, "v311": MQTT_3_1_1}
+
+
+def uid(prefix: str = "") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def qmig_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qmig", *args]
+
+
+def make_client(broker: QBroker, transport: str, **kwargs: Any) -> Client:
+    """A qmig Client for ``transport`` on the test broker (certificates checked by the CA)."""
+    return Client(HOST, broker.port(transport), transport=transport, cafile=broker.ca, **kwargs)
+
+
+async def collect(client: Client, count: int, timeout: float = TIMEOUT) -> list[Message]:
+    """Exactly ``count`` messages (fails with what arrived if fewer come in ``timeout``)."""
+    got: list[Message] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(got) < count:
+        left = deadline - loop.time()
+        try:
+            got.append(await client.next_message(max(left, 0.001)))
+        except TimeoutError as exc:
+            summary = [(m.topic, m.payload) for m in got]
+            raise AssertionError(f"got {len(got)} of {count} messages: {summary}") from exc
+    return got
+
+
+async def assert_quiet(client: Client, wait: float = 0.3) -> None:
+    """No further message arrives within ``wait`` seconds (no duplicates, no strays)."""
+    with contextlib.suppress(TimeoutError):
+        extra = await client.next_message(wait)
+        raise AssertionError(f"unexpected extra message {extra.topic} {extra.payload!r}")
+
+
+class Paho:
+    """A paho-mqtt client on its own network thread, with blocking waits for acks."""
+
+    def __init__(self, port: int, version: int = MQTT_5, client_id: str = "") -> None:
+        protocol = mqtt.MQTTv5 if version == MQTT_5 else mqtt.MQTTv311
+        self.version = version
+        self.port = port
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id or uid("paho-"), protocol=protocol
+        )
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.connack_rc: Any = None
+        self._acked: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_ack
+        self.client.on_publish = self._on_publish
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self.connack_rc = reason
+        if not reason.is_failure:
+            self.connected.set()
+
+    def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, _reason: Any, _props: Any) -> None:
+        self.disconnected.set()
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self.messages.put(msg)
+
+    def _event(self, mid: int) -> threading.Event:
+        with self._lock:
+            return self._acked.setdefault(mid, threading.Event())
+
+    def _on_ack(self, _c: Any, _u: Any, mid: int, _codes: Any, _props: Any) -> None:
+        self._event(mid).set()
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, _reason: Any, _props: Any) -> None:
+        self._event(mid).set()
+
+    def connect(self, timeout: float = TIMEOUT) -> Paho:
+        self.client.connect(HOST, self.port, keepalive=30)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            raise AssertionError(f"paho: no successful CONNACK (rc {self.connack_rc})")
+        return self
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = TIMEOUT) -> None:
+        rc, mid = self.client.subscribe(topic, qos)
+        assert rc == mqtt.MQTT_ERR_SUCCESS, rc
+        assert self._event(mid).wait(timeout), f"paho: no SUBACK for {topic}"
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                timeout: float = TIMEOUT) -> None:  # fmt: skip
+        info = self.client.publish(topic, payload, qos, retain)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
+        if qos:
+            assert self._event(info.mid).wait(timeout), f"paho: publish {topic} not acked"
+
+    def get(self, timeout: float = TIMEOUT) -> mqtt.MQTTMessage:
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("paho: no message within the timeout") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.connected.is_set():
+                self.client.disconnect()
+        self.client.loop_stop()

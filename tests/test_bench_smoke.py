@@ -1,0 +1,71 @@
+"""Smoke test of ``qmig bench broker``: every figure comes out and messages really flow.
+
+It runs the whole benchmark in quick mode against mosquitto only (a fixed, independent
+reference), so it checks the load generator and the report, never anyone's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+)
+
+pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
+
+FIGURES = (
+    "qos0_msg_s",
+    "qos1_msg_s",
+    "fanout_deliveries_s",
+    "connect_subscribe_s",
+    "rss_1000_clients_mb",
+    "rss_idle_mb",
+)
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_against_mosquitto(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmig.benchmarks.broker", "--quick", "--brokers", "mosquitto",
+         "--json", "--log-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["duration_s"] == 1.0
+    assert {"machine", "brokers", "goals"} <= report.keys()
+    mosq = report["brokers"]["mosquitto"]
+    assert mosq["available"], mosq
+    assert not mosq.get("errors"), mosq["errors"]
+
+    for key in FIGURES:
+        assert isinstance(mosq[key], int | float), (key, mosq.get(key))
+    for key in ("qos0_msg_s", "qos1_msg_s", "fanout_deliveries_s", "connect_subscribe_s"):
+        assert mosq[key] > 0, key
+    assert mosq["rss_idle_mb"] > 0
+    assert mosq["rss_1000_clients_mb"] >= mosq["rss_idle_mb"] * 0.5
+    assert mosq["rss_clients"] == 100
+
+    lat = mosq["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+
+    for test in ("qos0", "qos1", "fanout", "latency"):
+        counts = mosq["messages"][test]
+        assert counts["sent"] > 0 and counts["received"] > 0, (test, counts)
+    assert mosq["lost"]["qos1"] == 0
+    assert mosq["messages"]["qos1"]["received"] >= mosq["messages"]["qos1"]["sent"]
+
+    for test in ("qos0", "qos1", "fanout", "connect"):
+        cpu = mosq["cpu"][test]
+        assert cpu["broker"] >= 0 and cpu["saturates"], (test, cpu)
