@@ -105,11 +105,11 @@ class BrokerConnection:
             # (up to the CONNECT timeout) for the rest of something that is not MQTT.
             self.protocol_violation(ProtocolError("the first packet must be CONNECT"))
             return
+        error: MQTTError | None = None
         try:
             packets = self.reader.feed(data)
         except MQTTError as exc:
-            self.protocol_violation(exc)
-            return
+            packets, error = exc.decoded, exc
         handle = self._handle
         for packet in packets:
             if self.closing:
@@ -121,6 +121,8 @@ class BrokerConnection:
                 break
         if packets:
             self.last_received = self.broker.now()
+        if error is not None and not self.closing:
+            self.protocol_violation(error)
 
     def data_to_send(self) -> bytes:
         out = self._out

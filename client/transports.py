@@ -119,7 +119,8 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         elif isinstance(event, StreamReset) and event.stream_id == self.stream_id:
             self._gone(ConnectionResetError("QUIC stream reset by the broker"))
         elif isinstance(event, ConnectionTerminated):
-            self.close_reason = event.reason_phrase or f"error code {event.error_code:#x}"
+            if not self.close_reason:  # the first reason is the one that explains it
+                self.close_reason = event.reason_phrase or f"error code {event.error_code:#x}"
             self._gone(ConnectionError(f"QUIC connection closed: {self.close_reason}"))
 
     def _gone(self, exc: Exception | None) -> None:

@@ -187,19 +187,22 @@ class ClientProtocol:
         return b"".join(out)
 
     def receive_data(self, data: bytes) -> list[Event]:
+        error: MQTTError | None = None
         try:
             packets = self.reader.feed(data)
         except MQTTError as exc:
-            return [self._violation(exc)]
+            packets, error = exc.decoded, exc
         events: list[Event] = []
         for packet in packets:
             try:
                 event = self._handle(packet)
             except MQTTError as exc:
                 events.append(self._violation(exc))
-                break
+                return events
             if event is not None:
                 events.append(event)
+        if error is not None:
+            events.append(self._violation(error))
         return events
 
     def _violation(self, exc: MQTTError) -> ProtocolViolation:

@@ -503,9 +503,12 @@ class PacketReader:
                     break
                 packets.append(self._decode(first, data, pos + hdr, stop))
                 pos = stop
-        except MQTTError:
+        except MQTTError as exc:
             self._buf = bytearray()
             self._need = 0
+            # The packets before the bad one are valid: hand them over with the error so
+            # the caller can act on them first (nothing a client sent correctly is lost).
+            exc.decoded = packets
             raise
         self._need = need
         if pos < end:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .reasons import ReasonCode
 
 
@@ -9,9 +11,12 @@ class MQTTError(Exception):
     """A violation that ends the connection with ``reason_code`` (section 4.13)."""
 
     reason_code: ReasonCode = ReasonCode.UNSPECIFIED_ERROR
+    # Set by PacketReader.feed: the valid packets that came before the bad one.
+    decoded: list[Any]
 
     def __init__(self, message: str, reason_code: int | None = None) -> None:
         super().__init__(message)
+        self.decoded = []
         if reason_code is not None:
             self.reason_code = ReasonCode(reason_code)
 

@@ -1306,3 +1306,17 @@ def test_takeover_after_normal_disconnect_does_not_send_will_mqtt_3_14_4_3() -> 
     connected(broker, "c", clean_start=False, session_expiry=60)
     old.poll()
     watcher.expect_nothing()
+
+
+def test_valid_packets_before_a_malformed_one_are_processed() -> None:
+    """Bad input loses nothing: a PUBLISH that arrived whole before garbage is delivered."""
+    broker, _ = make_broker()
+    sub = connected(broker, "sub")
+    sub.subscribe("t", qos=1)
+    pub = connected(broker, "pub")
+    good = encode(Publish("t", b"kept", 1, packet_id=1), MQTT_5)
+    pub.send_raw(good + b"\x00\x00")  # packet type 0 is reserved: malformed
+    assert [m.payload for m in sub.publishes()] == [b"kept"]
+    assert pub.expect(Puback).packet_id == 1
+    assert pub.expect(Disconnect).reason_code == R.MALFORMED_PACKET
+    assert pub.closed

@@ -109,31 +109,42 @@ def _cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
     return out
 
 
-def _busy_seconds() -> float:
+def _machine_seconds() -> dict[str, float]:
+    """System-wide CPU seconds: process time, interrupt time (loopback TCP runs much of its
+    work in softirq), and time the hypervisor stole from this VM."""
     t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    return {
+        "process": t.user + t.nice + t.system,
+        "irq_softirq": getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0),
+        "steal": getattr(t, "steal", 0.0),
+    }
 
 
 def _cpu_window(go: dict[str, Any], procs: dict[str, psutil.Process]) -> dict[str, Any]:
     """CPU% (of one core) of each process over the measured window, and who saturates.
 
-    ``other_processes`` is the machine's busy time that none of ours used: on a shared box
-    it tells whether a figure was squeezed by someone else's work.
+    ``other_processes`` is process time on the machine that none of ours used: on a shared
+    box it tells whether a figure was squeezed by someone else's work.
     """
     _sleep_until(go["warm_end"])
-    t0, c0, b0 = time.monotonic(), _cpu_seconds(procs), _busy_seconds()
+    t0, c0, m0 = time.monotonic(), _cpu_seconds(procs), _machine_seconds()
     _sleep_until(go["stop"])
-    t1, c1, b1 = time.monotonic(), _cpu_seconds(procs), _busy_seconds()
-    pct = {k: round(100 * (c1[k] - c0[k]) / (t1 - t0), 1) for k in procs}
+    t1, c1, m1 = time.monotonic(), _cpu_seconds(procs), _machine_seconds()
+    wall = t1 - t0
+    pct = {k: round(100 * (c1[k] - c0[k]) / wall, 1) for k in procs}
     ours = sum(v for v in pct.values() if not math.isnan(v))
-    others = max(0.0, round(100 * (b1 - b0) / (t1 - t0) - ours, 1))
-    return {**pct, "other_processes": others, "saturates": _saturation(pct, others)}
+    machine = {k: 100 * (m1[k] - m0[k]) / wall for k in m0}
+    others = max(0.0, round(machine["process"] - ours, 1))
+    extra = {"other_processes": others, "irq_softirq": round(machine["irq_softirq"], 1),
+             "steal": round(machine["steal"], 1)}
+    busy = ours + sum(extra.values())
+    return {**pct, **extra, "saturates": _saturation(pct, others, busy)}
 
 
-def _saturation(pct: dict[str, float], others: float) -> str:
+def _saturation(pct: dict[str, float], others: float, busy: float) -> str:
     """Name the process near 100% of a core, and say when the whole machine is full."""
     busiest = max(pct, key=lambda k: pct[k] if not math.isnan(pct[k]) else -1)
-    total = sum(v for v in pct.values() if not math.isnan(v)) + others
+    total = busy
     cores = psutil.cpu_count() or 1
     parts = []
     if pct[busiest] >= _SATURATED_PCT:
@@ -455,7 +466,7 @@ def _cpu_cell(cpu: dict[str, Any] | None) -> str:
     if not cpu:
         return "—"
     loadgen = [f"{v:.0f}" for k, v in cpu.items()
-               if k not in ("broker", "saturates", "other_processes")]
+               if k not in ("broker", "saturates", "other_processes", "irq_softirq", "steal")]
     other = cpu.get("other_processes") or 0
     text = f"{cpu['broker']:.0f} / {'+'.join(loadgen)}"
     return text + (f" (+{other:.0f} other)" if other >= 5 else "")

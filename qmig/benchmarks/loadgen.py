@@ -439,21 +439,9 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def _open(factory: Any, host: str, port: int, timeout: float, rcvbuf: int = 0) -> Any:
-    """Connect a Protocol; ``rcvbuf`` is set before connecting so the window scale fits it."""
+async def _open(factory: Any, host: str, port: int, timeout: float) -> Any:
     loop = asyncio.get_running_loop()
-    if not rcvbuf:
-        _, proto = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
-        return proto
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
-        _, proto = await loop.create_connection(factory, sock=sock)
-    except BaseException:
-        sock.close()
-        raise
+    _, proto = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
     return proto
 
 
@@ -464,8 +452,7 @@ async def _role_sub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
     interval = spec.get("read_interval_s", 0.0)
     conns: list[SubConn] = []
     for k in range(spec.get("connections", 1)):
-        conn = await _open(lambda: SubConn(latency, interval), spec["host"], spec["port"], 10,
-                           spec.get("rcvbuf", 0))
+        conn = await _open(lambda: SubConn(latency, interval), spec["host"], spec["port"], 10)
         await conn.handshake(f"{spec['client_id']}-{k}", spec["topic"], spec["qos"], 10)
         conns.append(conn)
     emit({"event": "ready"})
