@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from mqttproto.packets import MQTT_3_1_1, MQTT_5
@@ -123,6 +124,9 @@ async def _sub(args: argparse.Namespace) -> int:
 
 
 def _run(coro: object, args: argparse.Namespace, what: str) -> int:
+    # aioquic logs a failed handshake itself (a WARNING on its "quic" logger, which Python
+    # prints to stderr when logging is not configured); the error line below says it once.
+    logging.getLogger("quic").addHandler(logging.NullHandler())
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
     except (ClientError, OSError) as exc:

@@ -287,6 +287,21 @@ def bench_one(name: str, s: Settings, tests: list[str]) -> dict[str, Any]:
             b.stop()
     if not out["errors"]:
         del out["errors"]
+    return _rounded(out)
+
+
+def _rounded(out: dict[str, Any]) -> dict[str, Any]:
+    """Keep only meaningful digits: rates to 1 msg/s, times to 1 µs, memory to 10 kB."""
+    for key in ("qos0_msg_s", "qos1_msg_s", "fanout_deliveries_s", "connect_subscribe_s"):
+        if isinstance(out.get(key), float) and math.isfinite(out[key]):
+            out[key] = round(out[key], 1)
+    for key in ("rss_idle_mb", "rss_1000_clients_mb", "rss_delta_mb"):
+        if isinstance(out.get(key), float):
+            out[key] = round(out[key], 2)
+    lat = out.get("latency_ms") or {}
+    for key in ("p50", "p99", "max"):
+        if isinstance(lat.get(key), float) and math.isfinite(lat[key]):
+            lat[key] = round(lat[key], 3)
     return out
 
 
@@ -521,6 +536,11 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(text + "\n")
         render_table(report, sys.stdout)
+    noisy = [f"{n} {t}" for n, r in results.items() for t, c in (r.get("cpu") or {}).items()
+             if (c.get("other_processes") or 0) >= _NOISY_PCT]
+    if noisy:
+        _log(f"warning: other processes used >= {_NOISY_PCT:.0f}% of a core during: "
+             f"{', '.join(noisy)}; those figures may be low, rerun on a quiet machine")
     return 0 if any(r.get("available") for r in results.values()) else 1
 
 

@@ -40,6 +40,7 @@ from mqttproto.packets import (
     Connack,
     Connect,
     Disconnect,
+    PacketType,
     Publish,
     Suback,
     Subscribe,
@@ -345,7 +346,7 @@ class PubConn(_Conn):
     def data_received(self, data: bytes) -> None:
         acks = 0
         for packet in self.reader.feed(data):
-            if packet.type == 4:  # PUBACK
+            if packet.type == PacketType.PUBACK:
                 acks += 1
             else:
                 self.on_packet(packet)
@@ -417,10 +418,13 @@ class _Control:
             chunk = os.read(self._fd, 65536)
         except BlockingIOError:
             return
-        if not chunk:  # orchestrator went away: behave as if told to stop
+        if not chunk:  # orchestrator went away: stop holding, never start
             asyncio.get_running_loop().remove_reader(self._fd)
             if not self.stop.done():
                 self.stop.set_result(None)
+            if not self.go.done():
+                self.go.set_exception(ConnectionError("orchestrator went away"))
+                self.go.exception()
             return
         self._buf += chunk
         while b"\n" in self._buf:
@@ -435,8 +439,9 @@ class _Control:
 
 
 def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
 
 
 async def _open(factory: Any, host: str, port: int, timeout: float) -> Any:

@@ -1,0 +1,310 @@
+"""``qmig bridge``: plain MQTT clients on local TCP reach the broker over QUIC, and back.
+
+mosquitto_pub/mosquitto_sub and paho (3.1.1 and 5) talk through the bridge to QUIC and TCP
+clients of the broker; the broker sees each bridged client as a QUIC connection; closing the
+TCP side closes that QUIC connection (and an abrupt close publishes the client's will).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mqttproto.codec import encode
+from mqttproto.packets import MQTT_3_1_1, MQTT_5, Connect, Will
+
+from .conftest import HOST, QBroker, stop_process, subprocess_env
+from .helpers import Paho, assert_quiet, collect, make_client, qmig_cmd, uid
+
+READY_TIMEOUT = 15.0
+MOSQUITTO_PUB = shutil.which("mosquitto_pub")
+MOSQUITTO_SUB = shutil.which("mosquitto_sub")
+needs_mosquitto = pytest.mark.skipif(
+    not (MOSQUITTO_PUB and MOSQUITTO_SUB), reason="mosquitto clients not installed"
+)
+
+
+@dataclass
+class BridgeProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def bridge(qbroker: QBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeProcess]:
+    """``qmig bridge`` from a free local TCP port to the broker's QUIC port."""
+    log_path = tmp_path_factory.mktemp("bridge") / "bridge.log"
+    cmd = qmig_cmd("bridge", "--listen", f"{HOST}:0", "--to", f"{HOST}:{qbroker.port('quic')}",
+                   "--cafile", qbroker.ca)  # fmt: skip
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            cmd, env=subprocess_env(), stdin=subprocess.DEVNULL, stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        ready = None
+        while ready is None and time.monotonic() < deadline and proc.poll() is None:
+            ready = re.search(r"listening tcp [\d.]+:(\d+) -> quic .*; ready", log_path.read_text())
+            time.sleep(0.05)
+        if ready is None:
+            raise RuntimeError(f"qmig bridge did not become ready:\n{log_path.read_text()[-3000:]}")
+        yield BridgeProcess(proc, int(ready.group(1)), log_path)
+    finally:
+        stop_process(proc)
+
+
+def client_id_connected_over(broker: QBroker, client_id: str, since: int = 0) -> str:
+    """The transport the broker says ``client_id`` connected over (from its DEBUG log)."""
+    found = broker.wait_log(rf"client {re.escape(client_id)} connected over (\w+) from", since)
+    return found.group(1)
+
+
+async def quic_terminated(broker: QBroker, client_id: str, since: int, timeout: float) -> None:
+    """Wait until the QUIC connection that carried ``client_id`` has ended, per the broker
+    log: find its peer address, aioquic's connection id for that path, then its end."""
+    line = await broker.await_log(
+        rf"client {re.escape(client_id)} connected over quic from [\d.]+:\d+", since
+    )
+    port = line.rsplit(":", 1)[1]
+    cid_line = await broker.await_log(
+        rf"\[[0-9a-f]+\] Network path \('[\d.:a-f]+', {port}\) discovered", since
+    )
+    cid = re.escape(cid_line.split("]")[0] + "]")
+    await broker.await_log(rf"{cid} .*QuicConnectionState.TERMINATED", since, timeout)
+
+
+async def mosquitto(*args: str, timeout: float = 10.0) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+# ------------------------------------------------------------------------------ mosquitto
+@needs_mosquitto
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+async def test_mosquitto_pub_through_bridge(
+    qbroker: QBroker, bridge: BridgeProcess, version: str
+) -> None:
+    """mosquitto_pub via the bridge reaches a QUIC and a TCP subscriber; it arrives as QUIC."""
+    topic = uid("br-mpub/")
+    client_id = uid("mpub-")
+    since = qbroker.log_size()
+    async with (
+        make_client(qbroker, "quic") as q_sub,
+        make_client(qbroker, "tcp") as t_sub,
+    ):
+        await q_sub.subscribe(topic, qos=2)
+        await t_sub.subscribe(topic, qos=2)
+        for qos in ("0", "1", "2"):
+            rc, _, err = await mosquitto(
+                MOSQUITTO_PUB, "-h", HOST, "-p", str(bridge.port), "-V", version,  # type: ignore[arg-type]
+                "-i", client_id, "-t", topic, "-m", f"via bridge q{qos}", "-q", qos,
+            )  # fmt: skip
+            assert rc == 0, err
+        for sub in (q_sub, t_sub):
+            got = await collect(sub, 3)
+            assert [(m.payload, m.qos) for m in got] == [
+                (f"via bridge q{q}".encode(), q) for q in (0, 1, 2)
+            ]
+    assert client_id_connected_over(qbroker, client_id, since) == "quic"
+
+
+@needs_mosquitto
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+async def test_mosquitto_sub_through_bridge(
+    qbroker: QBroker, bridge: BridgeProcess, version: str
+) -> None:
+    """mosquitto_sub via the bridge gets messages from QUIC and TCP publishers, in order."""
+    root = uid("br-msub/")
+    client_id = uid("msub-")
+    since = qbroker.log_size()
+    async with make_client(qbroker, "quic") as q_pub, make_client(qbroker, "tcp") as t_pub:
+        # A retained marker: its arrival shows mosquitto_sub's subscription is in place.
+        await q_pub.publish(f"{root}/ready", b"r", qos=1, retain=True, timeout=5)
+        proc = await asyncio.create_subprocess_exec(
+            MOSQUITTO_SUB, "-h", HOST, "-p", str(bridge.port), "-V", version,  # type: ignore[arg-type]
+            "-i", client_id, "-t", f"{root}/#", "-q", "2", "-C", "4", "-v",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            first = await asyncio.wait_for(proc.stdout.readline(), 10)
+            assert first.decode() == f"{root}/ready r\n"
+            await q_pub.publish(f"{root}/quic", b"from quic 1", qos=1, timeout=5)
+            await t_pub.publish(f"{root}/tcp", b"from tcp", qos=2, timeout=5)
+            await q_pub.publish(f"{root}/quic", b"from quic 2", qos=2, timeout=5)
+            out, err = await asyncio.wait_for(proc.communicate(), 10)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await q_pub.publish(f"{root}/ready", b"", qos=1, retain=True, timeout=5)
+    assert proc.returncode == 0, err
+    assert out.decode().splitlines() == [
+        f"{root}/quic from quic 1", f"{root}/tcp from tcp", f"{root}/quic from quic 2"
+    ]
+    assert client_id_connected_over(qbroker, client_id, since) == "quic"
+
+
+# ------------------------------------------------------------------------------ paho
+@pytest.mark.parametrize("version", [MQTT_3_1_1, MQTT_5], ids=["v311", "v5"])
+async def test_paho_through_bridge(qbroker: QBroker, bridge: BridgeProcess, version: int) -> None:
+    """paho via the bridge publishes to QUIC/TCP clients and receives their messages."""
+    root = uid("br-paho/")
+    since = qbroker.log_size()
+    paho = Paho(bridge.port, version)
+    try:
+        await asyncio.to_thread(paho.connect)
+        assert client_id_connected_over(qbroker, paho.client._client_id.decode(), since) == "quic"
+        await asyncio.to_thread(paho.subscribe, f"{root}/to-paho", 2)
+        async with (
+            make_client(qbroker, "quic", version=version) as quic,
+            make_client(qbroker, "tcp", version=version) as tcp,
+        ):
+            await quic.subscribe(f"{root}/from-paho", qos=2)
+            await tcp.subscribe(f"{root}/from-paho", qos=2)
+            for qos in (0, 1, 2):
+                await asyncio.to_thread(paho.publish, f"{root}/from-paho", f"p{qos}".encode(), qos)
+            for sub in (quic, tcp):
+                got = await collect(sub, 3)
+                assert [(m.payload, m.qos) for m in got] == [(b"p0", 0), (b"p1", 1), (b"p2", 2)]
+            await quic.publish(f"{root}/to-paho", b"hi from quic", qos=2, timeout=5)
+            await tcp.publish(f"{root}/to-paho", b"hi from tcp", qos=1, timeout=5)
+            first = await asyncio.to_thread(paho.get)
+            second = await asyncio.to_thread(paho.get)
+            # paho hands a QoS 2 message over at PUBREL, so the QoS 1 one may come first.
+            assert sorted([(first.payload, first.qos), (second.payload, second.qos)]) == [
+                (b"hi from quic", 2), (b"hi from tcp", 1),
+            ]  # fmt: skip
+    finally:
+        await asyncio.to_thread(paho.close)
+
+
+async def test_paho_session_through_bridge(qbroker: QBroker, bridge: BridgeProcess) -> None:
+    """A persistent paho session (clean session 0) carried over the bridge resumes."""
+    topic = uid("br-sess/")
+    client_id = uid("paho-sess-")
+    paho = Paho(bridge.port, MQTT_3_1_1, client_id=client_id)
+    paho.client._clean_session = False  # paho's constructor flag is for 3.1.1 only
+    try:
+        await asyncio.to_thread(paho.connect)
+        await asyncio.to_thread(paho.subscribe, topic, 1)
+    finally:
+        await asyncio.to_thread(paho.close)
+    async with make_client(qbroker, "quic") as pub:
+        for n in range(3):
+            await pub.publish(topic, f"queued {n}".encode(), qos=1, timeout=5)
+    again = Paho(bridge.port, MQTT_3_1_1, client_id=client_id)
+    again.client._clean_session = False
+    try:
+        await asyncio.to_thread(again.connect)
+        got = [await asyncio.to_thread(again.get) for _ in range(3)]
+        assert [m.payload for m in got] == [b"queued 0", b"queued 1", b"queued 2"]
+    finally:
+        await asyncio.to_thread(again.close)
+
+
+# ------------------------------------------------------------------------------ closing
+async def raw_connect(port: int, client_id: str, will: Will | None, version: int = MQTT_5
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:  # fmt: skip
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(encode(Connect(client_id, version, True, 30, will=will), version))
+    await writer.drain()
+    connack = await asyncio.wait_for(reader.readexactly(2), 5)
+    assert connack[0] == 0x20, connack
+    body = await asyncio.wait_for(reader.readexactly(connack[1]), 5)
+    assert body[1] == 0, f"CONNACK refused: {body!r}"
+    return reader, writer
+
+
+@pytest.mark.parametrize("abort", [True, False], ids=["reset", "fin"])
+async def test_abrupt_tcp_close_publishes_will(
+    qbroker: QBroker, bridge: BridgeProcess, abort: bool
+) -> None:
+    """Closing the TCP side without DISCONNECT closes the QUIC connection: the will goes out."""
+    will_topic = uid("br-will/")
+    client_id = uid("will-")
+    since = qbroker.log_size()
+    async with (
+        make_client(qbroker, "quic") as q_sub,
+        make_client(qbroker, "tcp") as t_sub,
+    ):
+        await q_sub.subscribe(will_topic, qos=1)
+        await t_sub.subscribe(will_topic, qos=1)
+        _, writer = await raw_connect(
+            bridge.port, client_id, Will(will_topic, b"gone", qos=1)
+        )
+        assert client_id_connected_over(qbroker, client_id, since) == "quic"
+        if abort:
+            writer.transport.abort()
+        else:
+            writer.close()
+        for sub in (q_sub, t_sub):
+            msg = await sub.next_message(5)
+            assert (msg.topic, msg.payload) == (will_topic, b"gone")
+        await qbroker.await_log(rf"publishing the will of {re.escape(client_id)}", since)
+        await quic_terminated(qbroker, client_id, since, timeout=5)
+
+
+async def test_clean_disconnect_closes_quic_without_will(
+    qbroker: QBroker, bridge: BridgeProcess
+) -> None:
+    """DISCONNECT then close through the bridge: no will, and the QUIC connection ends."""
+    will_topic = uid("br-nowill/")
+    client_id = uid("nowill-")
+    since = qbroker.log_size()
+    async with make_client(qbroker, "quic") as q_sub:
+        await q_sub.subscribe(will_topic, qos=1)
+        reader, writer = await raw_connect(
+            bridge.port, client_id, Will(will_topic, b"should not"), MQTT_3_1_1
+        )
+        writer.write(b"\xe0\x00")  # DISCONNECT
+        await writer.drain()
+        # The broker closes after DISCONNECT; the bridge passes that on as EOF.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await quic_terminated(qbroker, client_id, since, timeout=5)
+        await assert_quiet(q_sub, 0.3)
+    assert f"publishing the will of {client_id}" not in qbroker.log_since(since)
+    assert f"client {client_id} taken over" not in qbroker.log_since(since)
+
+
+async def test_broker_close_reaches_tcp_client(qbroker: QBroker, bridge: BridgeProcess) -> None:
+    """Garbage through the bridge: the broker closes that QUIC connection, the bridge closes
+    the TCP client; the bridge keeps serving others."""
+    since = qbroker.log_size()
+    reader, writer = await asyncio.open_connection(HOST, bridge.port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    await qbroker.await_log(r"closing .*\(quic\): the first packet must be CONNECT", since)
+    paho = Paho(bridge.port, MQTT_5)
+    try:
+        await asyncio.to_thread(paho.connect)
+    finally:
+        await asyncio.to_thread(paho.close)
