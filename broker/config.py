@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from migration.frames import Address
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_PACKET_SIZE_LIMIT = 268_435_460  # largest MQTT packet: 1 + 4 length bytes + 268435455
@@ -34,6 +37,9 @@ class BrokerConfig:
     tls_port: int = 8883
     mptcp_port: int = 1885
     quic_port: int = 14567
+    # Addresses the broker may move to, "host:port,host:port" (also $QMIG_POOL): sent to QUIC
+    # clients after the handshake (POOL_MIGRATION_ADDRESS) so pool clients can find it.
+    pool: str | None = None
     cert: str | None = None
     key: str | None = None
     cafile: str | None = None
@@ -60,6 +66,9 @@ class BrokerConfig:
         """TLS listens only when it has a port and both a certificate and its key."""
         return self.tls_port != 0 and bool(self.cert) and bool(self.key)
 
+    def pool_addresses_text(self) -> list[str]:
+        return [a.strip() for a in (self.pool or "").split(",") if a.strip()]
+
     @property
     def quic_enabled(self) -> bool:
         """QUIC always runs TLS 1.3, so it too needs a certificate and its key."""
@@ -73,6 +82,11 @@ class BrokerConfig:
             _check_range(name, getattr(self, name), 0, 65535)
         if not self.host:
             raise ConfigError("host must not be empty")
+        for text in self.pool_addresses_text():
+            try:
+                Address.parse(text)
+            except ValueError as exc:
+                raise ConfigError(f"pool: {exc}") from exc
         _check_range("max_packet_size", self.max_packet_size, 16, MAX_PACKET_SIZE_LIMIT)
         _check_range("receive_maximum", self.receive_maximum, 1, 65535)
         _check_range("max_inflight_messages", self.max_inflight_messages, 1, 65535)
@@ -180,6 +194,8 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tcp-port", type=int, default=None, help="plain MQTT port, 0 disables (default 1883)")
     add("--tls-port", type=int, default=None, help="MQTT over TLS port, 0 disables (default 8883)")
     add("--mptcp-port", type=int, default=None, help="MPTCP port, 0 disables (default 1885)")
+    add("--pool", default=None, metavar="HOST:PORT,...",
+        help="addresses the broker may migrate to, sent to QUIC pool clients ($QMIG_POOL)")
     add("--quic-port", type=int, default=None,
         help="QUIC (UDP) port, 0 disables; needs --cert/--key (default 14567)")
     add("--cert", default=None, help="server certificate (PEM); TLS needs it and --key")
@@ -207,6 +223,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     config_path = getattr(args, "config", None)
     if config_path:
         values.update(load_yaml(config_path))
+    if os.environ.get("QMIG_POOL"):
+        values["pool"] = os.environ["QMIG_POOL"]  # the container's environment
     for name in _FIELD_NAMES:
         flag = getattr(args, name, None)
         if flag is not None:

@@ -20,7 +20,16 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import stream_is_client_initiated, stream_is_unidirectional
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
+
+from migration.frames import ALL_STRATEGIES
+from migration.quicext import MigratingQuicConnection, MigrationFrameReceived
 
 if TYPE_CHECKING:
     from .connection import BrokerConnection
@@ -32,6 +41,9 @@ ALPN = "mqtt"
 HIGH_WATER = 1 << 20  # unacknowledged bytes on the stream before the connection pauses
 LOW_WATER = 256 << 10
 CLOSE_LINGER = 3.0  # seconds to let a final DISCONNECT be acknowledged before closing
+# The engine's CONNECT timeout starts once the MQTT stream exists; a connection that never
+# opens one gets the same time from the end of its handshake.
+STREAM_TIMEOUT = 10.0
 # Application error codes in CONNECTION_CLOSE (RFC 9000 section 20.2: ours to define).
 ERROR_NONE = 0x0
 ERROR_PROTOCOL = 0x1
@@ -55,11 +67,15 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
 
     def __init__(self, *args: Any, broker_server: BrokerServer, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Make aioquic's connection speak qmig's migration extension before any datagram.
+        MigratingQuicConnection.adopt(self._quic, ALL_STRATEGIES)
         self.broker_server = broker_server
+        broker_server.quic_protocols.add(self)
         self.stream_id: int | None = None
         self.conn: BrokerConnection | None = None
         self.paused = False
         self._closing = False
+        self._stream_timer: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------------- events
     def quic_event_received(self, event: QuicEvent) -> None:
@@ -68,8 +84,20 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
         elif isinstance(event, StreamReset):
             if event.stream_id == self.stream_id:
                 self._lost()
+                self.close()  # nothing else may use this connection (single-stream mode)
         elif isinstance(event, ConnectionTerminated):
             self._lost()
+        elif isinstance(event, HandshakeCompleted):
+            if self.stream_id is None:
+                self._stream_timer = self._loop.call_later(STREAM_TIMEOUT, self._no_stream)
+            self.broker_server.migration.connection_ready(self)
+        elif isinstance(event, MigrationFrameReceived):
+            self.broker_server.migration.frame_received(self, event)
+
+    def _no_stream(self) -> None:
+        self._stream_timer = None
+        if self.stream_id is None and not self._closing:
+            self._reject(f"no MQTT stream within {STREAM_TIMEOUT:g} s")
 
     def _on_stream_data(self, event: StreamDataReceived) -> None:
         sid = event.stream_id
@@ -78,6 +106,7 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
                 self._reject(f"MQTT must start on a client bidirectional stream, not {sid}")
                 return
             self.stream_id = sid
+            self._cancel_stream_timer()
             addr = self._quic._network_paths[0].addr if self._quic._network_paths else None
             peer = f"{addr[0]}:{addr[1]}" if addr else "?"
             self.conn = self.broker_server.broker.open_connection("quic", peer)
@@ -99,7 +128,14 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
         self.transmit()
         self._lost()
 
+    def _cancel_stream_timer(self) -> None:
+        if self._stream_timer is not None:
+            self._stream_timer.cancel()
+            self._stream_timer = None
+
     def _lost(self) -> None:
+        self.broker_server.quic_protocols.discard(self)
+        self._cancel_stream_timer()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.connection_lost()

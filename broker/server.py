@@ -18,11 +18,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from migration.frames import Address
 from mqttproto.reasons import ReasonCode
 
 from .config import BrokerConfig
 from .connection import BrokerConnection
 from .engine import Broker
+from .migration_api import MigrationAPI
 
 log = logging.getLogger("qmig.broker")
 
@@ -118,6 +120,10 @@ class BrokerServer:
         self._ticker: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
         self._quic_touched: set[Any] = set()
+        self.quic_protocols: set[Any] = set()  # live BrokerQuicProtocol objects
+        self.migration = MigrationAPI(
+            self, [Address.parse(a) for a in config.pool_addresses_text()]
+        )
 
     # ----------------------------------------------------------------- output
     def _schedule_flush(self) -> None:
@@ -141,6 +147,11 @@ class BrokerServer:
             touched, self._quic_touched = self._quic_touched, set()
             for proto in touched:
                 proto.transmit()
+
+    def loop_time(self) -> float:
+        """The clock aioquic's connections run on."""
+        assert self._loop is not None
+        return self._loop.time()
 
     def quic_touched(self, proto: Any) -> None:
         """A QUIC connection got stream data this turn: transmit it once, after the flush."""

@@ -22,6 +22,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from migration.frames import Address
+from migration.strategies import Follower, Strategy
 from mqttproto.client import (
     ClientProtocol,
     ClientSession,
@@ -89,6 +91,7 @@ class Client:
         reconnect_delay: tuple[float, float] = (0.05, 2.0),
         connect_timeout: float = 10.0,
         properties: Properties | None = None,
+        follow: str = "proactive",
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
@@ -127,6 +130,9 @@ class Client:
         self._last_sent = time.monotonic()
         self._ping_task: asyncio.Task[None] | None = None
         self._first_connect = True
+        # How a QUIC connection follows a migrating broker (see migration.strategies).
+        self.follower = Follower(Strategy(follow)) if transport == "quic" else None
+        self.moves: list[tuple[float, Address]] = []
 
     # ----------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Client:
@@ -168,8 +174,10 @@ class Client:
         try:
             self._stream, self._closer = await open_stream(
                 self.transport, self.host, self.port, self._on_data, self._on_lost,
-                self.cafile, self.insecure, self.connect_timeout,
+                self.cafile, self.insecure, self.connect_timeout, self.follower,
             )  # fmt: skip
+            if hasattr(self._stream, "on_migrated"):
+                self._stream.on_migrated = self._on_migrated  # type: ignore[union-attr]
         except (TimeoutError, OSError, ConnectionError) as exc:
             where = f"{self.host}:{self.port} over {self.transport}"
             raise ClientError(f"cannot reach {where}: {exc}") from exc
@@ -312,6 +320,16 @@ class Client:
             ):
                 proto.ping()
                 self._flush()
+
+    def _on_migrated(self, address: Address) -> None:
+        log.info("QUIC connection follows the broker to %s", address)
+        self.moves.append((time.monotonic(), address))
+        self.host, self.port = address.host, address.port
+
+    @property
+    def migrations(self) -> list[dict[str, object]]:
+        """Per migration: when the address was learned, probed, validated (monotonic s)."""
+        return [r.as_dict() for r in self.follower.records] if self.follower else []
 
     # ----------------------------------------------------------------- API
     @property

@@ -22,6 +22,10 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
 
+from migration.frames import Address
+from migration.quicext import MigratingQuicConnection, ServerAddressChanged
+from migration.strategies import Follower
+
 IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 # Linux: queue ICMP errors (port unreachable) on unconnected UDP sockets too (ip(7), ipv6(7)).
 _RECVERR = ((socket.IPPROTO_IP, 11), (socket.IPPROTO_IPV6, 25)) if sys.platform == "linux" else ()
@@ -71,8 +75,13 @@ class _StreamProtocol(asyncio.Protocol):
 class QuicStreamProtocol(QuicConnectionProtocol):
     """aioquic client connection carrying MQTT on stream 0; one transmit per loop turn."""
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, follower: Follower | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
+        # qmig's migration extension: advertise what this client's strategy understands.
+        strategies = follower.strategy.advertised if follower is not None else 0
+        MigratingQuicConnection.adopt(self._quic, strategies, follower)
+        self.follower = follower
+        self.on_migrated: Callable[[Address], None] = lambda address: None
         self.on_data: DataCallback = lambda data: None
         self.on_lost: LostCallback = lambda exc: None
         self.stream_id: int | None = None
@@ -118,6 +127,8 @@ class QuicStreamProtocol(QuicConnectionProtocol):
                 self._gone(None)
         elif isinstance(event, StreamReset) and event.stream_id == self.stream_id:
             self._gone(ConnectionResetError("QUIC stream reset by the broker"))
+        elif isinstance(event, ServerAddressChanged):
+            self.on_migrated(event.address)
         elif isinstance(event, ConnectionTerminated):
             if not self.close_reason:  # the first reason is the one that explains it
                 self.close_reason = event.reason_phrase or f"error code {event.error_code:#x}"
@@ -214,6 +225,7 @@ async def open_stream(
     cafile: str | None = None,
     insecure: bool = False,
     timeout: float = 10.0,
+    follower: Follower | None = None,
 ) -> tuple[ByteStream, object]:
     """Connect and return (stream, closer); ``closer`` is an async context to exit on close."""
     loop = asyncio.get_running_loop()
@@ -243,7 +255,7 @@ async def open_stream(
         made: list[QuicStreamProtocol] = []
 
         def create_protocol(*args, **kwargs) -> QuicStreamProtocol:  # type: ignore[no-untyped-def]
-            made.append(QuicStreamProtocol(*args, **kwargs))
+            made.append(QuicStreamProtocol(*args, follower=follower, **kwargs))
             return made[-1]
 
         manager = quic_connect(host, port, configuration=config, create_protocol=create_protocol)

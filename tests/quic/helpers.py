@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import re
 import sys
 import threading
 import uuid
@@ -45,8 +46,8 @@ async def collect(client: Client, count: int, timeout: float = TIMEOUT) -> list[
         try:
             got.append(await client.next_message(max(left, 0.001)))
         except TimeoutError as exc:
-            summary = [(m.topic, m.payload) for m in got]
-            raise AssertionError(f"got {len(got)} of {count} messages: {summary}") from exc
+            summary = [(m.topic, m.payload[:40]) for m in got[-5:]]
+            raise AssertionError(f"got {len(got)} of {count} messages; last: {summary}") from exc
     return got
 
 
@@ -60,17 +61,24 @@ async def assert_quiet(client: Client, wait: float = 0.3) -> None:
 class Paho:
     """A paho-mqtt client on its own network thread, with blocking waits for acks."""
 
-    def __init__(self, port: int, version: int = MQTT_5, client_id: str = "") -> None:
-        protocol = mqtt.MQTTv5 if version == MQTT_5 else mqtt.MQTTv311
+    def __init__(
+        self, port: int, version: int = MQTT_5, client_id: str = "", clean_session: bool = True
+    ) -> None:
+        v5 = version == MQTT_5
         self.version = version
         self.port = port
+        self.client_id = client_id or uid("paho-")
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id or uid("paho-"), protocol=protocol
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else clean_session,
         )
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.connected = threading.Event()
         self.disconnected = threading.Event()
         self.connack_rc: Any = None
+        self.session_present = False
         self._acked: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
         self.client.on_connect = self._on_connect
@@ -79,8 +87,9 @@ class Paho:
         self.client.on_subscribe = self._on_ack
         self.client.on_publish = self._on_publish
 
-    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+    def _on_connect(self, _c: Any, _u: Any, flags: Any, reason: Any, _props: Any) -> None:
         self.connack_rc = reason
+        self.session_present = bool(flags.session_present)
         if not reason.is_failure:
             self.connected.set()
 
@@ -130,3 +139,17 @@ class Paho:
             if self.connected.is_set():
                 self.client.disconnect()
         self.client.loop_stop()
+
+
+async def quic_terminated(broker: QBroker, client_id: str, since: int, timeout: float) -> None:
+    """Wait until the QUIC connection that carried ``client_id`` has ended, per the broker
+    log: its peer address, then aioquic's connection id for that path, then its end."""
+    line = await broker.await_log(
+        rf"client {re.escape(client_id)} connected over quic from [\d.]+:\d+", since
+    )
+    port = line.rsplit(":", 1)[1]
+    cid_line = await broker.await_log(
+        rf"\[[0-9a-f]+\] Network path \('[\d.:a-f]+', {port}\) discovered", since
+    )
+    cid = re.escape(cid_line.split("]")[0] + "]")
+    await broker.await_log(rf"{cid} .*QuicConnectionState.TERMINATED", since, timeout)

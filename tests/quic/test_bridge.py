@@ -8,6 +8,7 @@ TCP side closes that QUIC connection (and an abrupt close publishes the client's
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -22,7 +23,15 @@ from mqttproto.codec import encode
 from mqttproto.packets import MQTT_3_1_1, MQTT_5, Connect, Will
 
 from .conftest import HOST, QBroker, stop_process, subprocess_env
-from .helpers import Paho, assert_quiet, collect, make_client, qmig_cmd, uid
+from .helpers import (
+    Paho,
+    assert_quiet,
+    collect,
+    make_client,
+    qmig_cmd,
+    quic_terminated,
+    uid,
+)
 
 READY_TIMEOUT = 15.0
 MOSQUITTO_PUB = shutil.which("mosquitto_pub")
@@ -70,20 +79,6 @@ def client_id_connected_over(broker: QBroker, client_id: str, since: int = 0) ->
     """The transport the broker says ``client_id`` connected over (from its DEBUG log)."""
     found = broker.wait_log(rf"client {re.escape(client_id)} connected over (\w+) from", since)
     return found.group(1)
-
-
-async def quic_terminated(broker: QBroker, client_id: str, since: int, timeout: float) -> None:
-    """Wait until the QUIC connection that carried ``client_id`` has ended, per the broker
-    log: find its peer address, aioquic's connection id for that path, then its end."""
-    line = await broker.await_log(
-        rf"client {re.escape(client_id)} connected over quic from [\d.]+:\d+", since
-    )
-    port = line.rsplit(":", 1)[1]
-    cid_line = await broker.await_log(
-        rf"\[[0-9a-f]+\] Network path \('[\d.:a-f]+', {port}\) discovered", since
-    )
-    cid = re.escape(cid_line.split("]")[0] + "]")
-    await broker.await_log(rf"{cid} .*QuicConnectionState.TERMINATED", since, timeout)
 
 
 async def mosquitto(*args: str, timeout: float = 10.0) -> tuple[int, str, str]:
@@ -177,7 +172,7 @@ async def test_paho_through_bridge(qbroker: QBroker, bridge: BridgeProcess, vers
     paho = Paho(bridge.port, version)
     try:
         await asyncio.to_thread(paho.connect)
-        assert client_id_connected_over(qbroker, paho.client._client_id.decode(), since) == "quic"
+        assert client_id_connected_over(qbroker, paho.client_id, since) == "quic"
         await asyncio.to_thread(paho.subscribe, f"{root}/to-paho", 2)
         async with (
             make_client(qbroker, "quic", version=version) as quic,
@@ -206,8 +201,7 @@ async def test_paho_session_through_bridge(qbroker: QBroker, bridge: BridgeProce
     """A persistent paho session (clean session 0) carried over the bridge resumes."""
     topic = uid("br-sess/")
     client_id = uid("paho-sess-")
-    paho = Paho(bridge.port, MQTT_3_1_1, client_id=client_id)
-    paho.client._clean_session = False  # paho's constructor flag is for 3.1.1 only
+    paho = Paho(bridge.port, MQTT_3_1_1, client_id=client_id, clean_session=False)
     try:
         await asyncio.to_thread(paho.connect)
         await asyncio.to_thread(paho.subscribe, topic, 1)
@@ -216,10 +210,10 @@ async def test_paho_session_through_bridge(qbroker: QBroker, bridge: BridgeProce
     async with make_client(qbroker, "quic") as pub:
         for n in range(3):
             await pub.publish(topic, f"queued {n}".encode(), qos=1, timeout=5)
-    again = Paho(bridge.port, MQTT_3_1_1, client_id=client_id)
-    again.client._clean_session = False
+    again = Paho(bridge.port, MQTT_3_1_1, client_id=client_id, clean_session=False)
     try:
         await asyncio.to_thread(again.connect)
+        assert again.session_present
         got = [await asyncio.to_thread(again.get) for _ in range(3)]
         assert [m.payload for m in got] == [b"queued 0", b"queued 1", b"queued 2"]
     finally:
@@ -308,3 +302,26 @@ async def test_broker_close_reaches_tcp_client(qbroker: QBroker, bridge: BridgeP
         await asyncio.to_thread(paho.connect)
     finally:
         await asyncio.to_thread(paho.close)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+async def test_bridge_releases_quic_sockets(qbroker: QBroker, bridge: BridgeProcess) -> None:
+    """Every bridged client's UDP socket is closed after it goes (no descriptor leak)."""
+
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{bridge.proc.pid}/fd"))
+
+    async def one_client(n: int) -> None:
+        reader, writer = await raw_connect(bridge.port, uid(f"fd{n}-"), None, MQTT_3_1_1)
+        if n % 2:
+            writer.write(b"\xe0\x00")  # DISCONNECT, then the broker closes
+            await writer.drain()
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+
+    before = open_fds()
+    await asyncio.gather(*(one_client(n) for n in range(10)))
+    deadline = time.monotonic() + 5
+    while open_fds() > before and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert open_fds() <= before, f"{open_fds() - before} descriptors left open by the bridge"

@@ -1,0 +1,167 @@
+"""What a broker does when its container moves: the steps the orchestrator calls, in order.
+
+1. ``prepare(dest)``: tell every QUIC client (that supports it) the destination address in a
+   SERVER_MIGRATION frame; proactive clients start probing it.
+2. ``pre_checkpoint(reference)``: CRIU cannot dump MPTCP sockets and TCP connections cannot
+   follow a new IP, so TCP/TLS/MPTCP clients get DISCONNECT 0x9D "Server moved" with the
+   destination as Server Reference (MQTT 5) and the MPTCP listener closes.
+3. (the container is checkpointed, moved and restored: memory, sessions, QUIC state intact)
+4. ``restored(new_addr)``: reopen listeners, announce the new address (SERVER_MIGRATED) to
+   clients that wait for it, and resend what the freeze swallowed without PTO backoff.
+
+``status()`` reports where things stand; MIGRATION_TRIGGER frames from clients are kept in
+``triggers`` for the orchestrator to read.  Everything lives in the broker's memory, so it
+survives the checkpoint/restore it orchestrates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from migration.frames import (
+    STRATEGY_ANNOUNCE,
+    STRATEGY_EXPLICIT,
+    STRATEGY_POOL,
+    Address,
+    MigrationTrigger,
+    PoolMigrationAddress,
+    ServerMigrated,
+    ServerMigration,
+)
+from migration.quicext import MigratingQuicConnection, MigrationFrameReceived
+from mqttproto.reasons import ReasonCode
+
+if TYPE_CHECKING:
+    from .quic import BrokerQuicProtocol
+    from .server import BrokerServer
+
+log = logging.getLogger("qmig.migration")
+
+RECONNECTING_TRANSPORTS = ("tcp", "tls", "mptcp")
+
+
+class MigrationAPI:
+    def __init__(self, server: BrokerServer, pool: list[Address] | None = None) -> None:
+        self.server = server
+        self.pool = list(pool or [])
+        self.sequence = 0
+        self.state = "serving"
+        self.destination: Address | None = None
+        self.triggers: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
+
+    def _quic(self, proto: BrokerQuicProtocol) -> MigratingQuicConnection:
+        quic = proto._quic
+        assert isinstance(quic, MigratingQuicConnection)
+        return quic
+
+    # ------------------------------------------------------------------ QUIC events
+    def connection_ready(self, proto: BrokerQuicProtocol) -> None:
+        """Handshake done: give the client the pool of addresses, as the paper does."""
+        if self.pool:
+            frame = PoolMigrationAddress(self.sequence, tuple(self.pool))
+            if self._quic(proto).send_migration_frame(frame):
+                proto.transmit()
+
+    def frame_received(self, proto: BrokerQuicProtocol, event: MigrationFrameReceived) -> None:
+        if isinstance(event.frame, MigrationTrigger):
+            client_id = proto.conn.client_id if proto.conn is not None else ""
+            entry = {
+                "client_id": client_id,
+                "from": str(event.source) if event.source else None,
+                "reason": event.frame.reason,
+                "hint": event.frame.hint,
+                "at": time.time(),
+            }
+            self.triggers.append(entry)
+            del self.triggers[:-100]  # bounded: the orchestrator reads them via status
+            log.info("migration trigger from %s: %s", client_id or entry["from"], entry["hint"])
+
+    # ------------------------------------------------------------------ steps
+    def prepare(self, dest: Address) -> dict[str, Any]:
+        """Step 1: announce ``dest`` (the broker's QUIC address after the move)."""
+        self.sequence += 1
+        self.destination = dest
+        self.state = "prepared"
+        frame = ServerMigration(self.sequence, dest)
+        told = 0
+        for proto in list(self.server.quic_protocols):
+            if self._quic(proto).send_migration_frame(frame):
+                proto.transmit()
+                told += 1
+        log.info("prepare: told %d QUIC clients about %s (sequence %d)", told, dest, frame.sequence)
+        return {"sequence": self.sequence, "destination": str(dest), "quic_notified": told}
+
+    async def pre_checkpoint(self, reference: str | None) -> dict[str, Any]:
+        """Step 2: send reconnecting transports away and close what CRIU cannot dump."""
+        sent_away = self.server.broker.disconnect_clients(
+            RECONNECTING_TRANSPORTS, ReasonCode.SERVER_MOVED, reference
+        )
+        # New TCP-family connections arriving until the freeze are sent the same way.
+        if reference:
+            self.server.broker.set_redirect(reference, permanent=True)
+        self.server.flush()
+        await self.server.close_listener("mptcp")
+        self.state = "checkpoint-ready"
+        log.info("pre-checkpoint: %d TCP/TLS/MPTCP clients sent to %s", sent_away, reference)
+        return {"disconnected": sent_away, "reference": reference}
+
+    async def restored(self, new_addr: Address) -> dict[str, Any]:
+        """Step 4: serve again at ``new_addr``."""
+        self.server.broker.set_redirect(None)
+        for kind in self.server.listeners:
+            await self.server.open_listener(kind)
+        frame = ServerMigrated(self.sequence, new_addr)
+        announced = 0
+        now = self.server.loop_time()
+        for proto in list(self.server.quic_protocols):
+            quic = self._quic(proto)
+            if quic.send_migration_frame(frame):
+                announced += 1
+            # Packets sent before the freeze are gone: resend now, not after PTO backoff.
+            quic._retransmit_in_flight(now)
+            proto.transmit()
+        self.history.append(
+            {"sequence": self.sequence, "to": str(new_addr), "announced": announced,
+             "at": time.time()}
+        )  # fmt: skip
+        self.state = "serving"
+        log.info("restored at %s: announced to %d QUIC clients", new_addr, announced)
+        return {"address": str(new_addr), "quic_announced": announced}
+
+    async def rollback(self) -> dict[str, Any]:
+        """The move failed and the broker serves where it was: undo prepare/pre-checkpoint."""
+        self.server.broker.set_redirect(None)
+        for kind in self.server.listeners:
+            await self.server.open_listener(kind)
+        self.state = "serving"
+        self.destination = None
+        return {"state": self.state}
+
+    def status(self) -> dict[str, Any]:
+        by_transport: dict[str, int] = {}
+        for conn in self.server.broker.connections:
+            by_transport[conn.transport] = by_transport.get(conn.transport, 0) + 1
+        strategies = {"explicit": 0, "pool": 0, "announce": 0, "none": 0}
+        for proto in self.server.quic_protocols:
+            peer = self._quic(proto).qmig_peer or 0
+            if not peer:
+                strategies["none"] += 1
+            for bit, name in ((STRATEGY_EXPLICIT, "explicit"), (STRATEGY_POOL, "pool"),
+                              (STRATEGY_ANNOUNCE, "announce")):  # fmt: skip
+                if peer & bit:
+                    strategies[name] += 1
+        return {
+            "state": self.state,
+            "sequence": self.sequence,
+            "destination": str(self.destination) if self.destination else None,
+            "pool": [str(a) for a in self.pool],
+            "listeners": {k: v.bound for k, v in self.server.listeners.items()},
+            "connections": by_transport,
+            "sessions": self.server.broker.store.session_count(),
+            "quic_clients_by_strategy": strategies,
+            "triggers": list(self.triggers),
+            "history": list(self.history),
+        }

@@ -1,0 +1,309 @@
+"""qmig's server-migration extension grafted onto aioquic's QuicConnection by subclassing.
+
+aioquic's servers and ``connect()`` build plain ``QuicConnection`` objects; the protocol
+factory hands each one to :meth:`MigratingQuicConnection.adopt`, which makes it an instance
+of this subclass before a single datagram is processed.  The subclass overrides a handful of
+aioquic methods and always calls the original (the seams are tested in
+``tests/test_quic_migration.py`` against the pinned aioquic series):
+
+- ``_serialize_transport_parameters`` / ``_parse_transport_parameters``: one more parameter.
+- ``_write_connection_limits`` (called once per 1-RTT packet): appends pending extension
+  frames, with a delivery handler that queues a lost frame again (frames are retransmitted).
+- ``receive_datagram``: a client accepts datagrams from a server address it was told about
+  (announced or pooled) by opening a probe path to it; aioquic validates it and moves there.
+- ``get_timer`` / ``handle_timer``: the short fixed probing schedule of a migration window.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic.buffer import Buffer
+from aioquic.quic.connection import (
+    EPOCHS,
+    NetworkAddress,
+    QuicConnection,
+    QuicConnectionError,
+    QuicNetworkPath,
+    QuicReceiveContext,
+)
+from aioquic.quic.events import QuicEvent
+from aioquic.quic.packet import QuicErrorCode
+from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.tls import Epoch
+
+from .frames import (
+    FRAME_TYPES,
+    MIGRATION_TRIGGER,
+    POOL_MIGRATION_ADDRESS,
+    SERVER_MIGRATED,
+    SERVER_MIGRATION,
+    STRATEGY_ANNOUNCE,
+    STRATEGY_EXPLICIT,
+    STRATEGY_POOL,
+    STRATEGY_TRIGGER,
+    Address,
+    Frame,
+    FrameError,
+    MigrationTrigger,
+    PoolMigrationAddress,
+    ServerMigrated,
+    ServerMigration,
+    encode_body,
+    encode_transport_parameter,
+    find_transport_parameter,
+    pull_frame,
+)
+from .strategies import Follower
+
+log = logging.getLogger("qmig.migration")
+
+_REQUIRED_BIT = {
+    SERVER_MIGRATION: STRATEGY_EXPLICIT,
+    POOL_MIGRATION_ADDRESS: STRATEGY_POOL,
+    SERVER_MIGRATED: STRATEGY_ANNOUNCE,
+    MIGRATION_TRIGGER: STRATEGY_TRIGGER,
+}
+_SERVER_SENDS = frozenset({SERVER_MIGRATION, POOL_MIGRATION_ADDRESS, SERVER_MIGRATED})
+
+
+@dataclass
+class MigrationFrameReceived(QuicEvent):
+    """An extension frame arrived (``source``: the address it came from)."""
+
+    frame: Frame
+    source: Address | None
+
+
+@dataclass
+class ServerAddressChanged(QuicEvent):
+    """A client's connection moved to a validated new server address."""
+
+    address: Address
+
+
+def to_address(addr: NetworkAddress) -> Address:
+    host = addr[0]
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return Address(host, int(addr[1]))
+
+
+def to_network_address(address: Address, like: NetworkAddress) -> NetworkAddress:
+    """The socket address aioquic uses for ``address`` (IPv4-mapped on dual-stack sockets)."""
+    if len(like) == 4 and address.version == 4:
+        return (f"::ffff:{address.host}", address.port, 0, 0)
+    if len(like) == 4:
+        return (address.host, address.port, 0, 0)
+    return (address.host, address.port)
+
+
+class MigratingQuicConnection(QuicConnection):
+    """QuicConnection plus qmig's transport parameter, frames and client probing."""
+
+    qmig_local: int
+    qmig_peer: int | None
+    follower: Follower | None
+
+    @classmethod
+    def adopt(
+        cls, connection: QuicConnection, strategies: int, follower: Follower | None = None
+    ) -> MigratingQuicConnection:
+        connection.__class__ = cls
+        assert isinstance(connection, MigratingQuicConnection)
+        connection._qmig_setup(strategies, follower)
+        return connection
+
+    def _qmig_setup(self, strategies: int, follower: Follower | None) -> None:
+        self.qmig_local = strategies
+        self.qmig_peer = None
+        self.follower = follower
+        self.qmig_pending: list[Frame] = []
+        self.qmig_last_received: float | None = None
+        self._qmig_active_addr: NetworkAddress | None = None
+        handlers = self._QuicConnection__frame_handlers  # type: ignore[attr-defined]
+        for frame_type in FRAME_TYPES:
+            handlers[frame_type] = (self._handle_migration_frame, EPOCHS("1"))
+
+    # ------------------------------------------------------------------ transport parameter
+    def _serialize_transport_parameters(self) -> bytes:
+        data = super()._serialize_transport_parameters()
+        if self.qmig_local:
+            data += encode_transport_parameter(self.qmig_local)
+        return data
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        if not from_session_ticket:
+            self.qmig_peer = find_transport_parameter(data)
+
+    def peer_accepts(self, strategy_bits: int) -> bool:
+        return bool(self.qmig_peer and self.qmig_peer & strategy_bits)
+
+    # ------------------------------------------------------------------ sending frames
+    def send_migration_frame(self, frame: Frame) -> bool:
+        """Queue ``frame`` if the peer advertised support for it; False if it did not."""
+        if not self.peer_accepts(_REQUIRED_BIT[frame.type]):
+            return False
+        self.qmig_pending.append(frame)
+        return True
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        super()._write_connection_limits(builder=builder, space=space)
+        while self.qmig_pending:
+            frame = self.qmig_pending[0]
+            body = encode_body(frame)
+            buf = builder.start_frame(
+                frame.type,
+                capacity=len(body),
+                handler=self._on_frame_delivery,
+                handler_args=(frame,),
+            )
+            buf.push_bytes(body)
+            self.qmig_pending.pop(0)
+
+    def _on_frame_delivery(self, delivery: QuicDeliveryState, frame: Frame) -> None:
+        if delivery == QuicDeliveryState.LOST:
+            self.qmig_pending.append(frame)  # retransmit in a new packet
+
+    # ------------------------------------------------------------------ receiving frames
+    def _handle_migration_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        try:
+            frame = pull_frame(frame_type, buf)
+        except FrameError as exc:
+            raise QuicConnectionError(
+                error_code=QuicErrorCode.FRAME_ENCODING_ERROR,
+                frame_type=frame_type,
+                reason_phrase=str(exc),
+            ) from exc
+        if not self.qmig_local or (frame_type in _SERVER_SENDS) != self._is_client:
+            raise QuicConnectionError(
+                error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+                frame_type=frame_type,
+                reason_phrase="unexpected migration frame",
+            )
+        source = to_address(context.network_path.addr)
+        follower = self.follower
+        if follower is not None:
+            now = context.time
+            if isinstance(frame, ServerMigration):
+                follower.on_server_migration(frame, now)
+            elif isinstance(frame, PoolMigrationAddress):
+                follower.on_pool(frame, now)
+            elif isinstance(frame, ServerMigrated):
+                follower.on_server_migrated(frame, source, now)
+        self._events.append(MigrationFrameReceived(frame, source))
+
+    def trigger_migration(self, reason: int, hint: str = "") -> bool:
+        """Client side: ask the broker to move (it forwards this to its orchestrator)."""
+        return self.send_migration_frame(MigrationTrigger(reason, hint))
+
+    # ------------------------------------------------------------------ client probing
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        follower = self.follower
+        if follower is not None and self._is_client and self._network_paths:
+            known = any(path.addr == addr for path in self._network_paths)
+            if not known and follower.acceptable(to_address(addr)):
+                # RFC 9000 section 9 makes clients drop datagrams from unknown server
+                # addresses; an announced or pooled one is known to us, so open a path.
+                self._open_probe_path(addr)
+            if known and addr == self._network_paths[0].addr:
+                self.qmig_last_received = now
+        super().receive_datagram(data, addr, now)
+        if follower is not None:
+            self._qmig_after_receive(now)
+
+    def _open_probe_path(self, addr: NetworkAddress) -> QuicNetworkPath | None:
+        for path in self._network_paths:
+            if path.addr == addr:
+                if not path.is_validated:
+                    path.local_challenge_sent = False  # challenge again
+                return path
+        if not self._peer_cid_available:
+            log.debug("no spare connection ID to probe %s", addr)
+            return None
+        path = QuicNetworkPath(addr)
+        # A connection ID must not be used towards two addresses (RFC 9000 section 9.5);
+        # aioquic switches to this reserved one when the path validates.
+        path.peer_cid = self._peer_cid_available.pop(0)
+        self._add_network_path(path)
+        return path
+
+    def _qmig_after_receive(self, now: float) -> None:
+        follower = self.follower
+        assert follower is not None
+        active = self._network_paths[0].addr if self._network_paths else None
+        if self._qmig_active_addr is None:
+            self._qmig_active_addr = active
+            if active is not None:
+                follower.current = to_address(active)
+            return
+        if active != self._qmig_active_addr and active is not None:
+            self._qmig_active_addr = active
+            address = to_address(active)
+            log.debug("connection moved to server address %s", address)
+            follower.on_validated(address, now)
+            self.qmig_last_received = now
+            self._retransmit_in_flight(now)
+            self._events.append(ServerAddressChanged(address))
+
+    def _retransmit_in_flight(self, now: float) -> None:
+        """After moving, resend what the old path swallowed instead of waiting out the
+        PTO backoff that built up while the broker was frozen (RFC 9002 section 6.2)."""
+        loss = self._loss
+        for space in loss.spaces:
+            if not space.is_application_data or not space.sent_packets:
+                continue
+            packets = [p for p in space.sent_packets.values() if p.is_ack_eliciting]
+            if packets:
+                loss._on_packets_lost(
+                    congestion_event=False, now=now, packets=packets, space=space
+                )
+        loss._pto_count = 0
+
+    def _silent(self, now: float) -> bool:
+        if self.qmig_last_received is None:
+            return False
+        space = self._spaces.get(Epoch.ONE_RTT)
+        if space is None or not space.ack_eliciting_in_flight:
+            return False
+        assert self.follower is not None
+        return now - self.qmig_last_received >= self.follower.silence
+
+    def get_timer(self) -> float | None:
+        timer = super().get_timer()
+        follower = self.follower
+        if follower is None or self._close_at is None:  # not connected yet
+            return timer
+        candidates = [t for t in (timer, follower.next_timer()) if t is not None]
+        if not follower.probing and self.qmig_last_received is not None:
+            candidates.append(self.qmig_last_received + follower.silence)
+        return min(candidates) if candidates else None
+
+    def handle_timer(self, now: float) -> None:
+        if self._close_at is None:  # not connected yet: aioquic has no timer to handle
+            return
+        super().handle_timer(now)
+        follower = self.follower
+        if follower is None or not self._network_paths:
+            return
+        if not follower.probing and self._silent(now):
+            follower.on_silence(now)
+        if follower.probing and not self._silent(now) and follower.records:
+            trigger = follower.records[-1].trigger
+            if trigger in ("loss", "pool"):
+                # The old path answers again: the silence was jitter, not a migration.
+                follower.targets = []
+                follower.next_probe_at = None
+        like = self._network_paths[0].addr
+        for address in follower.due_probes(now):
+            self._open_probe_path(to_network_address(address, like))
+
+
+def migration_events(events: list[QuicEvent]) -> list[Any]:
+    return [e for e in events if isinstance(e, (MigrationFrameReceived, ServerAddressChanged))]

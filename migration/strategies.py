@@ -1,0 +1,190 @@
+"""How a client follows a server that moves: the four strategies, as a pure state machine.
+
+:class:`Follower` never touches a socket or a QUIC connection.  It is told what the server
+announced and what the network did (silence, a datagram from a new address, a validated
+path) and answers with the server addresses to probe now.  The QUIC layer
+(:mod:`migration.quicext`) sends the PATH_CHALLENGEs and moves the connection once a path
+validates; RFC 9000's rules (validate before use, anti-amplification) stay with aioquic.
+
+- proactive: on SERVER_MIGRATION, probe the announced address at once and keep probing on a
+  short fixed schedule until it answers (the broker is frozen meanwhile).
+- reactive: keep the old address until silence suggests loss, then probe the announced one.
+- pool: ignore announcements; on silence probe every pool address at once, take the first
+  that validates (the literature tried them one after another).
+- announce: wait for the broker to speak first from its new address (SERVER_MIGRATED) and
+  accept it only if that address was announced or is in the pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .frames import (
+    STRATEGY_ANNOUNCE,
+    STRATEGY_EXPLICIT,
+    STRATEGY_POOL,
+    Address,
+    PoolMigrationAddress,
+    ServerMigrated,
+    ServerMigration,
+)
+
+
+class Strategy(StrEnum):
+    PROACTIVE = "proactive"
+    REACTIVE = "reactive"
+    POOL = "pool"
+    ANNOUNCE = "announce"
+    NONE = "none"
+
+    @property
+    def advertised(self) -> int:
+        """The transport-parameter bits a client with this strategy sends."""
+        return {
+            Strategy.PROACTIVE: STRATEGY_EXPLICIT,
+            Strategy.REACTIVE: STRATEGY_EXPLICIT,
+            Strategy.POOL: STRATEGY_POOL,
+            # Announcements and the pool only authorise the address the broker speaks from.
+            Strategy.ANNOUNCE: STRATEGY_ANNOUNCE | STRATEGY_EXPLICIT | STRATEGY_POOL,
+            Strategy.NONE: 0,
+        }[self]
+
+
+@dataclass
+class MigrationRecord:
+    """What one migration looked like from this client (monotonic seconds)."""
+
+    sequence: int
+    destination: Address | None
+    trigger: str  # "explicit", "loss", "pool", "announce"
+    learned_at: float
+    probing_since: float | None = None
+    first_probe_at: float | None = None
+    validated_at: float | None = None
+    adopted: Address | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "sequence": self.sequence,
+            "destination": str(self.destination) if self.destination else None,
+            "adopted": str(self.adopted) if self.adopted else None,
+            "trigger": self.trigger,
+            "learned_at": self.learned_at,
+            "first_probe_at": self.first_probe_at,
+            "validated_at": self.validated_at,
+        }
+
+
+@dataclass
+class Follower:
+    strategy: Strategy
+    probe_interval: float = 0.02  # fixed probing schedule inside a migration window
+    window: float = 15.0  # how long a migration window lasts at most
+    silence: float = 0.05  # silence with data outstanding that counts as loss
+    current: Address | None = None
+    announced: Address | None = None
+    pool: tuple[Address, ...] = ()
+    targets: list[Address] = field(default_factory=list)
+    window_until: float | None = None
+    next_probe_at: float | None = None
+    records: list[MigrationRecord] = field(default_factory=list)
+    _sequence: int = -1
+
+    # ------------------------------------------------------------------ what we learn
+    def on_server_migration(self, frame: ServerMigration, now: float) -> None:
+        if self.strategy is Strategy.POOL or self.strategy is Strategy.NONE:
+            return
+        if frame.sequence <= self._sequence:
+            return  # a retransmission or a stale notice
+        self._sequence = frame.sequence
+        self.announced = frame.address
+        if self.strategy is Strategy.ANNOUNCE:
+            return
+        record = MigrationRecord(frame.sequence, frame.address, "explicit", now)
+        self.records.append(record)
+        if self.strategy is Strategy.PROACTIVE:
+            self._start(record, [frame.address], now)
+
+    def on_pool(self, frame: PoolMigrationAddress, now: float) -> None:
+        if self.strategy in (Strategy.POOL, Strategy.ANNOUNCE):
+            self.pool = frame.addresses
+
+    def on_server_migrated(self, frame: ServerMigrated, source: Address, now: float) -> None:
+        """SERVER_MIGRATED arrived (possibly from an address we did not know yet)."""
+        if self.strategy is not Strategy.ANNOUNCE or self.probing:
+            return
+        if not self.acceptable(source):
+            return
+        record = MigrationRecord(frame.sequence, source, "announce", now)
+        self.records.append(record)
+        self._start(record, [source], now)
+
+    def on_silence(self, now: float) -> None:
+        """Nothing heard for ``silence`` seconds while waiting for acknowledgements."""
+        if self.probing:
+            return
+        if self.strategy is Strategy.REACTIVE and self.announced is not None:
+            record = self._pending_record() or MigrationRecord(
+                self._sequence, self.announced, "loss", now
+            )
+            if record not in self.records:
+                self.records.append(record)
+            record.trigger = "loss"
+            self._start(record, [self.announced], now)
+        elif self.strategy is Strategy.POOL and self.pool:
+            candidates = [a for a in self.pool if a != self.current]
+            if candidates:
+                record = MigrationRecord(len(self.records), None, "pool", now)
+                self.records.append(record)
+                self._start(record, candidates, now)
+
+    def on_validated(self, address: Address, now: float) -> None:
+        """The QUIC layer validated a path to ``address`` and moved the connection there."""
+        self.current = address
+        record = self.records[-1] if self.records else None
+        if record is not None and record.validated_at is None and self.probing:
+            record.validated_at = now
+            record.adopted = address
+        self.targets = []
+        self.window_until = None
+        self.next_probe_at = None
+
+    # ------------------------------------------------------------------ what to do
+    @property
+    def probing(self) -> bool:
+        return bool(self.targets)
+
+    def acceptable(self, address: Address) -> bool:
+        """Only announced or pooled addresses may ever carry this connection."""
+        return address == self.announced or address in self.pool
+
+    def due_probes(self, now: float) -> list[Address]:
+        """Addresses to send a PATH_CHALLENGE to now (empty when nothing is due)."""
+        if not self.targets or self.next_probe_at is None:
+            return []
+        if self.window_until is not None and now >= self.window_until:
+            self.targets = []  # window over: back to aioquic's own timers
+            self.next_probe_at = None
+            return []
+        if now < self.next_probe_at:
+            return []
+        self.next_probe_at = now + self.probe_interval
+        record = self.records[-1] if self.records else None
+        if record is not None and record.first_probe_at is None:
+            record.first_probe_at = now
+        return list(self.targets)
+
+    def next_timer(self) -> float | None:
+        return self.next_probe_at if self.targets else None
+
+    def _start(self, record: MigrationRecord, targets: list[Address], now: float) -> None:
+        record.probing_since = now
+        self.targets = targets
+        self.window_until = now + self.window
+        self.next_probe_at = now
+
+    def _pending_record(self) -> MigrationRecord | None:
+        if self.records and self.records[-1].validated_at is None:
+            return self.records[-1]
+        return None
