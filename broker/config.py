@@ -11,7 +11,7 @@ import dataclasses
 import os
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,12 @@ class BrokerConfig:
     redirect: str | None = None  # server reference; new connections are refused with it
     redirect_permanent: bool = False
     log_level: str = "INFO"
+    # Control API for the edge host's orchestrator (migration.control); port 0 = off.  The
+    # token comes from control_token_file or $QMIG_CONTROL_TOKEN, never from a flag (ps).
+    control_host: str = "127.0.0.1"
+    control_port: int = 0
+    control_token: str | None = field(default=None, repr=False)
+    control_token_file: str | None = None
 
     @property
     def tls_enabled(self) -> bool:
@@ -102,6 +108,21 @@ class BrokerConfig:
             raise ConfigError("cert and key must be given together")
         if self.require_certificate and self.tls_enabled and not self.cafile:
             raise ConfigError("require_certificate needs cafile to verify client certificates")
+        _check_range("control_port", self.control_port, 0, 65535)
+        if self.control_port and not self.control_host:
+            raise ConfigError("control_host must not be empty (0.0.0.0 if every address is meant)")
+        if self.control_token_file:  # the file wins over control_token / the environment
+            from migration.control import ControlError, read_token_file
+
+            try:
+                self.control_token = read_token_file(self.control_token_file)
+            except ControlError as exc:
+                raise ConfigError(str(exc)) from exc
+        if self.control_port and not self.control_token:
+            raise ConfigError(
+                "control_port needs a token: give control_token_file (--control-token-file) "
+                "or set $QMIG_CONTROL_TOKEN"
+            )
         if self.redirect is not None and not self.redirect.strip():
             raise ConfigError("redirect must be a non-empty server reference such as host:port")
         level = self.log_level.upper()
@@ -214,6 +235,12 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--sys-interval", type=float, default=None, help="seconds between $SYS updates, 0 disables")
     add("--redirect", metavar="HOST:PORT", default=None,
         help="refuse new connections, pointing clients at this server reference")
+    add("--control-host", default=None,
+        help="address of the migration control API (default 127.0.0.1)")
+    add("--control-port", type=int, default=None,
+        help="port of the migration control API, 0 disables (default 0); needs a token")
+    add("--control-token-file", metavar="FILE", default=None,
+        help="file holding the control API token (or set $QMIG_CONTROL_TOKEN)")
     add("--log-level", type=_log_level, default=None, help="DEBUG, INFO, WARNING or ERROR")
 
 
@@ -225,6 +252,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         values.update(load_yaml(config_path))
     if os.environ.get("QMIG_POOL"):
         values["pool"] = os.environ["QMIG_POOL"]  # the container's environment
+    if os.environ.get("QMIG_CONTROL_TOKEN", "").strip():
+        values["control_token"] = os.environ["QMIG_CONTROL_TOKEN"].strip()
     for name in _FIELD_NAMES:
         flag = getattr(args, name, None)
         if flag is not None:

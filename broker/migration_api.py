@@ -79,6 +79,11 @@ class MigrationAPI:
             del self.triggers[:-100]  # bounded: the orchestrator reads them via status
             log.info("migration trigger from %s: %s", client_id or entry["from"], entry["hint"])
 
+    def _restore_configured_redirect(self) -> None:
+        """Drop pre-checkpoint's redirect but keep one the broker was started with."""
+        cfg = self.server.config
+        self.server.broker.set_redirect(cfg.redirect, cfg.redirect_permanent)
+
     # ------------------------------------------------------------------ steps
     def prepare(self, dest: Address) -> dict[str, Any]:
         """Step 1: announce ``dest`` (the broker's QUIC address after the move)."""
@@ -110,7 +115,7 @@ class MigrationAPI:
 
     async def restored(self, new_addr: Address) -> dict[str, Any]:
         """Step 4: serve again at ``new_addr``."""
-        self.server.broker.set_redirect(None)
+        self._restore_configured_redirect()
         for kind in self.server.listeners:
             await self.server.open_listener(kind)
         frame = ServerMigrated(self.sequence, new_addr)
@@ -133,7 +138,7 @@ class MigrationAPI:
 
     async def rollback(self) -> dict[str, Any]:
         """The move failed and the broker serves where it was: undo prepare/pre-checkpoint."""
-        self.server.broker.set_redirect(None)
+        self._restore_configured_redirect()
         for kind in self.server.listeners:
             await self.server.open_listener(kind)
         self.state = "serving"

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from migration.control import ControlServer
 from migration.frames import Address
 from mqttproto.reasons import ReasonCode
 
@@ -124,6 +125,7 @@ class BrokerServer:
         self.migration = MigrationAPI(
             self, [Address.parse(a) for a in config.pool_addresses_text()]
         )
+        self.control: ControlServer | None = None  # not a listener: CRIU keeps it open
 
     # ----------------------------------------------------------------- output
     def _schedule_flush(self) -> None:
@@ -181,6 +183,12 @@ class BrokerServer:
             log.info("QUIC listener off: no --cert/--key given")
         for kind in list(self.listeners):
             await self.open_listener(kind)
+        if cfg.control_port:
+            self.control = ControlServer(
+                self.migration, cfg.control_host, cfg.control_port, cfg.control_token or ""
+            )
+            host, port = await self.control.start()
+            log.info("control API on %s:%s", host, port)
         self._ticker = self._loop.call_later(TICK_SECONDS, self._tick)
 
     def _make_ssl_context(self) -> ssl.SSLContext:
@@ -253,6 +261,9 @@ class BrokerServer:
         """Close listeners, tell MQTT 5 clients the server is shutting down, flush."""
         for kind in list(self.listeners):
             await self.close_listener(kind)
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         if self._ticker is not None:
             self._ticker.cancel()
         for conn in list(self.broker.connections):

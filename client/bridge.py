@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -62,6 +63,7 @@ class BridgedClient(asyncio.Protocol):
             return
         if self.closed:
             self.quic.close()
+            self._release()
             return
         for chunk in self.backlog:
             self.quic.write(chunk)
@@ -94,7 +96,22 @@ class BridgedClient(asyncio.Protocol):
             self.tcp.close()
         if self.quic is not None:
             self.quic.close()
+            self._release()
         self.bridge.clients.discard(self)
+
+    def _release(self) -> None:
+        """Exit the QUIC connection's context: it waits for the close, then frees the socket."""
+        closer, self.closer = self.closer, None
+        if closer is None:
+            return
+
+        async def release() -> None:
+            with contextlib.suppress(Exception):
+                await closer.__aexit__(None, None, None)  # type: ignore[attr-defined]
+
+        task = asyncio.get_running_loop().create_task(release())
+        self.bridge.tasks.add(task)
+        task.add_done_callback(self.bridge.tasks.discard)
 
 
 class Bridge:
@@ -127,6 +144,8 @@ class Bridge:
         for client in list(self.clients):
             client.close()
         await asyncio.sleep(0)
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=2.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -72,6 +72,30 @@ class _StreamProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
+class _RetryRefusedSend:
+    """The client's UDP transport, resending a datagram refused for an earlier ICMP error.
+
+    Linux reports an ICMP port-unreachable (from probing a pool address where no broker
+    listens) on the *next* send of the unconnected socket, whatever its destination, and
+    asyncio then drops that datagram.  Without this, probing a dead pool address silences
+    the PATH_CHALLENGE to the live one sent right after it.
+    """
+
+    def __init__(self, inner: asyncio.DatagramTransport, proto: QuicStreamProtocol) -> None:
+        self.inner = inner
+        self.proto = proto
+
+    def sendto(self, data: bytes, addr: object = None) -> None:
+        self.proto.send_error = None
+        self.inner.sendto(data, addr)
+        if isinstance(self.proto.send_error, ConnectionRefusedError):
+            self.proto.send_error = None
+            self.inner.sendto(data, addr)  # the pending error was consumed: send again
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
 class QuicStreamProtocol(QuicConnectionProtocol):
     """aioquic client connection carrying MQTT on stream 0; one transmit per loop turn."""
 
@@ -90,7 +114,8 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         self._transmit_soon = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        self.send_error: Exception | None = None
+        super().connection_made(_RetryRefusedSend(transport, self))  # type: ignore[arg-type]
         # Without this a handshake with no listener behind the port waits for the timeout.
         sock = transport.get_extra_info("socket")
         for level, option in _RECVERR if sock is not None else ():
@@ -99,6 +124,7 @@ class QuicStreamProtocol(QuicConnectionProtocol):
 
     def error_received(self, exc: Exception) -> None:
         """An ICMP error (e.g. port unreachable) during the handshake fails the connect."""
+        self.send_error = exc
         waiter = self._connected_waiter
         if waiter is not None and not waiter.done():
             self._connected_waiter = None

@@ -160,14 +160,18 @@ class Harness:
         destination: str = "127.0.0.3",
         port: int = 0,
         loss: float = 0.0,
-        pool: list[str] | None = None,
+        pool_position: int | None = None,
+        pool_size: int = 3,
         seed: int = 1,
     ) -> None:
         self.source = source
         self.destination = destination
         self.port = port
         self.loss = loss
-        self.pool = pool
+        # Pool clients are given ``pool_size`` addresses with the destination at
+        # ``pool_position`` (1-based); the others are decoys where nothing listens.
+        self.pool_position = pool_position
+        self.pool_size = pool_size
         self.rng = random.Random(seed)
         self.server: BrokerServer | None = None
         self.clients: list[Client] = []
@@ -184,7 +188,11 @@ class Harness:
                                self.source, self.destination])  # fmt: skip
         self.cafile = str(certs.ca_cert)
         port = self.port or _free_udp_port(self.source)
-        pool = ",".join(self.pool) if self.pool else None
+        pool = None
+        if self.pool_position is not None:
+            hosts = [f"127.0.0.{10 + i}" for i in range(self.pool_size - 1)]
+            hosts.insert(self.pool_position - 1, self.destination)
+            pool = ",".join(f"{h}:{port}" for h in [*hosts, self.source])
         config = BrokerConfig(
             host=self.source, tcp_port=0, tls_port=0, mptcp_port=0, quic_port=port,
             cert=str(certs.server_cert), key=str(certs.server_key), sys_interval=0,
@@ -278,9 +286,18 @@ class Harness:
         listener = self.server.listeners["quic"]
         quic_server = listener.server
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(
-            lambda: _LossyEndpoint(quic_server, self.loss, self.rng), local_addr=(host, self.port)
-        )
+        for attempt in range(50):
+            try:
+                await loop.create_datagram_endpoint(
+                    lambda: _LossyEndpoint(quic_server, self.loss, self.rng),
+                    local_addr=(host, self.port),
+                )
+                break
+            except OSError:
+                # asyncio closes the old socket on a later loop turn: give it that turn.
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.01)
         listener.host = host
 
     async def _rebind(self, host: str) -> None:

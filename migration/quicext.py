@@ -294,10 +294,16 @@ class MigratingQuicConnection(QuicConnection):
             return
         if not follower.probing and self._silent(now):
             follower.on_silence(now)
-        if follower.probing and not self._silent(now) and follower.records:
-            trigger = follower.records[-1].trigger
-            if trigger in ("loss", "pool"):
-                # The old path answers again: the silence was jitter, not a migration.
+        if follower.probing and follower.records:
+            record = follower.records[-1]
+            heard = self.qmig_last_received
+            if (
+                record.trigger in ("loss", "pool")
+                and heard is not None
+                and record.probing_since is not None
+                and heard > record.probing_since
+            ):
+                # The current path spoke again: the silence was loss or jitter, not a move.
                 follower.targets = []
                 follower.next_probe_at = None
         like = self._network_paths[0].addr

@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_commands(sub)
     _add_bench(sub)
 
+    from migration.control import add_ctl_arguments, run_ctl
+
+    p = sub.add_parser("ctl", help="drive a running broker's migration control API")
+    add_ctl_arguments(p)
+    p.set_defaults(handler=run_ctl)
+
     p = sub.add_parser("demo", help="run the cross-transport demo")
     p.add_argument("--duration", type=float, default=5.0, help="seconds to publish (default 5)")
     p.add_argument("--rate", type=float, default=20.0,

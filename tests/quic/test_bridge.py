@@ -34,10 +34,11 @@ from .helpers import (
 )
 
 READY_TIMEOUT = 15.0
-MOSQUITTO_PUB = shutil.which("mosquitto_pub")
-MOSQUITTO_SUB = shutil.which("mosquitto_sub")
+MOSQUITTO_PUB = shutil.which("mosquitto_pub") or "mosquitto_pub"
+MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "mosquitto_sub"
 needs_mosquitto = pytest.mark.skipif(
-    not (MOSQUITTO_PUB and MOSQUITTO_SUB), reason="mosquitto clients not installed"
+    not (shutil.which("mosquitto_pub") and shutil.which("mosquitto_sub")),
+    reason="mosquitto clients not installed",
 )
 
 
@@ -114,7 +115,7 @@ async def test_mosquitto_pub_through_bridge(
         await t_sub.subscribe(topic, qos=2)
         for qos in ("0", "1", "2"):
             rc, _, err = await mosquitto(
-                MOSQUITTO_PUB, "-h", HOST, "-p", str(bridge.port), "-V", version,  # type: ignore[arg-type]
+                MOSQUITTO_PUB, "-h", HOST, "-p", str(bridge.port), "-V", version,
                 "-i", client_id, "-t", topic, "-m", f"via bridge q{qos}", "-q", qos,
             )  # fmt: skip
             assert rc == 0, err
@@ -139,7 +140,7 @@ async def test_mosquitto_sub_through_bridge(
         # A retained marker: its arrival shows mosquitto_sub's subscription is in place.
         await q_pub.publish(f"{root}/ready", b"r", qos=1, retain=True, timeout=5)
         proc = await asyncio.create_subprocess_exec(
-            MOSQUITTO_SUB, "-h", HOST, "-p", str(bridge.port), "-V", version,  # type: ignore[arg-type]
+            MOSQUITTO_SUB, "-h", HOST, "-p", str(bridge.port), "-V", version,
             "-i", client_id, "-t", f"{root}/#", "-q", "2", "-C", "4", "-v",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -158,7 +159,9 @@ async def test_mosquitto_sub_through_bridge(
             await q_pub.publish(f"{root}/ready", b"", qos=1, retain=True, timeout=5)
     assert proc.returncode == 0, err
     assert out.decode().splitlines() == [
-        f"{root}/quic from quic 1", f"{root}/tcp from tcp", f"{root}/quic from quic 2"
+        f"{root}/quic from quic 1",
+        f"{root}/tcp from tcp",
+        f"{root}/quic from quic 2",
     ]
     assert client_id_connected_over(qbroker, client_id, since) == "quic"
 
@@ -247,9 +250,7 @@ async def test_abrupt_tcp_close_publishes_will(
     ):
         await q_sub.subscribe(will_topic, qos=1)
         await t_sub.subscribe(will_topic, qos=1)
-        _, writer = await raw_connect(
-            bridge.port, client_id, Will(will_topic, b"gone", qos=1)
-        )
+        _, writer = await raw_connect(bridge.port, client_id, Will(will_topic, b"gone", qos=1))
         assert client_id_connected_over(qbroker, client_id, since) == "quic"
         if abort:
             writer.transport.abort()
@@ -325,3 +326,21 @@ async def test_bridge_releases_quic_sockets(qbroker: QBroker, bridge: BridgeProc
     while open_fds() > before and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert open_fds() <= before, f"{open_fds() - before} descriptors left open by the bridge"
+
+
+@pytest.mark.parametrize("version", [MQTT_3_1_1, MQTT_5], ids=["v311", "v5"])
+async def test_disconnect_then_close_at_once(
+    qbroker: QBroker, bridge: BridgeProcess, version: int
+) -> None:
+    """DISCONNECT immediately followed by closing the socket (as mosquitto_pub does): the
+    DISCONNECT still reaches the broker, so the will is discarded."""
+    will_topic = uid("br-quick/")
+    async with make_client(qbroker, "tcp") as watcher:
+        await watcher.subscribe(will_topic, qos=1)
+        for n in range(5):
+            _, writer = await raw_connect(
+                bridge.port, uid(f"quick{n}-"), Will(will_topic, b"must not"), version
+            )
+            writer.write(b"\xe0\x00")
+            writer.close()
+        await assert_quiet(watcher, 0.5)

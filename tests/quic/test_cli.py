@@ -95,8 +95,6 @@ async def subscriber(args: Sequence[str]) -> AsyncIterator[Sub]:
         await stop(proc)
 
 
-
-
 async def set_ready_marker(broker: QBroker, root: str) -> None:
     async with make_client(broker, "tcp") as c:
         await c.publish(f"{root}/ready", b"r", qos=1, retain=True, timeout=5)

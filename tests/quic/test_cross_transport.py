@@ -152,12 +152,16 @@ async def test_paho_tcp_to_quic_and_back(qbroker: QBroker, version: int) -> None
                 await asyncio.to_thread(paho.publish, f"{root}/request", f"ask{qos}".encode(), qos)
                 msg = await quic.next_message(5)
                 assert (msg.topic, msg.payload, msg.qos) == (
-                    f"{root}/request", f"ask{qos}".encode(), qos
+                    f"{root}/request",
+                    f"ask{qos}".encode(),
+                    qos,
                 )
                 await quic.publish(f"{root}/reply", msg.payload + b"-answered", qos=1, timeout=5)
                 answer = await asyncio.to_thread(paho.get)
                 assert (answer.topic, answer.payload, answer.qos) == (
-                    f"{root}/reply", f"ask{qos}-answered".encode(), 1
+                    f"{root}/reply",
+                    f"ask{qos}-answered".encode(),
+                    1,
                 )
     finally:
         await asyncio.to_thread(paho.close)

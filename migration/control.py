@@ -1,0 +1,321 @@
+"""The broker's control API: how the edge host's orchestrator drives a live migration.
+
+A TCP listener speaking newline-delimited JSON, one request per line, several per
+connection::
+
+    {"token": "...", "cmd": "prepare", "dest": "198.18.2.2:14567"}
+    {"token": "...", "cmd": "pre-checkpoint", "reference": "198.18.2.2:1883"}
+    {"token": "...", "cmd": "restored", "address": "198.18.2.2:14567"}
+    {"token": "...", "cmd": "rollback"}
+    {"token": "...", "cmd": "status"}
+
+and each gets ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``.
+
+Why TCP and not a unix socket: CRIU dumps and restores a listening TCP socket bound to a
+wildcard or to the container's address, so the API survives the move with the rest of the
+broker, while a unix socket would need its path to exist on the destination.  Who may talk
+to it is limited twice: by where it listens (loopback by default, reached with
+``docker exec ... qmig ctl``; or the container address published on the host's loopback
+only) and by a shared token, compared in constant time.  A wrong token ends the connection.
+
+CRIU refuses to dump established TCP connections unless told to, so ``qmig ctl`` uses one
+connection per request and idle connections are closed after ``IDLE_TIMEOUT`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from migration.frames import Address
+
+if TYPE_CHECKING:
+    from broker.migration_api import MigrationAPI
+
+log = logging.getLogger("qmig.control")
+
+MAX_REQUEST = 64 * 1024  # one request line, newline included
+MAX_REPLY = 4 * 1024 * 1024  # status carries the trigger log: allow more than a request
+IDLE_TIMEOUT = 60.0
+TOKEN_ENV = "QMIG_CONTROL_TOKEN"
+DEFAULT_HOST = "127.0.0.1"
+
+# cmd -> (required fields, optional fields), besides "token" and "cmd".
+COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prepare": (("dest",), ()),
+    "pre-checkpoint": ((), ("reference",)),
+    "restored": (("address",), ()),
+    "rollback": ((), ()),
+    "status": ((), ()),
+}
+
+
+class ControlError(Exception):
+    """A control request that failed; the text is the server's error or why it was unreachable."""
+
+
+class _BadRequest(Exception):
+    """The request is malformed; answered with an error, the connection stays open."""
+
+
+def read_token_file(path: str | Path) -> str:
+    """The token in ``path``, surrounding whitespace (a trailing newline) removed."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ControlError(f"cannot read control token file {path}: {reason}") from exc
+    if not token:
+        raise ControlError(f"control token file {path} is empty")
+    return token
+
+
+def _error(text: str) -> dict[str, Any]:
+    return {"ok": False, "error": text}
+
+
+def _address(field: str, value: Any) -> Address:
+    if not isinstance(value, str):
+        raise _BadRequest(f"{field} must be a string like 198.18.2.2:14567")
+    try:
+        return Address.parse(value)
+    except ValueError as exc:
+        raise _BadRequest(f"bad {field} {value!r}: {exc}") from exc
+
+
+class ControlServer:
+    """Serves :class:`MigrationAPI` to whoever holds the token; requests run one at a time."""
+
+    def __init__(self, api: MigrationAPI, host: str, port: int, token: str) -> None:
+        if not token:
+            raise ValueError("the control API needs a token: without one anyone could move it")
+        self.api = api
+        self.host = host
+        self.port = port
+        self._token = token.encode("utf-8")
+        self._server: asyncio.Server | None = None
+        self._lock = asyncio.Lock()  # the migration steps must not interleave
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self._server is None or not self._server.sockets:
+            return None
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; returns the bound address (``port`` 0 picks a free one)."""
+        self._server = await asyncio.start_server(
+            self._serve_client, self.host, self.port, limit=MAX_REQUEST, reuse_address=True
+        )
+        address = self.address
+        assert address is not None
+        return address
+
+    async def stop(self) -> None:
+        """Stop listening and drop open control connections."""
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    # ------------------------------------------------------------------ connections
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        peer = writer.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        try:
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+                except ValueError:  # the line outgrew the reader's limit
+                    await self._reply(writer, _error(f"request longer than {MAX_REQUEST} bytes"))
+                    break
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                reply, keep_open = await self._answer(line, peer_text)
+                await self._reply(writer, reply)
+                if not keep_open:
+                    break
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        writer.write(json.dumps(reply, default=str).encode("utf-8") + b"\n")
+        await writer.drain()
+
+    async def _answer(self, line: bytes, peer: str) -> tuple[dict[str, Any], bool]:
+        """The reply to one request line, and whether the connection stays open."""
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            return _error(f"bad request: not JSON ({exc})"), True
+        if not isinstance(request, dict):
+            return _error("bad request: expected a JSON object"), True
+        token = request.get("token")
+        if not isinstance(token, str) or not hmac.compare_digest(
+            token.encode("utf-8"), self._token
+        ):
+            log.warning("control API: refused %s: wrong or missing token", peer)
+            return _error("unauthorized"), False
+        cmd = request.get("cmd")
+        if cmd not in COMMANDS:
+            known = ", ".join(COMMANDS)
+            return _error(f"unknown command {cmd!r}; known: {known}"), True
+        args = {k: v for k, v in request.items() if k not in ("token", "cmd")}
+        try:
+            call = self._command(cmd, args)
+        except _BadRequest as exc:
+            return _error(f"{cmd}: {exc}"), True
+        log.info("control API: %s from %s", cmd, peer)
+        async with self._lock:
+            try:
+                result = await call()
+            except Exception as exc:
+                log.exception("control API: %s failed", cmd)
+                return _error(f"{cmd} failed: {type(exc).__name__}: {exc}"), True
+        return {"ok": True, "result": result}, True
+
+    def _command(self, cmd: str, args: dict[str, Any]) -> Callable[[], Any]:
+        """Check the arguments of ``cmd`` and return the coroutine function that runs it."""
+        required, optional = COMMANDS[cmd]
+        unknown = sorted(set(args) - set(required) - set(optional))
+        if unknown:
+            raise _BadRequest(f"unexpected field(s) {', '.join(unknown)}")
+        missing = [name for name in required if name not in args]
+        if missing:
+            raise _BadRequest(f"missing field(s) {', '.join(missing)}")
+        api = self.api
+        if cmd == "prepare":
+            dest = _address("dest", args["dest"])
+            return lambda: _now(api.prepare, dest)
+        if cmd == "pre-checkpoint":
+            reference = args.get("reference")
+            if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+                raise _BadRequest("reference must be a non-empty string such as host:port")
+            return lambda: api.pre_checkpoint(reference)
+        if cmd == "restored":
+            address = _address("address", args["address"])
+            return lambda: api.restored(address)
+        if cmd == "rollback":
+            return api.rollback
+        return lambda: _now(api.status)
+
+
+async def _now(func: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    return func(*args)
+
+
+# ---------------------------------------------------------------------- client
+async def control_request(
+    host: str, port: int, token: str | None, cmd: str, *, timeout: float = 5.0, **args: Any
+) -> dict[str, Any]:
+    """Send one request and return its result; raises :class:`ControlError` on any failure."""
+    request: dict[str, Any] = {"cmd": cmd, **args}
+    if token is not None:
+        request["token"] = token
+    where = f"{host}:{port}"
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port, limit=MAX_REPLY)
+            try:
+                writer.write(json.dumps(request).encode("utf-8") + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except TimeoutError:
+        raise ControlError(f"no answer from the control API at {where} in {timeout:g} s") from None
+    except ValueError as exc:
+        raise ControlError(f"reply from the control API at {where} is too long") from exc
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+        raise ControlError(f"cannot reach the control API at {where}: {reason}") from exc
+    if not line:
+        raise ControlError(f"the control API at {where} closed the connection without answering")
+    try:
+        reply = json.loads(line)
+    except ValueError as exc:
+        raise ControlError(f"the control API at {where} answered with invalid JSON") from exc
+    if not isinstance(reply, dict):
+        raise ControlError(f"the control API at {where} answered with {type(reply).__name__}")
+    if reply.get("ok") is True:
+        result = reply.get("result")
+        return result if isinstance(result, dict) else {"result": result}
+    raise ControlError(str(reply.get("error") or "request failed without a reason"))
+
+
+# ---------------------------------------------------------------------- qmig ctl
+def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
+    """``qmig ctl [--host H] [--port P] [--token-file F] COMMAND ...``."""
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"control API address (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, required=True, help="control API port")
+    parser.add_argument("--token-file", metavar="FILE", default=None,
+                        help=f"file holding the token (default: ${TOKEN_ENV})")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for the answer (default 10)")
+    cmds = parser.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
+    p = cmds.add_parser("prepare", help="send SERVER_MIGRATION (DEST) to every QUIC client")
+    p.add_argument("dest", metavar="DEST", help="the broker's QUIC address after the move")
+    p = cmds.add_parser("pre-checkpoint",
+                        help="send TCP/TLS/MPTCP clients to REFERENCE, close the MPTCP listener")
+    p.add_argument("reference", metavar="REFERENCE", nargs="?", default=None,
+                   help="server reference for MQTT 5 clients, e.g. 198.18.2.2:1883")
+    p = cmds.add_parser("restored", help="reopen listeners, announce ADDRESS to QUIC clients")
+    p.add_argument("address", metavar="ADDRESS", help="the broker's QUIC address now")
+    cmds.add_parser("rollback", help="the move failed: undo prepare/pre-checkpoint")
+    cmds.add_parser("status", help="migration state, listeners and connections")
+
+
+def run_ctl(args: argparse.Namespace) -> int:
+    """Entry point of ``qmig ctl``: the result as JSON on stdout, or one error line and 1."""
+    try:
+        if args.token_file:
+            token = read_token_file(args.token_file)
+        elif os.environ.get(TOKEN_ENV, "").strip():
+            token = os.environ[TOKEN_ENV].strip()
+        else:
+            raise ControlError(f"no token: give --token-file or set ${TOKEN_ENV}")
+        fields = {
+            "prepare": {"dest": getattr(args, "dest", None)},
+            "pre-checkpoint": {"reference": getattr(args, "reference", None)},
+            "restored": {"address": getattr(args, "address", None)},
+        }.get(args.ctl_command, {})
+        result = asyncio.run(
+            control_request(args.host, args.port, token, args.ctl_command,
+                            timeout=args.timeout, **fields)
+        )
+    except ControlError as exc:
+        print(f"qmig ctl: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
