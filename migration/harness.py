@@ -342,7 +342,9 @@ class Harness:
                 "duplicates": len(got) - len(set(got)),
                 "moved": addr is not None and here.matches(addr),
                 "reconnects": client.reconnects,
-                "migrations": client.migrations[-1:],
+                # The move this migration caused (later false alarms are not moves).
+                "migrations": [m for m in client.migrations
+                               if (m["validated_at"] or 0) >= result.prepare_at][:1],
             })  # fmt: skip
         return result
 

@@ -219,11 +219,18 @@ class MigratingQuicConnection(QuicConnection):
             self._qmig_after_receive(now)
 
     def _open_probe_path(self, addr: NetworkAddress) -> QuicNetworkPath | None:
-        for path in self._network_paths:
+        for index, path in enumerate(self._network_paths):
             if path.addr == addr:
+                if index == 0:
+                    return path  # already there
                 if not path.is_validated:
                     path.local_challenge_sent = False  # challenge again
-                return path
+                    return path
+                # A path validated earlier (the broker's former address, before it moved
+                # away and back): its state is stale and aioquic never re-validates a
+                # validated path, so replace it by a fresh probe with a new connection ID.
+                self._network_paths.remove(path)
+                break
         if not self._peer_cid_available:
             log.debug("no spare connection ID to probe %s", addr)
             return None
@@ -303,9 +310,7 @@ class MigratingQuicConnection(QuicConnection):
                 and record.probing_since is not None
                 and heard > record.probing_since
             ):
-                # The current path spoke again: the silence was loss or jitter, not a move.
-                follower.targets = []
-                follower.next_probe_at = None
+                follower.cancel_false_alarm()
         like = self._network_paths[0].addr
         for address in follower.due_probes(now):
             self._open_probe_path(to_network_address(address, like))

@@ -124,7 +124,11 @@ class Follower:
         """Nothing heard for ``silence`` seconds while waiting for acknowledgements."""
         if self.probing:
             return
-        if self.strategy is Strategy.REACTIVE and self.announced is not None:
+        if (
+            self.strategy is Strategy.REACTIVE
+            and self.announced is not None
+            and self.announced != self.current  # already there: silence is just loss
+        ):
             record = self._pending_record() or MigrationRecord(
                 self._sequence, self.announced, "loss", now
             )
@@ -143,12 +147,26 @@ class Follower:
         """The QUIC layer validated a path to ``address`` and moved the connection there."""
         self.current = address
         record = self.records[-1] if self.records else None
-        if record is not None and record.validated_at is None and self.probing:
+        if record is not None and record.validated_at is None:
             record.validated_at = now
             record.adopted = address
         self.targets = []
         self.window_until = None
         self.next_probe_at = None
+
+    def cancel_false_alarm(self) -> None:
+        """The current path spoke again: the silence was loss or jitter, not a move."""
+        self.targets = []
+        self.window_until = None
+        self.next_probe_at = None
+        record = self._pending_record()
+        if record is None:
+            return
+        if record.trigger == "pool":
+            self.records.pop()  # it never was a migration
+        else:
+            record.trigger = "explicit"  # reactive: the notice stands, the probing stops
+            record.probing_since = record.first_probe_at = None
 
     # ------------------------------------------------------------------ what to do
     @property

@@ -74,9 +74,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     except ImportError as exc:
         # accept whatever flags were meant for it, to reach the clear message below
         p.set_defaults(handler=_unavailable("bench broker", str(exc)), accepts_extra=True)
-        return
-    bench_broker.add_arguments(p)
-    p.set_defaults(handler=bench_broker.run)
+    else:
+        bench_broker.add_arguments(p)
+        p.set_defaults(handler=bench_broker.run)
+    p = targets.add_parser("strategies", help="client interruption of each migration strategy")
+    try:
+        from qmig.benchmarks import strategies as bench_strategies
+    except ImportError as exc:
+        p.set_defaults(handler=_unavailable("bench strategies", str(exc)), accepts_extra=True)
+    else:
+        bench_strategies.add_arguments(p)
+        p.set_defaults(handler=bench_strategies.run)
 
 
 def _add_client_commands(sub: argparse._SubParsersAction) -> None:

@@ -69,3 +69,38 @@ def test_quick_bench_against_mosquitto(tmp_path: Path) -> None:
     for test in ("qos0", "qos1", "fanout", "connect"):
         cpu = mosq["cpu"][test]
         assert cpu["broker"] >= 0 and cpu["saturates"], (test, cpu)
+
+
+def _aioquic_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("aioquic") is None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(_aioquic_missing(), reason="aioquic is not installed")
+def test_quick_bench_qmig_over_quic(tmp_path: Path) -> None:
+    """qmig over QUIC: every pub/sub figure comes out and messages flow; never asserts speed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmig.benchmarks.broker", "--quick", "--brokers", "qmig-quic",
+         "--only", "qos0,qos1,latency,connect", "--duration", "0.5", "--warmup", "0.2",
+         "--json", "--log-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    quic = report["brokers"]["qmig-quic"]
+    assert quic["available"], quic
+    assert not quic.get("errors"), quic["errors"]
+    for key in ("qos0_msg_s", "qos1_msg_s", "connect_subscribe_s"):
+        assert isinstance(quic[key], int | float) and quic[key] > 0, (key, quic.get(key))
+    lat = quic["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+    for test in ("qos0", "qos1", "latency"):
+        counts = quic["messages"][test]
+        assert counts["sent"] > 0 and counts["received"] > 0, (test, counts)
+    assert quic["lost"]["qos1"] == 0
+    assert {"quic_qos0_floor", "quic_latency_p99_ms"} <= report["goals"].keys()

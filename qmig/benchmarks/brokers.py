@@ -23,7 +23,10 @@ import psutil
 from .loadgen import connect_packet
 
 HOST = "127.0.0.1"
-BROKER_NAMES = ("qmig", "amqtt", "mosquitto")
+BROKER_NAMES = ("qmig", "qmig-quic", "qmig-bridge", "amqtt", "mosquitto")
+QUIC_BROKERS = ("qmig-quic", "qmig-bridge")
+"""qmig-quic: the load generator speaks MQTT over QUIC to qmig; qmig-bridge: plain TCP
+clients go through ``qmig bridge``, which carries each connection over QUIC to qmig."""
 
 # amqtt in a subprocess: quiet logging (a log line per packet would be measured too) and only
 # the anonymous-auth plugin, so its figures are not taxed by the default logging plugins.
@@ -54,10 +57,17 @@ class RunningBroker:
     proc: subprocess.Popen[bytes]
     workdir: Path
     log_path: Path
+    transport: str = "tcp"
+    """How the load generator reaches ``port``: "tcp" or "quic"."""
+    helpers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    """Extra processes on the message path (the bridge), measured for CPU like the broker."""
     ps: psutil.Process = field(init=False)
 
     def __post_init__(self) -> None:
         self.ps = psutil.Process(self.proc.pid)
+
+    def helper_ps(self) -> dict[str, psutil.Process]:
+        return {label: psutil.Process(p.pid) for label, p in self.helpers.items()}
 
     @property
     def pid(self) -> int:
@@ -70,18 +80,25 @@ class RunningBroker:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL if it lingers; only this broker's own PID is signalled."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        """SIGTERM, then SIGKILL if it lingers; only our own PIDs are signalled."""
+        for proc in [*self.helpers.values(), self.proc]:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout)
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
 
@@ -94,6 +111,8 @@ def unavailable_reason(name: str) -> str | None:
         return None if importlib.util.find_spec("amqtt") else "amqtt is not installed"
     if name == "qmig":
         return None
+    if name in QUIC_BROKERS:
+        return None if importlib.util.find_spec("aioquic") else "aioquic is not installed"
     return f"unknown broker {name!r}"
 
 
@@ -118,7 +137,7 @@ def version_of(name: str) -> str | None:
             from importlib.metadata import version
 
             return version("amqtt")
-        if name == "qmig":
+        if name == "qmig" or name in QUIC_BROKERS:
             from qmig import __version__
 
             return __version__
@@ -127,13 +146,19 @@ def version_of(name: str) -> str | None:
     return None
 
 
-def _command(name: str, port: int, workdir: Path) -> list[str]:
-    if name == "qmig":
-        return [
+def _command(name: str, port: int, workdir: Path, quic_port: int = 0) -> list[str]:
+    if name in ("qmig", *QUIC_BROKERS):
+        cmd = [
             sys.executable, "-m", "qmig", "broker", "--host", HOST, "--tcp-port", str(port),
             "--tls-port", "0", "--mptcp-port", "0", "--sys-interval", "0",
-            "--log-level", "WARNING",
+            "--log-level", "WARNING", "--quic-port", str(quic_port),
         ]
+        if quic_port:
+            from broker.certs import make_lab_certs
+
+            certs = make_lab_certs(workdir / "certs")
+            cmd += ["--cert", str(certs.server_cert), "--key", str(certs.server_key)]
+        return cmd
     if name == "amqtt":
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{HOST}:{port}"}},
@@ -196,26 +221,50 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def start_broker(name: str, workdir: Path, ready_timeout: float = 20.0) -> RunningBroker:
-    """Start ``name`` on a free port and wait until it answers CONNECT; else BrokerUnavailable."""
+    """Start ``name`` on a free port and wait until it answers CONNECT; else BrokerUnavailable.
+
+    For qmig-quic the returned port is qmig's QUIC port; for qmig-bridge it is the TCP port
+    of a ``qmig bridge`` in front of it, ready once a CONNECT made it through the bridge.
+    """
     reason = unavailable_reason(name)
     if reason:
         raise BrokerUnavailable(reason)
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd = _command(name, port, workdir)
+    quic_port = free_udp_port() if name in QUIC_BROKERS else 0
+    cmd = _command(name, port, workdir, quic_port)
     log_path = workdir / f"{name}-{port}.log"
     root = str(Path(__file__).resolve().parents[2])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     broker = RunningBroker(name, port, proc, workdir, log_path)
-    deadline = time.monotonic() + ready_timeout
+    _wait_ready(broker, port, proc, log_path, ready_timeout)
+    if name == "qmig-quic":
+        broker.port, broker.transport = quic_port, "quic"
+    elif name == "qmig-bridge":
+        bport = free_port()
+        blog = workdir / f"bridge-{bport}.log"
+        with open(blog, "wb") as log:
+            broker.helpers["bridge"] = subprocess.Popen(
+                [sys.executable, "-m", "qmig", "bridge", "--listen", f"{HOST}:{bport}",
+                 "--to", f"{HOST}:{quic_port}", "--insecure", "--log-level", "WARNING"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=root)
+        broker.port = bport
+        _wait_ready(broker, bport, broker.helpers["bridge"], blog, ready_timeout)
+    return broker
+
+
+def _wait_ready(broker: RunningBroker, port: int, proc: subprocess.Popen[bytes], log_path: Path,
+                timeout: float) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            broker.stop()
             raise BrokerUnavailable(
                 f"exited with code {proc.returncode}: {_tail(log_path) or 'no output'}"
             )
         if _mqtt_ready(port):
-            return broker
+            return
         time.sleep(0.05)
     broker.stop()
-    raise BrokerUnavailable(f"not answering CONNECT within {ready_timeout} s: {_tail(log_path)}")
+    raise BrokerUnavailable(f"not answering CONNECT within {timeout} s: {_tail(log_path)}")

@@ -27,12 +27,18 @@ import os
 import resource
 import select
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from aioquic.asyncio import QuicConnectionProtocol
+from aioquic.asyncio import connect as quic_connect
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 
 from mqttproto.codec import PacketReader, encode
 from mqttproto.packets import (
@@ -398,6 +404,136 @@ class PubConn(_Conn):
             self.done.set_result(None)
 
 
+# --------------------------------------------------------------------------- QUIC transport
+
+_QUIC_HIGH_WATER = 1 << 20
+_QUIC_LOW_WATER = 256 * 1024
+
+
+class QuicStreamTransport:
+    """The slice of ``asyncio.Transport`` that :class:`_Conn` uses, over one QUIC stream.
+
+    Writes go into aioquic's stream buffer and are transmitted once per event-loop turn, so a
+    burst of writes becomes one batch of datagrams.  Back-pressure follows the stream's unacked
+    bytes; pausing reads is a no-op (QUIC data arrives as datagrams, there is no socket to
+    leave unread).
+    """
+
+    def __init__(self, proto: QuicClientProtocol, stream_id: int) -> None:
+        self._proto = proto
+        self._sid = stream_id
+        self._flush_scheduled = False
+        self._closing = False
+        self._paused = False
+
+    def write(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._proto._quic.send_stream_data(self._sid, data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        if not self._paused and self.get_write_buffer_size() > _QUIC_HIGH_WATER:
+            self._paused = True
+            self._proto.mqtt.pause_writing()
+            asyncio.get_running_loop().call_later(0.001, self._check_resume)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._proto.transmit()
+
+    def _check_resume(self) -> None:
+        if self._closing or not self._paused:
+            return
+        if self.get_write_buffer_size() <= _QUIC_LOW_WATER:
+            self._paused = False
+            self._proto.mqtt.resume_writing()
+        else:
+            asyncio.get_running_loop().call_later(0.001, self._check_resume)
+
+    def get_write_buffer_size(self) -> int:
+        # aioquic has no public send-buffer size; its stream sender's offsets tell it.
+        stream = self._proto._quic._streams.get(self._sid)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Send CONNECTION_CLOSE and consider the connection closed at once.
+
+        aioquic otherwise waits three PTOs in its closing state before ``wait_closed``
+        returns, which would make connect+subscribe measure that wait, not the broker.
+        """
+        if not self._closing:
+            self._closing = True
+            self._proto.close()
+            self._proto._closed.set()
+
+    def abort(self) -> None:
+        self.close()
+
+
+class QuicClientProtocol(QuicConnectionProtocol):
+    """aioquic connection whose first bidirectional stream feeds an MQTT :class:`_Conn`."""
+
+    mqtt: _Conn
+
+    def attach(self, conn: _Conn) -> None:
+        self.mqtt = conn
+        self.stream = QuicStreamTransport(self, self._quic.get_next_available_stream_id())
+        conn.transport = self.stream  # type: ignore[assignment]
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            if event.data:
+                self.mqtt.data_received(event.data)
+            if event.end_stream:
+                self._lost(None)
+        elif isinstance(event, ConnectionTerminated):
+            self._lost(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._lost(exc)
+
+    def _lost(self, exc: Exception | None) -> None:
+        mqtt = getattr(self, "mqtt", None)
+        if mqtt is not None and not mqtt.closed.done():
+            self.stream._closing = True
+            mqtt.connection_lost(exc)
+
+
+def quic_configuration() -> QuicConfiguration:
+    config = QuicConfiguration(is_client=True, alpn_protocols=["mqtt"], max_data=16 << 20,
+                               max_stream_data=8 << 20)
+    config.verify_mode = ssl.CERT_NONE
+    return config
+
+
+async def open_quic(factory: Any, host: str, port: int, timeout: float,
+                    stack: contextlib.AsyncExitStack) -> Any:
+    """Connect over QUIC (closed with ``stack``) and hand the stream to ``factory()``."""
+    cm = quic_connect(host, port, configuration=quic_configuration(),
+                      create_protocol=QuicClientProtocol)
+    proto: QuicClientProtocol = await asyncio.wait_for(stack.enter_async_context(cm), timeout)
+    conn = factory()
+    proto.attach(conn)
+    return conn
+
+
 # --------------------------------------------------------------------------- worker side
 
 
@@ -444,7 +580,13 @@ def emit(obj: dict[str, Any]) -> None:
         sys.stdout.flush()
 
 
+_quic_stack: contextlib.AsyncExitStack | None = None
+"""Set in QUIC workers (spec ``transport: quic``): every connection then goes over QUIC."""
+
+
 async def _open(factory: Any, host: str, port: int, timeout: float) -> Any:
+    if _quic_stack is not None:
+        return await open_quic(factory, host, port, timeout, _quic_stack)
     loop = asyncio.get_running_loop()
     _, proto = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
     return proto
@@ -552,6 +694,8 @@ async def _role_connsub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
     sub = subscribe_packet(f"bench/cs/{prefix}", 0)
     counted = failures = n = 0
     errors: list[str] = []
+    if _quic_stack is not None:
+        return await _connsub_quic(spec, go, prefix)
     addr = (spec["host"], spec["port"])
     # Blocks the loop on purpose: nothing else runs here, and every step has a timeout.
     while time.monotonic() < go["stop"]:
@@ -563,6 +707,31 @@ async def _role_connsub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
             if len(errors) < 3:
                 errors.append(repr(exc))
             time.sleep(0.01)
+            continue
+        if go["warm_end"] <= time.monotonic() < go["stop"]:
+            counted += 1
+    window = go["stop"] - go["warm_end"]
+    return {"rate": counted / window, "count": counted, "failures": failures, "errors": errors}
+
+
+async def _connsub_quic(spec: dict[str, Any], go: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The QUIC flavour of connect+subscribe: a full QUIC handshake per iteration."""
+    counted = failures = n = 0
+    errors: list[str] = []
+    topic = f"bench/cs/{prefix}"
+    while time.monotonic() < go["stop"]:
+        n += 1
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                conn = await open_quic(_Conn, spec["host"], spec["port"], 5.0, stack)
+                await conn.handshake(f"{prefix}-{n}", topic, 0, 5.0)
+                await conn.disconnect(1.0)
+                conn.transport.close()
+        except (OSError, ValueError, ConnectionError, TimeoutError) as exc:
+            failures += 1
+            if len(errors) < 3:
+                errors.append(repr(exc))
+            await asyncio.sleep(0.01)
             continue
         if go["warm_end"] <= time.monotonic() < go["stop"]:
             counted += 1
@@ -636,15 +805,19 @@ _ROLES = {"sub": _role_sub, "pub": _role_pub, "connsub": _role_connsub, "hold": 
 
 
 async def _worker(spec: dict[str, Any]) -> None:
+    global _quic_stack
     loop = asyncio.get_running_loop()
     ctl = _Control(loop)
-    try:
-        result = await asyncio.wait_for(_ROLES[spec["role"]](spec, ctl), spec["deadline_s"])
-    except TimeoutError:
-        result = {"error": f"worker deadline of {spec['deadline_s']} s reached"}
-    except Exception as exc:
-        result = {"error": repr(exc)}
-    emit({"event": "result", **result})
+    async with contextlib.AsyncExitStack() as stack:
+        if spec.get("transport") == "quic":
+            _quic_stack = stack
+        try:
+            result = await asyncio.wait_for(_ROLES[spec["role"]](spec, ctl), spec["deadline_s"])
+        except TimeoutError:
+            result = {"error": f"worker deadline of {spec['deadline_s']} s reached"}
+        except Exception as exc:
+            result = {"error": repr(exc)}
+        emit({"event": "result", **result})
 
 
 def worker_main(argv: list[str]) -> int:
