@@ -16,6 +16,7 @@ survives the checkpoint/restore it orchestrates.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,8 @@ class MigrationAPI:
         self.destination: Address | None = None
         self.triggers: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
+        # After restored(): when the first client datagram reached the new address.
+        self.awaiting_first_packet = False
 
     def _quic(self, proto: BrokerQuicProtocol) -> MigratingQuicConnection:
         quic = proto._quic
@@ -79,6 +82,13 @@ class MigrationAPI:
             del self.triggers[:-100]  # bounded: the orchestrator reads them via status
             log.info("migration trigger from %s: %s", client_id or entry["from"], entry["hint"])
 
+    def first_packet(self, addr: Any) -> None:
+        """The first QUIC datagram since ``restored``: the timeline's "clients are back"."""
+        self.awaiting_first_packet = False
+        if self.history:
+            self.history[-1]["first_packet_at"] = time.time()
+            self.history[-1]["first_packet_from"] = f"{addr[0]}:{addr[1]}" if addr else None
+
     def _restore_configured_redirect(self) -> None:
         """Drop pre-checkpoint's redirect but keep one the broker was started with."""
         cfg = self.server.config
@@ -99,19 +109,43 @@ class MigrationAPI:
         log.info("prepare: told %d QUIC clients about %s (sequence %d)", told, dest, frame.sequence)
         return {"sequence": self.sequence, "destination": str(dest), "quic_notified": told}
 
-    async def pre_checkpoint(self, reference: str | None) -> dict[str, Any]:
-        """Step 2: send reconnecting transports away and close what CRIU cannot dump."""
+    async def pre_checkpoint(self, reference: str | None, grace: float = 1.0) -> dict[str, Any]:
+        """Step 2: send reconnecting transports away and close what CRIU cannot dump.
+
+        CRIU refuses established TCP connections (they could not follow a new IP anyway), so
+        every TCP-family listener closes too: a client connecting after this point is refused
+        and retries, rather than slipping an established socket into the checkpoint.  The
+        DISCONNECTs get ``grace`` seconds to drain; connections still open then are aborted.
+        """
         sent_away = self.server.broker.disconnect_clients(
             RECONNECTING_TRANSPORTS, ReasonCode.SERVER_MOVED, reference
         )
-        # New TCP-family connections arriving until the freeze are sent the same way.
-        if reference:
+        if reference:  # kept for restored(): new arrivals until then learn where to go
             self.server.broker.set_redirect(reference, permanent=True)
         self.server.flush()
-        await self.server.close_listener("mptcp")
+        for kind in RECONNECTING_TRANSPORTS:
+            await self.server.close_listener(kind)
+        aborted = await self._drain_stream_connections(grace)
         self.state = "checkpoint-ready"
         log.info("pre-checkpoint: %d TCP/TLS/MPTCP clients sent to %s", sent_away, reference)
-        return {"disconnected": sent_away, "reference": reference}
+        return {"disconnected": sent_away, "aborted": aborted, "reference": reference}
+
+    async def _drain_stream_connections(self, grace: float) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:
+            open_ = [c for c in self.server.broker.connections
+                     if c.transport in RECONNECTING_TRANSPORTS and c.io is not None]  # fmt: skip
+            if not open_:
+                return 0
+            if loop.time() >= deadline:
+                for conn in open_:
+                    transport = getattr(conn.io, "transport", None)
+                    if transport is not None:
+                        transport.abort()
+                await asyncio.sleep(0)
+                return len(open_)
+            await asyncio.sleep(0.01)
 
     async def restored(self, new_addr: Address) -> dict[str, Any]:
         """Step 4: serve again at ``new_addr``."""
@@ -130,20 +164,41 @@ class MigrationAPI:
             proto.transmit()
         self.history.append(
             {"sequence": self.sequence, "to": str(new_addr), "announced": announced,
-             "at": time.time()}
+             "at": time.time(), "first_packet_at": None, "first_packet_from": None}
         )  # fmt: skip
+        self.awaiting_first_packet = True
         self.state = "serving"
         log.info("restored at %s: announced to %d QUIC clients", new_addr, announced)
         return {"address": str(new_addr), "quic_announced": announced}
 
-    async def rollback(self) -> dict[str, Any]:
-        """The move failed and the broker serves where it was: undo prepare/pre-checkpoint."""
+    async def rollback(self, address: Address | None = None) -> dict[str, Any]:
+        """The move failed and the broker serves where it was: undo prepare/pre-checkpoint.
+
+        With ``address`` (where the broker serves now), QUIC clients get a new
+        SERVER_MIGRATION naming it: "stay", so that proactive and reactive clients stop
+        probing a destination that will never answer.  Packets swallowed by the freeze are
+        resent at once, as after a successful move.
+        """
         self._restore_configured_redirect()
         for kind in self.server.listeners:
             await self.server.open_listener(kind)
+        told = 0
+        if address is not None:
+            self.sequence += 1
+            frame = ServerMigration(self.sequence, address)
+            now = self.server.loop_time()
+            for proto in list(self.server.quic_protocols):
+                quic = self._quic(proto)
+                if quic.send_migration_frame(frame):
+                    told += 1
+                quic._retransmit_in_flight(now)
+                proto.transmit()
+        self.history.append({"sequence": self.sequence, "rolled_back_to": str(address),
+                             "told": told, "at": time.time()})  # fmt: skip
         self.state = "serving"
         self.destination = None
-        return {"state": self.state}
+        log.info("rollback: serving at %s again, told %d QUIC clients to stay", address, told)
+        return {"state": self.state, "quic_told": told}
 
     def status(self) -> dict[str, Any]:
         by_transport: dict[str, int] = {}

@@ -143,6 +143,9 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         super().datagram_received(data, addr)
+        migration = self.broker_server.migration
+        if migration.awaiting_first_packet:
+            migration.first_packet(addr)
         if self.paused and self.conn is not None and self._unacked() < LOW_WATER:
             self.paused = False
             self.conn.set_writable(True)

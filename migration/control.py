@@ -54,7 +54,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("dest",), ()),
     "pre-checkpoint": ((), ("reference",)),
     "restored": (("address",), ()),
-    "rollback": ((), ()),
+    "rollback": ((), ("address",)),
     "status": ((), ()),
 }
 
@@ -200,7 +200,8 @@ class ControlServer:
             except Exception as exc:
                 log.exception("control API: %s failed", cmd)
                 return _error(f"{cmd} failed: {type(exc).__name__}: {exc}"), True
-        return {"ok": True, "result": result}, True
+        # After pre-checkpoint nothing TCP may stay open: CRIU would refuse the dump.
+        return {"ok": True, "result": result}, cmd != "pre-checkpoint"
 
     def _command(self, cmd: str, args: dict[str, Any]) -> Callable[[], Any]:
         """Check the arguments of ``cmd`` and return the coroutine function that runs it."""
@@ -224,7 +225,8 @@ class ControlServer:
             address = _address("address", args["address"])
             return lambda: api.restored(address)
         if cmd == "rollback":
-            return api.rollback
+            here = _address("address", args["address"]) if "address" in args else None
+            return lambda: api.rollback(here)
         return lambda: _now(api.status)
 
 
@@ -292,7 +294,9 @@ def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
                    help="server reference for MQTT 5 clients, e.g. 198.18.2.2:1883")
     p = cmds.add_parser("restored", help="reopen listeners, announce ADDRESS to QUIC clients")
     p.add_argument("address", metavar="ADDRESS", help="the broker's QUIC address now")
-    cmds.add_parser("rollback", help="the move failed: undo prepare/pre-checkpoint")
+    p = cmds.add_parser("rollback", help="the move failed: undo prepare/pre-checkpoint")
+    p.add_argument("address", metavar="ADDRESS", nargs="?", default=None,
+                   help="where the broker serves now: QUIC clients are told to stay there")
     cmds.add_parser("status", help="migration state, listeners and connections")
 
 
@@ -309,7 +313,9 @@ def run_ctl(args: argparse.Namespace) -> int:
             "prepare": {"dest": getattr(args, "dest", None)},
             "pre-checkpoint": {"reference": getattr(args, "reference", None)},
             "restored": {"address": getattr(args, "address", None)},
+            "rollback": {"address": getattr(args, "address", None)},
         }.get(args.ctl_command, {})
+        fields = {k: v for k, v in fields.items() if v is not None or k == "reference"}
         result = asyncio.run(
             control_request(args.host, args.port, token, args.ctl_command,
                             timeout=args.timeout, **fields)

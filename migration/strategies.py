@@ -99,6 +99,9 @@ class Follower:
             return  # a retransmission or a stale notice
         self._sequence = frame.sequence
         self.announced = frame.address
+        if frame.address == self.current:  # "stay": the move was called off (rollback)
+            self.cancel_false_alarm()
+            return
         if self.strategy is Strategy.ANNOUNCE:
             return
         record = MigrationRecord(frame.sequence, frame.address, "explicit", now)

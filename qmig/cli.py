@@ -138,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_ctl_arguments(p)
     p.set_defaults(handler=run_ctl)
 
+    from migration.lab.cli import add_lab_arguments, add_migrate_arguments, run_lab, run_migrate
+
+    p = sub.add_parser("lab", help="the container lab: edge hosts, client namespace, link")
+    add_lab_arguments(p)
+    p.set_defaults(handler=run_lab)
+    p = sub.add_parser("migrate", help="live-migrate the broker container to another edge host")
+    add_migrate_arguments(p)
+    p.set_defaults(handler=run_migrate)
+
     p = sub.add_parser("demo", help="run the cross-transport demo")
     p.add_argument("--duration", type=float, default=5.0, help="seconds to publish (default 5)")
     p.add_argument("--rate", type=float, default=20.0,

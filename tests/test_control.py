@@ -281,13 +281,15 @@ async def test_pre_checkpoint_then_restored(broker: Broker) -> None:
         assert rc == SERVER_MOVED
         assert props.ServerReference == reference
     try:
-        with paho(broker.tcp) as late:
-            rc, props = await asyncio.to_thread(late.connect)
-            assert rc == SERVER_MOVED and props.ServerReference == reference
+        # Every TCP-family listener is closed so that no established TCP socket can slip
+        # into the checkpoint (CRIU would refuse it): a late client is refused and retries.
+        assert not _can_connect(broker.tcp)
         assert not _can_connect(broker.mptcp)
         status = await broker.ctl("status")
         assert status["state"] == "checkpoint-ready"
-        assert status["listeners"]["mptcp"].endswith("(closed)")
+        assert status["connections"].get("tcp", 0) == 0
+        for kind in ("tcp", "mptcp"):
+            assert status["listeners"][kind].endswith("(closed)")
     finally:
         result = await broker.ctl("restored", address=f"{HOST}:{broker.quic}")
     assert result == {"address": f"{HOST}:{broker.quic}", "quic_announced": 0}
@@ -303,13 +305,12 @@ async def test_rollback_after_pre_checkpoint(broker: Broker) -> None:
     reference = f"{HOST}:{_free_port()}"
     await broker.ctl("prepare", dest=f"127.0.0.3:{broker.quic}")
     await broker.ctl("pre-checkpoint", reference=reference)
-    assert not _can_connect(broker.mptcp)
-    with paho(broker.tcp) as late:
-        rc, _ = await asyncio.to_thread(late.connect)
-        assert rc == SERVER_MOVED
-    done = await asyncio.to_thread(_run_ctl, broker, "rollback")
+    assert not _can_connect(broker.mptcp) and not _can_connect(broker.tcp)
+    done = await asyncio.to_thread(_run_ctl, broker, "rollback", f"{HOST}:{broker.quic}")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["state"] == "serving"
+    assert json.loads(done.stdout) == {"state": "serving", "quic_told": 0}
+    status = await broker.ctl("status")
+    assert status["history"][-1]["rolled_back_to"] == f"{HOST}:{broker.quic}"
     assert _can_connect(broker.mptcp)
     with paho(broker.tcp) as back:
         rc, _ = await asyncio.to_thread(back.connect)

@@ -1,0 +1,283 @@
+"""The edge lab: edge hosts as pods on their own podman networks, clients in a namespace.
+
+``qmig lab up`` builds, from a :class:`~migration.scenario.Scenario`:
+
+- one podman network and one pod per edge host (``qmig-edge-a`` on 198.18.1.0/24 with the
+  pod at .2, ...), the broker container running in the start host's pod;
+- the clients' network namespace ``qmig-cl`` with a veth to the machine (198.18.100.0/24),
+  where nftables drops the scenario's loss percentage both ways;
+- the checkpoint link: namespace ``qmig-link`` behind a veth pair shaped with tbf to the
+  scenario's rate, through which every checkpoint travels as a real byte stream;
+- forwarding between these networks without NAT, so each side sees the other's own address.
+
+``qmig lab down`` removes all of it, found by name prefix and label, not only by the state
+file, so a crashed run is cleaned too.  The state (where the broker runs, the API service's
+PID, the control token) lives under ``/run/qmig/lab``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.certs import make_lab_certs
+from migration.control import ControlError, control_request
+from migration.scenario import Host, Scenario
+
+from . import net
+from .net import LabError
+from .podman import Podman, stop_pid
+
+STATE_DIR = Path(os.environ.get("QMIG_LAB_DIR", "/run/qmig/lab"))
+CLIENT_NS = "qmig-cl"
+LINK_NS = "qmig-link"
+CLIENT_VETH = ("qmig-cl0", "qmig-cl1")
+LINK_VETH = ("qmig-lk0", "qmig-lk1")
+BROKER_ETC = "/etc/qmig"  # where the broker container sees certificates and token
+READY_TIMEOUT = 30.0
+
+
+def pod_name(host: Host | str) -> str:
+    return f"qmig-{host if isinstance(host, str) else host.name}"
+
+
+def container_name(host: Host | str) -> str:
+    """The broker container is named after the edge host it runs on (qmig-broker-edge-a)."""
+    return f"qmig-broker-{host if isinstance(host, str) else host.name}"
+
+
+def containers_unavailable() -> str | None:
+    """Why this machine cannot run the container lab, or None if it can."""
+    if os.geteuid() != 0:
+        return "not root (the lab needs root for podman, CRIU and network namespaces)"
+    for tool in ("podman", "criu", "ip", "nft", "iptables", "nsenter"):
+        if not net.have(tool):
+            return f"{tool} is not installed (run `make setup` as root)"
+    marker = Path("/run/qmig/containers-unavailable")
+    if marker.exists():
+        return marker.read_text().strip() or "setup found that containers cannot run here"
+    return None
+
+
+@dataclass
+class LabState:
+    scenario: str
+    image: str
+    broker_host: str
+    service_pid: int
+    token: str
+    started_at: float
+
+    def save(self, state_dir: Path) -> None:
+        path = state_dir / "state.json"
+        path.write_text(json.dumps(self.__dict__, indent=2))
+        path.chmod(0o600)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> LabState | None:
+        try:
+            data = json.loads((state_dir / "state.json").read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+class Lab:
+    """One lab on this machine (there is only ever one: names are fixed)."""
+
+    def __init__(self, scenario: Scenario, state_dir: Path = STATE_DIR) -> None:
+        self.scenario = scenario
+        self.state_dir = state_dir
+        self.etc = state_dir / "etc"
+        self.state: LabState | None = LabState.load(state_dir)
+        self._podman: Podman | None = None
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def podman(self) -> Podman:
+        if self._podman is None:
+            pid = self.state.service_pid if self.state else None
+            self._podman = Podman(self.state_dir / "podman.sock", pid)
+        return self._podman
+
+    @property
+    def broker_host(self) -> Host:
+        if self.state is None:
+            raise LabError("the lab is not up (run `qmig lab up`)")
+        return self.scenario.host(self.state.broker_host)
+
+    @property
+    def cafile(self) -> str:
+        return str(self.etc / "ca.crt")
+
+    def control(self, cmd: str, host: Host | None = None, timeout: float = 10.0,
+                **args: Any) -> dict[str, Any]:  # fmt: skip
+        """One control API request to the broker on ``host`` (default: where it runs)."""
+        assert self.state is not None
+        where = host or self.broker_host
+        port = self.scenario.ports.control
+        request = control_request(where.address, port, self.state.token, cmd, timeout=timeout,
+                                  **args)  # fmt: skip
+        return asyncio.run(request)
+
+    # ------------------------------------------------------------------ up
+    def up(self, image: str) -> LabState:
+        """Build the lab from scratch (removing any previous one) and start the broker."""
+        reason = containers_unavailable()
+        if reason:
+            raise LabError(f"containers unavailable: {reason}")
+        self.down(quiet=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.etc.mkdir(parents=True, exist_ok=True)
+        sc = self.scenario
+        try:
+            podman = Podman.start_service(self.state_dir / "podman.sock",
+                                          self.state_dir / "podman-service.log")  # fmt: skip
+            self._podman = podman
+            token = secrets.token_hex(16)
+            self.state = LabState(sc.name, image, sc.start, podman.pid or 0, token, time.time())
+            self.state.save(self.state_dir)
+            for host in sc.hosts:
+                podman.ensure_network(pod_name(host), host.subnet, host.gateway)
+                podman.create_pod(pod_name(host), pod_name(host), host.address)
+            net.add_netns_link(CLIENT_NS, *CLIENT_VETH, sc.client_subnet)
+            net.set_loss(CLIENT_NS, sc.loss)
+            net.add_netns_link(LINK_NS, *LINK_VETH, sc.link_subnet)
+            net.shape(LINK_VETH[0], sc.link_rate)
+            net.shape(LINK_VETH[1], sc.link_rate, ns=LINK_NS)
+            net.route_lab_range()
+            make_lab_certs(self.etc, hosts=["localhost", *(h.address for h in sc.hosts)])
+            token_file = self.etc / "control.token"
+            token_file.write_text(token + "\n")
+            token_file.chmod(0o644)  # read inside the container; the directory is root's
+            self.etc.chmod(0o755)
+            self.start_broker(sc.host(sc.start))
+        except BaseException:
+            self.down(quiet=True)
+            raise
+        return self.state
+
+    def broker_command(self) -> list[str]:
+        p = self.scenario.ports
+        return ["python3", "-m", "qmig", "broker", "--host", "0.0.0.0",
+                "--tcp-port", str(p.tcp), "--tls-port", str(p.tls),
+                "--mptcp-port", str(p.mptcp), "--quic-port", str(p.quic),
+                "--cert", f"{BROKER_ETC}/server.crt", "--key", f"{BROKER_ETC}/server.key",
+                "--control-host", "0.0.0.0", "--control-port", str(p.control),
+                "--control-token-file", f"{BROKER_ETC}/control.token",
+                "--pool", ",".join(self.scenario.pool), "--sys-interval", "0"]  # fmt: skip
+
+    def start_broker(self, host: Host) -> None:
+        assert self.state is not None
+        self.podman.run_container(
+            container_name(host), self.state.image, self.broker_command(), pod=pod_name(host),
+            env={"PYTHONUNBUFFERED": "1"},
+            mounts=[{"type": "bind", "source": str(self.etc), "target": BROKER_ETC,
+                     "read_only": True}],
+        )  # fmt: skip
+        self.state.broker_host = host.name
+        self.state.save(self.state_dir)
+        self.wait_ready(host)
+
+    def wait_ready(self, host: Host, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+        """Poll the control API until the broker on ``host`` answers ``status``."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                return self.control("status", host=host, timeout=2.0)
+            except ControlError as exc:
+                last = str(exc)
+            state = self.podman.container_state(container_name(host))
+            if state is not None and state["status"] not in ("running", "created", "configured"):
+                logs = self.podman.logs(container_name(host))
+                raise LabError(f"broker container on {host.name} is {state['status']}: "
+                               f"{logs.strip().splitlines()[-1:] or '(no log)'}")  # fmt: skip
+            time.sleep(0.2)
+        raise LabError(f"broker on {host.name} not ready within {timeout:g} s ({last})")
+
+    # ------------------------------------------------------------------ down
+    def down(self, quiet: bool = False) -> list[str]:
+        """Remove everything the lab made; returns what was removed.  Never raises LabError."""
+        removed: list[str] = []
+        podman = self.podman
+        started_here = False
+        if not podman.alive() and net.have("podman"):
+            with contextlib.suppress(LabError):
+                self._podman = podman = Podman.start_service(
+                    self.state_dir / "podman.sock", Path("/dev/null"))  # fmt: skip
+                started_here = True
+        if podman.alive():
+            with contextlib.suppress(Exception):
+                for name in podman.lab_containers():
+                    podman.remove_container(name)
+                    removed.append(f"container {name}")
+            with contextlib.suppress(Exception):
+                pods = set(podman.lab_pods()) | {pod_name(h) for h in self.scenario.hosts}
+                for name in sorted(pods):
+                    if podman.client.pods.exists(name):
+                        podman.remove_pod(name)
+                        removed.append(f"pod {name}")
+            with contextlib.suppress(Exception):
+                nets = set(podman.lab_networks()) | {pod_name(h) for h in self.scenario.hosts}
+                for name in sorted(nets):
+                    if podman.client.networks.exists(name):
+                        podman.remove_network(name)
+                        removed.append(f"network {name}")
+        for ns in (CLIENT_NS, LINK_NS):
+            if ns in net.netns_list():
+                net.del_netns(ns)
+                removed.append(f"netns {ns}")
+        for link in net.prefixed_links():
+            net.del_link(link)
+            removed.append(f"link {link}")
+        with contextlib.suppress(LabError):
+            net.unroute_lab_range()
+        if podman.pid or started_here:
+            podman.stop_service()
+            removed.append("podman API service")
+        if self.state is not None and self.state.service_pid:
+            stop_pid(self.state.service_pid, grace=2.0)
+        for leftover in ("state.json", "podman.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / leftover).unlink()
+        self.state = None
+        self._podman = None
+        if not quiet:
+            for line in removed:
+                print(f"qmig lab: removed {line}")
+        return removed
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        if self.state is None:
+            return {"up": False}
+        podman = self.podman
+        out: dict[str, Any] = {
+            "up": True,
+            "scenario": self.state.scenario,
+            "image": self.state.image,
+            "broker_host": self.state.broker_host,
+            "broker_address": self.broker_host.address,
+            "service": podman.alive(),
+            "hosts": {},
+            "netns": [ns for ns in net.netns_list() if ns.startswith("qmig")],
+        }
+        for host in self.scenario.hosts:
+            out["hosts"][host.name] = {
+                "address": host.address,
+                "container": podman.container_state(container_name(host)) if podman.alive()
+                else None,
+            }  # fmt: skip
+        try:
+            out["broker"] = self.control("status", timeout=2.0)
+        except ControlError as exc:
+            out["broker"] = {"error": str(exc)}
+        return out

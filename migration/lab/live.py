@@ -1,0 +1,270 @@
+"""A live migration of the broker container from one edge host to another, with rollback.
+
+The sequence (cold migration, as CRIU and podman 4.3 allow here)::
+
+    trigger -> prepare (SERVER_MIGRATION to QUIC clients) -> pre-checkpoint (TCP/MPTCP
+    clients sent to the destination, TCP listeners closed) -> freeze: checkpoint + export
+    -> transfer over the shaped link -> restore into the destination pod -> restored
+    (listeners reopen, SERVER_MIGRATED announced) -> clean the source pod
+
+Every step is stamped on a wall-clock timeline so it lines up with what the clients saw.
+If the transfer or the restore fails, the broker is restored at the source from the same
+checkpoint, QUIC clients are told to stay, and :class:`MigrationFailed` carries the timeline.
+Should even that fail, a fresh broker is started at the source (sessions lost, but the
+broker runs somewhere, never nowhere), and the error says so.
+
+Post-copy (lazy pages) is not offered: podman 4.3 has no lazy-pages option for
+checkpoint/restore.  Pre-copy needs the kernel's memory dirty tracking:
+:func:`precopy_support` detects it and says why not in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from migration.control import ControlError
+from migration.scenario import Host
+
+from . import net, transfer
+from .lab import LINK_NS, Lab, container_name, pod_name
+from .net import LabError
+
+TRANSFER_PORT = 7999
+FAIL_POINTS = ("transfer", "restore")
+
+
+class MigrationFailed(LabError):
+    """The migration did not happen; ``outcome`` says what did (rollback included)."""
+
+    def __init__(self, message: str, outcome: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def precopy_support() -> str | None:
+    """None if CRIU can pre-copy here, else the one-line reason it cannot."""
+    try:
+        proc = subprocess.run(["criu", "check", "--feature", "mem_dirty_track"],
+                              capture_output=True, text=True, timeout=20)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"pre-copy unavailable: criu check failed ({exc})"
+    if proc.returncode == 0:
+        return None
+    return ("pre-copy unavailable: this kernel has no memory dirty tracking "
+            "(criu check --feature mem_dirty_track fails); migrations are cold")  # fmt: skip
+
+
+class Migration:
+    """One move of the broker from where it runs to ``dest`` (an edge host's name)."""
+
+    def __init__(self, lab: Lab, dest: str, *, fail_at: str | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:  # fmt: skip
+        if fail_at is not None and fail_at not in FAIL_POINTS:
+            raise ValueError(f"fail_at must be one of {FAIL_POINTS}")
+        self.lab = lab
+        self.src = lab.broker_host
+        self.dest = lab.scenario.host(dest)
+        if self.dest == self.src:
+            raise LabError(f"the broker already runs on {dest}")
+        self.fail_at = fail_at
+        self.progress = progress or (lambda step: None)
+        self.timeline: dict[str, float] = {}
+        self.outcome: dict[str, Any] = {
+            "from": self.src.name,
+            "to": self.dest.name,
+            "ip_before": self.src.address,
+            "ip_after": self.dest.address,
+            "timeline": self.timeline,
+        }
+        stamp = time.strftime("%H%M%S")
+        self.local_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.src.name}.tar"
+        self.moved_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.dest.name}.tar"
+
+    def _mark(self, event: str, message: str | None = None) -> None:
+        self.timeline[event] = time.time()
+        if message:
+            self.progress(message)
+
+    def _quic(self, host: Host) -> str:
+        return f"{host.address}:{self.lab.scenario.ports.quic}"
+
+    # ------------------------------------------------------------------ the move
+    def run(self) -> dict[str, Any]:
+        lab, src, dest = self.lab, self.src, self.dest
+        podman = lab.podman
+        ports = lab.scenario.ports
+        link_ip = net_address(lab.scenario.link_subnet, 2)
+        self._mark("trigger", f"migrating the broker {src.name} ({src.address}) -> "
+                              f"{dest.name} ({dest.address})")  # fmt: skip
+        receiver = transfer.Receiver(
+            LINK_NS, link_ip, TRANSFER_PORT, self.moved_ckpt,
+            fail_after=64 * 1024 if self.fail_at == "transfer" else None,
+        )  # fmt: skip
+        blocker = self._block_destination() if self.fail_at == "restore" else None
+        try:
+            told = lab.control("prepare", host=src, dest=self._quic(dest))
+            self.outcome["quic_notified"] = told.get("quic_notified", 0)
+            self._mark("clients_notified", f"told {told.get('quic_notified', 0)} QUIC clients")
+            pre = lab.control("pre-checkpoint", host=src, reference=f"{dest.address}:{ports.tcp}")
+            self.outcome["tcp_sent_away"] = pre.get("disconnected", 0)
+            self._mark("pre_checkpoint", f"sent {pre.get('disconnected', 0)} TCP/MPTCP clients "
+                                         f"to {dest.address}")  # fmt: skip
+        except ControlError as exc:
+            receiver.stop()
+            self._remove_blocker(blocker)
+            self._rollback_control()
+            raise MigrationFailed(f"migration to {dest.name} did not start: {exc}",
+                                  self.outcome) from exc  # fmt: skip
+
+        self._mark("freeze_start")
+        try:
+            ckpt = podman.checkpoint(container_name(src), self.local_ckpt)
+        except LabError as exc:
+            receiver.stop()
+            self._remove_blocker(blocker)
+            return self._fail("checkpoint", exc)
+        self.outcome["checkpoint_bytes"] = ckpt.bytes
+        self._mark("dump_done", f"checkpoint: {ckpt.bytes / 1e6:.1f} MB in {ckpt.seconds:.2f} s")
+
+        try:
+            sent = transfer.send(self.local_ckpt, link_ip, TRANSFER_PORT)
+            receiver.result(timeout=30)
+            self.outcome["transfer_mbit_s"] = round(sent.mbit_per_s, 1)
+            rate = f"{sent.mbit_per_s:.0f} Mbit/s"
+            self._mark("transfer_done",
+                       f"transfer: {sent.bytes / 1e6:.1f} MB in {sent.seconds:.2f} s ({rate})")
+            podman.remove_container(container_name(dest))  # a leftover of an earlier run
+            podman.restore(self.moved_ckpt, podman.pod_id(pod_name(dest)), container_name(dest))
+            self._mark("restore_done", f"restored in {dest.name}")
+            lab.state.broker_host = dest.name  # type: ignore[union-attr]
+            lab.state.save(lab.state_dir)  # type: ignore[union-attr]
+            done = lab.control("restored", host=dest, address=self._quic(dest))
+            self.outcome["quic_announced"] = done.get("quic_announced", 0)
+            self._mark("resumed", f"serving at {dest.address}")
+        except (LabError, ControlError) as exc:
+            receiver.stop()
+            self._remove_blocker(blocker)
+            return self._fail("transfer" if "transfer_done" not in self.timeline
+                              else "restore", exc)  # fmt: skip
+        finally:
+            self._remove_blocker(blocker)
+        self.outcome["downtime_ms"] = round(
+            (self.timeline["resumed"] - self.timeline["freeze_start"]) * 1000, 1)
+        self.outcome["ok"] = True
+        self._clean_source()
+        return self.outcome
+
+    def first_client_packet(self) -> float | None:
+        """When the restored broker heard its first QUIC datagram (ask after some traffic)."""
+        with contextlib.suppress(ControlError, LabError):
+            history = self.lab.control("status", host=self.dest)["history"]
+            if history:
+                at = history[-1].get("first_packet_at")
+                if at:
+                    self.timeline["first_client_packet"] = at
+                    return float(at)
+        return None
+
+    # ------------------------------------------------------------------ cleanup
+    def _clean_source(self) -> None:
+        """Remove the checkpointed source container and CRIU's lock from the source pod."""
+        podman = self.lab.podman
+        podman.remove_container(container_name(self.src))
+        pid = podman.pod_infra_pid(pod_name(self.src))
+        self.outcome["source_lock_rules_removed"] = net.clear_criu_lock(pid)
+        left = net.criu_lock_rules(pid)
+        if left:
+            raise LabError(f"CRIU's network lock is still in pod {pod_name(self.src)}: {left}")
+        for path in (self.local_ckpt, self.moved_ckpt):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._mark("source_cleaned")
+
+    def _block_destination(self) -> str:
+        """Make the restore fail for real: something already holds the QUIC port there."""
+        name = f"qmig-blocker-{self.dest.name}"
+        port = self.lab.scenario.ports.quic
+        script = (f"import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                  f"s.bind(('0.0.0.0', {port})); time.sleep(600)")  # fmt: skip
+        assert self.lab.state is not None
+        self.lab.podman.run_container(name, self.lab.state.image, ["python3", "-c", script],
+                                      pod=pod_name(self.dest), env={}, mounts=[])  # fmt: skip
+        time.sleep(0.5)  # let it bind before the restore needs the port
+        return name
+
+    def _remove_blocker(self, name: str | None) -> None:
+        if name:
+            with contextlib.suppress(Exception):
+                self.lab.podman.remove_container(name)
+
+    # ------------------------------------------------------------------ rollback
+    def _rollback_control(self) -> None:
+        with contextlib.suppress(ControlError):
+            self.lab.control("rollback", host=self.src, address=self._quic(self.src))
+
+    def _fail(self, step: str, exc: Exception) -> dict[str, Any]:
+        """Bring the broker back at the source from the same checkpoint, then raise."""
+        lab, src, dest = self.lab, self.src, self.dest
+        podman = lab.podman
+        self.outcome["ok"] = False
+        self.outcome["failed_at"] = step
+        self.outcome["error"] = str(exc)
+        self.progress(f"{step} failed ({exc}); rolling back to {src.name}")
+        self._mark("rollback_start")
+        how = ""
+        try:
+            with contextlib.suppress(Exception):  # a half-restored container at the destination
+                podman.remove_container(container_name(dest))
+            with contextlib.suppress(Exception):
+                net.clear_criu_lock(podman.pod_infra_pid(pod_name(dest)))
+            state = podman.container_state(container_name(src))
+            if state is not None and state["status"] == "running":
+                how = "the checkpoint failed, the broker kept running"  # CRIU let it go on
+            else:
+                if not self.local_ckpt.exists():
+                    raise LabError("no checkpoint to roll back from")
+                podman.remove_container(container_name(src))
+                net.clear_criu_lock(podman.pod_infra_pid(pod_name(src)))
+                podman.restore(self.local_ckpt, podman.pod_id(pod_name(src)), container_name(src))
+                how = "restored from the same checkpoint"
+            lab.state.broker_host = src.name  # type: ignore[union-attr]
+            lab.state.save(lab.state_dir)  # type: ignore[union-attr]
+            lab.control("rollback", host=src, address=self._quic(src))
+            self._mark("rolled_back", f"rolled back: the broker serves at {src.address} again "
+                                      f"({how})")  # fmt: skip
+            self.outcome["rollback"] = how
+            if "freeze_start" in self.timeline:
+                self.outcome["downtime_ms"] = round(
+                    (self.timeline["rolled_back"] - self.timeline["freeze_start"]) * 1000, 1)
+        except (LabError, ControlError) as again:
+            self.progress(f"rollback failed ({again}); starting a fresh broker at {src.name}")
+            with contextlib.suppress(Exception):
+                podman.remove_container(container_name(src))
+                net.clear_criu_lock(podman.pod_infra_pid(pod_name(src)))
+            lab.start_broker(src)  # sessions are lost, but the broker is running
+            self.outcome["rollback"] = f"failed ({again}); a fresh broker was started"
+            raise MigrationFailed(
+                f"migration to {dest.name} failed at {step} ({exc}) and so did the rollback "
+                f"({again}); a fresh broker serves at {src.address}", self.outcome) from exc
+        finally:
+            for path in (self.local_ckpt, self.moved_ckpt):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        raise MigrationFailed(
+            f"migration to {dest.name} failed at {step} ({exc}); rolled back: the broker "
+            f"serves at {src.address} again", self.outcome) from exc
+
+
+def net_address(subnet: str, index: int) -> str:
+    return str(ipaddress.IPv4Network(subnet).network_address + index)
+
+
+def migrate(lab: Lab, dest: str, **kwargs: Any) -> dict[str, Any]:
+    return Migration(lab, dest, **kwargs).run()
+
+

@@ -1,0 +1,256 @@
+"""Podman, driven from Python through podman-py and the Podman API service.
+
+The lab starts ``podman system service`` on its own unix socket (and stops it again), so
+nothing depends on a system-wide socket unit.  podman-py covers networks, pods and
+containers; it has no checkpoint/restore methods, so those two go through its API client's
+raw ``post`` to the libpod REST endpoints:
+
+- ``POST /libpod/containers/NAME/checkpoint?export=true`` answers with the checkpoint as a
+  tar in the body (streamed to a file here, so its size is known exactly);
+- ``POST /libpod/containers/import/restore?import=true&pod=POD_ID`` takes that tar as the
+  body and restores it into the pod, i.e. onto that edge host's network (podman 4.3 accepts
+  the pod's ID, not its name).
+
+podman-py 5 speaks API v5 by default; the Debian 12 service is podman 4.3, so the client
+pins the v4.0.0 prefix, which every 4.x and 5.x service accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .net import LabError
+
+API_VERSION = "4.0.0"
+SERVICE_START_TIMEOUT = 15.0
+
+
+def _podman_client(socket_path: Path, timeout: float = 120.0) -> Any:
+    try:
+        from podman import PodmanClient
+    except ImportError as exc:  # pragma: no cover - a dependency of the project
+        raise LabError("podman-py is not installed (pip install podman)") from exc
+    return PodmanClient(base_url=f"unix://{socket_path}", version=API_VERSION, timeout=timeout)
+
+
+@dataclass
+class CheckpointResult:
+    path: Path
+    bytes: int
+    seconds: float
+
+
+class Podman:
+    """The lab's Podman API service and a podman-py client on it."""
+
+    def __init__(self, socket_path: Path, pid: int | None = None) -> None:
+        self.socket_path = socket_path
+        self.pid = pid
+        self._client: Any = None
+
+    # ------------------------------------------------------------------ service
+    @classmethod
+    def start_service(cls, socket_path: Path, log_path: Path) -> Podman:
+        """Start ``podman system service`` on ``socket_path`` and wait until it answers."""
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        try:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                )  # fmt: skip
+        except FileNotFoundError as exc:
+            raise LabError("podman is not installed (run `make setup` as root)") from exc
+        podman = cls(socket_path, proc.pid)
+        deadline = time.monotonic() + SERVICE_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise LabError(f"podman system service exited ({proc.returncode}); see {log_path}")
+            if socket_path.exists():
+                with contextlib.suppress(Exception):
+                    if podman.client.ping():
+                        return podman
+            time.sleep(0.1)
+        podman.stop_service()
+        raise LabError(f"podman system service did not answer within {SERVICE_START_TIMEOUT:g} s")
+
+    def stop_service(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+        if self.pid:
+            stop_pid(self.pid)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    def alive(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except Exception:
+            return False
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = _podman_client(self.socket_path)
+        return self._client
+
+    # ------------------------------------------------------------------ networks and pods
+    def ensure_network(self, name: str, subnet: str, gateway: str) -> None:
+        if self.client.networks.exists(name):
+            return
+        self.client.networks.create(
+            name, driver="bridge", dns_enabled=False,
+            subnets=[{"subnet": subnet, "gateway": gateway}],
+            labels={"qmig": "lab"},
+        )  # fmt: skip
+
+    def remove_network(self, name: str) -> None:
+        if self.client.networks.exists(name):
+            self.client.networks.get(name).remove(force=True)
+
+    def create_pod(self, name: str, network: str, ip: str) -> str:
+        """A pod (one edge host) with a fixed address on its network; returns the pod ID."""
+        if self.client.pods.exists(name):
+            self.remove_pod(name)
+        pod = self.client.pods.create(
+            name, labels={"qmig": "lab"},
+            netns={"nsmode": "bridge"},
+            Networks={network: {"static_ips": [ip]}},
+        )  # fmt: skip
+        pod.start()
+        return str(pod.id)
+
+    def pod_id(self, name: str) -> str:
+        return str(self.client.pods.get(name).id)
+
+    def pod_infra_pid(self, name: str) -> int:
+        """PID of the pod's infra process: its network namespace is the edge host's."""
+        pod = self.client.pods.get(name)
+        infra = self.client.containers.get(pod.attrs["InfraContainerID"])
+        return int(infra.attrs["State"]["Pid"])
+
+    def remove_pod(self, name: str) -> None:
+        if self.client.pods.exists(name):
+            pod = self.client.pods.get(name)
+            with contextlib.suppress(Exception):
+                pod.stop(timeout=2)
+            pod.remove(force=True)
+
+    def lab_pods(self) -> list[str]:
+        return [p.name for p in self.client.pods.list(filters={"label": "qmig=lab"})]
+
+    def lab_networks(self) -> list[str]:
+        return [n.name for n in self.client.networks.list(filters={"label": "qmig=lab"})]
+
+    # ------------------------------------------------------------------ containers
+    def run_container(self, name: str, image: str, command: list[str], pod: str,
+                      env: dict[str, str], mounts: list[dict[str, Any]]) -> str:  # fmt: skip
+        if self.client.containers.exists(name):
+            self.client.containers.get(name).remove(force=True)
+        container = self.client.containers.create(
+            image, command, name=name, pod=pod, environment=env, mounts=mounts,
+            labels={"qmig": "lab"},
+        )  # fmt: skip
+        container.start()
+        return str(container.id)
+
+    def container_state(self, name: str) -> dict[str, Any] | None:
+        if not self.client.containers.exists(name):
+            return None
+        attrs = self.client.containers.get(name).attrs
+        return {
+            "status": attrs["State"]["Status"],
+            "pid": attrs["State"].get("Pid"),
+            "pod": attrs.get("Pod"),
+            "id": attrs["Id"],
+        }
+
+    def remove_container(self, name: str) -> None:
+        if self.client.containers.exists(name):
+            self.client.containers.get(name).remove(force=True)
+
+    def logs(self, name: str, tail: int = 30) -> str:
+        if not self.client.containers.exists(name):
+            return ""
+        out = self.client.containers.get(name).logs(tail=tail, stdout=True, stderr=True)
+        return b"".join(out).decode(errors="replace") if not isinstance(out, bytes) else \
+            out.decode(errors="replace")  # fmt: skip
+
+    def lab_containers(self) -> list[str]:
+        return [c.name for c in self.client.containers.list(all=True,
+                                                            filters={"label": "qmig=lab"})]
+
+    # ------------------------------------------------------------------ checkpoint / restore
+    def checkpoint(self, name: str, path: Path) -> CheckpointResult:
+        """Freeze, dump and export container ``name`` into the tar file ``path``.
+
+        The container is stopped by the dump (its memory is in the tar); it stays in podman's
+        list as exited until it is removed.
+        """
+        start = time.monotonic()
+        resp = self.client.api.post(
+            f"/containers/{name}/checkpoint",
+            params={"export": "true", "ignoreVolumes": "true"},
+            stream=True,
+        )
+        _raise_for(resp, f"checkpoint of {name}")
+        size = 0
+        with open(path, "wb") as out:
+            for chunk in resp.iter_content(1 << 20):
+                out.write(chunk)
+                size += len(chunk)
+        if size == 0:
+            raise LabError(f"checkpoint of {name} returned an empty archive")
+        return CheckpointResult(path, size, time.monotonic() - start)
+
+    def restore(self, path: Path, pod_id: str, name: str) -> float:
+        """Restore the exported checkpoint ``path`` as container ``name`` into pod ``pod_id``."""
+        start = time.monotonic()
+        with open(path, "rb") as body:
+            resp = self.client.api.post(
+                "/containers/import/restore",
+                params={"import": "true", "pod": pod_id, "name": name},
+                data=body,
+                headers={"Content-Type": "application/x-tar"},
+            )
+        _raise_for(resp, f"restore of {name}")
+        return time.monotonic() - start
+
+
+def _raise_for(resp: Any, what: str) -> None:
+    if getattr(resp, "ok", True):
+        return
+    try:
+        detail = json.loads(resp.content or b"{}").get("message") or resp.text
+    except ValueError:
+        detail = resp.text
+    raise LabError(f"{what} failed: {' '.join(str(detail).split())[:400]}")
+
+
+def stop_pid(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM ``pid`` (and its process group), wait up to ``grace`` s, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return
+            except ChildProcessError:
+                if not Path(f"/proc/{pid}").exists():
+                    return
+            time.sleep(0.05)

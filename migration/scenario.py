@@ -1,0 +1,190 @@
+"""A lab scenario, described once: hosts, links, clients, strategies, migrations.
+
+The same :class:`Scenario` drives ``make demo``, the lab tests and the benchmarks, so that a
+figure in README.md and a test assertion talk about the same setup.  Scenarios are small
+YAML files (``migration/scenarios/*.yaml``); any field can be overridden in code with
+:meth:`Scenario.replace`.
+
+Addressing (all inside 198.18.0.0/15, RFC 2544's benchmarking range, so that no lab address
+can be mistaken for a real one): edge host ``N`` is the podman network ``198.18.N.0/24``
+whose gateway ``.1`` is the machine and whose pod (the edge host) is ``.2``; the clients'
+network namespace sits on ``198.18.100.0/24``; the checkpoint link on ``198.18.250.0/30``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+LAB_NET = ipaddress.ip_network("198.18.0.0/15")
+TRANSPORTS = ("quic", "tcp", "tls", "mptcp")
+STRATEGIES = ("proactive", "reactive", "pool", "announce", "none")
+
+
+class ScenarioError(ValueError):
+    """A scenario file or override that does not describe a usable lab."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """An edge host: a pod on its own podman network."""
+
+    name: str
+    subnet: str
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def gateway(self) -> str:
+        return str(self.network.network_address + 1)
+
+    @property
+    def address(self) -> str:
+        """Where the broker listens when it runs on this host."""
+        return str(self.network.network_address + 2)
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    name: str
+    transport: str = "quic"
+    strategy: str = "none"
+
+
+@dataclass(frozen=True)
+class Ports:
+    quic: int = 14567
+    tcp: int = 1883
+    tls: int = 8883
+    mptcp: int = 1885
+    control: int = 7883
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    hosts: tuple[Host, ...]
+    start: str
+    clients: tuple[ClientSpec, ...] = ()
+    link_rate: str = "100mbit"
+    loss: float = 0.0  # percent, on the clients' access link, both directions
+    rate: float = 20.0  # messages per second per client
+    qos: int = 1
+    migrations: tuple[str, ...] = ()
+    settle: float = 3.0
+    ports: Ports = field(default_factory=Ports)
+    client_subnet: str = "198.18.100.0/24"
+    link_subnet: str = "198.18.250.0/30"
+
+    # ------------------------------------------------------------------ queries
+    def host(self, name: str) -> Host:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        known = ", ".join(h.name for h in self.hosts)
+        raise ScenarioError(f"no edge host {name!r} in scenario {self.name!r} (hosts: {known})")
+
+    def host_of(self, address: str) -> Host | None:
+        for host in self.hosts:
+            if host.address == address:
+                return host
+        return None
+
+    @property
+    def pool(self) -> list[str]:
+        """Every QUIC address the broker may move to, for POOL_MIGRATION_ADDRESS."""
+        return [f"{h.address}:{self.ports.quic}" for h in self.hosts]
+
+    def replace(self, **changes: Any) -> Scenario:
+        return dataclasses.replace(self, **changes).validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> Scenario:
+        names = [h.name for h in self.hosts]
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise ScenarioError("a scenario needs at least two edge hosts with distinct names")
+        subnets = [*(h.subnet for h in self.hosts), self.client_subnet, self.link_subnet]
+        nets = [ipaddress.ip_network(s) for s in subnets]
+        for net in nets:
+            if not net.subnet_of(LAB_NET):  # type: ignore[arg-type]
+                raise ScenarioError(f"{net} is outside the lab range {LAB_NET}")
+        for i, a in enumerate(nets):
+            for b in nets[i + 1 :]:
+                if a.overlaps(b):
+                    raise ScenarioError(f"lab networks {a} and {b} overlap")
+        self.host(self.start)
+        for dest in self.migrations:
+            self.host(dest)
+        here = self.start
+        for dest in self.migrations:
+            if dest == here:
+                raise ScenarioError(f"migration to {dest!r} where the broker already is")
+            here = dest
+        clients = [c.name for c in self.clients]
+        if len(set(clients)) != len(clients):
+            raise ScenarioError("client names must be distinct")
+        for c in self.clients:
+            if c.transport not in TRANSPORTS:
+                raise ScenarioError(f"client {c.name}: transport must be one of {TRANSPORTS}")
+            if c.strategy not in STRATEGIES:
+                raise ScenarioError(f"client {c.name}: strategy must be one of {STRATEGIES}")
+            if c.transport != "quic" and c.strategy != "none":
+                raise ScenarioError(f"client {c.name}: only QUIC clients follow a strategy")
+        if not 0 <= self.loss < 100:
+            raise ScenarioError("loss is a percentage in [0, 100)")
+        if self.qos not in (0, 1, 2) or self.rate <= 0:
+            raise ScenarioError("qos must be 0, 1 or 2 and rate positive")
+        return self
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Scenario:
+        try:
+            hosts = tuple(Host(n, s) for n, s in dict(data["hosts"]).items())
+            clients = tuple(
+                ClientSpec(c["name"], c.get("transport", "quic"), c.get("strategy", "none"))
+                for c in data.get("clients", ())
+            )
+            link = data.get("link") or {}
+            return cls(
+                name=str(data.get("name", "scenario")),
+                hosts=hosts,
+                start=str(data.get("start", hosts[0].name)),
+                clients=clients,
+                link_rate=str(link.get("rate", "100mbit")),
+                loss=float(data.get("loss", 0)),
+                rate=float(data.get("rate", 20)),
+                qos=int(data.get("qos", 1)),
+                migrations=tuple(data.get("migrations", ())),
+                settle=float(data.get("settle", 3.0)),
+                ports=Ports(**(data.get("ports") or {})),
+            ).validate()
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            if isinstance(exc, ScenarioError):
+                raise
+            raise ScenarioError(f"bad scenario: {exc}") from exc
+
+    @classmethod
+    def load(cls, name_or_path: str | Path = "demo") -> Scenario:
+        """A scenario by name (``migration/scenarios/NAME.yaml``) or by file path."""
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = SCENARIO_DIR / f"{name_or_path}.yaml"
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from exc
+        if not isinstance(data, dict):
+            raise ScenarioError(f"{path}: a scenario is a YAML mapping")
+        return cls.from_dict(data)

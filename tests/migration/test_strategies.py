@@ -1,0 +1,32 @@
+"""The client Follower's decisions, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from migration.frames import Address, ServerMigration
+from migration.strategies import Follower, Strategy
+
+HERE = Address("198.18.1.2", 14567)
+THERE = Address("198.18.2.2", 14567)
+
+
+@pytest.mark.parametrize("strategy", [Strategy.PROACTIVE, Strategy.REACTIVE])
+def test_a_notice_naming_the_current_address_calls_the_move_off(strategy: Strategy) -> None:
+    """Rollback: SERVER_MIGRATION(here) after SERVER_MIGRATION(there) stops all probing."""
+    follower = Follower(strategy, current=HERE)
+    follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
+    follower.on_silence(now=0.1)  # reactive starts probing on loss, proactive already does
+    assert follower.probing and follower.due_probes(0.2) == [THERE]
+    follower.on_server_migration(ServerMigration(2, HERE), now=0.3)
+    assert not follower.probing and follower.due_probes(0.4) == []
+    follower.on_silence(now=0.5)  # silence now is loss on the current path, not a move
+    assert not follower.probing
+    assert follower.announced == HERE
+
+
+def test_a_stale_stay_notice_is_ignored() -> None:
+    follower = Follower(Strategy.PROACTIVE, current=HERE)
+    follower.on_server_migration(ServerMigration(3, THERE), now=0.0)
+    follower.on_server_migration(ServerMigration(2, HERE), now=0.1)  # older sequence
+    assert follower.probing and follower.announced == THERE
