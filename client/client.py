@@ -50,6 +50,10 @@ P = PropertyId
 Message = Publish
 
 
+RECONNECT_ATTEMPT_TIMEOUT = 3.0  # seconds one reconnect attempt may take
+FALLBACK_AFTER = 5.0  # seconds a referenced server may stay unreachable before falling back
+
+
 class ClientError(Exception):
     """A request the broker refused or a connection that could not be made."""
 
@@ -130,6 +134,13 @@ class Client:
         self._last_sent = time.monotonic()
         self._ping_task: asyncio.Task[None] | None = None
         self._first_connect = True
+        # One stream generation per connection attempt: a loss reported by an older stream
+        # (closed while a newer one is being opened) must not tear down the newer one.
+        self._generation = 0
+        self._reconnect_task: asyncio.Task[None] | None = None
+        # Where we were before a Server Reference sent us elsewhere: if the referenced
+        # server stays unreachable (its migration was rolled back), try here again.
+        self._previous: tuple[str, int] | None = None
         # How a QUIC connection follows a migrating broker (see migration.strategies).
         self.follower = Follower(Strategy(follow)) if transport == "quic" else None
         self.moves: list[tuple[float, Address]] = []
@@ -159,7 +170,7 @@ class Client:
                 )
         self._ping_task = asyncio.create_task(self._keepalive_loop())
 
-    async def _connect_once(self) -> Event:
+    async def _connect_once(self, timeout: float | None = None) -> Event:
         properties = dict(self.properties)
         if self.version == MQTT_5 and self.session_expiry:
             properties[P.SESSION_EXPIRY_INTERVAL] = self.session_expiry
@@ -171,10 +182,17 @@ class Client:
         self.protocol = proto
         loop = asyncio.get_running_loop()
         self._connack = loop.create_future()
+        self._generation += 1
+        generation = self._generation
+
+        def on_lost(exc: Exception | None) -> None:
+            if generation == self._generation:
+                self._on_lost(exc)
+
         try:
             self._stream, self._closer = await open_stream(
-                self.transport, self.host, self.port, self._on_data, self._on_lost,
-                self.cafile, self.insecure, self.connect_timeout, self.follower,
+                self.transport, self.host, self.port, self._on_data, on_lost,
+                self.cafile, self.insecure, timeout or self.connect_timeout, self.follower,
             )  # fmt: skip
             if hasattr(self._stream, "on_migrated"):
                 self._stream.on_migrated = self._on_migrated  # type: ignore[union-attr]
@@ -184,7 +202,7 @@ class Client:
         proto.connect()
         self._flush()
         try:
-            event = await asyncio.wait_for(self._connack, self.connect_timeout)
+            event = await asyncio.wait_for(self._connack, timeout or self.connect_timeout)
         except TimeoutError as exc:
             self._abort_stream()
             raise ClientError(f"no CONNACK from {self.host}:{self.port}") from exc
@@ -253,6 +271,7 @@ class Client:
         elif isinstance(event, ServerDisconnected):
             log.info("broker disconnected us: reason %#04x", event.reason_code)
             if event.server_reference:
+                self._previous = (self.host, self.port)
                 self.host, self.port = parse_reference(event.server_reference, self.port)
                 log.info("broker moved to %s:%s", self.host, self.port)
             self._abort_stream(graceful=True)
@@ -276,9 +295,11 @@ class Client:
         if self._closing:
             return
         if self.reconnect:
-            task = asyncio.get_running_loop().create_task(self._reconnect_loop())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if self._reconnect_task is None or self._reconnect_task.done():
+                task = asyncio.get_running_loop().create_task(self._reconnect_loop())
+                self._reconnect_task = task
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         else:
             for fut in self._waiters.values():
                 if not fut.done():
@@ -287,20 +308,43 @@ class Client:
             self._messages.put_nowait(None)  # type: ignore[arg-type]
 
     async def _reconnect_loop(self) -> None:
+        """Reconnect until it works: one loop at a time, backing off, falling back.
+
+        Attempts are bounded by ``RECONNECT_ATTEMPT_TIMEOUT`` so that a server that drops
+        packets (a frozen container) costs seconds, not the full connect timeout.  When a
+        Server Reference sent us to a server that stays unreachable for ``FALLBACK_AFTER``
+        seconds, the previous server is tried again, and so on alternately: a rolled-back
+        migration leaves the broker where it was.
+        """
+        loop = asyncio.get_running_loop()
         delay, max_delay = self.reconnect_delay
+        failing_since = loop.time()
         while not self._closing:
             await asyncio.sleep(delay)
+            if self._closing:
+                return
             try:
-                event = await self._connect_once()
+                event = await self._connect_once(min(self.connect_timeout,
+                                                     RECONNECT_ATTEMPT_TIMEOUT))  # fmt: skip
             except ClientError as exc:
                 log.debug("reconnect failed: %s", exc)
                 delay = min(delay * 2, max_delay)
+                if self._previous and loop.time() - failing_since >= FALLBACK_AFTER:
+                    log.info("%s:%s unreachable for %.0f s: trying %s:%s again", self.host,
+                             self.port, FALLBACK_AFTER, *self._previous)  # fmt: skip
+                    (self.host, self.port), self._previous = self._previous, (self.host,
+                                                                             self.port)
+                    failing_since = loop.time()
+                    delay = self.reconnect_delay[0]
                 continue
             if isinstance(event, ConnectionRefused) and event.server_reference:
+                self._previous = (self.host, self.port)
                 self.host, self.port = parse_reference(event.server_reference, self.port)
+                failing_since = loop.time()
                 continue
             if isinstance(event, Connected):
                 self.reconnects += 1
+                self._previous = None
                 log.info("reconnected to %s:%s (session present %s)", self.host, self.port,
                          event.session_present)  # fmt: skip
                 return

@@ -78,6 +78,7 @@ class Scenario:
     start: str
     clients: tuple[ClientSpec, ...] = ()
     link_rate: str = "100mbit"
+    compress: bool = True  # gzip the checkpoint on the link (pages shrink about 4x)
     loss: float = 0.0  # percent, on the clients' access link, both directions
     rate: float = 20.0  # messages per second per client
     qos: int = 1
@@ -163,6 +164,7 @@ class Scenario:
                 start=str(data.get("start", hosts[0].name)),
                 clients=clients,
                 link_rate=str(link.get("rate", "100mbit")),
+                compress=bool(link.get("compress", True)),
                 loss=float(data.get("loss", 0)),
                 rate=float(data.get("rate", 20)),
                 qos=int(data.get("qos", 1)),

@@ -83,7 +83,8 @@ class Migration:
         }
         stamp = time.strftime("%H%M%S")
         self.local_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.src.name}.tar"
-        self.moved_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.dest.name}.tar"
+        suffix = ".tar.gz" if lab.scenario.compress else ".tar"
+        self.moved_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.dest.name}{suffix}"
 
     def _mark(self, event: str, message: str | None = None) -> None:
         self.timeline[event] = time.time()
@@ -97,7 +98,6 @@ class Migration:
     def run(self) -> dict[str, Any]:
         lab, src, dest = self.lab, self.src, self.dest
         podman = lab.podman
-        ports = lab.scenario.ports
         link_ip = net_address(lab.scenario.link_subnet, 2)
         self._mark("trigger", f"migrating the broker {src.name} ({src.address}) -> "
                               f"{dest.name} ({dest.address})")  # fmt: skip
@@ -110,7 +110,8 @@ class Migration:
             told = lab.control("prepare", host=src, dest=self._quic(dest))
             self.outcome["quic_notified"] = told.get("quic_notified", 0)
             self._mark("clients_notified", f"told {told.get('quic_notified', 0)} QUIC clients")
-            pre = lab.control("pre-checkpoint", host=src, reference=f"{dest.address}:{ports.tcp}")
+            # A bare host: TCP, TLS and MPTCP clients each keep their own port.
+            pre = lab.control("pre-checkpoint", host=src, reference=dest.address)
             self.outcome["tcp_sent_away"] = pre.get("disconnected", 0)
             self._mark("pre_checkpoint", f"sent {pre.get('disconnected', 0)} TCP/MPTCP clients "
                                          f"to {dest.address}")  # fmt: skip
@@ -132,8 +133,10 @@ class Migration:
         self._mark("dump_done", f"checkpoint: {ckpt.bytes / 1e6:.1f} MB in {ckpt.seconds:.2f} s")
 
         try:
-            sent = transfer.send(self.local_ckpt, link_ip, TRANSFER_PORT)
+            sent = transfer.send(self.local_ckpt, link_ip, TRANSFER_PORT,
+                                 compress=lab.scenario.compress)  # fmt: skip
             receiver.result(timeout=30)
+            self.outcome["transfer_bytes"] = sent.bytes
             self.outcome["transfer_mbit_s"] = round(sent.mbit_per_s, 1)
             rate = f"{sent.mbit_per_s:.0f} Mbit/s"
             self._mark("transfer_done",

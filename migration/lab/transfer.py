@@ -2,11 +2,17 @@
 
 The receiver runs inside the link namespace (``ip netns exec qmig-link python -m
 migration.lab.transfer receive ...``), so every byte crosses the tbf-limited veth pair; the
-sender is the orchestrator on the machine.  A small header carries the length and a SHA-256
-trailer lets the receiver prove the copy is whole before anything is restored from it.
+sender is the orchestrator on the machine.  A SHA-256 trailer lets the receiver prove the
+copy is whole before anything is restored from it.
 
-Wire format: ``b"QMIGCKPT" + length (8 bytes, big endian)``, the bytes, then the 32-byte
-SHA-256 digest.  The receiver answers ``OK <length> <hex digest>\\n`` or ``ERR <reason>\\n``.
+The checkpoint is mostly memory pages, which gzip at level 1 shrinks about 4x in about
+0.2 s for 26 MB: on an edge link (100 Mbit/s) that saves seconds of downtime, so the sender
+compresses on the fly by default and the receiver stores the ``.tar.gz`` that podman's
+import-restore reads as it is.
+
+Wire format: ``b"QMIGCKP2"``, then chunks each prefixed by its length (4 bytes, big
+endian), a zero length, and the 32-byte SHA-256 of the chunk bytes.  The receiver answers
+``OK <bytes> <hex digest>\\n`` or ``ERR <reason>\\n``.
 """
 
 from __future__ import annotations
@@ -17,18 +23,20 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .net import LabError, netns_exec
 
-MAGIC = b"QMIGCKPT"
+MAGIC = b"QMIGCKP2"
 CHUNK = 1 << 20
 
 
 @dataclass
 class TransferResult:
-    bytes: int
+    bytes: int  # on the wire (compressed if it was)
+    source_bytes: int
     seconds: float
     sha256: str
 
@@ -71,20 +79,35 @@ class Receiver:
             self.proc.wait(5)
 
 
-def send(path: Path, host: str, port: int, timeout: float = 600.0) -> TransferResult:
-    """Stream ``path`` to a receiver; returns once it confirmed size and digest."""
-    size = path.stat().st_size
+def send(path: Path, host: str, port: int, compress: bool = True,
+         timeout: float = 600.0) -> TransferResult:  # fmt: skip
+    """Stream ``path`` (gzip-compressed on the fly if ``compress``) to a receiver.
+
+    Returns once the receiver confirmed the byte count and digest.
+    """
+    source = path.stat().st_size
     digest = hashlib.sha256()
+    sent = 0
+    gz = zlib.compressobj(1, zlib.DEFLATED, 31) if compress else None  # 31: gzip framing
     start = time.monotonic()
     try:
         with socket.create_connection((host, port), timeout=10) as sock:
             sock.settimeout(timeout)
-            sock.sendall(MAGIC + size.to_bytes(8, "big"))
+            sock.sendall(MAGIC)
+
+            def chunk_out(data: bytes) -> None:
+                nonlocal sent
+                if data:
+                    digest.update(data)
+                    sock.sendall(len(data).to_bytes(4, "big") + data)
+                    sent += len(data)
+
             with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    digest.update(chunk)
-                    sock.sendall(chunk)
-            sock.sendall(digest.digest())
+                while block := f.read(CHUNK):
+                    chunk_out(gz.compress(block) if gz else block)
+            if gz:
+                chunk_out(gz.flush())
+            sock.sendall(b"\0\0\0\0" + digest.digest())
             sock.shutdown(socket.SHUT_WR)
             reply = sock.makefile("r").readline().strip()
     except OSError as exc:
@@ -92,7 +115,7 @@ def send(path: Path, host: str, port: int, timeout: float = 600.0) -> TransferRe
     seconds = time.monotonic() - start
     if not reply.startswith("OK "):
         raise LabError(f"checkpoint transfer refused by the receiver: {reply or 'no answer'}")
-    return TransferResult(size, seconds, digest.hexdigest())
+    return TransferResult(sent, source, seconds, digest.hexdigest())
 
 
 def receive(host: str, port: int, out: Path, fail_after: int | None = None,
@@ -105,30 +128,35 @@ def receive(host: str, port: int, out: Path, fail_after: int | None = None,
     with conn:
         conn.settimeout(timeout)
         stream = conn.makefile("rb")
-        header = stream.read(16)
-        if len(header) != 16 or header[:8] != MAGIC:
+        if stream.read(len(MAGIC)) != MAGIC:
             conn.sendall(b"ERR bad header\n")
             return 1
-        size = int.from_bytes(header[8:], "big")
         digest = hashlib.sha256()
         got = 0
         with open(out, "wb") as f:
-            while got < size:
+            while True:
                 if fail_after is not None and got >= fail_after:
                     print(f"failing on purpose after {got} bytes", file=sys.stderr)
                     return 3  # the link "breaks": the sender sees a reset
-                chunk = stream.read(min(CHUNK, size - got))
-                if not chunk:
+                head = stream.read(4)
+                if len(head) != 4:
+                    conn.sendall(f"ERR stream cut after {got} bytes\n".encode())
+                    return 2
+                size = int.from_bytes(head, "big")
+                if size == 0:
                     break
+                chunk = stream.read(size)
+                if len(chunk) != size:
+                    conn.sendall(f"ERR stream cut after {got} bytes\n".encode())
+                    return 2
                 digest.update(chunk)
                 f.write(chunk)
-                got += len(chunk)
-        trailer = stream.read(32)
-        if got != size or trailer != digest.digest():
-            conn.sendall(f"ERR got {got} of {size} bytes or a bad digest\n".encode())
+                got += size
+        if stream.read(32) != digest.digest():
+            conn.sendall(f"ERR bad digest after {got} bytes\n".encode())
             return 2
-        conn.sendall(f"OK {size} {digest.hexdigest()}\n".encode())
-    print(f"OK {size} {digest.hexdigest()}", flush=True)
+        conn.sendall(f"OK {got} {digest.hexdigest()}\n".encode())
+    print(f"OK {got} {digest.hexdigest()}", flush=True)
     return 0
 
 

@@ -1,0 +1,90 @@
+"""The asyncio client's reconnect loop: one at a time, and back home after a failed move."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+import client.client as client_module
+from broker.config import BrokerConfig
+from broker.server import BrokerServer
+from client.client import Client
+
+HOST = "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+async def _tcp_broker() -> BrokerServer:
+    config = BrokerConfig(host=HOST, tcp_port=_free_port(), tls_port=0, mptcp_port=0,
+                          quic_port=0, sys_interval=0).validate()  # fmt: skip
+    server = BrokerServer(config)
+    await server.start()
+    return server
+
+
+def _tcp_connections(server: BrokerServer) -> int:
+    return sum(1 for c in server.broker.connections if c.transport == "tcp" and c.io)
+
+
+@pytest.mark.timeout(30)
+async def test_sent_to_a_dead_server_the_client_falls_back_with_one_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rolled-back migration: the Server Reference never answers, the old broker does."""
+    monkeypatch.setattr(client_module, "FALLBACK_AFTER", 0.6)
+    server = await _tcp_broker()
+    home = server.config.tcp_port
+    nowhere = _free_port()  # nothing listens there
+    client = Client(HOST, home, transport="tcp", client_id="fallback", clean_start=True,
+                    session_expiry=60, reconnect_delay=(0.02, 0.1))  # fmt: skip
+    try:
+        await client.connect()
+        await client.subscribe("t/fallback", qos=1)
+        await server.migration.pre_checkpoint(f"{HOST}:{nowhere}")
+        await asyncio.sleep(0.3)
+        assert not client.connected and client.port == nowhere
+        await server.migration.rollback()  # the broker serves at home again
+        await asyncio.wait_for(client.wait_connected(), 10)
+        assert client.port == home
+        await asyncio.sleep(0.3)  # any duplicate reconnect loop would connect again now
+        assert client.reconnects == 1
+        assert _tcp_connections(server) == 1
+        assert client.session_present  # the session waited for it
+        await client.publish("t/fallback", b"back", qos=1)
+        message = await client.next_message(timeout=5)
+        assert message.payload == b"back"
+    finally:
+        await client.disconnect()
+        await server.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_refused_reconnects_do_not_multiply_loops() -> None:
+    """Each refused attempt loses a stream; still only one reconnect loop may run."""
+    server = await _tcp_broker()
+    port = server.config.tcp_port
+    client = Client(HOST, port, transport="tcp", client_id="single", clean_start=True,
+                    session_expiry=60, reconnect_delay=(0.01, 0.05))  # fmt: skip
+    try:
+        await client.connect()
+        # Refuse new connections with a reference to this very broker for a while: each
+        # attempt gets CONNACK 0x9D and a closed connection, many times over.
+        server.broker.set_redirect(f"{HOST}:{port}", permanent=True)
+        server.broker.disconnect_clients(["tcp"], server_reference=f"{HOST}:{port}")
+        server.flush()
+        await asyncio.sleep(0.5)
+        server.broker.set_redirect(None)
+        await asyncio.wait_for(client.wait_connected(), 10)
+        await asyncio.sleep(0.5)
+        assert client.reconnects == 1
+        assert _tcp_connections(server) == 1
+    finally:
+        await client.disconnect()
+        await server.stop()
