@@ -1,6 +1,9 @@
 # qmig developer entry points. `make test` is what CI runs (via .ci/run).
 # setup is idempotent: Debian packages are checked with dpkg, pip runs only when
-# pyproject.toml is newer than the stamp file.
+# pyproject.toml is newer than the stamp file, CRIU is built once (cached by version).
+# `image` builds the broker image localhost/qmig-broker:<version>-<source hash> only when the
+# project's source changed; where containers cannot run (not root, no namespaces) it says so in
+# one line and the targets that use it carry on without it.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -12,12 +15,20 @@ PYTEST_ARGS ?=
 # python3.11 if present, else python3 (checked to be >= 3.11 when the venv is made)
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
 
-.PHONY: setup system test lint demo bench clean distclean
+.PHONY: setup system containers image test lint demo bench clean distclean
 
-setup: system $(STAMP)
+setup: system containers $(STAMP)
 
 system:
 	@bash scripts/setup-system.sh
+
+# After system: the two must never run apt at the same time (make -j).
+containers: system
+	@bash scripts/setup-containers.sh
+
+# Needs the venv: the image's wheels come from the host venv's pip (same cp311 ABI).
+image: setup
+	@$(VENV_PY) -m migration.image --if-available
 
 $(VENV_PY): | system
 	@test -n "$(PYTHON)" || { echo "make: no python3.11 or python3 found" >&2; exit 1; }
@@ -26,17 +37,17 @@ $(VENV_PY): | system
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml $(VENV_PY)
-	$(VENV_PY) -m pip install -q -e '.[dev]'
+	$(VENV_PY) -m pip install -q -e '.[dev,lab]'
 	@touch $@
 
-test: setup
+test: setup image
 	$(VENV)/bin/ruff check .
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
-demo: setup
+demo: setup image
 	$(VENV_PY) -m qmig demo
 
 bench: setup

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("qmig.migration")
 
 RECONNECTING_TRANSPORTS = ("tcp", "tls", "mptcp")
+FREEZE_TICK = 0.005  # seconds between the freeze watch's ticks (only after pre-checkpoint)
+FREEZE_GAP = 0.2  # a tick this late means the process was frozen (CRIU takes longer)
 
 
 class MigrationAPI:
@@ -54,6 +56,9 @@ class MigrationAPI:
         self.history: list[dict[str, Any]] = []
         # After restored(): when the first client datagram reached the new address.
         self.awaiting_first_packet = False
+        # The process's own view of its freeze (see _watch_freeze): wall-clock from/to.
+        self.last_freeze: dict[str, float] | None = None
+        self._freeze_watch: asyncio.Task[None] | None = None
 
     def _quic(self, proto: BrokerQuicProtocol) -> MigratingQuicConnection:
         quic = proto._quic
@@ -126,9 +131,37 @@ class MigrationAPI:
         for kind in RECONNECTING_TRANSPORTS:
             await self.server.close_listener(kind)
         aborted = await self._drain_stream_connections(grace)
+        self._start_freeze_watch()
         self.state = "checkpoint-ready"
         log.info("pre-checkpoint: %d TCP/TLS/MPTCP clients sent to %s", sent_away, reference)
         return {"disconnected": sent_away, "aborted": aborted, "reference": reference}
+
+    def _start_freeze_watch(self) -> None:
+        if self._freeze_watch is None or self._freeze_watch.done():
+            self.last_freeze = None
+            self._freeze_watch = asyncio.get_running_loop().create_task(self._watch_freeze())
+
+    def _stop_freeze_watch(self) -> None:
+        if self._freeze_watch is not None:
+            self._freeze_watch.cancel()
+            self._freeze_watch = None
+
+    async def _watch_freeze(self, tick: float = FREEZE_TICK) -> None:
+        """Notice the checkpoint from the inside: a jump of the wall clock between ticks.
+
+        CRIU freezes the process without telling it; after the restore its next tick comes
+        late by exactly the frozen time.  This gives the true freeze-to-resume time (to one
+        tick) instead of the orchestrator's view, which also counts podman's overheads.
+        """
+        last = time.time()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.time()
+            if now - last > FREEZE_GAP:
+                self.last_freeze = {"frozen_at": last, "thawed_at": now}
+                log.info("was frozen for %.0f ms", (now - last) * 1000)
+                return
+            last = now
 
     async def _drain_stream_connections(self, grace: float) -> int:
         loop = asyncio.get_running_loop()
@@ -149,6 +182,7 @@ class MigrationAPI:
 
     async def restored(self, new_addr: Address) -> dict[str, Any]:
         """Step 4: serve again at ``new_addr``."""
+        self._stop_freeze_watch()
         self._restore_configured_redirect()
         for kind in self.server.listeners:
             await self.server.open_listener(kind)
@@ -164,12 +198,14 @@ class MigrationAPI:
             proto.transmit()
         self.history.append(
             {"sequence": self.sequence, "to": str(new_addr), "announced": announced,
-             "at": time.time(), "first_packet_at": None, "first_packet_from": None}
+             "at": time.time(), "first_packet_at": None, "first_packet_from": None,
+             "freeze": self.last_freeze}
         )  # fmt: skip
         self.awaiting_first_packet = True
         self.state = "serving"
         log.info("restored at %s: announced to %d QUIC clients", new_addr, announced)
-        return {"address": str(new_addr), "quic_announced": announced}
+        return {"address": str(new_addr), "quic_announced": announced,
+                "freeze": self.last_freeze}
 
     async def rollback(self, address: Address | None = None) -> dict[str, Any]:
         """The move failed and the broker serves where it was: undo prepare/pre-checkpoint.
@@ -179,6 +215,7 @@ class MigrationAPI:
         probing a destination that will never answer.  Packets swallowed by the freeze are
         resent at once, as after a successful move.
         """
+        self._stop_freeze_watch()
         self._restore_configured_redirect()
         for kind in self.server.listeners:
             await self.server.open_listener(kind)
@@ -194,11 +231,12 @@ class MigrationAPI:
                 quic._retransmit_in_flight(now)
                 proto.transmit()
         self.history.append({"sequence": self.sequence, "rolled_back_to": str(address),
-                             "told": told, "at": time.time()})  # fmt: skip
+                             "told": told, "at": time.time(),
+                             "freeze": self.last_freeze})  # fmt: skip
         self.state = "serving"
         self.destination = None
         log.info("rollback: serving at %s again, told %d QUIC clients to stay", address, told)
-        return {"state": self.state, "quic_told": told}
+        return {"state": self.state, "quic_told": told, "freeze": self.last_freeze}
 
     def status(self) -> dict[str, Any]:
         by_transport: dict[str, int] = {}
@@ -224,4 +262,5 @@ class MigrationAPI:
             "quic_clients_by_strategy": strategies,
             "triggers": list(self.triggers),
             "history": list(self.history),
+            "last_freeze": self.last_freeze,
         }

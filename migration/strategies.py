@@ -117,8 +117,8 @@ class Follower:
         """SERVER_MIGRATED arrived (possibly from an address we did not know yet)."""
         if self.strategy is not Strategy.ANNOUNCE or self.probing:
             return
-        if not self.acceptable(source):
-            return
+        if not self.acceptable(source) or source == self.current:
+            return  # unknown, or already there (the restored broker's first packets moved us)
         record = MigrationRecord(frame.sequence, source, "announce", now)
         self.records.append(record)
         self._start(record, [source], now)

@@ -40,6 +40,7 @@ from typing import Any
 
 from client.client import Client, ClientError
 from client.transports import TRANSPORTS
+from migration.scenario import ClientSpec  # one client of a scenario, as the workload runs it
 from migration.strategies import Strategy
 from mqttproto.client import Connected, Event
 
@@ -61,15 +62,6 @@ class SpecError(ValueError):
 
 
 # ---------------------------------------------------------------------- spec
-@dataclass(frozen=True)
-class ClientSpec:
-    """One client: its name is also its MQTT client id and the end of its topic."""
-
-    name: str
-    transport: str = "quic"
-    strategy: str = "none"  # how a QUIC client follows the broker; TCP-family: "none"
-
-
 @dataclass(frozen=True)
 class BrokerTarget:
     """Where the broker is at start: one host, a port per transport, the lab CA."""

@@ -102,6 +102,27 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=bridge.run)
 
 
+def _add_lab_commands(sub: argparse._SubParsersAction) -> None:
+    """The edge host's commands; the broker image leaves the lab out, so they may be absent."""
+    lab = sub.add_parser("lab", help="the container lab: edge hosts, client namespace, link")
+    migrate = sub.add_parser("migrate", help="live-migrate the broker container to another host")
+    try:
+        from migration.lab.cli import (
+            add_lab_arguments,
+            add_migrate_arguments,
+            run_lab,
+            run_migrate,
+        )
+    except ImportError as exc:
+        for p, what in ((lab, "lab"), (migrate, "migrate")):
+            p.set_defaults(handler=_unavailable(what, str(exc)), accepts_extra=True)
+        return
+    add_lab_arguments(lab)
+    lab.set_defaults(handler=run_lab)
+    add_migrate_arguments(migrate)
+    migrate.set_defaults(handler=run_migrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; exposed for tests and shell completion."""
     parser = argparse.ArgumentParser(
@@ -138,19 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_ctl_arguments(p)
     p.set_defaults(handler=run_ctl)
 
-    from migration.lab.cli import add_lab_arguments, add_migrate_arguments, run_lab, run_migrate
+    _add_lab_commands(sub)
 
-    p = sub.add_parser("lab", help="the container lab: edge hosts, client namespace, link")
-    add_lab_arguments(p)
-    p.set_defaults(handler=run_lab)
-    p = sub.add_parser("migrate", help="live-migrate the broker container to another edge host")
-    add_migrate_arguments(p)
-    p.set_defaults(handler=run_migrate)
-
-    p = sub.add_parser("demo", help="run the cross-transport demo")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds to publish (default 5)")
+    p = sub.add_parser("demo", help="live-migrate the broker container under traffic (the demo)")
+    p.add_argument("--scenario", default="demo", help="scenario name or YAML file (default demo)")
+    p.add_argument("--link-rate", default=None, help="checkpoint link rate, e.g. 10mbit")
+    p.add_argument("--loss", type=float, default=None, help="client access-link loss in %%")
+    p.add_argument("--report-dir", default="reports", help="where the JSON and PNG go")
+    p.add_argument("--transports", action="store_true",
+                   help="instead: the cross-transport check on loopback (no migration)")
+    p.add_argument("--duration", type=float, default=5.0,
+                   help="--transports: seconds to publish (default 5)")
     p.add_argument("--rate", type=float, default=20.0,
-                   help="messages per second per transport (default 20)")
+                   help="--transports: messages per second per transport (default 20)")
     p.set_defaults(handler=_cmd_demo)
     return parser
 

@@ -1,10 +1,16 @@
-"""``qmig demo``: a broker with telemetry publishers and subscribers over every transport.
+"""``qmig demo``: the broker container live-migrates under traffic; its clients carry on.
 
-Until the migration issues land this is the demo: it starts ``qmig broker`` on loopback with
-QUIC, TCP, TLS and MPTCP listeners, runs one MQTT 5 publisher and one subscriber per
-transport (paho-mqtt over TCP/TLS/MPTCP, qmig's own client over QUIC), and prints who
-received what, how fast and with what loss.  Every subscriber
-listens to every publisher, so the table shows each transport carrying the others' traffic.
+The main demo (``make demo``) runs the ``demo`` scenario in the container lab: edge hosts
+as podman pods, the broker in edge-a, QUIC clients following it with each strategy plus TCP
+and MPTCP clients at a steady QoS 1 rate, a move A to B and back, a table per client and
+``reports/demo-<timestamp>.json`` with a PNG of the arrivals beside it.  Where containers
+cannot run (not root, no podman) it says so in one line and runs the same clients against
+the in-process harness instead.
+
+``qmig demo --transports`` is the cross-transport check: ``qmig broker`` on loopback with
+QUIC, TCP, TLS and MPTCP listeners, one MQTT 5 publisher and subscriber per transport
+(paho-mqtt over TCP/TLS/MPTCP, qmig's client over QUIC), every subscriber listening to every
+publisher.
 """
 
 from __future__ import annotations
@@ -299,7 +305,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_transports(args: argparse.Namespace) -> int:
     console = Console()
     report = run_demo(getattr(args, "duration", 5.0), getattr(args, "rate", 20.0), console)
     print_report(report, console)
@@ -307,8 +313,100 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         "[green]No message lost.[/]" if lost == 0 else f"[red]{lost} messages lost.[/]"
     )
-    console.print(
-        "Live migration of the broker container arrives with the migration issues; "
-        "this demo shows the transports it will compare."
-    )
     return 0 if lost == 0 else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "transports", False):
+        return run_transports(args)
+    from migration.lab.lab import containers_unavailable
+
+    console = Console()
+    reason = containers_unavailable()
+    if reason:
+        console.print(f"qmig demo: containers unavailable ({reason}); "
+                      "running the in-process migration harness instead")  # fmt: skip
+        return run_harness(args, console)
+    return run_live(args, console)
+
+
+def _report_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    out = Path(getattr(args, "report_dir", "reports"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return out / f"demo-{stamp}.json", out / f"demo-{stamp}.png"
+
+
+def _verdict(console: Console, migrations: list[dict[str, Any]], json_path: Path,
+             png_path: Path | None) -> int:  # fmt: skip
+    lost = sum(c["lost"] or 0 for m in migrations for c in m["clients"])
+    never = [c["name"] for m in migrations for c in m["clients"] if c["interruption_ms"] is None]
+    failed = [m for m in migrations if m.get("ok") is False]
+    console.print(f"report: {json_path}" + (f"  plot: {png_path}" if png_path else ""))
+    if lost == 0 and not never and not failed:
+        console.print("[green]Every message arrived; no client reconnected over QUIC.[/]")
+        return 0
+    console.print(f"[red]{lost} messages lost; clients that never recovered: {never or 'none'}; "
+                  f"failed migrations: {len(failed)}[/]")  # fmt: skip
+    return 1
+
+
+def run_live(args: argparse.Namespace, console: Console) -> int:
+    from migration.image import ensure_image
+    from migration.lab.net import LabError
+    from migration.lab.run import run_scenario
+    from migration.report import plot_arrivals, print_summary, write_report
+    from migration.scenario import Scenario
+
+    scenario = Scenario.load(getattr(args, "scenario", "demo"))
+    if getattr(args, "link_rate", None):
+        scenario = scenario.replace(link_rate=args.link_rate)
+    if getattr(args, "loss", None) is not None:
+        scenario = scenario.replace(loss=args.loss)
+    try:
+        image = ensure_image(Path(__file__).resolve().parents[1])
+        result = run_scenario(scenario, image, progress=console.log)
+    except LabError as exc:
+        console.print(f"[red]qmig demo: {exc}[/]")
+        return 1
+    migrations = result["migrations"]
+    print_summary(migrations, console)
+    for m in migrations:
+        tl = m["timeline"]
+        steps = ", ".join(f"{k} +{(v - tl['trigger']) * 1000:.0f} ms"
+                          for k, v in sorted(tl.items(), key=lambda kv: kv[1]))  # fmt: skip
+        console.print(f"[dim]{m['ip_before']} -> {m['ip_after']}: downtime {m['downtime_ms']} ms;"
+                      f" {steps}[/]")  # fmt: skip
+    json_path, png_path = _report_paths(args)
+    write_report(json_path, migrations)
+    plot_arrivals(result["clients"], migrations, png_path,
+                  title=f"qmig live migration ({scenario.name}, link {scenario.link_rate})")
+    return _verdict(console, migrations, json_path, png_path)
+
+
+def run_harness(args: argparse.Namespace, console: Console) -> int:
+    """The fallback: the same strategies, moved by the in-process harness (no containers)."""
+    from migration.harness import Harness
+    from migration.report import print_summary, write_report
+
+    async def main() -> list[dict[str, Any]]:
+        rows = []
+        async with Harness(pool_position=1) as harness:
+            await harness.add_clients(["proactive", "reactive", "pool", "announce"], rate=20)
+            await asyncio.sleep(1.0)
+            for _ in range(2):
+                before = harness.source
+                result = await harness.settle(await harness.migrate(freeze=0.5))
+                rows.append({
+                    "ip_before": before, "ip_after": harness.source,
+                    "downtime_ms": round(result.freeze_s * 1000, 1),
+                    "timeline": {"freeze": result.freeze_at, "resume": result.resume_at},
+                    "clients": [{**c, "transport": "quic", "extra_ms": c["extra_interruption_ms"]}
+                                for c in result.clients],
+                })  # fmt: skip
+        return rows
+
+    migrations = asyncio.run(main())
+    print_summary(migrations, console)
+    json_path, _ = _report_paths(args)
+    write_report(json_path, migrations)
+    return _verdict(console, migrations, json_path, None)

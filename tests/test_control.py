@@ -292,7 +292,7 @@ async def test_pre_checkpoint_then_restored(broker: Broker) -> None:
             assert status["listeners"][kind].endswith("(closed)")
     finally:
         result = await broker.ctl("restored", address=f"{HOST}:{broker.quic}")
-    assert result == {"address": f"{HOST}:{broker.quic}", "quic_announced": 0}
+    assert result == {"address": f"{HOST}:{broker.quic}", "quic_announced": 0, "freeze": None}
     assert _can_connect(broker.mptcp)
     with paho(broker.tcp) as back:
         rc, _ = await asyncio.to_thread(back.connect)
@@ -308,7 +308,7 @@ async def test_rollback_after_pre_checkpoint(broker: Broker) -> None:
     assert not _can_connect(broker.mptcp) and not _can_connect(broker.tcp)
     done = await asyncio.to_thread(_run_ctl, broker, "rollback", f"{HOST}:{broker.quic}")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"state": "serving", "quic_told": 0}
+    assert json.loads(done.stdout) == {"state": "serving", "quic_told": 0, "freeze": None}
     status = await broker.ctl("status")
     assert status["history"][-1]["rolled_back_to"] == f"{HOST}:{broker.quic}"
     assert _can_connect(broker.mptcp)
@@ -344,3 +344,36 @@ def test_config_needs_a_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     cfg = config_from_args(parser.parse_args(["--control-port", "5000",
                                               "--control-token-file", str(good)]))  # fmt: skip
     assert cfg.control_token == "abc"  # the file wins
+
+
+async def test_the_broker_notices_its_own_freeze() -> None:
+    """After pre-checkpoint the broker watches its clock: a stopped process sees the jump.
+
+    A blocked event loop stands in for CRIU's freezer here (the container tests see the
+    real one); what ``restored`` reports is the span the process did not run.
+    """
+    import time
+
+    from broker.config import BrokerConfig
+    from broker.server import BrokerServer
+    from migration.frames import Address
+
+    config = BrokerConfig(host=HOST, tcp_port=_free_port(), tls_port=0, mptcp_port=0,
+                          quic_port=0, sys_interval=0).validate()  # fmt: skip
+    server = BrokerServer(config)
+    await server.start()
+    try:
+        await server.migration.pre_checkpoint(None)
+        await asyncio.sleep(0.05)  # the watch ticks quietly: no freeze yet
+        assert server.migration.last_freeze is None
+        before = time.time()
+        time.sleep(0.4)  # the whole process stops, as under CRIU's freezer
+        after = time.time()
+        await asyncio.sleep(0.05)
+        done = await server.migration.restored(Address(HOST, 14567))
+        freeze = done["freeze"]
+        assert freeze is not None
+        assert before - 0.05 <= freeze["frozen_at"] <= before + 0.01
+        assert after - 0.01 <= freeze["thawed_at"] <= after + 0.05
+    finally:
+        await server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from qmig.demo import TRANSPORTS, print_report, run_demo
@@ -26,3 +27,26 @@ def test_demo_every_transport_reaches_every_subscriber_without_loss() -> None:
     assert report["subscribers"]["tcp"]["socket_protocol"] == "TCP"
     print_report(report, console)
     assert "from mptcp" in console.file.getvalue()
+
+
+def test_without_containers_the_demo_says_so_and_runs_the_harness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+    import json
+
+    import migration.lab.lab as lab_module
+    from qmig.demo import run
+
+    monkeypatch.setattr(lab_module, "containers_unavailable", lambda: "no podman here")
+    assert run(argparse.Namespace(report_dir=str(tmp_path))) == 0
+    out = capsys.readouterr().out
+    assert "containers unavailable (no podman here)" in out
+    (report,) = tmp_path.glob("demo-*.json")
+    migrations = json.loads(report.read_text())["migrations"]
+    assert len(migrations) == 2
+    for m in migrations:
+        assert {"ip_before", "ip_after", "downtime_ms", "timeline", "clients"} <= set(m)
+        strategies = {c["strategy"] for c in m["clients"]}
+        assert strategies == {"proactive", "reactive", "pool", "announce"}
+        assert all(c["lost"] == 0 and c["interruption_ms"] is not None for c in m["clients"])

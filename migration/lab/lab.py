@@ -55,14 +55,14 @@ def container_name(host: Host | str) -> str:
 
 def containers_unavailable() -> str | None:
     """Why this machine cannot run the container lab, or None if it can."""
-    if os.geteuid() != 0:
-        return "not root (the lab needs root for podman, CRIU and network namespaces)"
-    for tool in ("podman", "criu", "ip", "nft", "iptables", "nsenter"):
+    from migration.image import containers_unavailable as image_unavailable
+
+    reason = image_unavailable()
+    if reason:
+        return reason
+    for tool in ("ip", "nft", "iptables", "nsenter", "tc"):
         if not net.have(tool):
-            return f"{tool} is not installed (run `make setup` as root)"
-    marker = Path("/run/qmig/containers-unavailable")
-    if marker.exists():
-        return marker.read_text().strip() or "setup found that containers cannot run here"
+            return f"{tool} is not installed (as root run: make setup)"
     return None
 
 

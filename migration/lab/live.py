@@ -149,6 +149,7 @@ class Migration:
             done = lab.control("restored", host=dest, address=self._quic(dest))
             self.outcome["quic_announced"] = done.get("quic_announced", 0)
             self._mark("resumed", f"serving at {dest.address}")
+            self._note_freeze(done.get("freeze"))
         except (LabError, ControlError) as exc:
             receiver.stop()
             self._remove_blocker(blocker)
@@ -156,11 +157,20 @@ class Migration:
                               else "restore", exc)  # fmt: skip
         finally:
             self._remove_blocker(blocker)
-        self.outcome["downtime_ms"] = round(
+        self.outcome["service_gap_ms"] = round(
             (self.timeline["resumed"] - self.timeline["freeze_start"]) * 1000, 1)
+        self.outcome.setdefault("downtime_ms", self.outcome["service_gap_ms"])
         self.outcome["ok"] = True
         self._clean_source()
         return self.outcome
+
+    def _note_freeze(self, freeze: dict[str, float] | None) -> None:
+        """The broker's own view of its freeze: the true freeze-to-resume downtime."""
+        if freeze:
+            self.timeline["frozen"] = freeze["frozen_at"]
+            self.timeline["thawed"] = freeze["thawed_at"]
+            self.outcome["downtime_ms"] = round(
+                (freeze["thawed_at"] - freeze["frozen_at"]) * 1000, 1)
 
     def first_client_packet(self) -> float | None:
         """When the restored broker heard its first QUIC datagram (ask after some traffic)."""
@@ -237,13 +247,15 @@ class Migration:
                 how = "restored from the same checkpoint"
             lab.state.broker_host = src.name  # type: ignore[union-attr]
             lab.state.save(lab.state_dir)  # type: ignore[union-attr]
-            lab.control("rollback", host=src, address=self._quic(src))
+            back = lab.control("rollback", host=src, address=self._quic(src))
+            self._note_freeze(back.get("freeze"))
             self._mark("rolled_back", f"rolled back: the broker serves at {src.address} again "
                                       f"({how})")  # fmt: skip
             self.outcome["rollback"] = how
             if "freeze_start" in self.timeline:
-                self.outcome["downtime_ms"] = round(
+                self.outcome["service_gap_ms"] = round(
                     (self.timeline["rolled_back"] - self.timeline["freeze_start"]) * 1000, 1)
+                self.outcome.setdefault("downtime_ms", self.outcome["service_gap_ms"])
         except (LabError, ControlError) as again:
             self.progress(f"rollback failed ({again}); starting a fresh broker at {src.name}")
             with contextlib.suppress(Exception):

@@ -30,3 +30,20 @@ def test_a_stale_stay_notice_is_ignored() -> None:
     follower.on_server_migration(ServerMigration(3, THERE), now=0.0)
     follower.on_server_migration(ServerMigration(2, HERE), now=0.1)  # older sequence
     assert follower.probing and follower.announced == THERE
+
+
+def test_announce_from_where_the_connection_already_is_starts_no_probing() -> None:
+    """The restored broker's retransmissions may move us before SERVER_MIGRATED arrives.
+
+    Probing the current address then would never end in a new validation, and a stale
+    probing window made the client ignore the next migration's announce.
+    """
+    from migration.frames import PoolMigrationAddress, ServerMigrated
+
+    follower = Follower(Strategy.ANNOUNCE, current=HERE)
+    follower.on_pool(PoolMigrationAddress(0, (HERE, THERE)), now=0.0)
+    follower.current = THERE  # the QUIC layer validated THERE already
+    follower.on_server_migrated(ServerMigrated(1, THERE), THERE, now=0.1)
+    assert not follower.probing
+    follower.on_server_migrated(ServerMigrated(2, HERE), HERE, now=5.0)  # the move back
+    assert follower.probing and follower.due_probes(5.0) == [HERE]

@@ -1,0 +1,163 @@
+"""Run a scenario end to end: lab up, clients on, migrations under traffic, figures, lab down.
+
+This is what ``make demo`` does, what the lab tests assert on and what the migration
+benchmark repeats: one function, so the three always describe the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from migration.report import figures_by_migration
+from migration.scenario import Scenario
+from migration.workload import BrokerTarget, WorkloadSpec
+
+from .lab import CLIENT_NS, Lab
+from .live import Migration, MigrationFailed
+from .net import LabError, netns_exec
+
+READY_TIMEOUT = 60.0
+
+
+def workload_spec(lab: Lab, drain: float = 2.0) -> WorkloadSpec:
+    sc = lab.scenario
+    target = BrokerTarget(lab.broker_host.address, sc.ports.as_dict(), lab.cafile)
+    return WorkloadSpec(target, sc.clients, rate=sc.rate, qos=sc.qos, drain=drain).validate()
+
+
+class WorkloadProcess:
+    """``python -m migration.workload`` inside the clients' namespace, stopped by its PID."""
+
+    def __init__(self, spec: WorkloadSpec, workdir: Path, ns: str = CLIENT_NS) -> None:
+        self.spec_path = workdir / "workload-spec.json"
+        self.out_path = workdir / "workload-result.json"
+        self.log_path = workdir / "workload.log"
+        self.spec_path.write_text(spec.to_json())
+        self.drain = spec.drain
+        cmd = netns_exec(ns, sys.executable, "-m", "migration.workload",
+                         "--spec", str(self.spec_path), "--out", str(self.out_path))  # fmt: skip
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.2):
+                line = self.proc.stdout.readline().decode().strip()
+                if line == "READY":
+                    return
+                if not line and self.proc.poll() is not None:
+                    break
+        self.kill()
+        raise LabError(f"the client workload did not start: {self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            return lines[-1] if lines else "(no output)"
+        return "(no log)"
+
+    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
+        """SIGTERM, let it drain and write its result, return that result."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=self.drain + timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise LabError("the client workload did not stop in time") from None
+        finally:
+            self._log.close()
+        try:
+            return dict(json.loads(self.out_path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise LabError(f"the client workload left no result: {self._log_tail()}") from exc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        if not self._log.closed:
+            self._log.close()
+
+
+def run_scenario(
+    scenario: Scenario,
+    image: str,
+    *,
+    fail_at: dict[int, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    on_ready: Callable[[Lab], None] | None = None,
+    on_lab: Callable[[Lab], None] | None = None,
+) -> dict[str, Any]:
+    """Bring the lab up, run the clients, do the scenario's migrations, tear it all down.
+
+    ``fail_at`` maps a migration's index to the step made to fail ("transfer"/"restore").
+    ``on_ready`` is called once the clients run, before the first migration, and ``on_lab``
+    after the last one, both while the lab is up (tests use them to look at the broker).
+    Returns ``{"scenario", "migrations": [...with per-client figures...], "clients": [raw
+    workload traces]}``.
+    """
+    say = progress or (lambda message: None)
+    lab = Lab(scenario)
+    workload: WorkloadProcess | None = None
+    migrations: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="qmig-run-") as tmp:
+        try:
+            say(f"lab up: {len(scenario.hosts)} edge hosts, link {scenario.link_rate}, "
+                f"loss {scenario.loss:g} %")  # fmt: skip
+            lab.up(image)
+            workload = WorkloadProcess(workload_spec(lab), Path(tmp))
+            say(f"{len(scenario.clients)} clients publishing {scenario.rate:g} msg/s each at "
+                f"QoS {scenario.qos}")  # fmt: skip
+            if on_ready is not None:
+                on_ready(lab)
+            time.sleep(scenario.settle)
+            for index, dest in enumerate(scenario.migrations):
+                migration = Migration(lab, dest, fail_at=(fail_at or {}).get(index),
+                                      progress=say)  # fmt: skip
+                try:
+                    outcome = migration.run()
+                except MigrationFailed as exc:
+                    outcome = exc.outcome
+                    say(str(exc))
+                time.sleep(scenario.settle)
+                migration.first_client_packet()
+                outcome["freeze_at"], outcome["resume_at"] = _window(outcome["timeline"])
+                migrations.append(outcome)
+            if on_lab is not None:
+                on_lab(lab)
+            result = workload.stop()
+            workload = None
+        finally:
+            if workload is not None:
+                workload.kill()
+            lab.down(quiet=True)
+            say("lab down")
+    rows = figures_by_migration(result["clients"], migrations)
+    return {"scenario": scenario.name, "migrations": rows, "clients": result["clients"]}
+
+
+def _window(timeline: dict[str, float]) -> tuple[float, float]:
+    """The broker's frozen span: its own view if it reported one, else the orchestrator's."""
+    if "frozen" in timeline and "thawed" in timeline:
+        return timeline["frozen"], timeline["thawed"]
+    start = timeline.get("freeze_start", timeline["trigger"])
+    end = timeline.get("resumed", timeline.get("rolled_back", time.time()))
+    return start, end
