@@ -57,7 +57,7 @@ class MigrationAPI:
         # After restored(): when the first client datagram reached the new address.
         self.awaiting_first_packet = False
         # The process's own view of its freeze (see _watch_freeze): wall-clock from/to.
-        self.last_freeze: dict[str, float] | None = None
+        self.last_freeze: dict[str, Any] | None = None
         self._freeze_watch: asyncio.Task[None] | None = None
 
     def _quic(self, proto: BrokerQuicProtocol) -> MigratingQuicConnection:
@@ -88,11 +88,11 @@ class MigrationAPI:
             log.info("migration trigger from %s: %s", client_id or entry["from"], entry["hint"])
 
     def first_packet(self, addr: Any) -> None:
-        """The first QUIC datagram since ``restored``: the timeline's "clients are back"."""
+        """The first QUIC datagram after the thaw: the timeline's "clients are back"."""
         self.awaiting_first_packet = False
-        if self.history:
-            self.history[-1]["first_packet_at"] = time.time()
-            self.history[-1]["first_packet_from"] = f"{addr[0]}:{addr[1]}" if addr else None
+        if self.last_freeze is not None:
+            self.last_freeze["first_packet_at"] = time.time()
+            self.last_freeze["first_packet_from"] = f"{addr[0]}:{addr[1]}" if addr else None
 
     def _restore_configured_redirect(self) -> None:
         """Drop pre-checkpoint's redirect but keep one the broker was started with."""
@@ -159,6 +159,7 @@ class MigrationAPI:
             now = time.time()
             if now - last > FREEZE_GAP:
                 self.last_freeze = {"frozen_at": last, "thawed_at": now}
+                self.awaiting_first_packet = True  # a client datagram now reached the new host
                 log.info("was frozen for %.0f ms", (now - last) * 1000)
                 return
             last = now
@@ -198,10 +199,8 @@ class MigrationAPI:
             proto.transmit()
         self.history.append(
             {"sequence": self.sequence, "to": str(new_addr), "announced": announced,
-             "at": time.time(), "first_packet_at": None, "first_packet_from": None,
-             "freeze": self.last_freeze}
+             "at": time.time(), "freeze": self.last_freeze}
         )  # fmt: skip
-        self.awaiting_first_packet = True
         self.state = "serving"
         log.info("restored at %s: announced to %d QUIC clients", new_addr, announced)
         return {"address": str(new_addr), "quic_announced": announced,

@@ -43,6 +43,15 @@ def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_lab(args: argparse.Namespace) -> int:
+    from .lab import lab_lock
+
+    if args.lab_action in ("up", "down"):
+        with lab_lock(say=lambda m: print(f"qmig lab: {m}", file=sys.stderr)):
+            return _run_lab(args)
+    return _run_lab(args)
+
+
+def _run_lab(args: argparse.Namespace) -> int:
     from .lab import Lab, containers_unavailable
 
     try:

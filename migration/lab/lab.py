@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,43 @@ def pod_name(host: Host | str) -> str:
 def container_name(host: Host | str) -> str:
     """The broker container is named after the edge host it runs on (qmig-broker-edge-a)."""
     return f"qmig-broker-{host if isinstance(host, str) else host.name}"
+
+
+LOCK_PATH = Path("/run/qmig/lab.lock")
+LOCK_ENV = "QMIG_LAB_LOCKED"  # set while held: child processes run under the same lock
+
+
+@contextlib.contextmanager
+def lab_lock(timeout: float = 1200.0, say: Any = None) -> Iterator[None]:
+    """Hold the machine's one lab for a whole run (names and addresses are fixed).
+
+    Runs in parallel (a test suite, a demo, a benchmark) queue here instead of tearing down
+    each other's pods.  Processes started while it is held inherit it (``QMIG_LAB_LOCKED``).
+    """
+    if os.environ.get(LOCK_ENV):  # our parent holds it and runs us (e.g. `qmig lab up`)
+        yield
+        return
+    LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_PATH, "a+") as f:
+        deadline = time.monotonic() + timeout
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabError(f"another lab run held the lab for {timeout:g} s") from None
+                if not waiting and say is not None:
+                    say("waiting for another lab run to finish")
+                waiting = True
+                time.sleep(0.5)
+        os.environ[LOCK_ENV] = str(os.getpid())
+        try:
+            yield
+        finally:
+            os.environ.pop(LOCK_ENV, None)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def containers_unavailable() -> str | None:

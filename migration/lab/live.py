@@ -164,7 +164,7 @@ class Migration:
         self._clean_source()
         return self.outcome
 
-    def _note_freeze(self, freeze: dict[str, float] | None) -> None:
+    def _note_freeze(self, freeze: dict[str, Any] | None) -> None:
         """The broker's own view of its freeze: the true freeze-to-resume downtime."""
         if freeze:
             self.timeline["frozen"] = freeze["frozen_at"]
@@ -175,12 +175,11 @@ class Migration:
     def first_client_packet(self) -> float | None:
         """When the restored broker heard its first QUIC datagram (ask after some traffic)."""
         with contextlib.suppress(ControlError, LabError):
-            history = self.lab.control("status", host=self.dest)["history"]
-            if history:
-                at = history[-1].get("first_packet_at")
-                if at:
-                    self.timeline["first_client_packet"] = at
-                    return float(at)
+            freeze = self.lab.control("status", host=self.dest).get("last_freeze") or {}
+            at = freeze.get("first_packet_at")
+            if at:
+                self.timeline["first_client_packet"] = float(at)
+                return float(at)
         return None
 
     # ------------------------------------------------------------------ cleanup

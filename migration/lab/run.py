@@ -21,7 +21,7 @@ from migration.report import figures_by_migration
 from migration.scenario import Scenario
 from migration.workload import BrokerTarget, WorkloadSpec
 
-from .lab import CLIENT_NS, Lab
+from .lab import CLIENT_NS, Lab, lab_lock
 from .live import Migration, MigrationFailed
 from .net import LabError, netns_exec
 
@@ -118,7 +118,7 @@ def run_scenario(
     lab = Lab(scenario)
     workload: WorkloadProcess | None = None
     migrations: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="qmig-run-") as tmp:
+    with lab_lock(say=say), tempfile.TemporaryDirectory(prefix="qmig-run-") as tmp:
         try:
             say(f"lab up: {len(scenario.hosts)} edge hosts, link {scenario.link_rate}, "
                 f"loss {scenario.loss:g} %")  # fmt: skip

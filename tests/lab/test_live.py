@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from migration.lab import net
-from migration.lab.lab import CLIENT_NS, Lab, containers_unavailable
+from migration.lab.lab import CLIENT_NS, Lab, containers_unavailable, lab_lock
 from migration.lab.run import run_scenario
 from migration.scenario import ClientSpec, Scenario
 
@@ -53,9 +53,10 @@ def _leftovers() -> list[str]:
 @pytest.fixture(autouse=True)
 def nothing_left_behind() -> Iterator[None]:
     yield
-    left = _leftovers()
-    if left:
-        Lab(Scenario.load("demo")).down(quiet=True)  # leave the machine clean for the next
+    with lab_lock():  # another run (a demo, a benchmark) may own the lab right now
+        left = _leftovers()
+        if left:
+            Lab(Scenario.load("demo")).down(quiet=True)  # leave the machine clean
     assert not left, f"the lab left these behind: {left}"
 
 
@@ -153,6 +154,11 @@ def test_cli_lab_up_migrate_json_status_down(image: str) -> None:
         return subprocess.run([sys.executable, "-m", "qmig", *args], capture_output=True,
                               text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
 
+    with lab_lock():
+        _cli_round_trip(qmig, image)
+
+
+def _cli_round_trip(qmig: Any, image: str) -> None:
     try:
         up = qmig("lab", "up", "--image", image)
         assert up.returncode == 0, up.stderr
