@@ -42,6 +42,7 @@ log = logging.getLogger("qmig.migration")
 
 RECONNECTING_TRANSPORTS = ("tcp", "tls", "mptcp")
 FREEZE_TICK = 0.005  # seconds between the freeze watch's ticks (only after pre-checkpoint)
+RETURN_WATCH = 30.0  # seconds after a thaw during which returning clients are noted
 FREEZE_GAP = 0.2  # a tick this late means the process was frozen (CRIU takes longer)
 
 
@@ -59,6 +60,10 @@ class MigrationAPI:
         # The process's own view of its freeze (see _watch_freeze): wall-clock from/to.
         self.last_freeze: dict[str, Any] | None = None
         self._freeze_watch: asyncio.Task[None] | None = None
+        # After the thaw: when each client was first heard again (QUIC datagram, or a new
+        # TCP-family connection), keyed by the protocol object; see returned_clients().
+        self.watching_returns = False
+        self._returns: dict[int, tuple[float, Any]] = {}
 
     def _quic(self, proto: BrokerQuicProtocol) -> MigratingQuicConnection:
         quic = proto._quic
@@ -93,6 +98,28 @@ class MigrationAPI:
         if self.last_freeze is not None:
             self.last_freeze["first_packet_at"] = time.time()
             self.last_freeze["first_packet_from"] = f"{addr[0]}:{addr[1]}" if addr else None
+
+    def client_returned(self, io: Any) -> None:
+        """A client was heard after the thaw (``io``: its QUIC protocol or TCP connection)."""
+        self._returns.setdefault(id(io), (time.time(), io))
+        thawed = self.last_freeze["thawed_at"] if self.last_freeze else 0.0
+        if time.time() - thawed > RETURN_WATCH:
+            self.watching_returns = False  # bounded: a per-datagram check, not forever
+
+    def returned_clients(self) -> list[dict[str, Any]]:
+        """Per client, how long after the thaw it was heard again: the broker's view."""
+        if not self.last_freeze:
+            return []
+        thawed = self.last_freeze["thawed_at"]
+        out = []
+        for at, io in sorted(self._returns.values(), key=lambda item: item[0]):
+            conn = getattr(io, "conn", None)
+            out.append({
+                "client_id": conn.client_id if conn is not None else "",
+                "transport": conn.transport if conn is not None else "?",
+                "after_thaw_ms": round((at - thawed) * 1000, 1),
+            })  # fmt: skip
+        return out
 
     def _restore_configured_redirect(self) -> None:
         """Drop pre-checkpoint's redirect but keep one the broker was started with."""
@@ -160,6 +187,8 @@ class MigrationAPI:
             if now - last > FREEZE_GAP:
                 self.last_freeze = {"frozen_at": last, "thawed_at": now}
                 self.awaiting_first_packet = True  # a client datagram now reached the new host
+                self._returns.clear()
+                self.watching_returns = True
                 log.info("was frozen for %.0f ms", (now - last) * 1000)
                 return
             last = now
@@ -262,4 +291,5 @@ class MigrationAPI:
             "triggers": list(self.triggers),
             "history": list(self.history),
             "last_freeze": self.last_freeze,
+            "returned": self.returned_clients(),
         }

@@ -146,6 +146,8 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
         migration = self.broker_server.migration
         if migration.awaiting_first_packet:
             migration.first_packet(addr)
+        if migration.watching_returns:
+            migration.client_returned(self)
         if self.paused and self.conn is not None and self._unacked() < LOW_WATER:
             self.paused = False
             self.conn.set_writable(True)

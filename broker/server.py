@@ -56,6 +56,8 @@ class StreamConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn = self.server.broker.open_connection(self.kind, peer_text)
         self.conn.io = self
+        if self.server.migration.watching_returns:
+            self.server.migration.client_returned(self)
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)  # type: ignore[union-attr]

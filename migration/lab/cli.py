@@ -115,7 +115,7 @@ def run_migrate(args: argparse.Namespace) -> int:
                 return 1
         import time
 
-        time.sleep(0.5)  # let clients speak to the new address before asking when they did
+        time.sleep(1.0)  # let clients speak to the new address before asking when they did
         migration.first_client_packet()
         if args.json:
             print(json.dumps(outcome, default=str))
@@ -139,5 +139,12 @@ def _print_timeline(console: Any, outcome: dict[str, Any]) -> None:
     for event, at in sorted(timeline.items(), key=lambda kv: kv[1]):
         table.add_row(event, f"{(at - t0) * 1000:.0f}")
     console.print(table)
+    if outcome.get("clients"):
+        clients = Table(title="clients back at the new address (broker's view)")
+        for column in ("client", "transport", "ms after thaw"):
+            clients.add_column(column)
+        for c in outcome["clients"]:
+            clients.add_row(c["client_id"], c["transport"], f"{c['after_thaw_ms']:.1f}")
+        console.print(clients)
     console.print(f"downtime (freeze to resume): {outcome.get('downtime_ms')} ms; "
                   f"checkpoint {outcome.get('checkpoint_bytes', 0) / 1e6:.1f} MB")

@@ -173,9 +173,15 @@ class Migration:
                 (freeze["thawed_at"] - freeze["frozen_at"]) * 1000, 1)
 
     def first_client_packet(self) -> float | None:
-        """When the restored broker heard its first QUIC datagram (ask after some traffic)."""
+        """When the restored broker heard its first QUIC datagram (ask after some traffic).
+
+        Also fills ``outcome["clients"]``: each client's return as the broker saw it, in ms
+        after the thaw (QUIC: first datagram; TCP/MPTCP: the new connection).
+        """
         with contextlib.suppress(ControlError, LabError):
-            freeze = self.lab.control("status", host=self.dest).get("last_freeze") or {}
+            status = self.lab.control("status", host=self.dest)
+            self.outcome["clients"] = status.get("returned", [])
+            freeze = status.get("last_freeze") or {}
             at = freeze.get("first_packet_at")
             if at:
                 self.timeline["first_client_packet"] = float(at)

@@ -158,13 +158,43 @@ def test_cli_lab_up_migrate_json_status_down(image: str) -> None:
         _cli_round_trip(qmig, image)
 
 
+def _wait_for_session(qmig: Any, client_id: str, timeout: float = 15.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = json.loads(qmig("lab", "status").stdout)
+        if status.get("broker", {}).get("connections", {}).get("quic"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{client_id} never connected")
+
+
 def _cli_round_trip(qmig: Any, image: str) -> None:
     try:
         up = qmig("lab", "up", "--image", image)
         assert up.returncode == 0, up.stderr
-        moved = qmig("migrate", "--to", "edge-b", "--json")
-        assert moved.returncode == 0, moved.stderr
+        # A QUIC subscriber (qmig sub, proactive) in the clients' namespace stays connected.
+        sub = subprocess.Popen(net.netns_exec(
+            CLIENT_NS, sys.executable, "-m", "qmig", "sub", "-h", "198.18.1.2", "-t", "cli/t",
+            "-q", "1", "-C", "1", "-i", "cli-sub", "--cafile", "/run/qmig/lab/etc/ca.crt"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+        try:
+            _wait_for_session(qmig, "cli-sub")
+            moved = qmig("migrate", "--to", "edge-b", "--json")
+            assert moved.returncode == 0, moved.stderr
+            pub = _in_clients_ns("mosquitto_pub", "-h", "198.18.2.2", "-V", "mqttv5", "-q", "1",
+                                 "-t", "cli/t", "-m", "after the move")  # fmt: skip
+            assert pub.returncode == 0, pub.stderr
+            out, err = sub.communicate(timeout=15)
+        finally:
+            if sub.poll() is None:
+                sub.kill()
+                sub.wait(5)
+        assert sub.returncode == 0 and out.strip() == "after the move", err
         outcome = json.loads(moved.stdout)
+        (back,) = [c for c in outcome["clients"] if c["client_id"] == "cli-sub"]
+        assert back["transport"] == "quic" and back["after_thaw_ms"] >= 0
         assert outcome["ip_before"] == "198.18.1.2" and outcome["ip_after"] == "198.18.2.2"
         assert outcome["downtime_ms"] > 0
         for event in ("trigger", "clients_notified", "freeze_start", "dump_done",
