@@ -51,6 +51,9 @@ Message = Publish
 
 
 RECONNECT_ATTEMPT_TIMEOUT = 3.0  # seconds one reconnect attempt may take
+# A reconnect's SYN is resent after this, not after the kernel's 1 s initial RTO: a server
+# that is being restored drops SYNs (CRIU's network lock), then answers within milliseconds.
+RECONNECT_SYN_TIMEOUT = 0.25
 FALLBACK_AFTER = 5.0  # seconds a referenced server may stay unreachable before falling back
 
 
@@ -170,7 +173,8 @@ class Client:
                 )
         self._ping_task = asyncio.create_task(self._keepalive_loop())
 
-    async def _connect_once(self, timeout: float | None = None) -> Event:
+    async def _connect_once(self, timeout: float | None = None,
+                            syn_timeout: float | None = None) -> Event:
         properties = dict(self.properties)
         if self.version == MQTT_5 and self.session_expiry:
             properties[P.SESSION_EXPIRY_INTERVAL] = self.session_expiry
@@ -193,6 +197,7 @@ class Client:
             self._stream, self._closer = await open_stream(
                 self.transport, self.host, self.port, self._on_data, on_lost,
                 self.cafile, self.insecure, timeout or self.connect_timeout, self.follower,
+                syn_timeout,
             )  # fmt: skip
             if hasattr(self._stream, "on_migrated"):
                 self._stream.on_migrated = self._on_migrated  # type: ignore[union-attr]
@@ -310,8 +315,9 @@ class Client:
     async def _reconnect_loop(self) -> None:
         """Reconnect until it works: one loop at a time, backing off, falling back.
 
-        Attempts are bounded by ``RECONNECT_ATTEMPT_TIMEOUT`` so that a server that drops
-        packets (a frozen container) costs seconds, not the full connect timeout.  When a
+        Attempts are bounded by ``RECONNECT_ATTEMPT_TIMEOUT`` (their SYN by
+        ``RECONNECT_SYN_TIMEOUT``) so that a server that drops packets (a frozen or restoring
+        container) costs a fraction of a second, not the kernel's SYN backoff.  When a
         Server Reference sent us to a server that stays unreachable for ``FALLBACK_AFTER``
         seconds, the previous server is tried again, and so on alternately: a rolled-back
         migration leaves the broker where it was.
@@ -324,8 +330,8 @@ class Client:
             if self._closing:
                 return
             try:
-                event = await self._connect_once(min(self.connect_timeout,
-                                                     RECONNECT_ATTEMPT_TIMEOUT))  # fmt: skip
+                event = await self._connect_once(
+                    min(self.connect_timeout, RECONNECT_ATTEMPT_TIMEOUT), RECONNECT_SYN_TIMEOUT)
             except ClientError as exc:
                 log.debug("reconnect failed: %s", exc)
                 delay = min(delay * 2, max_delay)

@@ -15,12 +15,18 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from aioquic.asyncio.client import connect as quic_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived, StreamReset
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
 
 from migration.frames import Address
 from migration.quicext import MigratingQuicConnection, ServerAddressChanged
@@ -75,10 +81,11 @@ class _StreamProtocol(asyncio.Protocol):
 class _RetryRefusedSend:
     """The client's UDP transport, resending a datagram refused for an earlier ICMP error.
 
-    Linux reports an ICMP port-unreachable (from probing a pool address where no broker
-    listens) on the *next* send of the unconnected socket, whatever its destination, and
-    asyncio then drops that datagram.  Without this, probing a dead pool address silences
-    the PATH_CHALLENGE to the live one sent right after it.
+    While ICMP errors are reported (IP_RECVERR, during the handshake only, see
+    :meth:`QuicStreamProtocol.connection_made`), Linux reports a port-unreachable on the
+    *next* send of the unconnected socket, whatever its destination, and asyncio then drops
+    that datagram.  Once the handshake is done errors are no longer reported, so this only
+    matters where IP_RECVERR could not be switched off again.
     """
 
     def __init__(self, inner: asyncio.DatagramTransport, proto: QuicStreamProtocol) -> None:
@@ -117,10 +124,24 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         self.send_error: Exception | None = None
         super().connection_made(_RetryRefusedSend(transport, self))  # type: ignore[arg-type]
         # Without this a handshake with no listener behind the port waits for the timeout.
-        sock = transport.get_extra_info("socket")
+        self._udp_socket = transport.get_extra_info("socket")
+        self._report_icmp_errors(True)
+
+    def _report_icmp_errors(self, on: bool) -> None:
+        """Switch IP_RECVERR (and IPV6_RECVERR) on or off for the client's UDP socket.
+
+        It is on for the handshake only.  With it, the kernel queues every ICMP error on
+        the socket's error queue, which nothing here reads (asyncio never asks for
+        MSG_ERRQUEUE): the queue is charged to the receive buffer and, once that is full,
+        every datagram from the broker is dropped, while epoll keeps reporting EPOLLERR and
+        the event loop spins.  A connected client earns such errors whenever it probes an
+        address where no broker listens (pool decoys, a destination still frozen) or sends
+        to a broker that moved away.  Switching the option off also purges the queue.
+        """
+        sock = self._udp_socket
         for level, option in _RECVERR if sock is not None else ():
             with contextlib.suppress(OSError):
-                sock.setsockopt(level, option, 1)
+                sock.setsockopt(level, option, 1 if on else 0)
 
     def error_received(self, exc: Exception) -> None:
         """An ICMP error (e.g. port unreachable) during the handshake fails the connect."""
@@ -155,6 +176,8 @@ class QuicStreamProtocol(QuicConnectionProtocol):
             self._gone(ConnectionResetError("QUIC stream reset by the broker"))
         elif isinstance(event, ServerAddressChanged):
             self.on_migrated(event.address)
+        elif isinstance(event, HandshakeCompleted):
+            self._report_icmp_errors(False)  # connected: see _report_icmp_errors
         elif isinstance(event, ConnectionTerminated):
             if not self.close_reason:  # the first reason is the one that explains it
                 self.close_reason = event.reason_phrase or f"error code {event.error_code:#x}"
@@ -192,8 +215,8 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         self.close()
 
 
-async def _connect_mptcp(host: str, port: int) -> socket.socket:
-    """Connect an MPTCP socket (plain TCP if the kernel refuses MPTCP).
+async def _connect_socket(host: str, port: int, mptcp: bool = False) -> socket.socket:
+    """Connect a TCP socket, MPTCP if asked (plain TCP if the kernel refuses MPTCP).
 
     asyncio's ``sock_connect`` resolves with the socket's protocol number, which
     getaddrinfo rejects for IPPROTO_MPTCP, so resolve first and wait for writability here.
@@ -201,27 +224,57 @@ async def _connect_mptcp(host: str, port: int) -> socket.socket:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     family, _, _, _, address = infos[0]
-    try:
-        sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP)
-    except OSError:
+    sock = None
+    if mptcp:
+        with contextlib.suppress(OSError):
+            sock = socket.socket(family, socket.SOCK_STREAM, IPPROTO_MPTCP)
+    if sock is None:
         sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    err = sock.connect_ex(address)
-    if err not in (0, errno.EINPROGRESS):
-        sock.close()
-        raise OSError(err, os.strerror(err))
-    if err:
-        ready = loop.create_future()
-        loop.add_writer(sock.fileno(), ready.set_result, None)
-        try:
-            await ready
-        finally:
-            loop.remove_writer(sock.fileno())
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            sock.close()
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        if err not in (0, errno.EINPROGRESS):
             raise OSError(err, os.strerror(err))
+        if err:
+            ready = loop.create_future()
+            loop.add_writer(sock.fileno(), ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_writer(sock.fileno())
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+    except BaseException:  # refused, or the attempt was cancelled (timeout): no leak
+        sock.close()
+        raise
     return sock
+
+
+async def _connect_mptcp(host: str, port: int) -> socket.socket:
+    return await _connect_socket(host, port, mptcp=True)
+
+
+async def _connect_resending_syn(
+    host: str, port: int, mptcp: bool, syn_timeout: float, timeout: float
+) -> socket.socket:
+    """Connect, starting over with a fresh SYN every ``syn_timeout`` s until ``timeout``.
+
+    The kernel resends an unanswered SYN only after 1 s (then 3 s, ...); a server that drops
+    SYNs while it is being restored answers within milliseconds once it is up.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise TimeoutError(f"no TCP connection within {timeout:g} s")
+        try:
+            return await asyncio.wait_for(
+                _connect_socket(host, port, mptcp), min(syn_timeout, left)
+            )
+        except TimeoutError:
+            continue
 
 
 def quic_configuration(
@@ -252,8 +305,13 @@ async def open_stream(
     insecure: bool = False,
     timeout: float = 10.0,
     follower: Follower | None = None,
+    syn_timeout: float | None = None,
 ) -> tuple[ByteStream, object]:
-    """Connect and return (stream, closer); ``closer`` is an async context to exit on close."""
+    """Connect and return (stream, closer); ``closer`` is an async context to exit on close.
+
+    ``syn_timeout`` (TCP, TLS, MPTCP): start the TCP connection over after that long
+    without an answer instead of waiting for the kernel's SYN retransmission.
+    """
     loop = asyncio.get_running_loop()
     if transport in ("tcp", "mptcp", "tls"):
         ssl_ctx = None
@@ -263,11 +321,19 @@ async def open_stream(
                 ssl_ctx.check_hostname = False
                 ssl_ctx.verify_mode = ssl.CERT_NONE
         sock = None
-        if transport == "mptcp":
+        mptcp = transport == "mptcp"
+        if syn_timeout is not None:
+            sock = await _connect_resending_syn(host, port, mptcp, syn_timeout, timeout)
+        elif mptcp:
             sock = await asyncio.wait_for(_connect_mptcp(host, port), timeout)
         factory = lambda: _StreamProtocol(on_data, on_lost)  # noqa: E731
         if sock is not None:
-            _, proto = await loop.create_connection(factory, sock=sock)
+            tls: dict[str, Any] = {}
+            if ssl_ctx is not None:
+                tls = {"ssl": ssl_ctx, "server_hostname": host}
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(factory, sock=sock, **tls), timeout
+            )
         else:
             _, proto = await asyncio.wait_for(
                 loop.create_connection(factory, host, port, ssl=ssl_ctx), timeout

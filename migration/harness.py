@@ -6,7 +6,9 @@ like from the network: ``prepare`` (SERVER_MIGRATION to clients), then a **freez
 broker's UDP endpoint goes silent: nothing in, nothing out, while its timers keep running
 into a black hole, as a frozen process's would on restore), then the endpoint comes back on
 **another address** (127.0.0.3) with every connection's state intact, and ``restored``
-announces it.  A loss relay drops a chosen fraction of datagrams both ways.
+announces it.  :meth:`Harness.rollback` is a move that fails: the endpoint comes back on the
+same address and ``rollback`` tells clients to stay.  A loss relay drops a chosen fraction
+of datagrams both ways.
 
 The workload: N qmig clients over QUIC, each following the broker with one strategy,
 publishing to their own topic at a steady rate (QoS 1 and 2 alternately) and subscribed to it,
@@ -65,6 +67,10 @@ class _LossyTransport:
         self.rng = rng
 
     def sendto(self, data: bytes, addr: Any = None) -> None:
+        if self.inner.is_closing():
+            # Closed by a freeze or by stop() while a connection still transmits (a closing
+            # one lingers for its last acknowledgements): asyncio would crash on it.
+            return
         if self.loss and self.rng.random() < self.loss:
             return
         self.inner.sendto(data, addr)
@@ -319,6 +325,23 @@ class Harness:
         resume_at = time.monotonic()
         await self.server.migration.restored(dest)
         self.source, self.destination = self.destination, self.source
+        return MigrationResult(strategy, freeze, self.loss, prepare_at, freeze_at, resume_at, [])
+
+    async def rollback(self, freeze: float = 0.3, notice: float = 0.1,
+                       strategy: str = "") -> MigrationResult:  # fmt: skip
+        """A move that fails: prepare -> (notice) -> freeze -> back on the *same* address ->
+        rollback, whose SERVER_MIGRATION names that address ("stay")."""
+        assert self.server is not None
+        dest = Address(self.destination, self.port)
+        prepare_at = time.monotonic()
+        self.server.migration.prepare(dest)
+        await asyncio.sleep(notice)
+        self._go_dark()
+        freeze_at = time.monotonic()
+        await asyncio.sleep(freeze)
+        await self._come_back(self.source)
+        resume_at = time.monotonic()
+        await self.server.migration.rollback(Address(self.source, self.port))
         return MigrationResult(strategy, freeze, self.loss, prepare_at, freeze_at, resume_at, [])
 
     async def settle(self, result: MigrationResult, after: float = 1.5) -> MigrationResult:

@@ -12,6 +12,8 @@ aioquic methods and always calls the original (the seams are tested in
 - ``receive_datagram``: a client accepts datagrams from a server address it was told about
   (announced or pooled) by opening a probe path to it; aioquic validates it and moves there.
 - ``get_timer`` / ``handle_timer``: the short fixed probing schedule of a migration window.
+- ``_send_probing_frames``: a client's probes to other server addresses stay out of the
+  active path's congestion control and loss detection (RFC 9000 section 9.4).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from aioquic.buffer import Buffer
 from aioquic.quic.connection import (
     EPOCHS,
+    MAX_LOCAL_CHALLENGES,
     NetworkAddress,
     QuicConnection,
     QuicConnectionError,
@@ -217,6 +220,7 @@ class MigratingQuicConnection(QuicConnection):
         super().receive_datagram(data, addr, now)
         if follower is not None:
             self._qmig_after_receive(now)
+            self._qmig_check_false_alarm(now)
 
     def _open_probe_path(self, addr: NetworkAddress) -> QuicNetworkPath | None:
         for index, path in enumerate(self._network_paths):
@@ -230,6 +234,8 @@ class MigratingQuicConnection(QuicConnection):
                 # away and back): its state is stale and aioquic never re-validates a
                 # validated path, so replace it by a fresh probe with a new connection ID.
                 self._network_paths.remove(path)
+                if path.peer_cid is not None:  # never the case today: do not leak it
+                    self._retire_peer_cid(path.peer_cid)
                 break
         if not self._peer_cid_available:
             log.debug("no spare connection ID to probe %s", addr)
@@ -240,6 +246,41 @@ class MigratingQuicConnection(QuicConnection):
         path.peer_cid = self._peer_cid_available.pop(0)
         self._add_network_path(path)
         return path
+
+    def _send_probing_frames(
+        self, network_path: QuicNetworkPath, now: float
+    ) -> list[tuple[bytes, NetworkAddress]]:
+        """Probes on a path other than the active one stay out of its loss recovery.
+
+        aioquic registers them with the one congestion controller and loss detector it has,
+        which is harmless for its single preferred-address probe but not for a client that
+        challenges several server addresses every ``probe_interval`` (RFC 9000 section 9.4
+        keeps congestion control per path): probes to addresses where nothing answers would
+        fill the active path's congestion window, so that nothing else can be sent there,
+        keep postponing its PTO (it counts from the last ack-eliciting packet sent), keep
+        "data outstanding" true for the silence check, and count as congestion losses.  A
+        probe needs no retransmission (the next one carries a new challenge) and a
+        PATH_RESPONSE validates a path whatever happens to the packet that asked for it.
+        """
+        first = self._packet_number
+        last_sent = self._loss._time_of_last_sent_ack_eliciting_packet
+        datagrams = super()._send_probing_frames(network_path=network_path, now=now)
+        active = self._network_paths[0] if self._network_paths else None
+        if self._is_client and self.follower is not None and network_path is not active:
+            self._qmig_untrack(range(first, self._packet_number))
+            self._loss._time_of_last_sent_ack_eliciting_packet = last_sent
+        return datagrams
+
+    def _qmig_untrack(self, packet_numbers: range) -> None:
+        space = self._spaces[Epoch.ONE_RTT]
+        for number in packet_numbers:
+            packet = space.sent_packets.pop(number, None)
+            if packet is None:
+                continue
+            if packet.is_ack_eliciting:
+                space.ack_eliciting_in_flight -= 1
+            if packet.in_flight:
+                self._loss._cc.on_packets_expired(packets=[packet])
 
     def _qmig_after_receive(self, now: float) -> None:
         follower = self.follower
@@ -268,10 +309,28 @@ class MigratingQuicConnection(QuicConnection):
                 continue
             packets = [p for p in space.sent_packets.values() if p.is_ack_eliciting]
             if packets:
-                loss._on_packets_lost(
-                    congestion_event=False, now=now, packets=packets, space=space
-                )
+                loss._on_packets_lost(congestion_event=False, now=now, packets=packets, space=space)
         loss._pto_count = 0
+
+    def _qmig_check_false_alarm(self, now: float) -> None:
+        """Silence started probing, then the current path spoke again: it was no move."""
+        follower = self.follower
+        if follower is None or not follower.probing or not follower.records:
+            return
+        record = follower.records[-1]
+        heard = self.qmig_last_received
+        if (
+            record.trigger in ("loss", "pool")
+            and heard is not None
+            and record.probing_since is not None
+            and heard > record.probing_since
+        ):
+            log.debug("false alarm: server address %s spoke again", follower.current)
+            follower.cancel_false_alarm()
+            if self._loss._pto_count:
+                # The silence was a freeze the broker came back from where it was: what
+                # it swallowed goes again now, not after the PTO backoff built meanwhile.
+                self._retransmit_in_flight(now)
 
     def _silent(self, now: float) -> bool:
         if self.qmig_last_received is None:
@@ -301,19 +360,23 @@ class MigratingQuicConnection(QuicConnection):
             return
         if not follower.probing and self._silent(now):
             follower.on_silence(now)
-        if follower.probing and follower.records:
-            record = follower.records[-1]
-            heard = self.qmig_last_received
-            if (
-                record.trigger in ("loss", "pool")
-                and heard is not None
-                and record.probing_since is not None
-                and heard > record.probing_since
-            ):
-                follower.cancel_false_alarm()
+        self._qmig_check_false_alarm(now)
         like = self._network_paths[0].addr
-        for address in follower.due_probes(now):
+        for address in follower.due_probes(now, self._probe_spacing()):
             self._open_probe_path(to_network_address(address, like))
+
+    def _probe_spacing(self) -> float:
+        """The shortest interval between two challenges on one path.
+
+        aioquic keeps the last ``MAX_LOCAL_CHALLENGES`` challenges of a path and ignores a
+        PATH_RESPONSE to an older one; challenging every 20 ms, a path with a round trip
+        above 80-100 ms would never validate.  Spacing them by twice the current round trip
+        over (MAX_LOCAL_CHALLENGES - 1) lets a path up to twice as far as the current one
+        validate; on a LAN the floor stays far below ``probe_interval``.
+        """
+        loss = self._loss
+        rtt = max(loss._rtt_smoothed, loss._rtt_latest) if loss._rtt_initialized else 0.0
+        return 2 * rtt / (MAX_LOCAL_CHALLENGES - 1)
 
 
 def migration_events(events: list[QuicEvent]) -> list[Any]:

@@ -180,8 +180,13 @@ class Follower:
         """Only announced or pooled addresses may ever carry this connection."""
         return address == self.announced or address in self.pool
 
-    def due_probes(self, now: float) -> list[Address]:
-        """Addresses to send a PATH_CHALLENGE to now (empty when nothing is due)."""
+    def due_probes(self, now: float, min_interval: float = 0.0) -> list[Address]:
+        """Addresses to send a PATH_CHALLENGE to now (empty when nothing is due).
+
+        The next ones are due ``probe_interval`` later, or ``min_interval`` if that is
+        longer (the QUIC layer's floor: a path with a long round trip must get an answer
+        to a challenge before newer ones make the endpoint forget it).
+        """
         if not self.targets or self.next_probe_at is None:
             return []
         if self.window_until is not None and now >= self.window_until:
@@ -190,7 +195,7 @@ class Follower:
             return []
         if now < self.next_probe_at:
             return []
-        self.next_probe_at = now + self.probe_interval
+        self.next_probe_at = now + max(self.probe_interval, min_interval)
         record = self.records[-1] if self.records else None
         if record is not None and record.first_probe_at is None:
             record.first_probe_at = now

@@ -47,3 +47,14 @@ def test_announce_from_where_the_connection_already_is_starts_no_probing() -> No
     assert not follower.probing
     follower.on_server_migrated(ServerMigrated(2, HERE), HERE, now=5.0)  # the move back
     assert follower.probing and follower.due_probes(5.0) == [HERE]
+
+
+def test_probes_are_spaced_by_the_quic_layers_floor() -> None:
+    """A path with a long round trip: challenges go no faster than the floor allows."""
+    follower = Follower(Strategy.PROACTIVE, current=HERE, probe_interval=0.02)
+    follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
+    assert follower.due_probes(0.0, min_interval=0.1) == [THERE]
+    assert follower.due_probes(0.05, min_interval=0.1) == []
+    assert follower.due_probes(0.1, min_interval=0.1) == [THERE]
+    assert follower.due_probes(0.12) == []  # without a floor: probe_interval (next at 0.2)
+    assert follower.next_timer() == pytest.approx(0.2)
