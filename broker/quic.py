@@ -188,6 +188,9 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
         deadline = loop.time() + CLOSE_LINGER
 
         def check() -> None:
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                return  # the listener closed meanwhile (broker stop): nothing to send with
             if self._unacked() == 0 or loop.time() >= deadline:
                 self._quic.close(error_code=ERROR_NONE)
                 self.transmit()
