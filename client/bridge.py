@@ -2,8 +2,9 @@
 
 Any MQTT client (paho, mosquitto_pub/sub, device firmware behind a gateway) connects to the
 bridge over TCP; the bridge opens a QUIC connection to the broker for it and copies bytes
-both ways without parsing MQTT.  The QUIC leg is what survives address changes, so a plain
-client behind the bridge keeps its session when the broker (or the gateway) moves.
+both ways without parsing MQTT.  The QUIC leg is what survives address changes: it follows a
+migrating broker like qmig's own client does (``--follow``), so a plain client behind the
+bridge keeps its TCP connection and its session when the broker's container moves.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import contextlib
 import logging
 import signal
 import sys
+
+from migration.frames import Address
+from migration.strategies import Follower, Strategy
 
 from .transports import ByteStream, open_stream
 
@@ -55,8 +59,10 @@ class BridgedClient(asyncio.Protocol):
         try:
             self.quic, self.closer = await open_stream(
                 "quic", b.host, b.port, self._from_broker, self._broker_lost, b.cafile,
-                b.insecure,
+                b.insecure, follower=Follower(Strategy(b.follow)),
             )  # fmt: skip
+            if hasattr(self.quic, "on_migrated"):
+                self.quic.on_migrated = b.moved  # type: ignore[union-attr]
         except (TimeoutError, OSError, ConnectionError) as exc:
             log.warning("cannot reach broker %s:%s over QUIC: %s", b.host, b.port, exc)
             self.close()
@@ -115,16 +121,32 @@ class BridgedClient(asyncio.Protocol):
 
 
 class Bridge:
+    """Local TCP in, QUIC out; each QUIC leg follows the broker when it migrates.
+
+    ``follow`` is the strategy of every QUIC leg (see :mod:`migration.strategies`).  When a
+    leg follows the broker to a new address, new local clients are bridged there too.
+    """
+
     def __init__(
-        self, host: str, port: int, cafile: str | None = None, insecure: bool = False
-    ) -> None:
+        self, host: str, port: int, cafile: str | None = None, insecure: bool = False,
+        follow: str = "proactive",
+    ) -> None:  # fmt: skip
         self.host = host
         self.port = port
         self.cafile = cafile
         self.insecure = insecure
+        self.follow = Strategy(follow).value
+        self.moves: list[Address] = []
         self.clients: set[BridgedClient] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.AbstractServer | None = None
+
+    def moved(self, address: Address) -> None:
+        """A QUIC leg validated the broker's new address: bridge new clients there."""
+        if (address.host, address.port) != (self.host, self.port):
+            log.info("the broker moved to %s: new clients are bridged there", address)
+            self.host, self.port = address.host, address.port
+            self.moves.append(address)
 
     def _accept(self) -> BridgedClient:
         client = BridgedClient(self)
@@ -155,12 +177,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the broker's QUIC address (port default 14567)")
     parser.add_argument("--cafile", default=None, help="CA certificate of the broker")
     parser.add_argument("--insecure", action="store_true", help="do not verify the broker")
+    parser.add_argument("--follow", default="proactive",
+                        choices=[s.value for s in Strategy],
+                        help="how each QUIC leg follows a migrating broker (default proactive)")
     parser.add_argument("--log-level", default="INFO")  # fmt: skip
 
 
 async def _serve(args: argparse.Namespace) -> None:
     host, port = parse_hostport(args.to, 14567)
-    bridge = Bridge(host, port, args.cafile, args.insecure)
+    bridge = Bridge(host, port, args.cafile, args.insecure, args.follow)
     lhost, lport = parse_hostport(args.listen, 1884)
     bound = await bridge.start(lhost, lport)
     print(f"qmig bridge: listening tcp {bound[0]}:{bound[1]} -> quic {host}:{port}; ready",
