@@ -43,6 +43,7 @@ log = logging.getLogger("qmig.migration")
 RECONNECTING_TRANSPORTS = ("tcp", "tls", "mptcp")
 FREEZE_TICK = 0.005  # seconds between the freeze watch's ticks (only after pre-checkpoint)
 RETURN_WATCH = 30.0  # seconds after a thaw during which returning clients are noted
+FREEZE_WATCH_MAX = 900.0  # seconds the freeze watch runs at most
 FREEZE_GAP = 0.2  # a tick this late means the process was frozen (CRIU takes longer)
 
 
@@ -178,19 +179,24 @@ class MigrationAPI:
 
         CRIU freezes the process without telling it; after the restore its next tick comes
         late by exactly the frozen time.  This gives the true freeze-to-resume time (to one
-        tick) instead of the orchestrator's view, which also counts podman's overheads.
+        tick) instead of the orchestrator's view, which also counts podman's overheads.  The
+        longest jump wins (a CPU stall before the checkpoint is shorter than the freeze);
+        the watch runs until ``restored`` or ``rollback`` stops it.
         """
-        last = time.time()
-        while True:
+        last = started = time.time()
+        while last - started < FREEZE_WATCH_MAX:  # bounded if no restored/rollback comes
             await asyncio.sleep(tick)
             now = time.time()
-            if now - last > FREEZE_GAP:
+            gap = now - last
+            longest = self.last_freeze
+            if gap > FREEZE_GAP and (
+                longest is None or gap > longest["thawed_at"] - longest["frozen_at"]
+            ):
                 self.last_freeze = {"frozen_at": last, "thawed_at": now}
+                log.info("was frozen for %.0f ms", gap * 1000)
                 self.awaiting_first_packet = True  # a client datagram now reached the new host
                 self._returns.clear()
                 self.watching_returns = True
-                log.info("was frozen for %.0f ms", (now - last) * 1000)
-                return
             last = now
 
     async def _drain_stream_connections(self, grace: float) -> int:

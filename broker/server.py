@@ -31,18 +31,20 @@ log = logging.getLogger("qmig.broker")
 
 TICK_SECONDS = 0.5
 WRITE_HIGH_WATER = 1 << 20  # bytes buffered for one client before its QoS 0 is dropped
+CLOSE_LINGER = 1.0  # seconds a closing connection waits for the peer's FIN before aborting
 
 
 class StreamConnection(asyncio.Protocol):
     """Carries one MQTT byte stream between a transport and a :class:`BrokerConnection`."""
 
-    __slots__ = ("conn", "kind", "server", "transport")
+    __slots__ = ("_linger", "conn", "kind", "server", "transport")
 
     def __init__(self, server: BrokerServer, kind: str) -> None:
         self.server = server
         self.kind = kind
         self.transport: asyncio.Transport | None = None
         self.conn: BrokerConnection | None = None
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -66,6 +68,8 @@ class StreamConnection(asyncio.Protocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         if self.conn is not None:
             self.conn.connection_lost()
             self.conn.io = None
@@ -80,7 +84,21 @@ class StreamConnection(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[union-attr]
 
     def close(self) -> None:
-        self.transport.close()  # type: ignore[union-attr]
+        """Close after the last packet, with a FIN, never a reset.
+
+        Closing a socket with unread input makes the kernel answer with a RST, and the peer
+        then drops what it had not read yet: the DISCONNECT carrying the reason and Server
+        Reference included.  So the connection half-closes (TLS cannot: it waits for the
+        peer instead), keeps reading and discarding (the engine ignores a closing
+        connection's input) until the peer closes too, and aborts after ``CLOSE_LINGER``.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        loop = asyncio.get_running_loop()
+        self._linger = loop.call_later(CLOSE_LINGER, transport.abort)
 
 
 @dataclass

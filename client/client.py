@@ -319,8 +319,8 @@ class Client:
         ``RECONNECT_SYN_TIMEOUT``) so that a server that drops packets (a frozen or restoring
         container) costs a fraction of a second, not the kernel's SYN backoff.  When a
         Server Reference sent us to a server that stays unreachable for ``FALLBACK_AFTER``
-        seconds, the previous server is tried again, and so on alternately: a rolled-back
-        migration leaves the broker where it was.
+        seconds, attempts alternate between it and the previous server from then on: a
+        rolled-back migration leaves the broker where it was, a slow one brings it there.
         """
         loop = asyncio.get_running_loop()
         delay, max_delay = self.reconnect_delay
@@ -336,11 +336,12 @@ class Client:
                 log.debug("reconnect failed: %s", exc)
                 delay = min(delay * 2, max_delay)
                 if self._previous and loop.time() - failing_since >= FALLBACK_AFTER:
-                    log.info("%s:%s unreachable for %.0f s: trying %s:%s again", self.host,
+                    # From now on every attempt alternates between the two: the move may
+                    # still be under way (a long freeze) or have been rolled back.
+                    log.info("%s:%s unreachable for %.0f s: trying %s:%s too", self.host,
                              self.port, FALLBACK_AFTER, *self._previous)  # fmt: skip
                     (self.host, self.port), self._previous = self._previous, (self.host,
                                                                              self.port)
-                    failing_since = loop.time()
                     delay = self.reconnect_delay[0]
                 continue
             if isinstance(event, ConnectionRefused) and event.server_reference:

@@ -25,6 +25,8 @@ SCENARIO_DIR = Path(__file__).parent / "scenarios"
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 TRANSPORTS = ("quic", "tcp", "tls", "mptcp")
 STRATEGIES = ("proactive", "reactive", "pool", "announce", "none")
+LIBRARIES = ("qmig", "paho")  # which MQTT client library a client runs
+PAHO_TRANSPORTS = ("tcp", "tls", "mptcp")  # paho-mqtt has no QUIC
 
 
 class ScenarioError(ValueError):
@@ -54,9 +56,30 @@ class Host:
 
 @dataclass(frozen=True)
 class ClientSpec:
+    """One client of a scenario; ``library`` is "qmig" (qmig's Client) or "paho" (paho-mqtt)."""
+
     name: str
     transport: str = "quic"
     strategy: str = "none"
+    library: str = "qmig"
+
+    def check(self) -> None:
+        """Raise ValueError (ScenarioError) if this client cannot run as described."""
+        if self.transport not in TRANSPORTS:
+            raise ScenarioError(f"client {self.name}: transport must be one of {TRANSPORTS}")
+        if self.strategy not in STRATEGIES:
+            raise ScenarioError(f"client {self.name}: strategy must be one of {STRATEGIES}")
+        if self.transport != "quic" and self.strategy != "none":
+            raise ScenarioError(f"client {self.name}: only QUIC clients follow a strategy")
+        if self.library not in LIBRARIES:
+            raise ScenarioError(f"client {self.name}: library must be one of {LIBRARIES}")
+        if self.library == "paho" and self.transport not in PAHO_TRANSPORTS:
+            raise ScenarioError(f"client {self.name}: paho-mqtt runs over {PAHO_TRANSPORTS} only")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClientSpec:
+        return cls(str(data["name"]), str(data.get("transport", "quic")),
+                   str(data.get("strategy", "none")), str(data.get("library", "qmig")))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,6 +108,9 @@ class Scenario:
     migrations: tuple[str, ...] = ()
     settle: float = 3.0
     ports: Ports = field(default_factory=Ports)
+    # Host names in the order the broker lists them in POOL_MIGRATION_ADDRESS; empty means
+    # the order of ``hosts`` (the benchmark moves the destination 1st, 2nd, 3rd).
+    pool_order: tuple[str, ...] = ()
     client_subnet: str = "198.18.100.0/24"
     link_subnet: str = "198.18.250.0/30"
 
@@ -105,7 +131,8 @@ class Scenario:
     @property
     def pool(self) -> list[str]:
         """Every QUIC address the broker may move to, for POOL_MIGRATION_ADDRESS."""
-        return [f"{h.address}:{self.ports.quic}" for h in self.hosts]
+        hosts = [self.host(n) for n in self.pool_order] if self.pool_order else self.hosts
+        return [f"{h.address}:{self.ports.quic}" for h in hosts]
 
     def replace(self, **changes: Any) -> Scenario:
         return dataclasses.replace(self, **changes).validate()
@@ -136,12 +163,11 @@ class Scenario:
         if len(set(clients)) != len(clients):
             raise ScenarioError("client names must be distinct")
         for c in self.clients:
-            if c.transport not in TRANSPORTS:
-                raise ScenarioError(f"client {c.name}: transport must be one of {TRANSPORTS}")
-            if c.strategy not in STRATEGIES:
-                raise ScenarioError(f"client {c.name}: strategy must be one of {STRATEGIES}")
-            if c.transport != "quic" and c.strategy != "none":
-                raise ScenarioError(f"client {c.name}: only QUIC clients follow a strategy")
+            c.check()
+        if len(set(self.pool_order)) != len(self.pool_order):
+            raise ScenarioError("pool_order names a host twice")
+        for name in self.pool_order:
+            self.host(name)
         if not 0 <= self.loss < 100:
             raise ScenarioError("loss is a percentage in [0, 100)")
         if self.qos not in (0, 1, 2) or self.rate <= 0:
@@ -153,10 +179,7 @@ class Scenario:
     def from_dict(cls, data: dict[str, Any]) -> Scenario:
         try:
             hosts = tuple(Host(n, s) for n, s in dict(data["hosts"]).items())
-            clients = tuple(
-                ClientSpec(c["name"], c.get("transport", "quic"), c.get("strategy", "none"))
-                for c in data.get("clients", ())
-            )
+            clients = tuple(ClientSpec.from_dict(c) for c in data.get("clients", ()))
             link = data.get("link") or {}
             return cls(
                 name=str(data.get("name", "scenario")),
@@ -171,6 +194,7 @@ class Scenario:
                 migrations=tuple(data.get("migrations", ())),
                 settle=float(data.get("settle", 3.0)),
                 ports=Ports(**(data.get("ports") or {})),
+                pool_order=tuple(str(n) for n in data.get("pool_order") or ()),
             ).validate()
         except (KeyError, TypeError, IndexError, ValueError) as exc:
             if isinstance(exc, ScenarioError):

@@ -18,6 +18,10 @@ orchestrator's timeline, which another process records.  They are taken on the m
 clock (the one aioquic and the client's migration records use) and shifted by one offset
 measured at start, so intervals inside one run are never bent by a clock step.
 
+A TCP, TLS or MPTCP client runs either qmig's own :class:`~client.client.Client` or, with
+``library: paho``, paho-mqtt 2.x (:class:`PahoClient`, the design card's client) in its own
+network thread; both follow a Server Reference and retry on the same stated schedule.
+
 Exit status: 0 with RESULT.json written; 2 if the spec is unusable; 3 if a client could not
 connect at start (one line on stderr says which and why).
 """
@@ -27,20 +31,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import stat
 import sys
+import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.client import Client, ClientError
-from client.transports import TRANSPORTS
-from migration.scenario import ClientSpec  # one client of a scenario, as the workload runs it
+import client.client as client_module
+from client.client import (
+    FALLBACK_AFTER,
+    RECONNECT_ATTEMPT_TIMEOUT,
+    Client,
+    ClientError,
+    parse_reference,
+)
+from client.transports import IPPROTO_MPTCP, TRANSPORTS
+from migration.scenario import LIBRARIES, PAHO_TRANSPORTS, ClientSpec
 from migration.strategies import Strategy
 from mqttproto.client import Connected, Event
 
@@ -49,6 +65,10 @@ log = logging.getLogger("qmig.workload")
 SESSION_EXPIRY = 600  # seconds: a TCP/MPTCP client's session survives its reconnect
 KEEP_ALIVE = 30
 RECONNECT_DELAY = (0.05, 0.5)  # first retry after 50 ms, then doubling up to 0.5 s
+# A reconnect's SYN is resent after this long, by qmig's client and by PahoClient alike.
+SYN_RESEND = float(getattr(client_module, "RECONNECT_SYN_TIMEOUT", 0.25))
+PAHO_MAX_INFLIGHT = 1024  # the broker's Receive Maximum (paho's own default is 20)
+SERVER_MOVED_CODES = (0x9C, 0x9D)  # Use another server, Server moved
 CONNECT_TIMEOUT = 10.0
 DISCONNECT_TIMEOUT = 2.0
 MAX_ERRORS = 100  # per client: the first ones explain; the rest are only counted
@@ -102,6 +122,10 @@ class WorkloadSpec:
             except ValueError:
                 choices = [s.value for s in Strategy]
                 raise SpecError(f"client {c.name}: strategy must be one of {choices}") from None
+            if c.library not in LIBRARIES:
+                raise SpecError(f"client {c.name}: library must be one of {LIBRARIES}")
+            if c.library == "paho" and c.transport not in PAHO_TRANSPORTS:
+                raise SpecError(f"client {c.name}: paho-mqtt runs over {PAHO_TRANSPORTS} only")
             if c.transport not in self.broker.ports:
                 raise SpecError(f"client {c.name}: no broker port for {c.transport}")
         if self.qos not in (0, 1, 2):
@@ -132,11 +156,7 @@ class WorkloadSpec:
                 or BrokerTarget("").ports,
                 cafile=broker.get("cafile"),
             )
-            clients = tuple(
-                ClientSpec(str(c["name"]), str(c.get("transport", "quic")),
-                           str(c.get("strategy", "none")))
-                for c in data["clients"]
-            )  # fmt: skip
+            clients = tuple(ClientSpec.from_dict(c) for c in data["clients"])
             duration = data.get("duration")
             spec = cls(
                 broker=target,
@@ -197,12 +217,369 @@ class TracedClient(Client):
             del self.events[:-1000]
         super()._on_lost(exc)
 
-    async def _connect_once(self, timeout: float | None = None) -> Event:
-        event = await super()._connect_once(timeout)
+    async def _connect_once(self, timeout: float | None = None,
+                            syn_timeout: float | None = None) -> Event:
+        event = await super()._connect_once(timeout, syn_timeout)
         if isinstance(event, Connected):
             self.events.append(["connected", self.clock.now(), f"{self.host}:{self.port}"])
             del self.events[:-1000]
         return event
+
+
+# ---------------------------------------------------------------------- paho-mqtt
+@dataclass
+class Delivery:
+    """A message paho delivered, stamped in paho's network thread when it arrived."""
+
+    topic: str
+    payload: bytes
+    received_at: float
+
+
+class _Acks:
+    """paho acknowledgements (network thread) matched to asyncio futures (by message id).
+
+    An ack may arrive before the caller has registered its message id; it is kept until then.
+    Never holds its lock while calling into paho, so it cannot deadlock with paho's mutexes.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.early: dict[int, Any] = {}
+
+    def expect(self, mid: int) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        with self.lock:
+            if mid in self.early:
+                fut.set_result(self.early.pop(mid))
+            else:
+                self.waiting[mid] = fut
+        return fut
+
+    def done(self, mid: int, value: Any) -> None:  # called in paho's thread
+        with self.lock:
+            fut = self.waiting.pop(mid, None)
+            if fut is None:
+                self.early[mid] = value
+                if len(self.early) > 10_000:  # QoS 0 "acks" nobody waits for
+                    self.early.pop(next(iter(self.early)))
+                return
+        self.loop.call_soon_threadsafe(_settle, fut, value)
+
+    def fail_all(self, exc: Exception) -> None:
+        with self.lock:
+            futures, self.waiting = list(self.waiting.values()), {}
+        for fut in futures:
+            self.loop.call_soon_threadsafe(_settle, fut, exc)
+
+
+def _settle(fut: asyncio.Future[Any], value: Any) -> None:
+    if fut.done():
+        return
+    if isinstance(value, Exception):
+        fut.set_exception(value)
+    else:
+        fut.set_result(value)
+
+
+Target = tuple[str, int]
+
+
+def race_connect(primary: Target, fallback: Target | None, proto: int = 0, *,
+                 syn_resend: float = 0.25, timeout: float = 3.0,
+                 grace: float = 0.05) -> tuple[socket.socket, Target]:  # fmt: skip
+    """A TCP (MPTCP if ``proto`` says so) connection to ``primary``, raced by ``fallback``.
+
+    Against ``primary`` alone this is an ordinary connect whose SYN is resent every
+    ``syn_resend`` s (not after the kernel's 1 s, 3 s... backoff: a destination being
+    restored drops SYNs behind CRIU's network lock, then answers within milliseconds), up to
+    ``timeout``; a refusal fails at once.  ``fallback`` (where the broker was before a Server
+    Reference) is tried alongside and wins if it answers first; when ``primary`` refuses, it
+    gets ``grace`` s more.  Returns the connected (blocking) socket and the target it reached.
+    """
+    deadline = time.monotonic() + timeout
+    targets = [primary] + ([fallback] if fallback and fallback != primary else [])
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise TimeoutError(f"no TCP connection to {primary[0]}:{primary[1]} within "
+                               f"{timeout:g} s")  # fmt: skip
+        round_end = min(now + syn_resend, deadline)
+        pending: dict[socket.socket, Target] = {}
+        refused: OSError | None = None
+        try:
+            for target in targets:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+                sock.setblocking(False)
+                err = sock.connect_ex(target)
+                if err in (0, errno.EINPROGRESS):
+                    pending[sock] = target
+                    continue
+                sock.close()
+                if target == primary:
+                    refused = OSError(err, os.strerror(err))
+            if refused is not None:
+                round_end = min(round_end, time.monotonic() + grace)
+            while pending and (left := round_end - time.monotonic()) > 0:
+                _, ready, _ = select.select([], list(pending), [], left)
+                for sock in ready:
+                    target = pending.pop(sock)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if not err:
+                        sock.setblocking(True)
+                        sock.settimeout(timeout)  # as socket.create_connection leaves it
+                        return sock, target
+                    sock.close()
+                    if target == primary:
+                        refused = OSError(err, os.strerror(err))
+                        round_end = min(round_end, time.monotonic() + grace)
+        finally:
+            for sock in pending:
+                sock.close()
+        if refused is not None:
+            raise refused
+
+
+def _paho_class(transport: str) -> type:
+    """paho's Client connecting as :func:`race_connect` does (MPTCP for ``mptcp``)."""
+    import paho.mqtt.client as mqtt
+
+    proto = IPPROTO_MPTCP if transport == "mptcp" else 0
+
+    class LabPahoClient(mqtt.Client):  # type: ignore[misc]
+        fallback: Callable[[], Target | None] = staticmethod(lambda: None)
+        reached: Callable[[Target, Target], None] = staticmethod(lambda was, now: None)
+
+        def _create_socket_connection(self) -> socket.socket:
+            # paho has no socket factory option; this private hook is the narrowest seam.
+            primary = (self._host, self._port)
+            try:
+                sock, target = race_connect(primary, self.fallback(), proto,
+                                            syn_resend=SYN_RESEND, timeout=self._connect_timeout)
+            except OSError:
+                raise
+            except Exception as exc:  # anything else would end paho's network thread
+                raise OSError(f"connect to {primary[0]}:{primary[1]} failed: {exc!r}") from exc
+            if target != primary:  # TLS then checks the certificate of the host reached
+                self.reached(primary, target)
+                self._host, self._port = target
+            return sock
+
+    return LabPahoClient
+
+
+class PahoClient:
+    """paho-mqtt 2.x (MQTT 5) behind the async calls the workload makes of qmig's Client.
+
+    paho runs its own network thread (``loop_start``) and its own reconnect loop, set to the
+    schedule qmig's client uses (``RECONNECT_DELAY``: first retry 50 ms after a loss, then
+    doubling up to 0.5 s, back to 50 ms after a successful CONNACK; paho's default is 1 s
+    doubling to 120 s), each attempt bounded by ``RECONNECT_ATTEMPT_TIMEOUT`` with its SYN
+    resent every ``SYN_RESEND`` s.  The session outlives a reconnect (clean start only on the
+    first connect, session expiry ``SESSION_EXPIRY``); paho resends unacknowledged QoS 1/2
+    messages after reconnecting.
+
+    paho does not follow a Server Reference by itself: on DISCONNECT 0x9C/0x9D (or a refused
+    CONNACK) carrying one, this class points paho's next attempt at the referenced host (a
+    bare host keeps the port).  If that host stays unreachable for ``FALLBACK_AFTER`` s (a
+    rolled-back migration), every attempt also races a connection to the previous host
+    (:func:`race_connect`) until one of them answers; attempts to the referenced host go on
+    as before, so a freeze longer than that costs no detour.
+    """
+
+    def __init__(self, host: str, port: int, *, transport: str, client_id: str,
+                 session_expiry: int, keep_alive: int, cafile: str | None,
+                 reconnect_delay: tuple[float, float], clock: WallClock) -> None:  # fmt: skip
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        if transport not in PAHO_TRANSPORTS:
+            raise ValueError(f"paho-mqtt runs over {PAHO_TRANSPORTS}, not {transport!r}")
+        self.transport = transport
+        self.clock = clock
+        self.loop = asyncio.get_running_loop()
+        self.paho = _paho_class(transport)(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+            reconnect_on_failure=True,
+        )  # fmt: skip
+        if transport == "tls":
+            self.paho.tls_set(ca_certs=cafile)
+        self.paho.reconnect_delay_set(*reconnect_delay)
+        self.paho.connect_timeout = RECONNECT_ATTEMPT_TIMEOUT
+        self.paho.max_inflight_messages_set(PAHO_MAX_INFLIGHT)
+        self.paho.suppress_exceptions = True  # a failing callback must not end paho's thread
+        self.paho.enable_logger(logging.getLogger(f"qmig.workload.paho.{client_id}"))
+        self.paho.on_connect = self._on_connect
+        self.paho.fallback = self._fallback
+        self.paho.reached = self._reached_fallback
+        self.paho.on_disconnect = self._on_disconnect
+        self.paho.on_message = self._on_message
+        self.paho.on_publish = self._on_publish
+        self.paho.on_subscribe = self._on_subscribe
+        self.connect_properties = Properties(PacketTypes.CONNECT)
+        self.connect_properties.SessionExpiryInterval = session_expiry
+        self._start = (host, port, keep_alive)
+        self.reconnects = 0
+        self.events: list[list[Any]] = []  # [event, wall time, detail], as TracedClient's
+        self.migrations: list[dict[str, object]] = []  # no QUIC path moves over TCP
+        self.moves: list[tuple[float, Any]] = []
+        self._pubs = _Acks(self.loop)
+        self._subs = _Acks(self.loop)
+        self._messages: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self._connack: asyncio.Future[Any] | None = None
+        self._was_connected = False
+        self._ever_connected = False
+        self._closing = False
+        self._previous: tuple[str, int] | None = None
+        self._failing_since = time.monotonic()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def host(self) -> str:
+        return str(self.paho.host or self._start[0])
+
+    @property
+    def port(self) -> int:
+        return int(self.paho.port or self._start[1])
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.paho.is_connected())
+
+    # ------------------------------------------------------------------ paho's thread
+    def _note(self, event: str, detail: str) -> None:
+        self.events.append([event, self.clock.now(), detail])
+        del self.events[:-1000]
+
+    def _follow(self, reference: str) -> None:
+        """Point paho's next attempt at ``reference`` (the public setters refuse while the
+        connection is merely lost, so the attributes paho's ``reconnect()`` reads are set)."""
+        host, port = parse_reference(reference, self.port)
+        self._previous = (self.host, self.port)
+        self.paho._host, self.paho._port = host, port
+        self._failing_since = time.monotonic()
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:  # fmt: skip
+        if reason.is_failure:
+            reference = getattr(properties, "ServerReference", None)
+            if reference and reason.value in SERVER_MOVED_CODES:
+                self._follow(reference)
+            elif self._connack is not None and not self._ever_connected:
+                error = ClientError(f"connection refused: {reason}", reason.value)
+                self.loop.call_soon_threadsafe(_settle, self._connack, error)
+            return
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = self._was_connected = True
+        self._previous = None
+        self._note("connected", f"{self.host}:{self.port}")
+        if self._connack is not None:
+            self.loop.call_soon_threadsafe(_settle, self._connack, True)
+
+    def _fallback(self) -> Target | None:
+        """The previous host, once the referenced one failed for ``FALLBACK_AFTER`` s."""
+        if self._previous and time.monotonic() - self._failing_since >= FALLBACK_AFTER:
+            return self._previous
+        return None
+
+    def _reached_fallback(self, referenced: Target, previous: Target) -> None:
+        """The previous host answered first: it is the broker now (the move was undone)."""
+        self._previous = referenced
+        self._failing_since = time.monotonic()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:  # fmt: skip
+        if self._closing:
+            return
+        reference = getattr(properties, "ServerReference", None)
+        if reference and reason.value in SERVER_MOVED_CODES:
+            self._follow(reference)
+        if self._was_connected:  # paho may report one loss twice
+            self._was_connected = False
+            self._failing_since = time.monotonic()
+            self._note("lost", str(reason))
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        delivery = Delivery(message.topic, bytes(message.payload), self.clock.now())
+        self.loop.call_soon_threadsafe(self._messages.put_nowait, delivery)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:  # fmt: skip
+        self._pubs.done(mid, int(reason.value))
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any,
+                      properties: Any) -> None:  # fmt: skip
+        self._subs.done(mid, [int(r.value) for r in reasons])
+
+    # ------------------------------------------------------------------ the workload's calls
+    async def connect(self) -> None:
+        import paho.mqtt.client as mqtt
+
+        host, port, keep_alive = self._start
+        self._connack = self.loop.create_future()
+        self.paho.connect_async(host, port, keepalive=keep_alive,
+                                clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                properties=self.connect_properties)  # fmt: skip
+        self.paho.loop_start()
+        try:
+            await asyncio.wait_for(self._connack, CONNECT_TIMEOUT)
+        except TimeoutError:
+            where = f"{host}:{port}"
+            raise ClientError(f"no CONNACK from {where} within {CONNECT_TIMEOUT:g} s") from None
+
+    async def subscribe(self, topic: str, qos: int, timeout: float | None = None) -> list[int]:
+        rc, mid = self.paho.subscribe(topic, qos)
+        if rc != 0:
+            raise ClientError(f"subscribe to {topic} failed: paho error {rc}")
+        codes: list[int] = await asyncio.wait_for(self._subs.expect(mid), timeout)
+        if any(c >= 0x80 for c in codes):
+            raise ClientError(f"subscription refused: {[hex(c) for c in codes]}", codes[0])
+        return codes
+
+    async def publish(self, topic: str, payload: bytes, qos: int) -> int:
+        """Publish; for QoS 1/2 wait for paho's on_publish (PUBACK/PUBCOMP)."""
+        info = self.paho.publish(topic, payload, qos)
+        if qos == 0:
+            return 0
+        reason: int = await self._pubs.expect(info.mid)
+        if reason >= 0x80:
+            raise ClientError(f"publish to {topic} refused: reason {reason:#04x}", reason)
+        return reason
+
+    async def messages(self) -> AsyncIterator[Delivery]:
+        while True:
+            message = await self._messages.get()
+            if message is None:
+                return
+            yield message
+
+    async def disconnect(self) -> None:
+        """DISCONNECT, then stop paho's thread; waited for at most ``DISCONNECT_TIMEOUT`` s
+        (a daemon thread joins it, so a stuck paho thread cannot hold the process open)."""
+        self._closing = True
+        self.paho.disconnect()
+        stopped = self.loop.create_future()
+
+        def stop() -> None:
+            try:
+                self.paho.loop_stop()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the event loop may be gone
+                    self.loop.call_soon_threadsafe(_settle, stopped, True)
+
+        threading.Thread(target=stop, name="paho-stop", daemon=True).start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(stopped), DISCONNECT_TIMEOUT)
+        self._pubs.fail_all(ClientError("disconnected"))
+        self._subs.fail_all(ClientError("disconnected"))
+        self._messages.put_nowait(None)
+
+
+WorkloadClient = TracedClient | PahoClient
 
 
 @dataclass
@@ -211,7 +588,7 @@ class ClientRun:
 
     spec: ClientSpec
     topic: str
-    client: TracedClient
+    client: WorkloadClient
     sent: list[list[float]] = field(default_factory=list)
     acked: list[list[float]] = field(default_factory=list)
     received: list[list[float]] = field(default_factory=list)
@@ -243,6 +620,7 @@ class ClientRun:
             "name": self.spec.name,
             "transport": self.spec.transport,
             "strategy": self.spec.strategy,
+            "library": self.spec.library,
             "topic": self.topic,
             "sent": [[s, round(t, 6)] for s, t in self.sent],
             "acked": [[s, round(t, 6)] for s, t in self.acked],
@@ -279,8 +657,14 @@ class Workload:
             self.stop.set()
 
     # ------------------------------------------------------------------ start
-    def _make_client(self, c: ClientSpec) -> TracedClient:
+    def _make_client(self, c: ClientSpec) -> WorkloadClient:
         b = self.spec.broker
+        if c.library == "paho":
+            return PahoClient(
+                b.host, b.ports[c.transport], transport=c.transport, client_id=c.name,
+                session_expiry=SESSION_EXPIRY, keep_alive=KEEP_ALIVE, cafile=b.cafile,
+                reconnect_delay=RECONNECT_DELAY, clock=self.clock,
+            )  # fmt: skip
         return TracedClient(
             b.host, b.ports[c.transport], transport=c.transport, client_id=c.name,
             clean_start=True, session_expiry=SESSION_EXPIRY, keep_alive=KEEP_ALIVE,
@@ -323,7 +707,7 @@ class Workload:
         """Note each delivery; ends when the client is disconnected or lost for good."""
         try:
             async for message in run.client.messages():
-                now = self.clock.now()
+                now = getattr(message, "received_at", None) or self.clock.now()
                 try:
                     seq = int(message.payload)
                 except ValueError:
@@ -401,7 +785,7 @@ class Workload:
 
     # ------------------------------------------------------------------ end
     async def _disconnect_all(self) -> None:
-        async def one(client: Client) -> None:
+        async def one(client: WorkloadClient) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT)
 

@@ -85,6 +85,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     else:
         bench_strategies.add_arguments(p)
         p.set_defaults(handler=bench_strategies.run)
+    p = targets.add_parser("migration",
+                           help="QUIC vs TCP/TLS/MPTCP through a live container migration")
+    try:
+        from qmig.benchmarks import migration as bench_migration
+    except ImportError as exc:
+        p.set_defaults(handler=_unavailable("bench migration", str(exc)), accepts_extra=True)
+    else:
+        bench_migration.add_arguments(p)
+        p.set_defaults(handler=bench_migration.run)
 
 
 def _add_client_commands(sub: argparse._SubParsersAction) -> None:

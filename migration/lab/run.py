@@ -123,7 +123,9 @@ def run_scenario(
             say(f"lab up: {len(scenario.hosts)} edge hosts, link {scenario.link_rate}, "
                 f"loss {scenario.loss:g} %")  # fmt: skip
             lab.up(image)
-            workload = WorkloadProcess(workload_spec(lab), Path(tmp))
+            # Under loss, retransmissions (paho's especially) need longer to settle.
+            drain = 6.0 if scenario.loss else 2.0
+            workload = WorkloadProcess(workload_spec(lab, drain), Path(tmp))
             say(f"{len(scenario.clients)} clients publishing {scenario.rate:g} msg/s each at "
                 f"QoS {scenario.qos}")  # fmt: skip
             if on_ready is not None:

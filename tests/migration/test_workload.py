@@ -63,10 +63,11 @@ async def _start_broker(tmp: Path) -> tuple[BrokerServer, BrokerTarget]:
     ports = {
         "quic": _free_port(socket.SOCK_DGRAM),
         "tcp": _free_port(socket.SOCK_STREAM),
+        "tls": _free_port(socket.SOCK_STREAM),
         "mptcp": _free_port(socket.SOCK_STREAM),
     }
     config = BrokerConfig(
-        host="0.0.0.0", tcp_port=ports["tcp"], tls_port=0, mptcp_port=ports["mptcp"],
+        host="0.0.0.0", tcp_port=ports["tcp"], tls_port=ports["tls"], mptcp_port=ports["mptcp"],
         quic_port=ports["quic"], cert=str(certs.server_cert), key=str(certs.server_key),
         sys_interval=0,
     ).validate()  # fmt: skip
@@ -323,13 +324,18 @@ def test_spec_round_trips_through_json_and_rejects_nonsense() -> None:
     }  # fmt: skip
     parsed = WorkloadSpec.from_dict(issue_example)
     assert parsed.topic(parsed.clients[0]) == "qmig/lab/quic-proactive"
-    assert parsed.to_dict() == issue_example
+    # Every client gains its library ("qmig" unless the spec says "paho").
+    clients = [{**c, "library": "qmig"} for c in issue_example["clients"]]
+    assert parsed.to_dict() == {**issue_example, "clients": clients}
     from migration.workload import SpecError
 
     for bad in ({"clients": []}, {**issue_example, "qos": 3},
                 {**issue_example, "clients": [{"name": "x", "transport": "udp"}]},
                 {**issue_example, "clients": [{"name": "x", "strategy": "teleport"}]},
-                {**issue_example, "clients": [{"name": "x"}, {"name": "x"}]}):  # fmt: skip
+                {**issue_example, "clients": [{"name": "x"}, {"name": "x"}]},
+                {**issue_example, "clients": [{"name": "x", "library": "paho"}]},  # QUIC
+                {**issue_example, "clients": [{"name": "x", "transport": "tcp",
+                                               "library": "mosquitto"}]}):  # fmt: skip
         with pytest.raises(SpecError):
             WorkloadSpec.from_dict(bad)
 
@@ -346,3 +352,128 @@ async def test_a_bad_spec_file_exits_2(tmp_path: Path) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), EXIT_TIMEOUT)
     assert proc.returncode == EXIT_SPEC
     assert err.decode().count("\n") == 1 and "workload: error" in err.decode()
+
+
+# ---------------------------------------------------------------------- paho-mqtt clients
+def _paho_clients() -> tuple[ClientSpec, ...]:
+    clients = [ClientSpec("tcp-paho", "tcp", library="paho"),
+               ClientSpec("tls-paho", "tls", library="paho"),
+               ClientSpec("tcp", "tcp")]  # fmt: skip
+    if MPTCP:
+        clients.append(ClientSpec("mptcp-paho", "mptcp", library="paho"))
+    return tuple(clients)
+
+
+@pytest.mark.timeout(30)
+async def test_paho_clients_deliver_every_message_over_tcp_tls_and_mptcp(
+    broker: tuple[BrokerServer, BrokerTarget], tmp_path: Path
+) -> None:
+    server, target = broker
+    spec = WorkloadSpec(target, _paho_clients(), rate=40, qos=1, drain=2.0)
+    t0 = time.time()
+    async with running(spec, tmp_path) as workload:
+        assert await workload.wait_ready() == READY
+        transports = {c.transport for c in server.broker.connections}
+        assert {"tcp", "tls"} <= transports, transports
+        await asyncio.sleep(1.0)
+        assert await workload.stop() == 0, workload.stderr.decode()
+    t1 = time.time()
+    for client in workload.result()["clients"]:
+        _check_every_message_arrived_once(client, t0, t1)
+        assert client["reconnects"] == 0 and client["migrations"] == []
+        assert client["library"] == ("paho" if client["name"].endswith("paho") else "qmig")
+        assert [e for e, _, _ in client["connections"]] == ["connected"], client["connections"]
+
+
+@pytest.mark.timeout(40)
+async def test_paho_clients_follow_a_server_reference_and_keep_their_session(
+    broker: tuple[BrokerServer, BrokerTarget], tmp_path: Path
+) -> None:
+    """DISCONNECT 0x9D with Server Reference 127.0.0.2; listeners closed for a while (the
+    freeze), then rollback: paho clients come back at .2 with their session, none lost."""
+    server, target = broker
+    spec = WorkloadSpec(target, _paho_clients(), rate=40, qos=1, drain=3.0)
+    async with running(spec, tmp_path) as workload:
+        assert await workload.wait_ready() == READY
+        await asyncio.sleep(0.5)
+        told = await server.migration.pre_checkpoint("127.0.0.2")
+        assert told["disconnected"] == len(spec.clients)
+        sent_away_at = time.time()
+        await asyncio.sleep(0.4)  # refused meanwhile: paho retries at 50, 100, 200 ms...
+        await server.migration.rollback()
+        back_at = time.time()
+        await asyncio.sleep(1.5)
+        assert await workload.stop() == 0, workload.stderr.decode()
+    for client in workload.result()["clients"]:
+        name = client["name"]
+        sent = {seq for seq, _ in client["sent"]}
+        received = [seq for seq, _ in client["received"]]
+        assert sent - set(received) == set(), f"{name} lost {sorted(sent - set(received))}"
+        assert client["errors"] == [], (name, client["errors"])
+        assert client["reconnects"] == 1, (name, client["connections"])
+        assert client["final_server"] == f"127.0.0.2:{target.ports[client['transport']]}", name
+        events = [(e, t) for e, t, _ in client["connections"]]
+        assert [e for e, _ in events] == ["connected", "lost", "connected"], events
+        lost_at, back = events[1][1], events[2][1]
+        assert lost_at <= sent_away_at and back >= back_at - 0.05, (name, events)
+        # The retry schedule (50 ms doubling to 0.5 s) finds the listener soon after it
+        # reopens: well within one capped delay plus a handshake.
+        assert back - back_at < 0.5 + 0.3, (name, back - back_at)
+        figures = client_figures(client, sent_away_at, back_at)
+        assert figures["lost"] == 0 and figures["interruption_ms"] is not None, figures
+
+
+def test_race_connect_prefers_the_reference_and_falls_back_when_it_refuses() -> None:
+    from migration.workload import race_connect
+
+    with socket.socket() as a, socket.socket() as b:
+        for listener in (a, b):
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+        pa, pb = a.getsockname(), b.getsockname()
+        dead = ("127.0.0.1", _free_port(socket.SOCK_STREAM))
+        sock, reached = race_connect(pa, pb)
+        with sock:
+            assert reached == pa and sock.getpeername() == pa
+        sock, reached = race_connect(dead, pb)  # refused at once: the fallback answers
+        with sock:
+            assert reached == pb
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionRefusedError):
+            race_connect(dead, None)
+        with pytest.raises(ConnectionRefusedError):
+            race_connect(dead, dead)
+        assert time.monotonic() - t0 < 0.5
+
+
+@pytest.mark.timeout(40)
+async def test_paho_clients_fall_back_when_the_referenced_broker_never_comes(
+    broker: tuple[BrokerServer, BrokerTarget], tmp_path: Path
+) -> None:
+    """A rolled-back move: the Server Reference names a port where nothing ever listens;
+    after FALLBACK_AFTER s the clients race the old address too, and get back there."""
+    from client.client import FALLBACK_AFTER
+
+    server, target = broker
+    clients = (ClientSpec("tcp-paho", "tcp", library="paho"),
+               ClientSpec("tls-paho", "tls", library="paho"))  # fmt: skip
+    spec = WorkloadSpec(target, clients, rate=20, qos=1, drain=3.0)
+    dead_port = _free_port(socket.SOCK_STREAM)
+    async with running(spec, tmp_path) as workload:
+        assert await workload.wait_ready() == READY
+        await asyncio.sleep(0.3)
+        await server.migration.pre_checkpoint(f"127.0.0.1:{dead_port}")
+        sent_away_at = time.time()
+        await asyncio.sleep(0.5)
+        await server.migration.rollback()  # the broker serves where it was
+        await asyncio.sleep(FALLBACK_AFTER + 1.5)
+        assert await workload.stop() == 0, workload.stderr.decode()
+    for client in workload.result()["clients"]:
+        name = client["name"]
+        sent = {seq for seq, _ in client["sent"]}
+        assert sent - {seq for seq, _ in client["received"]} == set(), name
+        assert client["final_server"] == f"127.0.0.1:{target.ports[client['transport']]}", name
+        events = [(e, t) for e, t, _ in client["connections"]]
+        assert [e for e, _ in events] == ["connected", "lost", "connected"], events
+        back = events[2][1] - sent_away_at
+        assert FALLBACK_AFTER - 0.1 <= back <= FALLBACK_AFTER + 1.0, (name, back)
