@@ -221,6 +221,13 @@ class MigratingQuicConnection(QuicConnection):
         if follower is not None:
             self._qmig_after_receive(now)
             self._qmig_check_false_alarm(now)
+            if (
+                follower.probing
+                and self._network_paths
+                and addr != self._network_paths[0].addr
+                and follower.heard_from(to_address(addr), now, self._probe_spacing())
+            ):
+                self._open_probe_path(addr)  # challenge now: the broker is back there
 
     def _open_probe_path(self, addr: NetworkAddress) -> QuicNetworkPath | None:
         for index, path in enumerate(self._network_paths):

@@ -88,6 +88,7 @@ class Follower:
     targets: list[Address] = field(default_factory=list)
     window_until: float | None = None
     next_probe_at: float | None = None
+    last_probe_at: float | None = None
     records: list[MigrationRecord] = field(default_factory=list)
     _sequence: int = -1
 
@@ -196,10 +197,26 @@ class Follower:
         if now < self.next_probe_at:
             return []
         self.next_probe_at = now + max(self.probe_interval, min_interval)
+        self.last_probe_at = now
         record = self.records[-1] if self.records else None
         if record is not None and record.first_probe_at is None:
             record.first_probe_at = now
         return list(self.targets)
+
+    def heard_from(self, address: Address, now: float, min_interval: float = 0.0) -> bool:
+        """A datagram came from an address being probed: challenge it now, not next tick.
+
+        The restored broker speaks first (its overdue timers fire at the thaw), so the
+        path can validate one round trip after the thaw instead of up to a probe interval
+        later.  Returns whether to challenge now; ``min_interval`` is the QUIC layer's floor.
+        """
+        if address not in self.targets or self.next_probe_at is None:
+            return False
+        if self.last_probe_at is not None and now - self.last_probe_at < min_interval:
+            return False
+        self.last_probe_at = now
+        self.next_probe_at = now + max(self.probe_interval, min_interval)
+        return True
 
     def next_timer(self) -> float | None:
         return self.next_probe_at if self.targets else None

@@ -58,3 +58,14 @@ def test_probes_are_spaced_by_the_quic_layers_floor() -> None:
     assert follower.due_probes(0.1, min_interval=0.1) == [THERE]
     assert follower.due_probes(0.12) == []  # without a floor: probe_interval (next at 0.2)
     assert follower.next_timer() == pytest.approx(0.2)
+
+
+def test_hearing_from_a_probed_address_challenges_it_at_once() -> None:
+    follower = Follower(Strategy.PROACTIVE, current=HERE)
+    follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
+    assert follower.due_probes(0.0) == [THERE]  # the first probe; the next is due at 0.02
+    assert not follower.heard_from(HERE, 0.005)  # not a target
+    assert follower.heard_from(THERE, 0.005)  # the broker is back there: probe now
+    assert not follower.heard_from(THERE, 0.006, min_interval=0.01)  # the QUIC layer's floor
+    assert follower.due_probes(0.02) == []  # rescheduled from the early probe
+    assert follower.due_probes(0.026) == [THERE]
