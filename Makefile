@@ -37,7 +37,7 @@ $(VENV_PY): | system
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml $(VENV_PY)
-	$(VENV_PY) -m pip install -q -e '.[dev,lab]'
+	$(VENV_PY) -m pip install -q -e '.[dev,lab,load]'
 	@touch $@
 
 test: setup image
@@ -53,6 +53,15 @@ demo: setup image
 bench: setup
 	@mkdir -p reports
 	$(VENV_PY) -m qmig bench broker --json reports/bench-broker.json
+
+# Headless locust run against a loopback broker: CSV, HTML, trace and summary in reports/.
+USERS ?= 50
+RATE ?= 1
+DURATION ?= 30
+.PHONY: loadtest
+loadtest: setup
+	@mkdir -p reports
+	$(VENV_PY) -m loadtests.run --users $(USERS) --rate $(RATE) --duration $(DURATION) --out reports
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -50,7 +50,7 @@ HOST_ONLY_DEPS = frozenset({"matplotlib", "podman"})
 # Code that runs on the edge host, never in the broker container: left out of the image and of
 # its hash, so that editing the lab does not rebuild the image.
 HOST_ONLY_DIRS = ("migration/lab/", "migration/workload.py", "migration/state_load.py",
-                  "migration/report.py")
+                  "migration/report.py", "loadtests/")
 # Imports that prove the cp311 binary wheels (cryptography, pylsqpack, psutil, yaml) load.
 IMPORT_CHECK = (
     "import qmig, broker, client, migration, mqttproto, aioquic, cryptography, yaml, rich, "

@@ -126,6 +126,10 @@ class MigratingQuicConnection(QuicConnection):
         self.follower = follower
         self.qmig_pending: list[Frame] = []
         self.qmig_last_received: float | None = None
+        # The silence (keyed by when the path last spoke) already reported to the follower:
+        # each silence is reported once, so a follower that does nothing about it (strategy
+        # none, nothing announced) does not make the timer fire again and again.
+        self._qmig_silence_handled: float | None = None
         self._qmig_active_addr: NetworkAddress | None = None
         handlers = self._QuicConnection__frame_handlers  # type: ignore[attr-defined]
         for frame_type in FRAME_TYPES:
@@ -339,11 +343,12 @@ class MigratingQuicConnection(QuicConnection):
                 # it swallowed goes again now, not after the PTO backoff built meanwhile.
                 self._retransmit_in_flight(now)
 
-    def _silent(self, now: float) -> bool:
-        if self.qmig_last_received is None:
-            return False
+    def _awaiting_acks(self) -> bool:
         space = self._spaces.get(Epoch.ONE_RTT)
-        if space is None or not space.ack_eliciting_in_flight:
+        return space is not None and bool(space.ack_eliciting_in_flight)
+
+    def _silent(self, now: float) -> bool:
+        if self.qmig_last_received is None or not self._awaiting_acks():
             return False
         assert self.follower is not None
         return now - self.qmig_last_received >= self.follower.silence
@@ -354,7 +359,12 @@ class MigratingQuicConnection(QuicConnection):
         if follower is None or self._close_at is None:  # not connected yet
             return timer
         candidates = [t for t in (timer, follower.next_timer()) if t is not None]
-        if not follower.probing and self.qmig_last_received is not None:
+        if (
+            not follower.probing
+            and self.qmig_last_received is not None
+            and self.qmig_last_received != self._qmig_silence_handled
+            and self._awaiting_acks()
+        ):  # only a silence with data outstanding is worth waking up for
             candidates.append(self.qmig_last_received + follower.silence)
         return min(candidates) if candidates else None
 
@@ -365,8 +375,13 @@ class MigratingQuicConnection(QuicConnection):
         follower = self.follower
         if follower is None or not self._network_paths:
             return
-        if not follower.probing and self._silent(now):
+        if (
+            not follower.probing
+            and self.qmig_last_received != self._qmig_silence_handled
+            and self._silent(now)
+        ):
             follower.on_silence(now)
+            self._qmig_silence_handled = self.qmig_last_received  # once per silence
         self._qmig_check_false_alarm(now)
         like = self._network_paths[0].addr
         for address in follower.due_probes(now, self._probe_spacing()):
