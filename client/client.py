@@ -54,6 +54,8 @@ RECONNECT_ATTEMPT_TIMEOUT = 3.0  # seconds one reconnect attempt may take
 # A reconnect's SYN is resent after this, not after the kernel's 1 s initial RTO: a server
 # that is being restored drops SYNs (CRIU's network lock), then answers within milliseconds.
 RECONNECT_SYN_TIMEOUT = 0.25
+# A clean QUIC disconnect waits at most this long for the broker to acknowledge DISCONNECT.
+CLOSE_TIMEOUT = 2.0
 FALLBACK_AFTER = 5.0  # seconds a referenced server may stay unreachable before falling back
 
 
@@ -227,7 +229,13 @@ class Client:
             proto.disconnect()
             self._flush()
             await asyncio.sleep(0)
-        self._abort_stream(graceful=True)
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            finish = getattr(stream, "close_gracefully", None)
+            if finish is not None:
+                await finish(CLOSE_TIMEOUT)
+            else:
+                stream.close()  # TCP, TLS, MPTCP: the kernel delivers what is buffered
         if self._closer is not None:
             with contextlib.suppress(Exception):
                 await self._closer.__aexit__(None, None, None)

@@ -119,6 +119,7 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         self.close_reason = ""  # why the connection was terminated, for error messages
         self._lost = False
         self._transmit_soon = False
+        self._progress: asyncio.Event | None = None  # set per datagram while closing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.send_error: Exception | None = None
@@ -187,10 +188,17 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         if not self._lost:
             self._lost = True
             self.on_lost(exc)
+        if self._progress is not None:
+            self._progress.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._gone(exc)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        if self._progress is not None:
+            self._progress.set()
 
     def write(self, data: bytes) -> None:
         if self._lost or self.stream_id is None:
@@ -210,6 +218,54 @@ class QuicStreamProtocol(QuicConnectionProtocol):
                 self._quic.send_stream_data(self.stream_id, b"", end_stream=True)
             super().close()
         self._gone(None)
+
+    def transmit(self) -> None:
+        transport = self._transport
+        if transport is not None and transport.is_closing():
+            # Closed without waiting out the closing period: aioquic's timer must not
+            # keep firing into a closed socket.
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        super().transmit()
+
+    def _sent_everything(self) -> bool:
+        stream = self._quic._streams.get(self.stream_id)  # type: ignore[arg-type]
+        return stream is None or stream.sender.is_finished
+
+    async def close_gracefully(self, timeout: float) -> None:
+        """Finish the MQTT stream and close once the broker has all of it, or after ``timeout``.
+
+        A plain CONNECTION_CLOSE drops stream data not yet acknowledged: a DISCONNECT lost
+        on the way would never be resent, and the broker would publish the will of a client
+        that left cleanly.  TCP's kernel keeps retransmitting after close(); here the FIN
+        goes out at once and the close waits until the broker acknowledged the stream,
+        ended it or ended the connection.  The closing period (three PTOs in aioquic)
+        is not waited out: the broker already has everything and closes its side itself.
+        """
+        if self._lost or self.stream_id is None:
+            self.close()
+            self._closed.set()
+            return
+        with contextlib.suppress(Exception):  # the stream may be finished already
+            self._quic.send_stream_data(self.stream_id, b"", end_stream=True)
+        self.transmit()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        progress = self._progress = asyncio.Event()
+        try:
+            while not self._lost and not self._sent_everything():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(progress.wait(), left)
+        finally:
+            self._progress = None
+        self.close()
+        self._closed.set()
 
     def abort(self) -> None:
         self.close()

@@ -477,10 +477,9 @@ class QuicStreamTransport:
         aioquic otherwise waits three PTOs in its closing state before ``wait_closed``
         returns, which would make connect+subscribe measure that wait, not the broker.
         """
-        if not self._closing:
-            self._closing = True
-            self._proto.close()
-            self._proto._closed.set()
+        self._closing = True
+        self._proto.close()  # a no-op once the broker closed the connection first
+        self._proto._closed.set()
 
     def abort(self) -> None:
         self.close()
@@ -508,6 +507,15 @@ class QuicClientProtocol(QuicConnectionProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._lost(exc)
+
+    def transmit(self) -> None:
+        transport = self._transport
+        if transport is not None and transport.is_closing():
+            if self._timer is not None:  # closed early (see QuicStreamTransport.close)
+                self._timer.cancel()
+                self._timer = None
+            return
+        super().transmit()
 
     def _lost(self, exc: Exception | None) -> None:
         mqtt = getattr(self, "mqtt", None)
