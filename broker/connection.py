@@ -2,8 +2,16 @@
 
 The I/O layer feeds received bytes to :meth:`BrokerConnection.receive_data`, takes what to
 write from :meth:`data_to_send` and closes the transport once :attr:`closing` is set and the
-output is flushed.  A protocol violation closes only this connection, with the reason code
-the specification asks for (section 4.13); the broker and other clients carry on.
+output is flushed.
+
+Channels serve QUIC's multi-stream mode: channel 0 is the connection's control stream (and
+the only channel of TCP, TLS, MPTCP and single-stream QUIC); other channels are data streams
+that the I/O layer numbers.  A reply goes out on the channel its request came in on, and a
+PUBLISH on the channel of the SUBSCRIBE that asked for it (:attr:`Delivery.channel`), so a
+lost datagram on one topic's stream does not hold up another's.
+
+A protocol violation closes only this connection, with the reason code the specification
+asks for (section 4.13); the broker and other clients carry on.
 """
 
 from __future__ import annotations
@@ -45,6 +53,11 @@ log = logging.getLogger("qmig.broker")
 
 P = PropertyId
 _MAX_PROPERTY_INT = 0xFFFFFFFF
+# What a QUIC data stream may carry: the publish flows and (un)subscriptions.  CONNECT,
+# DISCONNECT, PINGREQ and AUTH belong on the control stream.
+DATA_STREAM_PACKETS = frozenset(
+    {Publish, Puback, Pubrec, Pubrel, Pubcomp, Subscribe, Unsubscribe}
+)
 
 
 class State(Enum):
@@ -86,14 +99,24 @@ class BrokerConnection:
         self.io: Any = None  # the I/O layer's handle for this connection
         self._warned: set[str] = set()
         self._out: list[bytes] = []
+        # Multi-stream QUIC: data channels' readers and output (channel 0 uses the above).
+        self.rx_channel = 0  # the channel of the packet being handled: replies go there
+        self._readers: dict[int, PacketReader] = {}
+        self._side: dict[int, list[bytes]] = {}
 
     def __repr__(self) -> str:
         return f"<BrokerConnection {self.transport} {self.peer} {self.client_id!r}>"
 
     # ----------------------------------------------------------------- I/O interface
-    def receive_data(self, data: bytes) -> None:
-        """Handle bytes from the network; errors close this connection, never raise."""
+    def receive_data(self, data: bytes, channel: int = 0) -> None:
+        """Handle bytes from the network; errors close this connection, never raise.
+
+        ``channel`` > 0 is a QUIC data stream, fed only once the connection is CONNECTED.
+        """
         if self.closing:
+            return
+        if channel:
+            self._receive_on_channel(data, channel)
             return
         if (
             self.state is State.AWAIT_CONNECT
@@ -124,12 +147,63 @@ class BrokerConnection:
         if error is not None and not self.closing:
             self.protocol_violation(error)
 
+    def _receive_on_channel(self, data: bytes, channel: int) -> None:
+        reader = self._readers.get(channel)
+        if reader is None:
+            reader = self._readers[channel] = PacketReader(
+                self.version, self.broker.config.max_packet_size
+            )
+        error: MQTTError | None = None
+        try:
+            packets = reader.feed(data)
+        except MQTTError as exc:
+            packets, error = exc.decoded, exc
+        self.rx_channel = channel
+        try:
+            for packet in packets:
+                if self.closing:
+                    break
+                try:
+                    if type(packet) not in DATA_STREAM_PACKETS:
+                        raise ProtocolError(
+                            f"{type(packet).__name__} belongs on the control stream"
+                        )
+                    self._handle(packet)
+                except MQTTError as exc:
+                    self.protocol_violation(exc)
+                    break
+        finally:
+            self.rx_channel = 0
+        if packets:
+            self.last_received = self.broker.now()
+        if error is not None and not self.closing:
+            self.protocol_violation(error)
+
+    def channel_closed(self, channel: int) -> None:
+        """A data stream ended: its PUBLISHes go to the control stream from now on."""
+        self._readers.pop(channel, None)
+        session = self.session
+        if session is not None:
+            for opts in session.subscriptions.values():
+                if opts.channel == channel:
+                    opts.channel = 0
+
     def data_to_send(self) -> bytes:
+        """Output for channel 0 (everything, on a single-stream transport)."""
         out = self._out
         if not out:
             return b""
         self._out = []
         return out[0] if len(out) == 1 else b"".join(out)
+
+    @property
+    def has_side_data(self) -> bool:
+        return bool(self._side)
+
+    def side_data_to_send(self) -> dict[int, bytes]:
+        """Output for the data channels (multi-stream QUIC only), by channel."""
+        side, self._side = self._side, {}
+        return {channel: b"".join(chunks) for channel, chunks in side.items()}
 
     def set_writable(self, writable: bool) -> None:
         """Flow control from the transport: while paused, QoS 0 is dropped, QoS > 0 waits."""
@@ -150,15 +224,25 @@ class BrokerConnection:
             self.broker.connection_dropped(self)
 
     # ----------------------------------------------------------------- output helpers
-    def send_bytes(self, data: bytes) -> None:
+    def send_bytes(self, data: bytes, channel: int | None = None) -> None:
+        """Queue output for ``channel``; by default the channel of the packet being handled."""
         if self.closing:
             return
-        if not self._out:
+        if channel is None:
+            channel = self.rx_channel
+        if not self._out and not self._side:
             self.broker.mark_dirty(self)
-        self._out.append(data)
+        if channel:
+            chunks = self._side.get(channel)
+            if chunks is None:
+                self._side[channel] = [data]
+            else:
+                chunks.append(data)
+        else:
+            self._out.append(data)
 
-    def send(self, packet: Packet) -> None:
-        self.send_bytes(encode(packet, self.version or MQTT_5))
+    def send(self, packet: Packet, channel: int | None = None) -> None:
+        self.send_bytes(encode(packet, self.version or MQTT_5), channel)
 
     def close(self, reason: int = ReasonCode.SUCCESS, reference: str | None = None) -> None:
         """Close after flushing; MQTT 5 clients get a DISCONNECT with ``reason`` first."""
@@ -168,7 +252,7 @@ class BrokerConnection:
             props: dict[int, Any] = {}
             if reference:
                 props[P.SERVER_REFERENCE] = reference
-            self.send(Disconnect(reason, props))
+            self.send(Disconnect(reason, props), channel=0)
         self.close_reason = reason
         self.closing = True
         self.broker.mark_dirty(self)
@@ -254,6 +338,13 @@ class BrokerConnection:
         """Called by the broker once CONNECT is accepted: CONNACK, then resend in-flight."""
         self.state = State.CONNECTED
         self.session = session
+        # The data streams of an earlier connection are gone; this one numbers its own.
+        for opts in session.subscriptions.values():
+            opts.channel = 0
+        for delivery in session.inflight.values():
+            delivery.channel = 0
+        for delivery in session.pending:
+            delivery.channel = 0
         self.send(Connack(present, ReasonCode.SUCCESS, connack_props))
         # MQTT-4.4.0-1: resend unacknowledged PUBLISH (DUP) and PUBREL on session resume.
         for pid, delivery in list(session.inflight.items()):
@@ -483,7 +574,9 @@ class BrokerConnection:
             if message.expires_at is not None:
                 remaining = message.expires_at - self.broker.now()
                 props[P.MESSAGE_EXPIRY_INTERVAL] = max(0, int(remaining + 0.999))  # 3.3.2-6
-            if self.client_alias_max:
+            # Streams are not ordered with each other: an alias set on one data stream
+            # could be used on another before it arrives, so data streams send topics.
+            if self.client_alias_max and not delivery.channel:
                 alias = self.out_aliases.get(topic)
                 if alias is not None:
                     topic = ""
@@ -516,6 +609,6 @@ class BrokerConnection:
             return False
         if new_alias:
             self.out_aliases[message.topic] = new_alias
-        self.send_bytes(data)
+        self.send_bytes(data, delivery.channel)
         self.broker.stats.messages_sent += 1
         return True

@@ -301,7 +301,7 @@ class Broker:
                 sub_ids = [opts.subscription_id] if opts.subscription_id else None
                 qos = pub_qos if pub_qos < opts.qos else opts.qos  # MQTT-3.8.4-6
                 retain = message.retain and opts.retain_as_published  # MQTT-3.3.1-12/13
-                if self._deliver(session, message, qos, retain, sub_ids):
+                if self._deliver(session, message, qos, retain, sub_ids, opts.channel):
                     count += 1
             return count
         merged: dict[str, list[Any]] = {}
@@ -311,19 +311,22 @@ class Broker:
                     continue
                 entry = merged.get(client_id)
                 if entry is None:
-                    entry = merged[client_id] = [opts.qos, opts.retain_as_published, []]
+                    entry = merged[client_id] = [
+                        opts.qos, opts.retain_as_published, [], opts.channel
+                    ]
                 else:
                     # MQTT-3.3.4-2: one copy with the maximum QoS of all matches.
                     entry[0] = max(entry[0], opts.qos)
                     entry[1] = entry[1] or opts.retain_as_published
                 if opts.subscription_id:
                     entry[2].append(opts.subscription_id)  # MQTT-3.3.4-3
-        for client_id, (sub_qos, rap, ids) in merged.items():
+        for client_id, (sub_qos, rap, ids, channel) in merged.items():
             session = self.store.get_session(client_id)
             if session is None:
                 continue
             qos = min(pub_qos, sub_qos)
-            if self._deliver(session, message, qos, message.retain and rap, ids or None):
+            retain = message.retain and rap
+            if self._deliver(session, message, qos, retain, ids or None, channel):
                 count += 1
         for groups in shared:
             for group in groups.values():
@@ -347,12 +350,16 @@ class Broker:
                 continue
             group.cursor = (group.cursor + i + 1) % n
             sub_ids = [opts.subscription_id] if opts.subscription_id else None
-            return self._deliver(session, message, min(message.qos, opts.qos), False, sub_ids)
+            return self._deliver(
+                session, message, min(message.qos, opts.qos), False, sub_ids, opts.channel
+            )
         if fallback is not None:
             group.cursor = (group.cursor + 1) % n
             session, opts = fallback
             sub_ids = [opts.subscription_id] if opts.subscription_id else None
-            return self._deliver(session, message, min(message.qos, opts.qos), False, sub_ids)
+            return self._deliver(
+                session, message, min(message.qos, opts.qos), False, sub_ids, opts.channel
+            )
         return False
 
     def _deliver(
@@ -362,6 +369,7 @@ class Broker:
         qos: int,
         retain: bool,
         sub_ids: list[int] | None,
+        channel: int = 0,
     ) -> bool:
         if self._acl and not self.auth.can_receive(
             session.client_id, session.username, message.topic
@@ -369,7 +377,7 @@ class Broker:
             return False
         conn = session.connection
         if conn is not None and conn.state is State.CONNECTED and not conn.closing:
-            conn.deliver(Delivery(message, qos, retain, sub_ids))
+            conn.deliver(Delivery(message, qos, retain, sub_ids, channel=channel))
             return True
         if qos == 0 and not self.config.queue_qos0_messages:
             return True  # QoS 0 is not kept for offline clients (section 4.1 allows it)
@@ -415,7 +423,8 @@ class Broker:
                 refused += 1
                 continue
             opts = SubOptions(
-                sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling, sub_id
+                sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling, sub_id,
+                conn.rx_channel,
             )
             existed = self.store.subscribe(session, topic_filter, opts)
             codes.append(sub.qos)
@@ -429,7 +438,9 @@ class Broker:
                         continue
                     ids = [sub_id] if sub_id else None
                     # MQTT-3.3.1-9: retained messages sent on subscribe keep RETAIN 1.
-                    retained.append(Delivery(message, min(message.qos, sub.qos), True, ids))
+                    retained.append(Delivery(
+                        message, min(message.qos, sub.qos), True, ids, channel=conn.rx_channel
+                    ))
         if not v5 and len(codes) != len(packet.subscriptions):  # pragma: no cover
             raise ProtocolError("internal: SUBACK does not match SUBSCRIBE")
         if refused:

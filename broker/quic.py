@@ -1,8 +1,14 @@
-"""MQTT over QUIC for the broker: aioquic connections carrying one MQTT byte stream each.
+"""MQTT over QUIC for the broker: aioquic connections carrying MQTT on client streams.
 
 Single-stream mode (as EMQX does it): the client opens one bidirectional stream and MQTT
 runs over it exactly as over TCP, so the same :class:`~broker.connection.BrokerConnection`
-serves it.  aioquic is extended by subclassing its protocol class, never by patching it.
+serves it.  Multi-stream mode (EMQX's too) follows from the client opening more streams: the
+first bidirectional stream is the control stream (CONNECT, PINGREQ, DISCONNECT, and anything
+else); every further client bidirectional stream is a data stream for PUBLISH, its acks and
+(UN)SUBSCRIBE.  Replies go back on the stream of the request, and messages on the stream of
+the subscription, so a datagram lost on one stream does not stall the others.  A data stream
+that ends only ends itself.  aioquic is extended by subclassing its protocol class, never by
+patching it.
 Writes are batched: the broker's flush appends to the stream and each touched connection
 transmits once per event-loop turn.  A client that stops acknowledging makes its stream's
 send buffer grow; past a high-water mark the connection is paused like a full TCP socket.
@@ -31,8 +37,9 @@ from aioquic.quic.events import (
 from migration.frames import ALL_STRATEGIES
 from migration.quicext import MigratingQuicConnection, MigrationFrameReceived
 
+from .connection import BrokerConnection, State
+
 if TYPE_CHECKING:
-    from .connection import BrokerConnection
     from .server import BrokerServer
 
 log = logging.getLogger("qmig.broker")
@@ -44,6 +51,8 @@ CLOSE_LINGER = 3.0  # seconds to let a final DISCONNECT be acknowledged before c
 # The engine's CONNECT timeout starts once the MQTT stream exists; a connection that never
 # opens one gets the same time from the end of its handshake.
 STREAM_TIMEOUT = 10.0
+# Bytes a client may send on data streams before its CONNECT is accepted (they wait).
+EARLY_DATA_LIMIT = 64 << 10
 # Application error codes in CONNECTION_CLOSE (RFC 9000 section 20.2: ours to define).
 ERROR_NONE = 0x0
 ERROR_PROTOCOL = 0x1
@@ -71,8 +80,13 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
         MigratingQuicConnection.adopt(self._quic, ALL_STRATEGIES)
         self.broker_server = broker_server
         broker_server.quic_protocols.add(self)
-        self.stream_id: int | None = None
+        self.stream_id: int | None = None  # the control stream
         self.conn: BrokerConnection | None = None
+        # Multi-stream mode: data stream id <-> the connection's channel number for it.
+        self.channels: dict[int, int] = {}
+        self.channel_streams: dict[int, int] = {}
+        self._early: dict[int, bytearray] = {}  # data sent before CONNECT was accepted
+        self._early_ended: set[int] = set()
         self.paused = False
         self._closing = False
         self._stream_timer: asyncio.TimerHandle | None = None
@@ -84,7 +98,9 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
         elif isinstance(event, StreamReset):
             if event.stream_id == self.stream_id:
                 self._lost()
-                self.close()  # nothing else may use this connection (single-stream mode)
+                self.close()  # without its control stream the connection has no session
+            elif event.stream_id in self.channels:
+                self._end_data_stream(event.stream_id, reset=True)
         elif isinstance(event, ConnectionTerminated):
             self._lost()
         elif isinstance(event, HandshakeCompleted):
@@ -112,15 +128,66 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
             self.conn = self.broker_server.broker.open_connection("quic", peer)
             self.conn.io = self
         elif sid != self.stream_id:
-            self._reject(f"a second stream ({sid}) in single-stream mode")
+            self._on_data_stream(event)
             return
         conn = self.conn
         assert conn is not None
         if event.data:
             conn.receive_data(event.data)
+            if self._early and conn.state is State.CONNECTED:
+                self._release_early_data(conn)
         if event.end_stream:
             conn.connection_lost()
             self.close()
+
+    def _on_data_stream(self, event: StreamDataReceived) -> None:
+        sid = event.stream_id
+        channel = self.channels.get(sid)
+        if channel is None:
+            if not stream_is_client_initiated(sid) or stream_is_unidirectional(sid):
+                self._reject(f"MQTT data streams are client bidirectional streams, not {sid}")
+                return
+            channel = len(self.channel_streams) + 1  # never reused within the connection
+            self.channels[sid] = channel
+            self.channel_streams[channel] = sid
+        conn = self.conn
+        if conn is None or conn.state is not State.CONNECTED:
+            early = self._early.setdefault(sid, bytearray())
+            early += event.data
+            if event.end_stream:
+                self._early_ended.add(sid)
+            if sum(len(b) for b in self._early.values()) > EARLY_DATA_LIMIT:
+                self._reject(f"over {EARLY_DATA_LIMIT} bytes on data streams before CONNECT")
+            return
+        if event.data:
+            conn.receive_data(event.data, channel)
+        if event.end_stream:
+            self._end_data_stream(sid)
+
+    def _release_early_data(self, conn: BrokerConnection) -> None:
+        """CONNECT was accepted: handle what the client pipelined on its data streams."""
+        early, self._early = self._early, {}
+        for sid, data in early.items():
+            if data and not conn.closing:
+                conn.receive_data(bytes(data), self.channels[sid])
+            if sid in self._early_ended:
+                self._end_data_stream(sid)
+        self._early_ended.clear()
+
+    def _end_data_stream(self, sid: int, reset: bool = False) -> None:
+        """The client ended a data stream: end ours too; the connection carries on."""
+        channel = self.channels.pop(sid, None)
+        if channel is None:
+            return
+        del self.channel_streams[channel]
+        if self.conn is not None:
+            self.conn.channel_closed(channel)
+        with contextlib.suppress(Exception):  # the stream may be gone already
+            if reset:
+                self._quic.reset_stream(sid, ERROR_NONE)
+            else:
+                self._quic.send_stream_data(sid, b"", end_stream=True)
+        self.broker_server.quic_touched(self)
 
     def _reject(self, why: str) -> None:
         log.info("closing QUIC connection: %s", why)
@@ -158,17 +225,33 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
 
     # ----------------------------------------------------------------- output (BrokerServer.flush)
     def _unacked(self) -> int:
-        # aioquic has no public send-buffer size; its stream sender's offsets tell it.
-        stream = self._quic._streams.get(self.stream_id)  # type: ignore[arg-type]
-        if stream is None:
-            return 0
-        sender = stream.sender
-        return int(sender._buffer_stop - sender._buffer_start)
+        # aioquic has no public send-buffer size; its stream senders' offsets tell it.
+        streams = self._quic._streams
+        total = 0
+        for sid in (self.stream_id, *self.channels):
+            stream = streams.get(sid)  # type: ignore[arg-type]
+            if stream is not None:
+                total += stream.sender._buffer_stop - stream.sender._buffer_start
+        return int(total)
 
     def write(self, data: bytes) -> None:
         if self.stream_id is None or self._closing:
             return
         self._quic.send_stream_data(self.stream_id, data)
+        self._sent()
+
+    def write_channel(self, channel: int, data: bytes) -> None:
+        """Output for a data stream; if the client ended it meanwhile, the control stream."""
+        sid = self.channel_streams.get(channel)
+        if sid is None:
+            self.write(data)
+            return
+        if self._closing:
+            return
+        self._quic.send_stream_data(sid, data)
+        self._sent()
+
+    def _sent(self) -> None:
         self.broker_server.quic_touched(self)
         if not self.paused and self.conn is not None and self._unacked() > HIGH_WATER:
             self.paused = True

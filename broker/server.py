@@ -163,6 +163,9 @@ class BrokerServer:
             data = conn.data_to_send()
             if data:
                 io.write(data)
+            if conn.has_side_data:
+                for channel, chunk in conn.side_data_to_send().items():
+                    io.write_channel(channel, chunk)
             if conn.closing:
                 io.close()
         if self._quic_touched:

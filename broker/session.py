@@ -44,6 +44,8 @@ class SubOptions:
     retain_as_published: bool = False
     retain_handling: int = 0
     subscription_id: int | None = None
+    # Multi-stream QUIC: the data channel the SUBSCRIBE came on (0: the control stream).
+    channel: int = 0
 
 
 # States of an outgoing QoS > 0 delivery.
@@ -62,6 +64,7 @@ class Delivery:
     subscription_ids: list[int] | None = None
     packet_id: int = 0
     state: int = 0
+    channel: int = 0  # see SubOptions.channel
 
 
 @dataclass(slots=True, eq=False)

@@ -25,8 +25,16 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 
 from client.client import Client
-from mqttproto.codec import encode
-from mqttproto.packets import MQTT_5, Connect, Subscribe, Subscription, Will
+from mqttproto.codec import PacketReader, encode
+from mqttproto.packets import (
+    MQTT_5,
+    Connack,
+    Connect,
+    Disconnect,
+    Subscribe,
+    Subscription,
+    Will,
+)
 
 from .conftest import HOST, QBroker
 from .helpers import make_client, quic_terminated, uid
@@ -167,9 +175,9 @@ async def one_log_line(broker: QBroker, pattern: str, since: int) -> str:
 
 
 # ------------------------------------------------------------------------------ streams
-async def test_second_bidirectional_stream(qbroker: QBroker, bystanders: Bystanders) -> None:
-    """A second stream after the MQTT one breaks single-stream mode: that connection closes
-    with the protocol error code, and its session ends as after a network failure (will)."""
+async def test_connect_on_a_data_stream(qbroker: QBroker, bystanders: Bystanders) -> None:
+    """A second stream is a data stream (multi-stream mode); CONNECT does not belong there:
+    DISCONNECT 0x82 on the control stream, the connection closes, the will goes out."""
     since = qbroker.log_size()
     will_topic = uid("will-2nd/")
     await bystanders.quic.subscribe(will_topic, qos=1)
@@ -178,12 +186,12 @@ async def test_second_bidirectional_stream(qbroker: QBroker, bystanders: Bystand
         first = await proto.mqtt_connect(client_id, Will(will_topic, b"bye"))
         second = proto.new_stream()
         assert second != first
-        proto.send(second, b"\x10\x00")
-        closed = await proto.closed_by_peer(5)
-        assert closed.error_code == ERROR_PROTOCOL
-        assert "second stream" in closed.reason_phrase
-    line = await one_log_line(qbroker, r"closing QUIC connection: a second stream", since)
-    assert f"({second})" in line
+        proto.send(second, encode(Connect(uid("again-")), MQTT_5))
+        await proto.closed_by_peer(5)
+        sent = PacketReader(MQTT_5).feed(bytes(proto.received[first]))
+        assert [type(p) for p in sent] == [Connack, Disconnect]
+        assert sent[1].reason_code == 0x82  # type: ignore[attr-defined]
+    await one_log_line(qbroker, rf"closing {client_id} \(quic\): .*CONNECT", since)
     will = await bystanders.quic.next_message(5)
     assert (will.topic, will.payload) == (will_topic, b"bye")
     await bystanders.check()
