@@ -5,6 +5,14 @@ bridge over TCP; the bridge opens a QUIC connection to the broker for it and cop
 both ways without parsing MQTT.  The QUIC leg is what survives address changes: it follows a
 migrating broker like qmig's own client does (``--follow``), so a plain client behind the
 bridge keeps its TCP connection and its session when the broker's container moves.
+
+Back-pressure works both ways, so the bridge's memory stays bounded and a fast client cannot
+starve the others.  A client that publishes faster than its QUIC leg carries is not read
+while more than ``QUIC_HIGH_WATER`` bytes wait for the broker's acknowledgement.  A client
+that reads slowly fills its TCP write buffer; past ``TCP_HIGH_WATER`` its QUIC leg grants
+the broker no more flow-control credit (a bounded ``RECEIVE_WINDOW`` instead of aioquic's
+ever-doubling one), the broker's stream blocks and the broker treats the client as it
+treats a slow TCP client: QoS 0 dropped for it alone, QoS 1 and 2 queued in its session.
 """
 
 from __future__ import annotations
@@ -15,14 +23,21 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from migration.frames import Address
 from migration.strategies import Follower, Strategy
 
-from .transports import ByteStream, open_stream
+from .transports import QuicStreamProtocol, open_stream
 
 log = logging.getLogger("qmig.bridge")
 
+QUIC_HIGH_WATER = 1 << 20  # bytes unacknowledged on a QUIC leg before its client is not read
+QUIC_LOW_WATER = 256 << 10  # ... and read again
+TCP_HIGH_WATER = 1 << 20  # bytes queued for a TCP client before the broker gets no credit
+RECEIVE_WINDOW = 1 << 20  # the broker's stream credit beyond what a QUIC leg received
+CLOSE_TIMEOUT = 2.0  # seconds a leg may take to deliver a departing client's last bytes
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
@@ -41,14 +56,16 @@ class BridgedClient(asyncio.Protocol):
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
         self.tcp: asyncio.Transport | None = None
-        self.quic: ByteStream | None = None
+        self.quic: QuicStreamProtocol | None = None
         self.closer: object = None
         self.backlog: list[bytes] = []
         self.closed = False
+        self.tcp_full = False  # the TCP client reads too slowly: the broker gets no credit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.tcp = transport
+        self.tcp.set_write_buffer_limits(high=TCP_HIGH_WATER)
         self.tcp.pause_reading()  # until the QUIC leg is up
         task = asyncio.get_running_loop().create_task(self._open())
         self.bridge.tasks.add(task)
@@ -57,12 +74,13 @@ class BridgedClient(asyncio.Protocol):
     async def _open(self) -> None:
         b = self.bridge
         try:
-            self.quic, self.closer = await open_stream(
+            stream, self.closer = await open_stream(
                 "quic", b.host, b.port, self._from_broker, self._broker_lost, b.cafile,
-                b.insecure, follower=Follower(Strategy(b.follow)),
+                b.insecure, follower=Follower(Strategy(b.follow)), receive_window=RECEIVE_WINDOW,
             )  # fmt: skip
-            if hasattr(self.quic, "on_migrated"):
-                self.quic.on_migrated = b.moved  # type: ignore[union-attr]
+            assert isinstance(stream, QuicStreamProtocol)
+            self.quic = stream
+            self.quic.on_migrated = b.moved
         except (TimeoutError, OSError, ConnectionError) as exc:
             log.warning("cannot reach broker %s:%s over QUIC: %s", b.host, b.port, exc)
             self.close()
@@ -71,17 +89,50 @@ class BridgedClient(asyncio.Protocol):
             self.quic.close()
             self._release()
             return
+        if self.tcp_full:
+            self.quic.pause_reading()
         for chunk in self.backlog:
             self.quic.write(chunk)
         self.backlog.clear()
-        assert self.tcp is not None
-        self.tcp.resume_reading()
+        if not self._quic_full():
+            assert self.tcp is not None
+            self.tcp.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.quic is None:
             self.backlog.append(data)
-        else:
-            self.quic.write(data)
+            return
+        self.quic.write(data)
+        if self._quic_full():
+            assert self.tcp is not None
+            self.tcp.pause_reading()
+
+    def _quic_full(self) -> bool:
+        """Over the high-water mark: stop reading the client until the broker acknowledged.
+
+        Without this aioquic's send buffer takes all a flooding client sends, and the
+        bridge's time goes into that one leg while the others starve.
+        """
+        assert self.quic is not None
+        if self.quic.write_buffer_size() <= QUIC_HIGH_WATER:
+            return False
+        self.quic.when_drained(QUIC_LOW_WATER, self._quic_drained)
+        return True
+
+    def _quic_drained(self) -> None:
+        if not self.closed and self.tcp is not None:
+            self.tcp.resume_reading()
+
+    def pause_writing(self) -> None:
+        """The TCP client reads too slowly: let the broker feel it through flow control."""
+        self.tcp_full = True
+        if self.quic is not None:
+            self.quic.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.tcp_full = False
+        if self.quic is not None:
+            self.quic.resume_reading()
 
     def _from_broker(self, data: bytes) -> None:
         if self.tcp is not None and not self.tcp.is_closing():
@@ -92,27 +143,40 @@ class BridgedClient(asyncio.Protocol):
         self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.close()
+        self.close(graceful=True)
 
-    def close(self) -> None:
+    def close(self, graceful: bool = False) -> None:
+        """Close both legs; ``graceful`` (the TCP client left) first delivers what it sent.
+
+        A client's last bytes (its DISCONNECT, typically) may still be in the QUIC leg's
+        buffer or in a lost datagram: a plain close would drop them and the broker would
+        publish the will of a client that left cleanly.
+        """
         if self.closed:
             return
         self.closed = True
         if self.tcp is not None:
             self.tcp.close()
         if self.quic is not None:
-            self.quic.close()
-            self._release()
+            if graceful:
+                self._release(self.quic.close_gracefully(CLOSE_TIMEOUT))
+            else:
+                self.quic.close()
+                self._release()
         self.bridge.clients.discard(self)
 
-    def _release(self) -> None:
-        """Exit the QUIC connection's context: it waits for the close, then frees the socket."""
+    def _release(self, finish: Coroutine[Any, Any, None] | None = None) -> None:
+        """Exit the QUIC connection's context (after ``finish``), which frees the socket."""
         closer, self.closer = self.closer, None
         if closer is None:
+            if finish is not None:
+                finish.close()
             return
 
         async def release() -> None:
             with contextlib.suppress(Exception):
+                if finish is not None:
+                    await finish
                 await closer.__aexit__(None, None, None)  # type: ignore[attr-defined]
 
         task = asyncio.get_running_loop().create_task(release())

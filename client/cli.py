@@ -13,7 +13,7 @@ import sys
 
 from mqttproto.packets import MQTT_3_1_1, MQTT_5
 
-from .client import Client, ClientError
+from .client import STREAM_MODES, Client, ClientError
 from .transports import DEFAULT_PORTS, TRANSPORTS
 
 _VERSIONS = {"mqttv5": MQTT_5, "5": MQTT_5, "mqttv311": MQTT_3_1_1, "311": MQTT_3_1_1}
@@ -27,6 +27,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="broker port (default by transport: " +
         ", ".join(f"{t} {p}" for t, p in DEFAULT_PORTS.items()) + ")")  # fmt: skip
     add("--transport", choices=TRANSPORTS, default="quic", help="default quic")
+    add("--streams", choices=STREAM_MODES, default="single",
+        help="QUIC: one stream (default), or a data stream per topic or per QoS")  # fmt: skip
     add("-t", "--topic", action="append", required=True, help="topic (sub: repeatable)")
     add("-q", "--qos", type=int, choices=(0, 1, 2), default=0)
     add("-i", "--id", default="", help="client id (default: assigned)")
@@ -64,6 +66,8 @@ def add_sub_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace, **extra: object) -> Client:
+    if args.streams != "single" and args.transport != "quic":
+        raise ClientError(f"--streams {args.streams} needs --transport quic")
     return Client(
         args.host,
         args.port,
@@ -75,6 +79,7 @@ def _client(args: argparse.Namespace, **extra: object) -> Client:
         password=args.pw,
         cafile=args.cafile,
         insecure=args.insecure,
+        streams=args.streams,
         **extra,  # type: ignore[arg-type]
     )
 

@@ -54,6 +54,8 @@ RECONNECT_ATTEMPT_TIMEOUT = 3.0  # seconds one reconnect attempt may take
 # A reconnect's SYN is resent after this, not after the kernel's 1 s initial RTO: a server
 # that is being restored drops SYNs (CRIU's network lock), then answers within milliseconds.
 RECONNECT_SYN_TIMEOUT = 0.25
+STREAM_MODES = ("single", "per-topic", "per-qos")
+MAX_DATA_STREAMS = 64
 # A clean QUIC disconnect waits at most this long for the broker to acknowledge DISCONNECT.
 CLOSE_TIMEOUT = 2.0
 FALLBACK_AFTER = 5.0  # seconds a referenced server may stay unreachable before falling back
@@ -101,9 +103,16 @@ class Client:
         connect_timeout: float = 10.0,
         properties: Properties | None = None,
         follow: str = "proactive",
+        streams: str = "single",
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
+        if streams not in STREAM_MODES:
+            raise ValueError(f"unknown streams mode {streams!r}; choose from {STREAM_MODES}")
+        if streams != "single" and transport != "quic":
+            raise ValueError(f"streams={streams!r} needs transport='quic'")
+        self.streams = streams
+        self._topic_channels: dict[str, int] = {}
         self.host = host
         self.port = port or DEFAULT_PORTS[transport]
         self.transport = transport
@@ -203,6 +212,8 @@ class Client:
             )  # fmt: skip
             if hasattr(self._stream, "on_migrated"):
                 self._stream.on_migrated = self._on_migrated  # type: ignore[union-attr]
+                self._stream.on_channel_data = self._on_channel_data  # type: ignore[union-attr]
+                self._stream.on_channel_closed = self._on_channel_closed  # type: ignore[union-attr]
         except (TimeoutError, OSError, ConnectionError) as exc:
             where = f"{self.host}:{self.port} over {self.transport}"
             raise ClientError(f"cannot reach {where}: {exc}") from exc
@@ -262,14 +273,29 @@ class Client:
         if data:
             self._stream.write(data)
             self._last_sent = time.monotonic()
+        side = proto.side_data_to_send() if self.streams != "single" else None
+        if side:
+            write_channel = getattr(self._stream, "write_channel", None)
+            for channel, chunk in side.items():
+                if write_channel is not None:
+                    write_channel(channel, chunk)
+                else:
+                    self._stream.write(chunk)
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes, channel: int = 0) -> None:
         proto = self.protocol
         if proto is None:
             return
-        for event in proto.receive_data(data):
+        for event in proto.receive_data(data, channel):
             self._dispatch(event)
         self._flush()
+
+    def _on_channel_data(self, channel: int, data: bytes) -> None:
+        self._on_data(data, channel)
+
+    def _on_channel_closed(self, channel: int) -> None:
+        if self.protocol is not None:
+            self.protocol.channel_closed(channel)
 
     def _dispatch(self, event: Event) -> None:
         if isinstance(event, MessageReceived):
@@ -418,10 +444,10 @@ class Client:
                 await self.wait_connected(timeout)
                 proto = self.protocol
                 assert proto is not None
-            proto.publish(topic, payload, 0, retain, properties)
+            proto.publish(topic, payload, 0, retain, properties, self._channel(topic, 0))
             self._flush()
             return 0
-        pid = proto.publish(topic, payload, qos, retain, properties)
+        pid = proto.publish(topic, payload, qos, retain, properties, self._channel(topic, qos))
         assert pid is not None
         fut = asyncio.get_running_loop().create_future()
         self._waiters[("pub", pid)] = fut
@@ -452,7 +478,10 @@ class Client:
         props: Properties = {}
         if subscription_id is not None:
             props[P.SUBSCRIPTION_IDENTIFIER] = [subscription_id]
-        codes = await self._request("sub", lambda p: p.subscribe(subs, props), timeout)
+        channel = self._channel(subs[0].topic_filter, max(s.qos for s in subs))
+        codes = await self._request(
+            "sub", lambda p: p.subscribe(subs, props, channel), timeout
+        )
         refused = [c for c in codes if c >= 0x80]
         if refused:
             raise ClientError(f"subscription refused: {[hex(c) for c in codes]}", refused[0])
@@ -460,7 +489,27 @@ class Client:
 
     async def unsubscribe(self, topic: str | list[str], timeout: float | None = 10.0) -> list[int]:
         filters = [topic] if isinstance(topic, str) else topic
-        return await self._request("sub", lambda p: p.unsubscribe(filters), timeout)  # type: ignore[no-any-return]
+        channel = self._topic_channels.get(filters[0], 0) if self.streams == "per-topic" else 0
+        return await self._request("sub", lambda p: p.unsubscribe(filters, channel), timeout)  # type: ignore[no-any-return]
+
+    def _channel(self, topic: str, qos: int) -> int:
+        """The data channel (QUIC stream) for a topic or QoS in multi-stream mode; 0: control.
+
+        ``per-topic``: one stream per topic name or filter, so a lost datagram of one topic
+        never holds up another; ``per-qos``: one stream per QoS level.  A SUBSCRIBE with
+        several filters goes on the stream of its first filter (and its highest QoS).
+        """
+        if self.streams == "single":
+            return 0
+        if self.streams == "per-qos":
+            return qos + 1
+        channel = self._topic_channels.get(topic)
+        if channel is None:
+            # Streams stay open for the connection's life and a broker allows only so many
+            # at once (aioquic: 128): past MAX_DATA_STREAMS, topics share streams.
+            channel = len(self._topic_channels) % MAX_DATA_STREAMS + 1
+            self._topic_channels[topic] = channel
+        return channel
 
     async def _request(self, kind: str, send: Any, timeout: float | None) -> Any:
         if not self.connected:

@@ -115,7 +115,12 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         self.on_migrated: Callable[[Address], None] = lambda address: None
         self.on_data: DataCallback = lambda data: None
         self.on_lost: LostCallback = lambda exc: None
-        self.stream_id: int | None = None
+        self.stream_id: int | None = None  # the control stream
+        # Multi-stream mode: the application's data channels and their streams.
+        self.on_channel_data: Callable[[int, bytes], None] = lambda channel, data: None
+        self.on_channel_closed: Callable[[int], None] = lambda channel: None
+        self._channel_streams: dict[int, int] = {}
+        self._stream_channels: dict[int, int] = {}
         self.close_reason = ""  # why the connection was terminated, for error messages
         self._lost = False
         self._transmit_soon = False
@@ -175,6 +180,16 @@ class QuicStreamProtocol(QuicConnectionProtocol):
                 self._gone(None)
         elif isinstance(event, StreamReset) and event.stream_id == self.stream_id:
             self._gone(ConnectionResetError("QUIC stream reset by the broker"))
+        elif isinstance(event, (StreamDataReceived, StreamReset)):
+            channel = self._stream_channels.get(event.stream_id)
+            if channel is None:
+                return
+            if isinstance(event, StreamDataReceived) and event.data:
+                self.on_channel_data(channel, event.data)
+            if isinstance(event, StreamReset) or event.end_stream:
+                del self._stream_channels[event.stream_id]
+                del self._channel_streams[channel]
+                self.on_channel_closed(channel)
         elif isinstance(event, ServerAddressChanged):
             self.on_migrated(event.address)
         elif isinstance(event, HandshakeCompleted):
@@ -199,11 +214,27 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         super().datagram_received(data, addr)
         if self._progress is not None:
             self._progress.set()
+        if self._on_drained is not None:
+            self._check_drained()  # acknowledgements arrive here
 
     def write(self, data: bytes) -> None:
         if self._lost or self.stream_id is None:
             return
         self._quic.send_stream_data(self.stream_id, data)
+        if not self._transmit_soon:
+            self._transmit_soon = True
+            self._loop.call_soon(self._flush)
+
+    def write_channel(self, channel: int, data: bytes) -> None:
+        """Write on the data stream of ``channel``, opening it on first use (multi-stream)."""
+        if self._lost or self.stream_id is None:
+            return
+        sid = self._channel_streams.get(channel)
+        if sid is None:
+            sid = self._quic.get_next_available_stream_id()
+            self._channel_streams[channel] = sid
+            self._stream_channels[sid] = channel
+        self._quic.send_stream_data(sid, data)
         if not self._transmit_soon:
             self._transmit_soon = True
             self._loop.call_soon(self._flush)
@@ -215,7 +246,8 @@ class QuicStreamProtocol(QuicConnectionProtocol):
     def close(self) -> None:  # type: ignore[override]
         if not self._lost:
             if self.stream_id is not None:
-                self._quic.send_stream_data(self.stream_id, b"", end_stream=True)
+                with contextlib.suppress(Exception):  # finished already (close_gracefully)
+                    self._quic.send_stream_data(self.stream_id, b"", end_stream=True)
             super().close()
         self._gone(None)
 
@@ -269,6 +301,66 @@ class QuicStreamProtocol(QuicConnectionProtocol):
 
     def abort(self) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ back-pressure
+    # Hooks for a relay (``qmig bridge``) that must not buffer without bound either way:
+    # the send side reports its backlog and when it drained, the receive side can stop
+    # granting the peer flow-control credit (see MigratingQuicConnection.receive_window).
+    _on_drained: Callable[[], None] | None = None
+    _drain_low = 0
+
+    def write_buffer_size(self) -> int:
+        """MQTT stream bytes written, not yet acknowledged by the broker, unsent included.
+
+        aioquic has no public size; its stream sender's offsets tell it (as the broker's
+        ``_unacked`` does).
+        """
+        stream = self._quic._streams.get(self.stream_id) if self.stream_id is not None else None
+        if stream is None:
+            return 0
+        return int(stream.sender._buffer_stop - stream.sender._buffer_start)
+
+    def when_drained(self, low: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when acknowledgements bring the backlog down to ``low``.
+
+        A writer that stopped its source above a high-water mark resumes it from there;
+        only the latest callback is kept.  It is not called if the connection is lost.
+        """
+        self._drain_low = low
+        self._on_drained = callback
+
+    def _check_drained(self) -> None:
+        callback = self._on_drained
+        if callback is not None and self.write_buffer_size() <= self._drain_low:
+            self._on_drained = None
+            callback()
+
+    def set_receive_window(self, window: int | None) -> None:
+        """Bound the broker's credit on this connection's streams to ``window`` bytes.
+
+        Call it before connecting, with the configuration's ``max_stream_data`` at most
+        ``window`` (``open_stream(receive_window=...)`` does both): the initial credit is
+        announced in the handshake and cannot be taken back.
+        """
+        self._migrating().receive_window = window
+
+    def pause_reading(self) -> None:
+        """Grant the broker no more credit on the MQTT stream: it blocks once the window
+        is used.  Data channels (multi-stream mode) are not paused: the bridge has none."""
+        if self.stream_id is not None:
+            self._migrating().receive_paused.add(self.stream_id)
+
+    def resume_reading(self) -> None:
+        """Grant credit again, at once: the broker may be waiting for it with data queued."""
+        if self.stream_id is not None:
+            self._migrating().receive_paused.discard(self.stream_id)
+        if not self._lost:
+            self.transmit()
+
+    def _migrating(self) -> MigratingQuicConnection:
+        quic = self._quic
+        assert isinstance(quic, MigratingQuicConnection)  # adopted in __init__
+        return quic
 
 
 async def _connect_socket(host: str, port: int, mptcp: bool = False) -> socket.socket:
@@ -362,11 +454,14 @@ async def open_stream(
     timeout: float = 10.0,
     follower: Follower | None = None,
     syn_timeout: float | None = None,
+    receive_window: int | None = None,
 ) -> tuple[ByteStream, object]:
     """Connect and return (stream, closer); ``closer`` is an async context to exit on close.
 
     ``syn_timeout`` (TCP, TLS, MPTCP): start the TCP connection over after that long
     without an answer instead of waiting for the kernel's SYN retransmission.
+    ``receive_window`` (QUIC): bound the broker's stream credit to that many bytes beyond
+    what was received, so :meth:`QuicStreamProtocol.pause_reading` holds the broker back.
     """
     loop = asyncio.get_running_loop()
     if transport in ("tcp", "mptcp", "tls"):
@@ -400,10 +495,14 @@ async def open_stream(
         return proto, None
     if transport == "quic":
         config = quic_configuration(cafile, insecure, server_name=host)
+        if receive_window is not None:
+            config.max_stream_data = receive_window  # the initial credit, in the handshake
         made: list[QuicStreamProtocol] = []
 
         def create_protocol(*args, **kwargs) -> QuicStreamProtocol:  # type: ignore[no-untyped-def]
             made.append(QuicStreamProtocol(*args, follower=follower, **kwargs))
+            if receive_window is not None:
+                made[-1].set_receive_window(receive_window)
             return made[-1]
 
         manager = quic_connect(host, port, configuration=config, create_protocol=create_protocol)

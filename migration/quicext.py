@@ -14,6 +14,8 @@ aioquic methods and always calls the original (the seams are tested in
 - ``get_timer`` / ``handle_timer``: the short fixed probing schedule of a migration window.
 - ``_send_probing_frames``: a client's probes to other server addresses stay out of the
   active path's congestion control and loss detection (RFC 9000 section 9.4).
+- ``_write_stream_limits`` (opt-in, ``receive_window``): a bounded receive window per stream
+  that the application can stop from moving, so a slow consumer holds back the sender.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from aioquic.buffer import Buffer
 from aioquic.quic.connection import (
     EPOCHS,
     MAX_LOCAL_CHALLENGES,
+    MAX_STREAM_DATA_FRAME_CAPACITY,
     NetworkAddress,
     QuicConnection,
     QuicConnectionError,
@@ -33,9 +36,10 @@ from aioquic.quic.connection import (
     QuicReceiveContext,
 )
 from aioquic.quic.events import QuicEvent
-from aioquic.quic.packet import QuicErrorCode
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch
 
 from .frames import (
@@ -110,6 +114,9 @@ class MigratingQuicConnection(QuicConnection):
     qmig_local: int
     qmig_peer: int | None
     follower: Follower | None
+    # Bounded receive window (see _write_stream_limits); None keeps aioquic's doubling.
+    receive_window: int | None = None
+    receive_paused: set[int]
 
     @classmethod
     def adopt(
@@ -131,6 +138,8 @@ class MigratingQuicConnection(QuicConnection):
         # none, nothing announced) does not make the timer fire again and again.
         self._qmig_silence_handled: float | None = None
         self._qmig_active_addr: NetworkAddress | None = None
+        self.receive_window = None
+        self.receive_paused = set()
         handlers = self._QuicConnection__frame_handlers  # type: ignore[attr-defined]
         for frame_type in FRAME_TYPES:
             handlers[frame_type] = (self._handle_migration_frame, EPOCHS("1"))
@@ -175,6 +184,58 @@ class MigratingQuicConnection(QuicConnection):
     def _on_frame_delivery(self, delivery: QuicDeliveryState, frame: Frame) -> None:
         if delivery == QuicDeliveryState.LOST:
             self.qmig_pending.append(frame)  # retransmit in a new packet
+
+    # ------------------------------------------------------------------ receive window
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: QuicStream
+    ) -> None:
+        """MAX_STREAM_DATA from a bounded window that stands still while the stream is paused.
+
+        aioquic hands all stream data to the application at once and doubles the limit
+        whenever half of it is used, so a peer never feels a consumer that cannot keep up
+        (the bridge's slow local TCP client).  With ``receive_window`` set the limit is
+        ``highest_offset + receive_window``: at most one window is in flight beyond what
+        was handed over, and while the stream id is in ``receive_paused`` no credit is
+        granted at all, so the peer's sender blocks on flow control.  It is raised only
+        once half a window is used, to batch MAX_STREAM_DATA frames as aioquic does.  A
+        frame that was lost (``max_stream_data_local_sent`` reset by aioquic's delivery
+        handler) is sent again with the current limit, paused or not.
+
+        Connection-level MAX_DATA keeps aioquic's doubling: the bridge, which opts in,
+        carries each client on one stream, so the stream limit already bounds the
+        connection (a user with many streams would have to bound MAX_DATA too).  The
+        initial limit comes from the transport parameters (``max_stream_data``): set it
+        to the window too, or the first window is that one.
+        """
+        window = self.receive_window
+        if window is None:
+            super()._write_stream_limits(builder=builder, space=space, stream=stream)
+            return
+        if not stream.max_stream_data_local:
+            return  # a locally created unidirectional stream receives nothing
+        highest = stream.receiver.highest_offset
+        if (
+            stream.stream_id not in self.receive_paused
+            and not stream.receiver.is_finished
+            and highest + window - stream.max_stream_data_local >= window // 2
+        ):
+            stream.max_stream_data_local = highest + window
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+            if self._quic_logger is not None:
+                builder.quic_logger_frames.append(
+                    self._quic_logger.encode_max_stream_data_frame(
+                        maximum=stream.max_stream_data_local, stream_id=stream.stream_id
+                    )
+                )
 
     # ------------------------------------------------------------------ receiving frames
     def _handle_migration_frame(

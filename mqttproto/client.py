@@ -41,6 +41,8 @@ from .properties import Properties, PropertyId
 from .reasons import ReasonCode
 
 P = PropertyId
+# What the broker may send on a QUIC data stream (multi-stream mode).
+DATA_STREAM_PACKETS = frozenset({Publish, Puback, Pubrec, Pubrel, Pubcomp, Suback, Unsuback})
 
 
 # ------------------------------------------------------------------------------ events
@@ -119,6 +121,7 @@ class ProtocolViolation(Event):
 class _Outgoing:
     publish: Publish
     released: bool = False  # QoS 2: PUBREC received, PUBREL sent
+    channel: int = 0  # the data channel it goes on (multi-stream QUIC)
 
 
 @dataclass
@@ -177,33 +180,70 @@ class ClientProtocol:
         self.server_reference: str | None = None
         self._pending_subs: set[int] = set()
         self._out: list[bytes] = []
+        # Multi-stream QUIC: output and readers of the data channels (0: control stream).
+        # Channels are the application's keys; the transport maps them to streams.
+        self._side: dict[int, list[bytes]] = {}
+        self._readers: dict[int, PacketReader] = {}
+        self._rx_channel = 0
+        self._max_packet_size = max_packet_size
 
     # ----------------------------------------------------------------- I/O interface
     def connect(self) -> None:
         self._out.append(encode(self.connect_packet, self.version))
 
     def data_to_send(self) -> bytes:
+        """Output for the control stream (everything, on a single-stream transport)."""
         out, self._out = self._out, []
         return b"".join(out)
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def side_data_to_send(self) -> dict[int, bytes]:
+        """Output for the data channels, by channel (multi-stream QUIC only)."""
+        side, self._side = self._side, {}
+        return {channel: b"".join(chunks) for channel, chunks in side.items()}
+
+    def _send(self, data: bytes, channel: int | None = None) -> None:
+        """Queue output; by default on the channel of the packet being handled."""
+        if channel is None:
+            channel = self._rx_channel
+        if channel:
+            self._side.setdefault(channel, []).append(data)
+        else:
+            self._out.append(data)
+
+    def receive_data(self, data: bytes, channel: int = 0) -> list[Event]:
+        """Handle bytes from the broker on ``channel`` (0: the control stream)."""
+        reader = self.reader
+        if channel:
+            reader = self._readers.get(channel)  # type: ignore[assignment]
+            if reader is None:
+                reader = self._readers[channel] = PacketReader(self.version, self._max_packet_size)
         error: MQTTError | None = None
         try:
-            packets = self.reader.feed(data)
+            packets = reader.feed(data)
         except MQTTError as exc:
             packets, error = exc.decoded, exc
         events: list[Event] = []
-        for packet in packets:
-            try:
-                event = self._handle(packet)
-            except MQTTError as exc:
-                events.append(self._violation(exc))
-                return events
-            if event is not None:
-                events.append(event)
+        self._rx_channel = channel
+        try:
+            for packet in packets:
+                try:
+                    if channel and type(packet) not in DATA_STREAM_PACKETS:
+                        raise ProtocolError(f"{type(packet).__name__} on a data stream")
+                    event = self._handle(packet)
+                except MQTTError as exc:
+                    events.append(self._violation(exc))
+                    return events
+                if event is not None:
+                    events.append(event)
+        finally:
+            self._rx_channel = 0
         if error is not None:
             events.append(self._violation(error))
         return events
+
+    def channel_closed(self, channel: int) -> None:
+        """The broker ended a data stream: a new one is opened if the channel is used again."""
+        self._readers.pop(channel, None)
 
     def _violation(self, exc: MQTTError) -> ProtocolViolation:
         if self.version == MQTT_5 and self.connected:
@@ -219,19 +259,21 @@ class ClientProtocol:
         qos: int = 0,
         retain: bool = False,
         properties: Properties | None = None,
+        channel: int = 0,
     ) -> int | None:
         """Queue a PUBLISH; returns its packet id for QoS > 0 (to match the completion)."""
         if qos == 0:
             if self.connected:
-                self._out.append(
-                    encode_publish(topic, payload, 0, retain, False, None, properties, self.version)
+                data = encode_publish(
+                    topic, payload, 0, retain, False, None, properties, self.version
                 )
+                self._send(data, channel)
             return None
         pid = self.session.allocate()
         packet = Publish(topic, payload, qos, retain, False, pid, dict(properties or {}))
-        self.session.outgoing[pid] = _Outgoing(packet)
+        self.session.outgoing[pid] = _Outgoing(packet, channel=channel)
         if self.connected and self._in_flight() <= self.send_quota:
-            self._out.append(encode(packet, self.version))
+            self._send(encode(packet, self.version), channel)
         else:
             self.session.queued.append(packet)
         return pid
@@ -243,17 +285,19 @@ class ClientProtocol:
         self,
         subscriptions: list[Subscription],
         properties: Properties | None = None,
+        channel: int = 0,
     ) -> int:
+        """Queue a SUBSCRIBE; on a data channel the broker sends its messages there too."""
         pid = self.session.allocate(self._pending_subs)
         self._pending_subs.add(pid)
         packet = Subscribe(pid, subscriptions, dict(properties or {}))
-        self._out.append(encode(packet, self.version))
+        self._send(encode(packet, self.version), channel)
         return pid
 
-    def unsubscribe(self, topic_filters: list[str]) -> int:
+    def unsubscribe(self, topic_filters: list[str], channel: int = 0) -> int:
         pid = self.session.allocate(self._pending_subs)
         self._pending_subs.add(pid)
-        self._out.append(encode(Unsubscribe(pid, topic_filters), self.version))
+        self._send(encode(Unsubscribe(pid, topic_filters), self.version), channel)
         return pid
 
     def ping(self) -> None:
@@ -279,7 +323,7 @@ class ClientProtocol:
         if kind is Pubrel:
             pid = packet.packet_id  # type: ignore[union-attr]
             self.session.incoming_qos2.discard(pid)
-            self._out.append(b"\x70\x02" + pid.to_bytes(2, "big"))
+            self._send(b"\x70\x02" + pid.to_bytes(2, "big"))
             return None
         if kind is Suback:
             self._pending_subs.discard(packet.packet_id)  # type: ignore[union-attr]
@@ -336,12 +380,12 @@ class ClientProtocol:
             if budget <= 0:
                 break
             if out.released and session_present:
-                self._out.append(encode(Pubrel(pid), self.version))
+                self._send(encode(Pubrel(pid), self.version), out.channel)
             else:
                 # A lost session means the server forgot the exchange: publish it again.
                 out.released = False
                 out.publish.dup = session_present
-                self._out.append(encode(out.publish, self.version))
+                self._send(encode(out.publish, self.version), out.channel)
             budget -= 1
         self._release_queued()
 
@@ -349,16 +393,17 @@ class ClientProtocol:
         session = self.session
         while session.queued and self._in_flight() < self.send_quota:
             packet = session.queued.popleft()
-            self._out.append(encode(packet, self.version))
+            out = session.outgoing.get(packet.packet_id)  # type: ignore[arg-type]
+            self._send(encode(packet, self.version), out.channel if out else 0)
 
     def _on_publish(self, packet: Publish) -> Event | None:
         if not self.connected:
             raise ProtocolError("PUBLISH before CONNACK")
         if packet.qos == 1:
-            self._out.append(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
+            self._send(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
         elif packet.qos == 2:
             pid: int = packet.packet_id  # type: ignore[assignment]
-            self._out.append(b"\x50\x02" + pid.to_bytes(2, "big"))
+            self._send(b"\x50\x02" + pid.to_bytes(2, "big"))
             if pid in self.session.incoming_qos2:
                 return None  # duplicate of a message already handed to the application
             self.session.incoming_qos2.add(pid)
@@ -368,12 +413,12 @@ class ClientProtocol:
         out = self.session.outgoing.get(packet.packet_id)
         if out is None:
             if self.version == MQTT_5:
-                self._out.append(encode(Pubrel(packet.packet_id, 0x92), MQTT_5))
+                self._send(encode(Pubrel(packet.packet_id, 0x92), MQTT_5))
             return None
         if packet.reason_code >= 0x80:
             return self._complete(packet.packet_id, packet.reason_code, 2)
         out.released = True
-        self._out.append(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))
+        self._send(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))
         return None
 
     def _complete(self, pid: int, reason: int, qos: int) -> Event | None:

@@ -77,6 +77,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     else:
         bench_broker.add_arguments(p)
         p.set_defaults(handler=bench_broker.run)
+    p = targets.add_parser("streams", help="head-of-line blocking: single vs multi-stream QUIC")
+    from qmig.benchmarks import streams as bench_streams
+
+    bench_streams.add_arguments(p)
+    p.set_defaults(handler=bench_streams.run)
     p = targets.add_parser("strategies", help="client interruption of each migration strategy")
     try:
         from qmig.benchmarks import strategies as bench_strategies

@@ -8,23 +8,41 @@ TCP side closes that QUIC connection (and an abrupt close publishes the client's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from mqttproto.codec import encode
-from mqttproto.packets import MQTT_3_1_1, MQTT_5, Connect, Will
+from client.client import Client
+from mqttproto.codec import PacketReader, encode
+from mqttproto.packets import (
+    MQTT_3_1_1,
+    MQTT_5,
+    Connack,
+    Connect,
+    Packet,
+    Puback,
+    Publish,
+    Suback,
+    Subscribe,
+    Subscription,
+    Will,
+)
 
 from .conftest import HOST, QBroker, stop_process, subprocess_env
 from .helpers import (
+    TIMEOUT,
     Paho,
+    UdpRelay,
     assert_quiet,
     collect,
     make_client,
@@ -33,6 +51,7 @@ from .helpers import (
     uid,
 )
 
+T = TypeVar("T")
 READY_TIMEOUT = 15.0
 MOSQUITTO_PUB = shutil.which("mosquitto_pub") or "mosquitto_pub"
 MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "mosquitto_sub"
@@ -52,12 +71,11 @@ class BridgeProcess:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def bridge(qbroker: QBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeProcess]:
-    """``qmig bridge`` from a free local TCP port to the broker's QUIC port."""
-    log_path = tmp_path_factory.mktemp("bridge") / "bridge.log"
-    cmd = qmig_cmd("bridge", "--listen", f"{HOST}:0", "--to", f"{HOST}:{qbroker.port('quic')}",
-                   "--cafile", qbroker.ca)  # fmt: skip
+@contextlib.contextmanager
+def run_bridge(broker: QBroker, to_port: int, log_path: Path) -> Iterator[BridgeProcess]:
+    """``qmig bridge`` from a free local TCP port to ``to_port`` (the broker's QUIC port)."""
+    cmd = qmig_cmd("bridge", "--listen", f"{HOST}:0", "--to", f"{HOST}:{to_port}",
+                   "--cafile", broker.ca)  # fmt: skip
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             cmd, env=subprocess_env(), stdin=subprocess.DEVNULL, stdout=log_file,
@@ -74,6 +92,13 @@ def bridge(qbroker: QBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield BridgeProcess(proc, int(ready.group(1)), log_path)
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def bridge(qbroker: QBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BridgeProcess]:
+    log_path = tmp_path_factory.mktemp("bridge") / "bridge.log"
+    with run_bridge(qbroker, qbroker.port("quic"), log_path) as process:
+        yield process
 
 
 def client_id_connected_over(broker: QBroker, client_id: str, since: int = 0) -> str:
@@ -263,6 +288,27 @@ async def test_abrupt_tcp_close_publishes_will(
         await quic_terminated(qbroker, client_id, since, timeout=5)
 
 
+async def test_disconnect_lost_on_the_quic_leg_is_resent(qbroker: QBroker, tmp_path: Path) -> None:
+    """DISCONNECT then close at once, and the datagram carrying it is lost on the QUIC leg:
+    the bridge still delivers it before closing, so the broker publishes no will."""
+    will_topic = uid("br-lost/")
+    relay = await UdpRelay(qbroker.port("quic")).start()
+    try:
+        with run_bridge(qbroker, relay.port, tmp_path / "bridge.log") as lossy:
+            async with make_client(qbroker, "tcp") as watcher:
+                await watcher.subscribe(will_topic, qos=1)
+                _, writer = await raw_connect(lossy.port, uid("lost-"),
+                                              Will(will_topic, b"should not", qos=1))  # fmt: skip
+                await asyncio.sleep(0.2)  # the bridge's delayed ACK of the CONNACK has gone
+                relay.drop_from_client = 1
+                writer.write(b"\xe0\x00")  # DISCONNECT
+                writer.close()
+                await assert_quiet(watcher, 1.5)
+                assert relay.dropped == 1
+    finally:
+        relay.close()
+
+
 async def test_clean_disconnect_closes_quic_without_will(
     qbroker: QBroker, bridge: BridgeProcess
 ) -> None:
@@ -344,3 +390,221 @@ async def test_disconnect_then_close_at_once(
             writer.write(b"\xe0\x00")
             writer.close()
         await assert_quiet(watcher, 0.5)
+
+
+# ------------------------------------------------------------------------------ back-pressure
+RSS_BOUND = 64 << 20  # growth of the bridge's resident memory allowed under a flood
+# What the bridge may hold for one slow reader is about 1 MiB of TCP buffer plus a 1 MiB
+# receive window; without flow control it took all the broker sent (some 8 MiB/s here).
+SLOW_READER_RSS_BOUND = 16 << 20
+
+
+def rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes (VmRSS of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class PeakRss:
+    """Samples a process's RSS every 50 ms while running; ``peak`` is the highest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.base = self.peak = rss(pid)
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss(self.pid))
+            await asyncio.sleep(0.05)
+
+    def __enter__(self) -> PeakRss:
+        self._task = asyncio.get_running_loop().create_task(self._sample())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        self.peak = max(self.peak, rss(self.pid))
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+class RawMqtt:
+    """A bare MQTT 5 client on a non-blocking socket: it reads only when the test says so."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = PacketReader(version=MQTT_5)
+        self.inbox: list[Packet] = []
+
+    @classmethod
+    async def connect(cls, port: int, client_id: str, rcvbuf: int | None = None) -> RawMqtt:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:  # before connect(), so the window the peer sees is small
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (HOST, port)), 5)
+        except BaseException:
+            sock.close()
+            raise
+        raw = cls(sock)
+        await raw.send(Connect(client_id, MQTT_5, True, 60))
+        connack = await raw.expect(Connack)
+        assert connack.reason_code == 0, connack
+        return raw
+
+    async def send(self, *packets: Packet) -> None:
+        data = b"".join(encode(p, MQTT_5) for p in packets)
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def read(self, timeout: float = TIMEOUT) -> None:
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), timeout)
+        if not data:
+            raise ConnectionError("the bridge closed the connection")
+        self.inbox.extend(self.reader.feed(data))
+
+    async def expect(self, kind: type[T], timeout: float = TIMEOUT) -> T:
+        """The next packet, which must be a ``kind``."""
+        while not self.inbox:
+            await self.read(timeout)
+        packet = self.inbox.pop(0)
+        assert isinstance(packet, kind), packet
+        return packet
+
+    async def subscribe(self, topic: str, qos: int) -> None:
+        await self.send(Subscribe(1, [Subscription(topic, qos)]))
+        suback = await self.expect(Suback)
+        assert suback.reason_codes == [qos], suback
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def flood(
+    port: int, topic: str, seconds: float, size: int = 16 << 10, rate: float | None = None
+) -> int:
+    """Publish QoS 0 to ``topic`` as fast as the connection takes it (or at ``rate`` bytes
+    per second); the bytes written."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(encode(Connect(uid("flood-"), MQTT_5, True, 60), MQTT_5))
+        assert (await asyncio.wait_for(reader.readexactly(2), 5))[0] == 0x20
+        batch = encode(Publish(topic, b"f" * size, 0), MQTT_5) * 8
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        written = 0
+        while loop.time() < start + seconds:
+            writer.write(batch)
+            written += len(batch)
+            await writer.drain()
+            if rate is not None:
+                await asyncio.sleep(max(0.0, written / rate - (loop.time() - start)))
+        return written
+    finally:
+        writer.transport.abort()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc")
+async def test_slow_subscriber_holds_back_the_broker(
+    qbroker: QBroker, bridge: BridgeProcess
+) -> None:
+    """A client behind the bridge stops reading during a QoS 0 flood: the bridge's memory
+    stays bounded (the broker feels the slow reader through QUIC flow control and drops
+    QoS 0 for it), and once it reads again it gets every QoS 1 message published meanwhile
+    and new messages (its connection survived)."""
+    root = uid("br-slow/")
+    client_id = uid("slow-")
+    since = qbroker.log_size()
+    sub = await RawMqtt.connect(bridge.port, client_id, rcvbuf=4096)
+    try:
+        await sub.subscribe(f"{root}/#", qos=1)
+        expected = [f"q1 {n}".encode() for n in range(50)]
+        async with make_client(qbroker, "tcp") as pub:
+
+            async def publish_qos1() -> None:
+                for payload in expected:
+                    await pub.publish(f"{root}/q1", payload, qos=1, timeout=5)
+                    await asyncio.sleep(0.06)
+
+            # 40 MiB/s is more than the broker sends over one QUIC connection, but leaves
+            # it the time to send (an unbounded flood keeps it busy reading).
+            with PeakRss(bridge.proc.pid) as memory:  # the subscriber reads nothing meanwhile
+                flooded, _ = await asyncio.gather(
+                    flood(qbroker.port("tcp"), f"{root}/flood", 4.0, 64 << 10, 40 << 20),
+                    publish_qos1(),
+                )
+            assert flooded > 8 * SLOW_READER_RSS_BOUND  # the flood was worth holding back
+            assert memory.growth < SLOW_READER_RSS_BOUND, (
+                f"bridge RSS grew {memory.growth >> 20} MiB"
+            )
+            await qbroker.await_log(rf"client {re.escape(client_id)} .*not reading", since)
+
+            got: list[bytes] = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while len(got) < len(expected) and loop.time() < deadline:
+                await sub.read()
+                for packet in sub.inbox:
+                    if isinstance(packet, Publish) and packet.qos == 1:
+                        assert packet.packet_id is not None
+                        await sub.send(Puback(packet.packet_id))
+                        got.append(packet.payload)
+                sub.inbox.clear()
+            assert got == expected  # none lost, none twice, in order
+
+            await pub.publish(f"{root}/after", b"still there", qos=0)
+            while True:
+                packet = await sub.expect(Publish)
+                if packet.topic == f"{root}/after":
+                    assert packet.payload == b"still there"
+                    break
+    finally:
+        sub.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc")
+async def test_flooding_publisher_is_held_back(qbroker: QBroker, bridge: BridgeProcess) -> None:
+    """A client floods QoS 0 through the bridge: the bridge stops reading it rather than
+    buffering without bound, and a QoS 1 subscriber behind the same bridge keeps getting
+    its messages during the flood."""
+    root = uid("br-flood/")
+    expected = [f"q1 {n}".encode() for n in range(20)]
+    sub = Client(HOST, bridge.port, transport="tcp", client_id=uid("flood-sub-"))
+    async with sub, make_client(qbroker, "tcp") as pub:
+        await sub.subscribe(f"{root}/q1", qos=1)
+        loop = asyncio.get_running_loop()
+        arrived: list[tuple[float, bytes]] = []
+
+        async def receive() -> None:
+            while len(arrived) < len(expected):
+                message = await sub.next_message(10)
+                arrived.append((loop.time(), message.payload))
+
+        async def publish_qos1() -> None:
+            for payload in expected:
+                await pub.publish(f"{root}/q1", payload, qos=1, timeout=5)
+                await asyncio.sleep(0.08)
+
+        receiver = loop.create_task(receive())
+        try:
+            with PeakRss(bridge.proc.pid) as memory:
+                flood_start = loop.time()
+                flooded, _ = await asyncio.gather(
+                    flood(bridge.port, f"{root}/flood", 2.0), publish_qos1()
+                )
+                flood_end = loop.time()
+            await asyncio.wait_for(receiver, 10)
+        finally:
+            receiver.cancel()
+    assert flooded > 8 << 20  # the flood went through
+    assert memory.growth < RSS_BOUND, f"bridge RSS grew {memory.growth >> 20} MiB"
+    assert [payload for _, payload in arrived] == expected
+    during = [t for t, _ in arrived if flood_start <= t <= flood_end]
+    assert len(during) >= len(expected) // 2, "the subscriber starved during the flood"
