@@ -181,11 +181,13 @@ async def run_all(s: Settings, modes: tuple[str, ...] = MODES) -> dict[str, Any]
     from broker.config import BrokerConfig
     from broker.server import BrokerServer
 
+    from .brokers import free_port, free_udp_port
+
     with tempfile.TemporaryDirectory(prefix="qmig-bench-streams-") as tmp:
         certs = make_lab_certs(Path(tmp), hosts=["localhost", HOST])
         config = BrokerConfig(
-            host=HOST, tcp_port=_free_tcp_port(), tls_port=0, mptcp_port=0,
-            quic_port=_free_udp_port(), cert=str(certs.server_cert), key=str(certs.server_key),
+            host=HOST, tcp_port=free_port(), tls_port=0, mptcp_port=0,
+            quic_port=free_udp_port(), cert=str(certs.server_cert), key=str(certs.server_key),
             sys_interval=0,
         ).validate()  # fmt: skip
         server = BrokerServer(config)
@@ -199,22 +201,6 @@ async def run_all(s: Settings, modes: tuple[str, ...] = MODES) -> dict[str, Any]
         finally:
             await server.stop()
     return {"benchmark": "streams", "settings": asdict(s), "results": results}
-
-
-def _free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _free_tcp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _log(message: str) -> None:

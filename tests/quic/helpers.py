@@ -16,6 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from client.client import Client, Message
 from mqttproto.packets import MQTT_3_1_1, MQTT_5
+from qmig.benchmarks.streams import DelayLossRelay
 
 from .conftest import HOST, QBroker
 
@@ -155,53 +156,27 @@ async def quic_terminated(broker: QBroker, client_id: str, since: int, timeout: 
     await broker.await_log(rf"{cid} .*QuicConnectionState.TERMINATED", since, timeout)
 
 
-class UdpRelay(asyncio.DatagramProtocol):
-    """A loopback UDP relay between one QUIC client and the broker that can drop datagrams.
+class UdpRelay(DelayLossRelay):
+    """A loopback UDP relay between one QUIC client and the broker that drops on request.
 
-    ``drop_from_client`` drops the next N datagrams the client sends (``dropped`` counts
-    them), which is how a test loses exactly the datagram that carries a given packet.
+    ``drop_from_client`` drops the next N datagrams the client sends (``dropped_from_client``
+    counts them), which is how a test loses exactly the datagram that carries a given packet.
     """
 
     def __init__(self, broker_port: int) -> None:
-        self.broker = (HOST, broker_port)
-        self.client: Any = None
+        super().__init__(broker_port, delay=0.0, loss=0.0, seed=0)
         self.drop_from_client = 0
-        self.dropped = 0
-        self.transport: asyncio.DatagramTransport | None = None
-        self.upstream: asyncio.DatagramTransport | None = None
+        self.dropped_from_client = 0
+        self.port = 0
 
-    @property
-    def port(self) -> int:
-        assert self.transport is not None
-        return int(self.transport.get_extra_info("sockname")[1])
-
-    async def start(self) -> UdpRelay:
-        loop = asyncio.get_running_loop()
-        self.transport, _ = await loop.create_datagram_endpoint(
-            lambda: self, local_addr=(HOST, 0)
-        )
-        relay = self
-
-        class Upstream(asyncio.DatagramProtocol):
-            def datagram_received(self, data: bytes, addr: Any) -> None:
-                if relay.client is not None and relay.transport is not None:
-                    relay.transport.sendto(data, relay.client)
-
-        self.upstream, _ = await loop.create_datagram_endpoint(
-            Upstream, remote_addr=self.broker
-        )
+    async def start(self) -> UdpRelay:  # type: ignore[override]
+        self.port = await super().start()
         return self
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.client = addr
         if self.drop_from_client > 0:
+            self.client = addr
             self.drop_from_client -= 1
-            self.dropped += 1
+            self.dropped_from_client += 1
             return
-        if self.upstream is not None:
-            self.upstream.sendto(data)
-
-    def close(self) -> None:
-        for t in (self.transport, self.upstream):
-            if t is not None:
-                t.close()
+        super().datagram_received(data, addr)

@@ -304,7 +304,7 @@ async def test_disconnect_lost_on_the_quic_leg_is_resent(qbroker: QBroker, tmp_p
                 writer.write(b"\xe0\x00")  # DISCONNECT
                 writer.close()
                 await assert_quiet(watcher, 1.5)
-                assert relay.dropped == 1
+                assert relay.dropped_from_client == 1
     finally:
         relay.close()
 
