@@ -153,6 +153,10 @@ class BrokerServer:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
+    @property
+    def flush_pending(self) -> bool:
+        return self._flush_scheduled
+
     def flush(self) -> None:
         """Write everything the engine produced since the last turn, one write per client."""
         self._flush_scheduled = False
