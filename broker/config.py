@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from migration.frames import Address
+from migration.frames import MAX_POOL_ADDRESSES, Address
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_PACKET_SIZE_LIMIT = 268_435_460  # largest MQTT packet: 1 + 4 length bytes + 268435455
@@ -88,11 +88,17 @@ class BrokerConfig:
             _check_range(name, getattr(self, name), 0, 65535)
         if not self.host:
             raise ConfigError("host must not be empty")
-        for text in self.pool_addresses_text():
+        pool = self.pool_addresses_text()
+        for text in pool:
             try:
                 Address.parse(text)
             except ValueError as exc:
                 raise ConfigError(f"pool: {exc}") from exc
+        if len(pool) > MAX_POOL_ADDRESSES:
+            raise ConfigError(
+                f"pool: {len(pool)} addresses, at most {MAX_POOL_ADDRESSES}: a pool client "
+                "probes them all at once, each with a connection ID of its own"
+            )
         _check_range("max_packet_size", self.max_packet_size, 16, MAX_PACKET_SIZE_LIMIT)
         _check_range("receive_maximum", self.receive_maximum, 1, 65535)
         _check_range("max_inflight_messages", self.max_inflight_messages, 1, 65535)

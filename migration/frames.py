@@ -46,6 +46,10 @@ _FAMILY_V4 = 4
 _FAMILY_V6 = 6
 
 
+# Addresses a pool may hold: a client following a pool probes them all at once, each with a
+# connection ID of its own (RFC 9000 section 9.5), next to its active path and the old one.
+MAX_POOL_ADDRESSES = 14
+
 class FrameError(ValueError):
     """A malformed extension frame: the connection closes with FRAME_ENCODING_ERROR."""
 

@@ -21,6 +21,7 @@ aioquic methods and always calls the original (the seams are tested in
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +29,12 @@ from aioquic.buffer import Buffer
 from aioquic.quic.connection import (
     EPOCHS,
     MAX_LOCAL_CHALLENGES,
+    MAX_NETWORK_PATHS,
     MAX_STREAM_DATA_FRAME_CAPACITY,
     NetworkAddress,
     QuicConnection,
     QuicConnectionError,
+    QuicConnectionId,
     QuicNetworkPath,
     QuicReceiveContext,
 )
@@ -44,6 +47,7 @@ from aioquic.tls import Epoch
 
 from .frames import (
     FRAME_TYPES,
+    MAX_POOL_ADDRESSES,
     MIGRATION_TRIGGER,
     POOL_MIGRATION_ADDRESS,
     SERVER_MIGRATED,
@@ -67,6 +71,10 @@ from .frames import (
 from .strategies import Follower
 
 log = logging.getLogger("qmig.migration")
+# Connection IDs a qmig endpoint takes (client) and issues (broker), and network paths a client
+# keeps: one per pool address it may probe at once, plus the active path and the one it left.
+# aioquic's own limit is 8 of each.
+ACTIVE_CONNECTION_ID_LIMIT = MAX_POOL_ADDRESSES + 2
 
 _REQUIRED_BIT = {
     SERVER_MIGRATION: STRATEGY_EXPLICIT,
@@ -140,9 +148,44 @@ class MigratingQuicConnection(QuicConnection):
         self._qmig_active_addr: NetworkAddress | None = None
         self.receive_window = None
         self.receive_paused = set()
+        # Room for a connection ID per pool address (see _replenish_connection_ids).
+        self._local_active_connection_id_limit = ACTIVE_CONNECTION_ID_LIMIT
         handlers = self._QuicConnection__frame_handlers  # type: ignore[attr-defined]
         for frame_type in FRAME_TYPES:
             handlers[frame_type] = (self._handle_migration_frame, EPOCHS("1"))
+
+    # ------------------------------------------------------------------ connection IDs
+    def _replenish_connection_ids(self) -> None:
+        """Issue as many connection IDs as the peer takes, up to ACTIVE_CONNECTION_ID_LIMIT.
+
+        aioquic issues at most eight.  A client following a pool probes every pool address
+        at once, and each probed address needs a connection ID of its own (RFC 9000 section
+        9.5 forbids using one towards two addresses), so with eight a pool of more than
+        about seven addresses left the last ones unprobed and the client behind.
+        """
+        super()._replenish_connection_ids()
+        limit = min(self._remote_active_connection_id_limit, ACTIVE_CONNECTION_ID_LIMIT)
+        while len(self._host_cids) < limit:
+            self._host_cids.append(
+                QuicConnectionId(
+                    cid=os.urandom(self._configuration.connection_id_length),
+                    sequence_number=self._host_cid_seq,
+                    stateless_reset_token=os.urandom(16),
+                )
+            )
+            self._host_cid_seq += 1
+
+    def _add_network_path(self, network_path: QuicNetworkPath) -> None:
+        """Keep up to ACTIVE_CONNECTION_ID_LIMIT paths instead of aioquic's eight.
+
+        Past eight, aioquic evicts the oldest unvalidated path and retires its connection
+        ID: a client probing a larger pool would evict its own probes, and while the broker
+        is frozen no retired ID is replaced, so the probing starves.
+        """
+        if MAX_NETWORK_PATHS <= len(self._network_paths) < ACTIVE_CONNECTION_ID_LIMIT:
+            self._network_paths.append(network_path)
+        else:
+            super()._add_network_path(network_path)
 
     # ------------------------------------------------------------------ transport parameter
     def _serialize_transport_parameters(self) -> bytes:

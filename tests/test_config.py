@@ -155,3 +155,12 @@ def test_cli_certs_prints_three_paths(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["certs", "--out", str(tmp_path / "c"), "--host", "localhost"]) == 0
     lines = capsys.readouterr().out.split()
     assert [Path(p).name for p in lines] == ["ca.crt", "server.crt", "server.key"]
+
+
+def test_pool_size_is_bounded_by_connection_ids() -> None:
+    from migration.frames import MAX_POOL_ADDRESSES
+
+    pool = ",".join(f"198.18.9.{i}:14567" for i in range(1, MAX_POOL_ADDRESSES + 2))
+    with pytest.raises(ConfigError, match=f"at most {MAX_POOL_ADDRESSES}"):
+        BrokerConfig(pool=pool).validate()
+    BrokerConfig(pool=pool.rsplit(",", 1)[0]).validate()  # one fewer is fine

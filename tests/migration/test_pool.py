@@ -97,3 +97,16 @@ async def test_clients_survive_a_long_freeze_probing_dead_addresses() -> None:
         await harness.rollback(freeze=3.0)
         await asyncio.sleep(2.0)
         await check_clients(harness)
+
+
+@pytest.mark.parametrize("size", [8, 12])
+async def test_large_pool_destination_last(size: int) -> None:
+    """A pool larger than aioquic's eight connection IDs, the destination last in it: the
+    client needs a connection ID per probed address, and still has spares afterwards."""
+    async with Harness(pool_position=size, pool_size=size, seed=7) as harness:
+        await harness.add_clients(["pool", "pool"], rate=20)
+        await asyncio.sleep(0.5)
+        for _ in range(2):  # there and back: the decoys' IDs must not run out
+            result = await harness.settle(await harness.migrate(freeze=0.25, strategy="pool"))
+            assert result.summary()["moved"] == 2, result.summary()
+        await check_clients(harness)
