@@ -197,7 +197,25 @@ class MigrationAPI:
                 self.awaiting_first_packet = True  # a client datagram now reached the new host
                 self._returns.clear()
                 self.watching_returns = True
+                self._speak_first()
             last = now
+
+    def _speak_first(self) -> None:
+        """Just thawed: make every following QUIC client hear the broker where it is now.
+
+        A client probing the destination challenges an address at once when a datagram
+        comes from it, so it need not probe fast for the whole freeze.  Connections with
+        packets in flight speak anyway (their overdue loss timers fire); the others get a
+        PING, ack-eliciting, so it is resent if lost.
+        """
+        pinged = 0
+        for proto in list(self.server.quic_protocols):
+            quic = self._quic(proto)
+            if quic.qmig_peer and not quic._loss.bytes_in_flight:
+                quic.send_ping(0)
+                proto.transmit()
+                pinged += 1
+        log.debug("thawed: pinged %d idle QUIC clients", pinged)
 
     async def _drain_stream_connections(self, grace: float) -> int:
         loop = asyncio.get_running_loop()

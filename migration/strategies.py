@@ -6,8 +6,12 @@ path) and answers with the server addresses to probe now.  The QUIC layer
 (:mod:`migration.quicext`) sends the PATH_CHALLENGEs and moves the connection once a path
 validates; RFC 9000's rules (validate before use, anti-amplification) stay with aioquic.
 
-- proactive: on SERVER_MIGRATION, probe the announced address at once and keep probing on a
-  short fixed schedule until it answers (the broker is frozen meanwhile).
+- proactive: on SERVER_MIGRATION, probe the announced address at once and keep probing until
+  it answers (the broker is frozen meanwhile): every 20 ms for half a second, then backing
+  off to 0.4 s, so a long freeze (seconds over a slow checkpoint link) does not flood the
+  destination with padded PATH_CHALLENGEs (RFC 9000 section 8.2.1).  The thawed broker
+  speaks first, and a datagram from a probed address is challenged at once (``heard_from``),
+  so the backoff costs no time.
 - reactive: keep the old address until silence suggests loss, then probe the announced one.
 - pool: ignore announcements; on silence probe every pool address at once, take the first
   that validates (the literature tried them one after another).
@@ -79,7 +83,9 @@ class MigrationRecord:
 @dataclass
 class Follower:
     strategy: Strategy
-    probe_interval: float = 0.02  # fixed probing schedule inside a migration window
+    probe_interval: float = 0.02  # probing schedule at the start of a migration window...
+    probe_backoff_after: float = 0.5  # ...for this long; then each interval doubles...
+    probe_interval_max: float = 0.4  # ...up to this
     window: float = 15.0  # how long a migration window lasts at most
     silence: float = 0.05  # silence with data outstanding that counts as loss
     current: Address | None = None
@@ -90,6 +96,8 @@ class Follower:
     next_probe_at: float | None = None
     last_probe_at: float | None = None
     records: list[MigrationRecord] = field(default_factory=list)
+    interval: float = 0.02  # the current probing interval (see probe_backoff_after)
+    _probing_since: float = 0.0
     _sequence: int = -1
 
     # ------------------------------------------------------------------ what we learn
@@ -196,7 +204,9 @@ class Follower:
             return []
         if now < self.next_probe_at:
             return []
-        self.next_probe_at = now + max(self.probe_interval, min_interval)
+        if now - self._probing_since >= self.probe_backoff_after:
+            self.interval = min(self.interval * 2, self.probe_interval_max)
+        self.next_probe_at = now + max(self.interval, min_interval)
         self.last_probe_at = now
         record = self.records[-1] if self.records else None
         if record is not None and record.first_probe_at is None:
@@ -215,7 +225,7 @@ class Follower:
         if self.last_probe_at is not None and now - self.last_probe_at < min_interval:
             return False
         self.last_probe_at = now
-        self.next_probe_at = now + max(self.probe_interval, min_interval)
+        self.next_probe_at = now + max(self.interval, min_interval)
         return True
 
     def next_timer(self) -> float | None:
@@ -226,6 +236,8 @@ class Follower:
         self.targets = targets
         self.window_until = now + self.window
         self.next_probe_at = now
+        self.interval = self.probe_interval
+        self._probing_since = now
 
     def _pending_record(self) -> MigrationRecord | None:
         if self.records and self.records[-1].validated_at is None:

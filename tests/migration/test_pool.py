@@ -85,7 +85,7 @@ async def test_mixed_clients_follow_three_moves_back_and_forth() -> None:
 
 
 async def test_clients_survive_a_long_freeze_probing_dead_addresses() -> None:
-    """A 3 s freeze: pool clients probe three dead addresses 50 times a second meanwhile,
+    """A 3 s freeze: pool clients probe three dead addresses meanwhile (50 a second, then less),
     proactive ones the announced destination, where nothing listens either.
 
     The broker comes back where it was (the move failed and is rolled back): the clients

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from migration.frames import Address, ServerMigration
@@ -69,3 +71,26 @@ def test_hearing_from_a_probed_address_challenges_it_at_once() -> None:
     assert not follower.heard_from(THERE, 0.006, min_interval=0.01)  # the QUIC layer's floor
     assert follower.due_probes(0.02) == []  # rescheduled from the early probe
     assert follower.due_probes(0.026) == [THERE]
+
+
+def test_probing_backs_off_during_a_long_freeze() -> None:
+    """Every 20 ms for half a second, then doubling to 0.4 s: a 7 s freeze costs about 40
+    padded challenges, not 350; a datagram from the probed address still wins at once."""
+    follower = Follower(Strategy.PROACTIVE, current=HERE)
+    follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
+    probes, now = [], 0.0
+    while now < 7.0:
+        if follower.due_probes(now):
+            probes.append(now)
+        now = round(now + 0.001, 3)
+    early = [t for t in probes if t < 0.5]
+    assert len(early) >= 24  # the first half second at the full rate
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert max(gaps) == pytest.approx(0.4, abs=0.002)
+    assert len(probes) < 50, len(probes)
+    assert follower.heard_from(THERE, 7.0)  # the broker is back: challenge now
+    # A new migration starts at the full rate again.
+    follower.on_validated(THERE, 7.01)
+    follower.on_server_migration(ServerMigration(2, HERE), now=20.0)
+    assert follower.due_probes(20.0) == [HERE]
+    assert follower.next_timer() == pytest.approx(20.02)
