@@ -150,7 +150,13 @@ class QuicStreamProtocol(QuicConnectionProtocol):
                 sock.setsockopt(level, option, 1 if on else 0)
 
     def error_received(self, exc: Exception) -> None:
-        """An ICMP error (e.g. port unreachable) during the handshake fails the connect."""
+        """An ICMP error (e.g. port unreachable) during the handshake fails the connect.
+
+        A datagram dropped by a local firewall fails its ``sendto`` with EPERM: that is
+        loss, not an answer, and QUIC's retransmission deals with it.
+        """
+        if isinstance(exc, PermissionError):
+            return
         self.send_error = exc
         waiter = self._connected_waiter
         if waiter is not None and not waiter.done():

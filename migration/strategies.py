@@ -8,7 +8,7 @@ validates; RFC 9000's rules (validate before use, anti-amplification) stay with 
 
 - proactive: on SERVER_MIGRATION, probe the announced address at once and keep probing until
   it answers (the broker is frozen meanwhile): every 20 ms for half a second, then backing
-  off to 0.4 s, so a long freeze (seconds over a slow checkpoint link) does not flood the
+  off to 0.1 s, so a long freeze (seconds over a slow checkpoint link) does not flood the
   destination with padded PATH_CHALLENGEs (RFC 9000 section 8.2.1).  The thawed broker
   speaks first, and a datagram from a probed address is challenged at once (``heard_from``),
   so the backoff costs no time.
@@ -85,7 +85,7 @@ class Follower:
     strategy: Strategy
     probe_interval: float = 0.02  # probing schedule at the start of a migration window...
     probe_backoff_after: float = 0.5  # ...for this long; then each interval doubles...
-    probe_interval_max: float = 0.4  # ...up to this
+    probe_interval_max: float = 0.1  # ...up to this
     window: float = 15.0  # how long a migration window lasts at most
     silence: float = 0.05  # silence with data outstanding that counts as loss
     current: Address | None = None

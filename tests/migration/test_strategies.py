@@ -74,7 +74,7 @@ def test_hearing_from_a_probed_address_challenges_it_at_once() -> None:
 
 
 def test_probing_backs_off_during_a_long_freeze() -> None:
-    """Every 20 ms for half a second, then doubling to 0.4 s: a 7 s freeze costs about 40
+    """Every 20 ms for half a second, then doubling to 0.1 s: a 7 s freeze costs about 90
     padded challenges, not 350; a datagram from the probed address still wins at once."""
     follower = Follower(Strategy.PROACTIVE, current=HERE)
     follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
@@ -86,8 +86,8 @@ def test_probing_backs_off_during_a_long_freeze() -> None:
     early = [t for t in probes if t < 0.5]
     assert len(early) >= 24  # the first half second at the full rate
     gaps = [b - a for a, b in itertools.pairwise(probes)]
-    assert max(gaps) == pytest.approx(0.4, abs=0.002)
-    assert len(probes) < 50, len(probes)
+    assert max(gaps) == pytest.approx(0.1, abs=0.002)
+    assert len(probes) < 100, len(probes)
     assert follower.heard_from(THERE, 7.0)  # the broker is back: challenge now
     # A new migration starts at the full rate again.
     follower.on_validated(THERE, 7.01)
