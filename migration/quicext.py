@@ -146,6 +146,8 @@ class MigratingQuicConnection(QuicConnection):
         # none, nothing announced) does not make the timer fire again and again.
         self._qmig_silence_handled: float | None = None
         self._qmig_active_addr: NetworkAddress | None = None
+        self._qmig_spacing_window: float | None = None  # see _probe_spacing
+        self._qmig_spacing = 0.0
         self.receive_window = None
         self.receive_paused = set()
         # Room for a connection ID per pool address (see _replenish_connection_ids).
@@ -499,10 +501,22 @@ class MigratingQuicConnection(QuicConnection):
         above 80-100 ms would never validate.  Spacing them by twice the current round trip
         over (MAX_LOCAL_CHALLENGES - 1) lets a path up to twice as far as the current one
         validate; on a LAN the floor stays far below ``probe_interval``.
+
+        It is taken once per migration window, when probing starts: after the thaw the
+        broker acknowledges packets sent before the freeze, and those round-trip samples,
+        as long as the freeze, would stretch the floor to half a second just when the
+        destination answers.
         """
+        follower = self.follower
+        window = follower.window_until if follower is not None else None
+        if window is not None and window == self._qmig_spacing_window:
+            return self._qmig_spacing
         loss = self._loss
         rtt = max(loss._rtt_smoothed, loss._rtt_latest) if loss._rtt_initialized else 0.0
-        return 2 * rtt / (MAX_LOCAL_CHALLENGES - 1)
+        spacing = 2 * rtt / (MAX_LOCAL_CHALLENGES - 1)
+        if window is not None:
+            self._qmig_spacing_window, self._qmig_spacing = window, spacing
+        return spacing
 
 
 def migration_events(events: list[QuicEvent]) -> list[Any]:
