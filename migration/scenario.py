@@ -105,6 +105,9 @@ class Scenario:
     loss: float = 0.0  # percent, on the clients' access link, both directions
     rate: float = 20.0  # messages per second per client
     qos: int = 1
+    # Reconnecting clients (TCP, TLS, MPTCP): first retry this long after a loss, then
+    # doubling up to the second value (seconds); one schedule for paho and qmig's client.
+    reconnect_delay: tuple[float, float] = (0.05, 0.5)
     migrations: tuple[str, ...] = ()
     settle: float = 3.0
     ports: Ports = field(default_factory=Ports)
@@ -172,6 +175,9 @@ class Scenario:
             raise ScenarioError("loss is a percentage in [0, 100)")
         if self.qos not in (0, 1, 2) or self.rate <= 0:
             raise ScenarioError("qos must be 0, 1 or 2 and rate positive")
+        first, cap = self.reconnect_delay
+        if not 0 < first <= cap:
+            raise ScenarioError("reconnect_delay is [first, max] seconds with 0 < first <= max")
         return self
 
     # ------------------------------------------------------------------ files
@@ -191,6 +197,7 @@ class Scenario:
                 loss=float(data.get("loss", 0)),
                 rate=float(data.get("rate", 20)),
                 qos=int(data.get("qos", 1)),
+                reconnect_delay=_delay_pair(data.get("reconnect_delay", (0.05, 0.5))),
                 migrations=tuple(data.get("migrations", ())),
                 settle=float(data.get("settle", 3.0)),
                 ports=Ports(**(data.get("ports") or {})),
@@ -214,3 +221,8 @@ class Scenario:
         if not isinstance(data, dict):
             raise ScenarioError(f"{path}: a scenario is a YAML mapping")
         return cls.from_dict(data)
+
+
+def _delay_pair(value: Any) -> tuple[float, float]:
+    first, cap = (float(x) for x in value)
+    return first, cap

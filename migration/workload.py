@@ -64,7 +64,7 @@ log = logging.getLogger("qmig.workload")
 
 SESSION_EXPIRY = 600  # seconds: a TCP/MPTCP client's session survives its reconnect
 KEEP_ALIVE = 30
-RECONNECT_DELAY = (0.05, 0.5)  # first retry after 50 ms, then doubling up to 0.5 s
+RECONNECT_DELAY = (0.05, 0.5)  # default: first retry after 50 ms, then doubling up to 0.5 s
 # A reconnect's SYN is resent after this long, by qmig's client and by PahoClient alike.
 SYN_RESEND = float(getattr(client_module, "RECONNECT_SYN_TIMEOUT", 0.25))
 PAHO_MAX_INFLIGHT = 1024  # the broker's Receive Maximum (paho's own default is 20)
@@ -104,6 +104,7 @@ class WorkloadSpec:
     duration: float | None = None  # seconds of publishing; None = until told to stop
     drain: float = 2.0  # seconds to wait for in-flight messages after publishing stops
     topic_prefix: str = "qmig/lab"
+    reconnect_delay: tuple[float, float] = RECONNECT_DELAY  # first retry, cap (seconds)
 
     def topic(self, client: ClientSpec) -> str:
         return f"{self.topic_prefix}/{client.name}"
@@ -136,6 +137,9 @@ class WorkloadSpec:
             raise SpecError("duration must be >= 0 (or null: until stopped)")
         if self.drain < 0:
             raise SpecError("drain must be >= 0")
+        delay = self.reconnect_delay
+        if len(delay) != 2 or not 0 < delay[0] <= delay[1]:
+            raise SpecError("reconnect_delay is [first, max] seconds with 0 < first <= max")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +170,8 @@ class WorkloadSpec:
                 duration=None if duration is None else float(duration),
                 drain=float(data.get("drain", 2.0)),
                 topic_prefix=str(data.get("topic_prefix", "qmig/lab")),
+                reconnect_delay=tuple(float(x) for x in data.get("reconnect_delay",
+                                                                  RECONNECT_DELAY)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, SpecError):
@@ -374,12 +380,12 @@ class PahoClient:
     """paho-mqtt 2.x (MQTT 5) behind the async calls the workload makes of qmig's Client.
 
     paho runs its own network thread (``loop_start``) and its own reconnect loop, set to the
-    schedule qmig's client uses (``RECONNECT_DELAY``: first retry 50 ms after a loss, then
-    doubling up to 0.5 s, back to 50 ms after a successful CONNACK; paho's default is 1 s
-    doubling to 120 s), each attempt bounded by ``RECONNECT_ATTEMPT_TIMEOUT`` with its SYN
-    resent every ``SYN_RESEND`` s.  The session outlives a reconnect (clean start only on the
-    first connect, session expiry ``SESSION_EXPIRY``); paho resends unacknowledged QoS 1/2
-    messages after reconnecting.
+    schedule qmig's client uses (the spec's ``reconnect_delay``, by default first retry 50 ms
+    after a loss, then doubling up to 0.5 s, back to 50 ms after a successful CONNACK; paho's
+    default is 1 s doubling to 120 s), each attempt bounded by ``RECONNECT_ATTEMPT_TIMEOUT``
+    with its SYN resent every ``SYN_RESEND`` s. The session outlives a reconnect (clean start
+    only on the first connect, session expiry ``SESSION_EXPIRY``); paho resends unacknowledged
+    QoS 1/2 messages after reconnecting.
 
     paho does not follow a Server Reference by itself: on DISCONNECT 0x9C/0x9D (or a refused
     CONNACK) carrying one, this class points paho's next attempt at the referenced host (a
@@ -663,13 +669,13 @@ class Workload:
             return PahoClient(
                 b.host, b.ports[c.transport], transport=c.transport, client_id=c.name,
                 session_expiry=SESSION_EXPIRY, keep_alive=KEEP_ALIVE, cafile=b.cafile,
-                reconnect_delay=RECONNECT_DELAY, clock=self.clock,
+                reconnect_delay=self.spec.reconnect_delay, clock=self.clock,
             )  # fmt: skip
         return TracedClient(
             b.host, b.ports[c.transport], transport=c.transport, client_id=c.name,
             clean_start=True, session_expiry=SESSION_EXPIRY, keep_alive=KEEP_ALIVE,
             cafile=b.cafile, follow=c.strategy if c.transport == "quic" else "none",
-            reconnect_delay=RECONNECT_DELAY, connect_timeout=CONNECT_TIMEOUT,
+            reconnect_delay=self.spec.reconnect_delay, connect_timeout=CONNECT_TIMEOUT,
             clock=self.clock,
         )  # fmt: skip
 

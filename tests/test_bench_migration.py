@@ -199,6 +199,33 @@ def test_pool_order_puts_the_destination_where_asked() -> None:
         scenario.replace(pool_order=("edge-z",))
 
 
+def test_retry_schedule_is_the_scenarios_and_retry_overrides_it() -> None:
+    """One retry schedule for every reconnecting client, stated in the report; --retry
+    FIRST,MAX replaces it (FIRST=MAX: a fixed interval) and refuses nonsense."""
+    import argparse
+
+    from qmig.benchmarks.migration import _retry_text, add_arguments, settings_from_args
+
+    compare = Scenario.load("compare")
+    assert compare.reconnect_delay == (0.05, 0.5)
+    assert compare.replace(reconnect_delay=(0.05, 0.05)).reconnect_delay == (0.05, 0.05)
+    for bad in ((0.0, 0.5), (0.5, 0.1)):
+        with pytest.raises(ScenarioError):
+            compare.replace(reconnect_delay=bad)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert settings_from_args(parser.parse_args([])).reconnect_delay is None
+    fixed = settings_from_args(parser.parse_args(["--retry", "0.05,0.05"]))
+    assert fixed.reconnect_delay == (0.05, 0.05)
+    for bad_text in ("0.5,0.1", "0,0.5", "0.05"):
+        with pytest.raises(ValueError):
+            settings_from_args(parser.parse_args(["--retry", bad_text]))
+    assert build_report(fixed, [], 1.0)["settings"]["reconnect_delay_s"] == [0.05, 0.05]
+    assert build_report(Settings(), [], 1.0)["settings"]["reconnect_delay_s"] == [0.05, 0.5]
+    assert _retry_text((0.05, 0.05)) == "retry every 50 ms after the loss"
+    assert _retry_text((0.05, 0.5)) == "retry 50 ms after the loss, doubling to 500 ms"
+
+
 def test_scenario_clients_name_their_library() -> None:
     compare = Scenario.load("compare")
     libraries = {c.name: c.library for c in compare.clients}

@@ -70,6 +70,8 @@ class Settings:
     sessions: int = SESSIONS
     rate: float | None = None  # messages/s per client; None: the scenario's
     settle: float | None = None  # seconds before and after the move; None: the scenario's
+    # Reconnecting clients' retry schedule (first, max seconds); None: the scenario's.
+    reconnect_delay: tuple[float, float] | None = None
     scenario: str = SCENARIO
     quick: bool = False
 
@@ -108,6 +110,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "runs of a cell (default 1,2,3; 1 with --quick)")  # fmt: skip
     parser.add_argument("--rate", type=float, default=None,
                         help="messages per second per client (default: the scenario's, 100)")
+    parser.add_argument("--retry", default=None, metavar="FIRST,MAX",
+                        help="reconnecting clients' retry schedule in seconds: first retry "
+                        "after FIRST, doubling up to MAX (default: the scenario's, 0.05,0.5); "
+                        "FIRST=MAX retries at a fixed interval")
     parser.add_argument("--settle", type=float, default=None,
                         help="seconds of traffic before and after the move (default 2)")
 
@@ -132,6 +138,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         pool_positions=_csv(args.pool_positions, (1,) if quick else POOL_POSITIONS, int),
         sessions=args.sessions, rate=args.rate, settle=args.settle, quick=quick,
     )  # fmt: skip
+    if args.retry is not None:
+        delays = _csv(args.retry, (), float)
+        if len(delays) != 2 or not 0 < delays[0] <= delays[1]:
+            raise ValueError("--retry is FIRST,MAX seconds with 0 < FIRST <= MAX")
+        s.reconnect_delay = (delays[0], delays[1])
     for link in s.links:
         if parse_rate(link) <= 0:
             raise ValueError(f"link rate {link!r}")
@@ -463,12 +474,15 @@ def run_cell_once(settings: Settings, link: str, loss: float, state: str, repeat
         changes["rate"] = settings.rate
     if settings.settle is not None:
         changes["settle"] = settings.settle
+    if settings.reconnect_delay is not None:
+        changes["reconnect_delay"] = settings.reconnect_delay
     scenario = base.replace(**changes)
     hooks = RunHooks(settings, state, say)
     record: dict[str, Any] = {
         "link": link, "link_mbit": _mbit(link), "loss": loss,
         "state": settings.state_label(state), "repeat": repeat, "pool_position": position,
-        "rate": scenario.rate, "started": time.time(),
+        "rate": scenario.rate, "reconnect_delay_s": list(scenario.reconnect_delay),
+        "started": time.time(),
     }  # fmt: skip
     try:
         result = run_scenario(scenario, image, progress=say, on_ready=hooks.ready,
@@ -617,13 +631,15 @@ def build_report(settings: Settings, runs: list[dict[str, Any]],
                  elapsed: float) -> dict[str, Any]:  # fmt: skip
     results = aggregate(runs)
     from client.client import RECONNECT_ATTEMPT_TIMEOUT
-    from migration.workload import RECONNECT_DELAY, SESSION_EXPIRY
+    from migration.scenario import Scenario
+    from migration.workload import SESSION_EXPIRY
 
     return {
         "results": results,
         "headline": headline(results),
         "settings": {**asdict(settings), "destination": DESTINATION,
-                     "reconnect_delay_s": list(RECONNECT_DELAY),
+                     "reconnect_delay_s": list(settings.reconnect_delay
+                                               or Scenario.load(settings.scenario).reconnect_delay),
                      "reconnect_attempt_timeout_s": RECONNECT_ATTEMPT_TIMEOUT,
                      "session_expiry_s": SESSION_EXPIRY,
                      "cpu_window_after_resume_s": REESTABLISH_WINDOW},
@@ -788,6 +804,13 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _retry_text(delay: Sequence[float]) -> str:
+    first, cap = (x * 1000 for x in delay)
+    if first == cap:
+        return f"retry every {first:g} ms after the loss"
+    return f"retry {first:g} ms after the loss, doubling to {cap:g} ms"
+
+
 def summary_markdown(report: dict[str, Any], images: Sequence[str]) -> str:
     """The report's README: headline, setup, one table per cell, method, images."""
     s = report["settings"]
@@ -838,8 +861,7 @@ def summary_markdown(report: dict[str, Any], images: Sequence[str]) -> str:
         "subscribed to it: every message crosses the migration twice.",
         f"- Reconnecting clients (paho-mqtt 2.x and qmig's client): DISCONNECT 0x9D with a "
         f"Server Reference (the destination host) right after the QUIC clients get "
-        f"SERVER_MIGRATION, retry {s['reconnect_delay_s'][0] * 1000:g} ms after the loss, "
-        f"doubling to {s['reconnect_delay_s'][1] * 1000:g} ms, each attempt at most "
+        f"SERVER_MIGRATION, {_retry_text(s['reconnect_delay_s'])}, each attempt at most "
         f"{s['reconnect_attempt_timeout_s']:g} s; session expiry {s['session_expiry_s']} s, "
         "clean start only the first time.",
         f"- quic-pool-K: the destination is K-th in the broker's address pool; K rotates over "

@@ -326,7 +326,12 @@ def test_spec_round_trips_through_json_and_rejects_nonsense() -> None:
     assert parsed.topic(parsed.clients[0]) == "qmig/lab/quic-proactive"
     # Every client gains its library ("qmig" unless the spec says "paho").
     clients = [{**c, "library": "qmig"} for c in issue_example["clients"]]
-    assert parsed.to_dict() == {**issue_example, "clients": clients}
+    # ...and the default retry schedule of the reconnecting clients.
+    assert parsed.to_dict() == {**issue_example, "clients": clients,
+                                "reconnect_delay": (0.05, 0.5)}  # fmt: skip
+    fixed = WorkloadSpec.from_dict({**issue_example, "reconnect_delay": [0.02, 0.02]})
+    assert fixed.reconnect_delay == (0.02, 0.02)
+    assert WorkloadSpec.from_json(fixed.to_json()) == fixed
     from migration.workload import SpecError
 
     for bad in ({"clients": []}, {**issue_example, "qos": 3},
@@ -335,9 +340,28 @@ def test_spec_round_trips_through_json_and_rejects_nonsense() -> None:
                 {**issue_example, "clients": [{"name": "x"}, {"name": "x"}]},
                 {**issue_example, "clients": [{"name": "x", "library": "paho"}]},  # QUIC
                 {**issue_example, "clients": [{"name": "x", "transport": "tcp",
-                                               "library": "mosquitto"}]}):  # fmt: skip
+                                               "library": "mosquitto"}]},
+                {**issue_example, "reconnect_delay": [0, 0.5]},
+                {**issue_example, "reconnect_delay": [0.5, 0.1]},
+                {**issue_example, "reconnect_delay": [0.1]}):  # fmt: skip
         with pytest.raises(SpecError):
             WorkloadSpec.from_dict(bad)
+
+
+async def test_every_reconnecting_client_gets_the_specs_retry_schedule() -> None:
+    """paho and qmig's client retry on the same schedule, the one the spec (the scenario)
+    names: the comparison's fairness rests on it."""
+    from migration.workload import Workload
+
+    spec = WorkloadSpec(BrokerTarget("127.0.0.1"), _paho_clients(), reconnect_delay=(0.02, 0.08))
+    workload = Workload(spec)
+    for c in spec.clients:
+        client = workload._make_client(c)
+        if c.library == "paho":
+            assert (client.paho._reconnect_min_delay, client.paho._reconnect_max_delay) == (
+                0.02, 0.08)  # fmt: skip
+        else:
+            assert client.reconnect_delay == (0.02, 0.08)
 
 
 @pytest.mark.timeout(20)
