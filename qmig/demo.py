@@ -305,8 +305,14 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def _console() -> Console:
+    """The terminal's width, or 120 columns when piped (a CI log): rich would take 80 and
+    cut the per-client table's columns."""
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
 def run_transports(args: argparse.Namespace) -> int:
-    console = Console()
+    console = _console()
     report = run_demo(getattr(args, "duration", 5.0), getattr(args, "rate", 20.0), console)
     print_report(report, console)
     lost = sum(sum(s["lost"].values()) for s in report["subscribers"].values())
@@ -321,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
         return run_transports(args)
     from migration.lab.lab import containers_unavailable
 
-    console = Console()
+    console = _console()
     reason = containers_unavailable()
     if reason:
         console.print(f"qmig demo: containers unavailable ({reason}); "
