@@ -49,6 +49,7 @@ from paho.mqtt.properties import Properties
 from client.client import Client, parse_reference
 from loadtests.bridge import get_bridge
 from loadtests.telemetry import Tracker, payload, wall
+from migration.workload import RECONNECT_DELAY
 
 log = logging.getLogger("qmig.loadtests")
 REQUEST_TYPE = "MQTT"
@@ -312,7 +313,7 @@ class TelemetryMqttClient(MqttClient):
         self.is_up = gevent.event.Event()
         self.connect_started = time.perf_counter()
         self.subscribed = False
-        self.reconnect_delay_set(0.05, 0.5)  # as the lab workload's clients: retry often
+        self.reconnect_delay_set(*RECONNECT_DELAY)  # as the lab workload's clients
 
     def connect_async(self, host: str, port: int = 1883, keepalive: int = 60,  # type: ignore[override]
                       bind_address: str = "", bind_port: int = 0,
