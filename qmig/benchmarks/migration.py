@@ -594,6 +594,7 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "reconnects": sum(int(r.get("reconnects") or 0) for r in rows),
             "unrecovered": sum(1 for r in rows if r["interruption_ms"] is None),
             "freeze_ms": _stat(m.get("downtime_ms") for m in mig),
+            "freeze_lag_ms": _stat(freeze_lag_ms(m) for m in mig),
             "checkpoint_bytes": _stat(m.get("checkpoint_bytes") for m in mig)["median"],
             "transfer_bytes": _stat(m.get("transfer_bytes") for m in mig)["median"],
             "cpu_ms": {k: _stat(c.get(k) for c in cpu)["median"]
@@ -603,6 +604,15 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     results.sort(key=lambda r: (_state_rank(r["state"]), -_mbit(r["link"]), r["loss"],
                                 _variant_key(r["variant"])))  # fmt: skip
     return results
+
+
+def freeze_lag_ms(migration: dict[str, Any]) -> float | None:
+    """From the checkpoint call to the broker's actual freeze: TCP clients, sent away just
+    before the call, are out of service for it; QUIC clients are served until the freeze."""
+    t = migration.get("timeline") or {}
+    if "frozen" not in t or "freeze_start" not in t:
+        return None
+    return round((t["frozen"] - t["freeze_start"]) * 1000, 1)
 
 
 def _state_rank(label: str) -> int:
@@ -672,11 +682,12 @@ CSV_FIELDS = ("variant", "link", "loss", "state", "transport", "library", "runs"
               "interruption_median_ms", "interruption_p95_ms", "extra_median_ms",
               "extra_p95_ms", "reestablish_median_ms", "reestablish_p95_ms",
               "notice_median_ms", "lost", "duplicates", "reconnects", "unrecovered",
-              "freeze_median_ms", "checkpoint_bytes", "transfer_bytes", "cpu_machinery_ms",
-              "cpu_broker_ms", "cpu_clients_ms", "failed_runs")  # fmt: skip
+              "freeze_median_ms", "freeze_lag_median_ms", "checkpoint_bytes", "transfer_bytes",
+              "cpu_machinery_ms", "cpu_broker_ms", "cpu_clients_ms", "failed_runs")  # fmt: skip
 RUN_FIELDS = ("link", "loss", "state", "repeat", "pool_position", "ok", "variant", "transport",
               "library", "interruption_ms", "extra_ms", "reestablish_ms", "notice_ms", "lost",
-              "duplicates", "reconnects", "downtime_ms", "checkpoint_bytes", "transfer_bytes",
+              "duplicates", "reconnects", "downtime_ms", "freeze_lag_ms", "checkpoint_bytes",
+              "transfer_bytes",
               "cpu_machinery_ms", "cpu_broker_ms", "cpu_clients_ms")  # fmt: skip
 
 
@@ -691,6 +702,7 @@ def results_csv(results: Sequence[dict[str, Any]]) -> str:
             flat[f"{key}_p95_ms"] = r[f"{key}_ms"]["p95"]
         flat["notice_median_ms"] = r["notice_ms"]["median"]
         flat["freeze_median_ms"] = r["freeze_ms"]["median"]
+        flat["freeze_lag_median_ms"] = (r.get("freeze_lag_ms") or {}).get("median")
         for k in ("machinery", "broker", "clients"):
             flat[f"cpu_{k}_ms"] = r["cpu_ms"][k]
         writer.writerow(flat)
@@ -706,6 +718,7 @@ def runs_csv(runs: Sequence[dict[str, Any]]) -> str:
                                           "ok")}  # fmt: skip
         common.update({k: (run.get("migration") or {}).get(k)
                        for k in ("downtime_ms", "checkpoint_bytes", "transfer_bytes")})
+        common["freeze_lag_ms"] = freeze_lag_ms(run.get("migration") or {})
         common.update({f"cpu_{k}_ms": (run.get("cpu_ms") or {}).get(k)
                        for k in ("machinery", "broker", "clients")})  # fmt: skip
         for row in run.get("variants") or ():
@@ -828,6 +841,11 @@ def _retry_text(delay: Sequence[float]) -> str:
     return f"retry {first:g} ms after the loss, doubling to {cap:g} ms"
 
 
+def _lag_text(row: dict[str, Any]) -> str:
+    lag = (row.get("freeze_lag_ms") or {}).get("median")
+    return "" if lag is None else f", starting {_fmt(lag)} ms after the checkpoint call"
+
+
 def summary_markdown(report: dict[str, Any], images: Sequence[str]) -> str:
     """The report's README: headline, setup, one table per cell, method, images."""
     s = report["settings"]
@@ -909,9 +927,9 @@ def summary_markdown(report: dict[str, Any], images: Sequence[str]) -> str:
             f"### link {link}, loss {loss:g} %, {state}",
             "",
             f"Broker freeze {_fmt(r0['freeze_ms']['median'])} / {_fmt(r0['freeze_ms']['p95'])} "
-            f"ms; checkpoint {_mb(ck)} ({_mb(tr)} on the link); CPU: migration machinery "
-            f"{_fmt(r0['cpu_ms']['machinery'])} ms, broker {_fmt(r0['cpu_ms']['broker'])} ms, "
-            f"clients {_fmt(r0['cpu_ms']['clients'])} ms"
+            f"ms{_lag_text(r0)}; checkpoint {_mb(ck)} ({_mb(tr)} on the link); CPU: migration "
+            f"machinery {_fmt(r0['cpu_ms']['machinery'])} ms, broker "
+            f"{_fmt(r0['cpu_ms']['broker'])} ms, clients {_fmt(r0['cpu_ms']['clients'])} ms"
             + (f"; **{r0['failed_runs']} failed run(s)**" if r0["failed_runs"] else "") + ".",
             "",
             "| variant | runs | interruption | extra | re-est. | notice | lost | dup | reconn |",
