@@ -185,7 +185,8 @@ class Client:
         self._ping_task = asyncio.create_task(self._keepalive_loop())
 
     async def _connect_once(self, timeout: float | None = None,
-                            syn_timeout: float | None = None) -> Event:
+                            syn_timeout: float | None = None,
+                            fallback: tuple[str, int] | None = None) -> Event:
         properties = dict(self.properties)
         if self.version == MQTT_5 and self.session_expiry:
             properties[P.SESSION_EXPIRY_INTERVAL] = self.session_expiry
@@ -208,8 +209,12 @@ class Client:
             self._stream, self._closer = await open_stream(
                 self.transport, self.host, self.port, self._on_data, on_lost,
                 self.cafile, self.insecure, timeout or self.connect_timeout, self.follower,
-                syn_timeout,
+                syn_timeout, fallback=fallback,
             )  # fmt: skip
+            reached = getattr(self._stream, "target", None)
+            if reached is not None and reached != (self.host, self.port):
+                log.info("%s:%s answered before %s:%s", *reached, self.host, self.port)
+                self._previous, (self.host, self.port) = (self.host, self.port), reached
             if hasattr(self._stream, "on_migrated"):
                 self._stream.on_migrated = self._on_migrated  # type: ignore[union-attr]
                 self._stream.on_channel_data = self._on_channel_data  # type: ignore[union-attr]
@@ -353,35 +358,38 @@ class Client:
         ``RECONNECT_SYN_TIMEOUT``) so that a server that drops packets (a frozen or restoring
         container) costs a fraction of a second, not the kernel's SYN backoff.  When a
         Server Reference sent us to a server that stays unreachable for ``FALLBACK_AFTER``
-        seconds, attempts alternate between it and the previous server from then on: a
-        rolled-back migration leaves the broker where it was, a slow one brings it there.
+        seconds, every attempt from then on races it and the previous server (TCP, TLS,
+        MPTCP): a rolled-back migration leaves the broker where it was, a slow one brings it
+        there, and neither address's silence delays the other.
         """
         loop = asyncio.get_running_loop()
         delay, max_delay = self.reconnect_delay
         failing_since = loop.time()
+        racing = False
         while not self._closing:
             await asyncio.sleep(delay)
             if self._closing:
                 return
+            fallback = self._previous if racing else None
             try:
                 event = await self._connect_once(
-                    min(self.connect_timeout, RECONNECT_ATTEMPT_TIMEOUT), RECONNECT_SYN_TIMEOUT)
+                    min(self.connect_timeout, RECONNECT_ATTEMPT_TIMEOUT), RECONNECT_SYN_TIMEOUT,
+                    fallback)  # fmt: skip
             except ClientError as exc:
                 log.debug("reconnect failed: %s", exc)
                 delay = min(delay * 2, max_delay)
-                if self._previous and loop.time() - failing_since >= FALLBACK_AFTER:
-                    # From now on every attempt alternates between the two: the move may
-                    # still be under way (a long freeze) or have been rolled back.
-                    log.info("%s:%s unreachable for %.0f s: trying %s:%s too", self.host,
+                if self._previous and not racing and loop.time() - failing_since >= FALLBACK_AFTER:
+                    # From now on every attempt races the two: the move may still be under
+                    # way (a long freeze) or have been rolled back.
+                    log.info("%s:%s unreachable for %.0f s: racing %s:%s too", self.host,
                              self.port, FALLBACK_AFTER, *self._previous)  # fmt: skip
-                    (self.host, self.port), self._previous = self._previous, (self.host,
-                                                                             self.port)
-                    delay = self.reconnect_delay[0]
+                    racing = True  # on the same schedule: racing needs no fresh start
                 continue
             if isinstance(event, ConnectionRefused) and event.server_reference:
                 self._previous = (self.host, self.port)
                 self.host, self.port = parse_reference(event.server_reference, self.port)
                 failing_since = loop.time()
+                racing = False
                 continue
             if isinstance(event, Connected):
                 self.reconnects += 1

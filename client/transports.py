@@ -54,6 +54,7 @@ class _StreamProtocol(asyncio.Protocol):
         self.on_data = on_data
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
+        self.target: tuple[str, int] | None = None  # which of the raced targets answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -409,26 +410,53 @@ async def _connect_mptcp(host: str, port: int) -> socket.socket:
     return await _connect_socket(host, port, mptcp=True)
 
 
+Target = tuple[str, int]
+FALLBACK_GRACE = 0.05  # s the fallback may still answer after the primary refused
+
+
 async def _connect_resending_syn(
-    host: str, port: int, mptcp: bool, syn_timeout: float, timeout: float
-) -> socket.socket:
+    host: str, port: int, mptcp: bool, syn_timeout: float, timeout: float,
+    fallback: Target | None = None,
+) -> tuple[socket.socket, Target]:  # fmt: skip
     """Connect, starting over with a fresh SYN every ``syn_timeout`` s until ``timeout``.
 
     The kernel resends an unanswered SYN only after 1 s (then 3 s, ...); a server that drops
-    SYNs while it is being restored answers within milliseconds once it is up.
+    SYNs while it is being restored answers within milliseconds once it is up.  With
+    ``fallback`` (where the broker was before a Server Reference) every round races both,
+    so neither a blackholed old address nor a slow new one delays the other; the primary
+    wins a tie, and after it refuses the fallback has ``FALLBACK_GRACE`` s more.  Returns
+    the socket and the target that answered.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    primary = (host, port)
+    targets = [primary] + ([fallback] if fallback and fallback != primary else [])
     while True:
         left = deadline - loop.time()
         if left <= 0:
             raise TimeoutError(f"no TCP connection within {timeout:g} s")
+        round_end = loop.time() + min(syn_timeout, left)
+        tasks = {asyncio.ensure_future(_connect_socket(h, p, mptcp)): (h, p) for h, p in targets}
+        refused: BaseException | None = None
         try:
-            return await asyncio.wait_for(
-                _connect_socket(host, port, mptcp), min(syn_timeout, left)
-            )
-        except TimeoutError:
-            continue
+            while tasks and (wait := round_end - loop.time()) > 0:
+                done, _ = await asyncio.wait(tasks, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                for task in sorted(done, key=lambda t: tasks[t] != primary):
+                    target = tasks.pop(task)
+                    if task.exception() is None:
+                        return task.result(), target
+                    if target == primary:
+                        refused = task.exception()
+                        round_end = min(round_end, loop.time() + FALLBACK_GRACE)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:  # a socket that connected meanwhile must not leak
+                with contextlib.suppress(BaseException):
+                    (await task).close()
+        if refused is not None:
+            raise refused  # the attempt failed at once: the caller backs off
 
 
 def quic_configuration(
@@ -461,11 +489,14 @@ async def open_stream(
     follower: Follower | None = None,
     syn_timeout: float | None = None,
     receive_window: int | None = None,
+    fallback: tuple[str, int] | None = None,
 ) -> tuple[ByteStream, object]:
     """Connect and return (stream, closer); ``closer`` is an async context to exit on close.
 
     ``syn_timeout`` (TCP, TLS, MPTCP): start the TCP connection over after that long
-    without an answer instead of waiting for the kernel's SYN retransmission.
+    without an answer instead of waiting for the kernel's SYN retransmission; with
+    ``fallback`` as well, race a connection to that address too (the stream's ``target``
+    says which one answered).
     ``receive_window`` (QUIC): bound the broker's stream credit to that many bytes beyond
     what was received, so :meth:`QuicStreamProtocol.pause_reading` holds the broker back.
     """
@@ -479,15 +510,17 @@ async def open_stream(
                 ssl_ctx.verify_mode = ssl.CERT_NONE
         sock = None
         mptcp = transport == "mptcp"
+        target = (host, port)
         if syn_timeout is not None:
-            sock = await _connect_resending_syn(host, port, mptcp, syn_timeout, timeout)
+            sock, target = await _connect_resending_syn(host, port, mptcp, syn_timeout, timeout,
+                                                        fallback)  # fmt: skip
         elif mptcp:
             sock = await asyncio.wait_for(_connect_mptcp(host, port), timeout)
         factory = lambda: _StreamProtocol(on_data, on_lost)  # noqa: E731
         if sock is not None:
             tls: dict[str, Any] = {}
             if ssl_ctx is not None:
-                tls = {"ssl": ssl_ctx, "server_hostname": host}
+                tls = {"ssl": ssl_ctx, "server_hostname": target[0]}
             _, proto = await asyncio.wait_for(
                 loop.create_connection(factory, sock=sock, **tls), timeout
             )
@@ -498,6 +531,7 @@ async def open_stream(
         raw = proto.transport.get_extra_info("socket")  # type: ignore[union-attr]
         if raw is not None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        proto.target = target
         return proto, None
     if transport == "quic":
         config = quic_configuration(cafile, insecure, server_name=host)

@@ -224,8 +224,9 @@ class TracedClient(Client):
         super()._on_lost(exc)
 
     async def _connect_once(self, timeout: float | None = None,
-                            syn_timeout: float | None = None) -> Event:
-        event = await super()._connect_once(timeout, syn_timeout)
+                            syn_timeout: float | None = None,
+                            fallback: tuple[str, int] | None = None) -> Event:
+        event = await super()._connect_once(timeout, syn_timeout, fallback)
         if isinstance(event, Connected):
             self.events.append(["connected", self.clock.now(), f"{self.host}:{self.port}"])
             del self.events[:-1000]

@@ -88,3 +88,50 @@ async def test_refused_reconnects_do_not_multiply_loops() -> None:
     finally:
         await client.disconnect()
         await server.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_a_slow_move_is_not_delayed_by_racing_the_blackholed_old_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long freeze: the Server Reference stays unreachable past FALLBACK_AFTER while the
+    old address drops every SYN (the source after the checkpoint).  Once the destination
+    serves, the client is there within a couple of retries, not after a detour through an
+    attempt at the old address (it used to alternate, and such an attempt lasts seconds)."""
+    monkeypatch.setattr(client_module, "FALLBACK_AFTER", 0.3)
+    source = await _tcp_broker()
+    home = source.config.tcp_port
+    dest_port = _free_port()
+    client = Client(HOST, home, transport="tcp", client_id="slow-move", clean_start=True,
+                    session_expiry=60, reconnect_delay=(0.02, 0.1))  # fmt: skip
+    blackhole = socket.socket()
+    backlog_filler = socket.socket()
+    dest: BrokerServer | None = None
+    try:
+        await client.connect()
+        await source.migration.pre_checkpoint(f"{HOST}:{dest_port}")
+        await asyncio.sleep(0.2)
+        assert not client.connected and client.port == dest_port
+        await source.stop()
+        # The old address now drops SYNs: a listener whose accept queue is full.
+        blackhole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blackhole.bind((HOST, home))
+        blackhole.listen(0)
+        backlog_filler.connect((HOST, home))
+        await asyncio.sleep(1.5)  # past FALLBACK_AFTER: attempts race both addresses
+        config = BrokerConfig(host=HOST, tcp_port=dest_port, tls_port=0, mptcp_port=0,
+                              quic_port=0, sys_interval=0).validate()  # fmt: skip
+        dest = BrokerServer(config)
+        await dest.start()
+        up = asyncio.get_running_loop().time()
+        await asyncio.wait_for(client.wait_connected(), 10)
+        took = asyncio.get_running_loop().time() - up
+        assert client.port == dest_port
+        assert took < 0.5, f"{took:.2f} s after the destination came up"
+        assert _tcp_connections(dest) == 1 and client.reconnects == 1
+    finally:
+        await client.disconnect()
+        blackhole.close()
+        backlog_filler.close()
+        if dest is not None:
+            await dest.stop()

@@ -996,9 +996,9 @@ METHOD_NOTES = [
     "cannot dump MPTCP sockets, listening or established, so the broker closes them before "
     "the checkpoint and MPTCP clients reconnect like TCP ones.  " + MPTCP_MAKE_BEFORE_BREAK,
     "- **Fallback**: a reconnecting client whose referenced server stays unreachable for "
-    "5 s also tries the server it came from (a rolled-back move).  paho-mqtt here races "
-    "both addresses on every attempt from then on; qmig's client alternates between them "
-    "5 s at a time, which costs it a detour when the freeze is longer than 5 s.",
+    "5 s also tries the server it came from (a rolled-back move): paho-mqtt (through the "
+    "lab's connect hook) and qmig's client race both addresses on every attempt from then "
+    "on, on the same retry schedule, so a freeze longer than 5 s costs them no detour.",
 ]
 
 
