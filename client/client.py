@@ -130,6 +130,7 @@ class Client:
         self.insecure = insecure
         self.reconnect = reconnect and transport != "quic"
         self.reconnect_delay = reconnect_delay
+        self._end_reason = "connection lost"  # what next_message raises once it is over
         self.connect_timeout = connect_timeout
         self.properties = dict(properties or {})
         self.session = ClientSession(client_id)
@@ -344,12 +345,26 @@ class Client:
                 self._reconnect_task = task
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(self._reconnect_ended)
         else:
-            for fut in self._waiters.values():
-                if not fut.done():
-                    fut.set_exception(ClientError(f"connection lost: {exc}"))
-            self._waiters.clear()
-            self._messages.put_nowait(None)  # type: ignore[arg-type]
+            self._give_up(f"connection lost: {exc}")
+
+    def _give_up(self, reason: str) -> None:
+        """No connection will come back: fail the waiters and end message iteration."""
+        self._end_reason = reason
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(ClientError(reason))
+        self._waiters.clear()
+        self._messages.put_nowait(None)  # type: ignore[arg-type]
+
+    def _reconnect_ended(self, task: asyncio.Task[None]) -> None:
+        """A reconnect loop that died of a bug must say so, not leave the caller waiting."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("reconnect loop failed: %r", exc, exc_info=exc)
+        self._give_up(f"reconnecting failed: {exc!r}")
 
     async def _reconnect_loop(self) -> None:
         """Reconnect until it works: one loop at a time, backing off, falling back.
@@ -541,7 +556,7 @@ class Client:
     async def next_message(self, timeout: float | None = None) -> Publish:
         message = await asyncio.wait_for(self._messages.get(), timeout)
         if message is None:
-            raise ClientError("connection lost")
+            raise ClientError(self._end_reason)
         return message
 
 

@@ -135,3 +135,30 @@ async def test_a_slow_move_is_not_delayed_by_racing_the_blackholed_old_address(
         backlog_filler.close()
         if dest is not None:
             await dest.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_a_crashed_reconnect_loop_is_reported_not_waited_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in the reconnect path (here: an attempt that raises) must end the caller's wait
+    with an error and a log line, not leave it hanging on a client that never comes back."""
+    server = await _tcp_broker()
+    port = server.config.tcp_port
+    client = Client(HOST, port, transport="tcp", client_id="crash", clean_start=True,
+                    session_expiry=60, reconnect_delay=(0.01, 0.05))  # fmt: skip
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug in an attempt")
+
+    try:
+        await client.connect()
+        client._connect_once = broken  # type: ignore[method-assign]
+        server.broker.disconnect_clients(["tcp"])
+        server.flush()
+        with pytest.raises(client_module.ClientError, match="bug in an attempt"):
+            await client.next_message(timeout=5)
+        assert "reconnect loop failed" in caplog.text
+    finally:
+        await client.disconnect()
+        await server.stop()
