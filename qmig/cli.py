@@ -90,6 +90,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     else:
         bench_strategies.add_arguments(p)
         p.set_defaults(handler=bench_strategies.run)
+    p = targets.add_parser("abuse", help="adversarial probes: what each attack costs the broker")
+    try:
+        from qmig.benchmarks import abuse as bench_abuse
+    except ImportError as exc:
+        p.set_defaults(handler=_unavailable("bench abuse", str(exc)), accepts_extra=True)
+    else:
+        bench_abuse.add_arguments(p)
+        p.set_defaults(handler=bench_abuse.run)
     p = targets.add_parser("migration",
                            help="QUIC vs TCP/TLS/MPTCP through a live container migration")
     try:

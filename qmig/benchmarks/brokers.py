@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,8 @@ class RunningBroker:
     log_path: Path
     transport: str = "tcp"
     """How the load generator reaches ``port``: "tcp" or "quic"."""
+    quic_port: int = 0
+    """qmig's QUIC (UDP) port, 0 when it has no QUIC listener."""
     helpers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     """Extra processes on the message path (the bridge), measured for CPU like the broker."""
     ps: psutil.Process = field(init=False)
@@ -146,7 +149,11 @@ def version_of(name: str) -> str | None:
     return None
 
 
-def _command(name: str, port: int, workdir: Path, quic_port: int = 0) -> list[str]:
+def _command(
+    name: str, port: int, workdir: Path, quic_port: int = 0, extra: Sequence[str] = ()
+) -> list[str]:
+    if extra and name not in ("qmig", *QUIC_BROKERS):
+        raise BrokerUnavailable(f"{name} takes no extra broker options")
     if name in ("qmig", *QUIC_BROKERS):
         cmd = [
             sys.executable, "-m", "qmig", "broker", "--host", HOST, "--tcp-port", str(port),
@@ -158,7 +165,7 @@ def _command(name: str, port: int, workdir: Path, quic_port: int = 0) -> list[st
 
             certs = make_lab_certs(workdir / "certs")
             cmd += ["--cert", str(certs.server_cert), "--key", str(certs.server_key)]
-        return cmd
+        return cmd + list(extra)
     if name == "amqtt":
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{HOST}:{port}"}},
@@ -220,24 +227,32 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(line.strip() for line in text[-lines:])
 
 
-def start_broker(name: str, workdir: Path, ready_timeout: float = 20.0) -> RunningBroker:
+def start_broker(
+    name: str,
+    workdir: Path,
+    ready_timeout: float = 20.0,
+    extra: Sequence[str] = (),
+    quic: bool = False,
+) -> RunningBroker:
     """Start ``name`` on a free port and wait until it answers CONNECT; else BrokerUnavailable.
 
     For qmig-quic the returned port is qmig's QUIC port; for qmig-bridge it is the TCP port
     of a ``qmig bridge`` in front of it, ready once a CONNECT made it through the bridge.
+    ``extra``: more ``qmig broker`` options; ``quic``: give plain qmig a QUIC listener too
+    (its port in :attr:`RunningBroker.quic_port`, the returned port staying TCP's).
     """
     reason = unavailable_reason(name)
     if reason:
         raise BrokerUnavailable(reason)
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    quic_port = free_udp_port() if name in QUIC_BROKERS else 0
-    cmd = _command(name, port, workdir, quic_port)
+    quic_port = free_udp_port() if name in QUIC_BROKERS or quic else 0
+    cmd = _command(name, port, workdir, quic_port, extra)
     log_path = workdir / f"{name}-{port}.log"
     root = str(Path(__file__).resolve().parents[2])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    broker = RunningBroker(name, port, proc, workdir, log_path)
+    broker = RunningBroker(name, port, proc, workdir, log_path, quic_port=quic_port)
     _wait_ready(broker, port, proc, log_path, ready_timeout)
     if name == "qmig-quic":
         broker.port, broker.transport = quic_port, "quic"
