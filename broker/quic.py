@@ -269,6 +269,14 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
             self.paused = True
             self.conn.set_writable(False)
 
+    def abort(self) -> None:
+        """Drop the connection at once (its output failed): CONNECTION_CLOSE, no linger."""
+        if not self._closing:
+            self._closing = True
+            self._quic.close(error_code=ERROR_PROTOCOL, reason_phrase="internal error")
+            self.broker_server.quic_touched(self)
+        self._lost()
+
     def close(self) -> None:  # type: ignore[override]
         """Finish the stream, then close once it is acknowledged (or after a linger)."""
         if self._closing:

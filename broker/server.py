@@ -83,6 +83,10 @@ class StreamConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
 
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
     def close(self) -> None:
         """Close after the last packet, with a FIN, never a reset.
 
@@ -96,7 +100,11 @@ class StreamConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the peer reset it meanwhile (ENOTCONN): nothing to linger for
+                transport.abort()
+                return
         loop = asyncio.get_running_loop()
         self._linger = loop.call_later(CLOSE_LINGER, transport.abort)
 
@@ -158,20 +166,31 @@ class BrokerServer:
         return self._flush_scheduled
 
     def flush(self) -> None:
-        """Write everything the engine produced since the last turn, one write per client."""
+        """Write everything the engine produced since the last turn, one write per client.
+
+        A connection whose transport fails here is aborted alone: an error must never leave
+        the rest of the batch unflushed (they would not be queued again: a connection is
+        marked dirty only when its output goes from empty to not empty).
+        """
         self._flush_scheduled = False
         for conn in self.broker.take_dirty():
             io = conn.io
             if io is None:
                 continue
-            data = conn.data_to_send()
-            if data:
-                io.write(data)
-            if conn.has_side_data:
-                for channel, chunk in conn.side_data_to_send().items():
-                    io.write_channel(channel, chunk)
-            if conn.closing:
-                io.close()
+            try:
+                data = conn.data_to_send()
+                if data:
+                    io.write(data)
+                if conn.has_side_data:
+                    for channel, chunk in conn.side_data_to_send().items():
+                        io.write_channel(channel, chunk)
+                if conn.closing:
+                    io.close()
+            except Exception as exc:
+                conn.warn_once("flush", "aborting %s (%s): its transport failed: %r",
+                               conn.client_id or conn.peer, conn.transport, exc)  # fmt: skip
+                with contextlib.suppress(Exception):
+                    io.abort()
         if self._quic_touched:
             touched, self._quic_touched = self._quic_touched, set()
             for proto in touched:
