@@ -112,7 +112,7 @@ class BrokerConfig:
             raise ConfigError(f"sys_interval must be >= 0 (0 disables), got {self.sys_interval}")
         if bool(self.cert) != bool(self.key):
             raise ConfigError("cert and key must be given together")
-        if self.require_certificate and self.tls_enabled and not self.cafile:
+        if self.require_certificate and (self.tls_enabled or self.quic_enabled) and not self.cafile:
             raise ConfigError("require_certificate needs cafile to verify client certificates")
         _check_range("control_port", self.control_port, 0, 65535)
         if self.control_port and not self.control_host:

@@ -77,7 +77,10 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
     def __init__(self, *args: Any, broker_server: BrokerServer, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Make aioquic's connection speak qmig's migration extension before any datagram.
-        MigratingQuicConnection.adopt(self._quic, ALL_STRATEGIES)
+        quic = MigratingQuicConnection.adopt(self._quic, ALL_STRATEGIES)
+        config = broker_server.config
+        if config.require_certificate:
+            quic.client_cafile = config.cafile  # the TLS listener's rule, on QUIC too
         self.broker_server = broker_server
         broker_server.quic_protocols.add(self)
         self.stream_id: int | None = None  # the control stream

@@ -38,6 +38,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("-k", "--keepalive", type=int, default=60)
     add("--cafile", default=None, help="CA certificate to verify the broker (TLS and QUIC)")
     add("--insecure", action="store_true", help="do not verify the broker's certificate")
+    add("--cert", default=None, help="client certificate to present (TLS and QUIC), with --key")
+    add("--key", default=None, help="private key of --cert")
     add("--quiet", action="store_true", help="no error messages")
 
 
@@ -79,6 +81,8 @@ def _client(args: argparse.Namespace, **extra: object) -> Client:
         password=args.pw,
         cafile=args.cafile,
         insecure=args.insecure,
+        certfile=args.cert,
+        keyfile=args.key,
         streams=args.streams,
         **extra,  # type: ignore[arg-type]
     )

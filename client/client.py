@@ -98,6 +98,8 @@ class Client:
         password: str | bytes | None = None,
         cafile: str | None = None,
         insecure: bool = False,
+        certfile: str | None = None,
+        keyfile: str | None = None,
         reconnect: bool = True,
         reconnect_delay: tuple[float, float] = (0.05, 2.0),
         connect_timeout: float = 10.0,
@@ -128,6 +130,9 @@ class Client:
         self.password = password.encode() if isinstance(password, str) else password
         self.cafile = cafile
         self.insecure = insecure
+        if bool(certfile) != bool(keyfile):
+            raise ValueError("certfile and keyfile go together")
+        self.client_cert = (certfile, keyfile) if certfile and keyfile else None
         self.reconnect = reconnect and transport != "quic"
         self.reconnect_delay = reconnect_delay
         self._end_reason = "connection lost"  # what next_message raises once it is over
@@ -210,7 +215,7 @@ class Client:
             self._stream, self._closer = await open_stream(
                 self.transport, self.host, self.port, self._on_data, on_lost,
                 self.cafile, self.insecure, timeout or self.connect_timeout, self.follower,
-                syn_timeout, fallback=fallback,
+                syn_timeout, fallback=fallback, client_cert=self.client_cert,
             )  # fmt: skip
             reached = getattr(self._stream, "target", None)
             if reached is not None and reached != (self.host, self.port):

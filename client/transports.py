@@ -460,8 +460,12 @@ async def _connect_resending_syn(
 
 
 def quic_configuration(
-    cafile: str | None = None, insecure: bool = False, server_name: str | None = None
+    cafile: str | None = None,
+    insecure: bool = False,
+    server_name: str | None = None,
+    client_cert: tuple[str, str] | None = None,
 ) -> QuicConfiguration:
+    """The client's QUIC settings; ``client_cert`` is (certificate file, key file)."""
     config = QuicConfiguration(
         is_client=True,
         alpn_protocols=[ALPN],
@@ -474,6 +478,8 @@ def quic_configuration(
         config.verify_mode = ssl.CERT_NONE
     elif cafile:
         config.load_verify_locations(cafile)
+    if client_cert is not None:
+        config.load_cert_chain(*client_cert)
     return config
 
 
@@ -490,6 +496,7 @@ async def open_stream(
     syn_timeout: float | None = None,
     receive_window: int | None = None,
     fallback: tuple[str, int] | None = None,
+    client_cert: tuple[str, str] | None = None,
 ) -> tuple[ByteStream, object]:
     """Connect and return (stream, closer); ``closer`` is an async context to exit on close.
 
@@ -497,6 +504,7 @@ async def open_stream(
     without an answer instead of waiting for the kernel's SYN retransmission; with
     ``fallback`` as well, race a connection to that address too (the stream's ``target``
     says which one answered).
+    ``client_cert`` (TLS, QUIC): (certificate file, key file) to present to the broker.
     ``receive_window`` (QUIC): bound the broker's stream credit to that many bytes beyond
     what was received, so :meth:`QuicStreamProtocol.pause_reading` holds the broker back.
     """
@@ -508,6 +516,8 @@ async def open_stream(
             if insecure:
                 ssl_ctx.check_hostname = False
                 ssl_ctx.verify_mode = ssl.CERT_NONE
+            if client_cert is not None:
+                ssl_ctx.load_cert_chain(*client_cert)
         sock = None
         mptcp = transport == "mptcp"
         target = (host, port)
@@ -534,7 +544,7 @@ async def open_stream(
         proto.target = target
         return proto, None
     if transport == "quic":
-        config = quic_configuration(cafile, insecure, server_name=host)
+        config = quic_configuration(cafile, insecure, server_name=host, client_cert=client_cert)
         if receive_window is not None:
             config.max_stream_data = receive_window  # the initial credit, in the handshake
         made: list[QuicStreamProtocol] = []

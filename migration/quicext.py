@@ -16,6 +16,9 @@ aioquic methods and always calls the original (the seams are tested in
   active path's congestion control and loss detection (RFC 9000 section 9.4).
 - ``_write_stream_limits`` (opt-in, ``receive_window``): a bounded receive window per stream
   that the application can stop from moving, so a slow consumer holds back the sender.
+- ``_initialize`` (opt-in, ``client_cafile``): a server that requires client certificates
+  makes its TLS context a :class:`ClientCertificateRequired`, since aioquic's server neither
+  asks for a client certificate nor verifies one it is sent.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.quic.connection import (
     EPOCHS,
@@ -44,6 +48,8 @@ from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .frames import (
     FRAME_TYPES,
@@ -116,6 +122,50 @@ def to_network_address(address: Address, like: NetworkAddress) -> NetworkAddress
     return (address.host, address.port)
 
 
+class AlertCertificateRequired(tls.Alert):
+    description = tls.AlertDescription.certificate_required
+
+
+class ClientCertificateRequired(tls.Context):
+    """A server TLS context that demands a client certificate signed by ``client_cafile``.
+
+    It sends a CertificateRequest, refuses an empty Certificate (alert certificate_required),
+    and once the client proved it holds the key (CertificateVerify) checks the chain against
+    the CA, the validity dates and, where the certificate names its uses, clientAuth (alert
+    bad_certificate).  The alert ends the QUIC handshake with CRYPTO_ERROR, before any stream
+    data is read: like the TLS listener's CERT_REQUIRED.
+    """
+
+    client_cafile: str
+
+    @classmethod
+    def adopt(cls, context: tls.Context, cafile: str) -> ClientCertificateRequired:
+        context.__class__ = cls
+        assert isinstance(context, ClientCertificateRequired)
+        context.client_cafile = cafile
+        context._request_client_certificate = True
+        return context
+
+    def _server_handle_certificate(self, input_buf: Buffer) -> None:
+        super()._server_handle_certificate(input_buf)
+        if self._peer_certificate is None:
+            raise AlertCertificateRequired("a client certificate is required")
+
+    def _server_handle_certificate_verify(self, input_buf: Buffer) -> None:
+        super()._server_handle_certificate_verify(input_buf)  # the key's signature
+        certificate = self._peer_certificate
+        assert certificate is not None
+        tls.verify_certificate(
+            certificate=certificate, chain=self._peer_certificate_chain, cafile=self.client_cafile
+        )
+        try:
+            usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            return
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+            raise tls.AlertBadCertificate("the certificate is not for client authentication")
+
+
 class MigratingQuicConnection(QuicConnection):
     """QuicConnection plus qmig's transport parameter, frames and client probing."""
 
@@ -125,6 +175,8 @@ class MigratingQuicConnection(QuicConnection):
     # Bounded receive window (see _write_stream_limits); None keeps aioquic's doubling.
     receive_window: int | None = None
     receive_paused: set[int]
+    # Server side: the CA that client certificates must chain to; None asks for none.
+    client_cafile: str | None = None
 
     @classmethod
     def adopt(
@@ -155,6 +207,11 @@ class MigratingQuicConnection(QuicConnection):
         handlers = self._QuicConnection__frame_handlers  # type: ignore[attr-defined]
         for frame_type in FRAME_TYPES:
             handlers[frame_type] = (self._handle_migration_frame, EPOCHS("1"))
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if self.client_cafile is not None and not self._is_client:
+            ClientCertificateRequired.adopt(self.tls, self.client_cafile)
 
     # ------------------------------------------------------------------ connection IDs
     def _replenish_connection_ids(self) -> None:

@@ -71,6 +71,7 @@ class QBroker:
     log_path: Path
     ports: dict[str, int]
     proc: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)  # more ``qmig broker`` options
     _log_file: object = field(default=None, repr=False)
 
     def port(self, transport: str) -> int:
@@ -82,7 +83,7 @@ class QBroker:
             sys.executable, "-m", "qmig", "broker", "--host", HOST,
             "--tcp-port", str(self.ports["tcp"]), "--tls-port", str(self.ports["tls"]),
             "--mptcp-port", str(self.ports["mptcp"]), "--quic-port", str(self.ports["quic"]),
-            "--cert", self.cert, "--key", self.key, "--log-level", "DEBUG",
+            "--cert", self.cert, "--key", self.key, "--log-level", "DEBUG", *self.extra_args,
         ]  # fmt: skip
         log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self._log_file = log_file
