@@ -538,12 +538,15 @@ class BrokerConnection:
             return
         pending = session.pending
         inflight = session.inflight
-        now = self.broker.now()
+        broker = self.broker
+        now = broker.now()
         while pending and self.writable and len(inflight) < self.send_quota:
             delivery = pending.popleft()
             expires_at = delivery.message.expires_at
             if expires_at is not None and expires_at <= now:
                 continue  # MQTT-3.3.2-5: expired messages are not delivered
+            if not broker.may_receive(session, delivery.message):
+                continue  # the ACL is asked when a message is sent, not only when queued
             if delivery.qos:
                 delivery.packet_id = session.allocate_packet_id()
                 delivery.state = AWAIT_PUBACK if delivery.qos == 1 else AWAIT_PUBREC

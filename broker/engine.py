@@ -141,6 +141,13 @@ class Broker:
                 connack[P.SESSION_EXPIRY_INTERVAL] = expiry
         else:
             expiry = 0 if packet.clean_start else self.cap_expiry(NEVER_EXPIRES)
+        if not self._may_own(client_id, packet.username):
+            # A session belongs to the identity that made it: another user may neither
+            # resume it (and read its queue), take its live connection over, nor discard
+            # it with Clean Start.  mosquitto lets the CONNECT in and withholds the queue;
+            # refusing keeps the owner's connection and queue whole.
+            conn._refuse(ReasonCode.NOT_AUTHORIZED, f"client id {client_id!r} is another user's")
+            return
         conn.client_id = client_id
         conn.username = packet.username
         conn.keep_alive = keep_alive
@@ -191,6 +198,23 @@ class Broker:
         self.stats.connections_total += 1
         log.debug("client %s connected over %s from %s", client_id, conn.transport, conn.peer)
         conn.accept(session, present, connack)
+
+    def _may_own(self, client_id: str, username: str | None) -> bool:
+        """May ``username`` use the session of ``client_id``?  Only its owner may.
+
+        Without a password file user names are claims, not identities, so nothing is
+        enforced (as every client may then claim any name).
+        """
+        if self.auth.users is None:
+            return True
+        session = self.store.get_session(client_id)
+        return session is None or session.username == username
+
+    def may_receive(self, session: Session, message: Message) -> bool:
+        """The ACL's word on delivering ``message`` to ``session``'s user, now."""
+        return not self._acl or self.auth.can_receive(
+            session.client_id, session.username, message.topic
+        )
 
     # ----------------------------------------------------------------- disconnect
     def connection_dropped(self, conn: BrokerConnection) -> None:
@@ -371,9 +395,7 @@ class Broker:
         sub_ids: list[int] | None,
         channel: int = 0,
     ) -> bool:
-        if self._acl and not self.auth.can_receive(
-            session.client_id, session.username, message.topic
-        ):
+        if not self.may_receive(session, message):
             return False
         conn = session.connection
         if conn is not None and conn.state is State.CONNECTED and not conn.closing:

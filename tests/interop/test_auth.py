@@ -4,6 +4,7 @@ hashes and ``acl_file`` syntax), and server redirection (v5)."""
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from amqtt.errors import ConnectError
 from brokers import BrokerFactory, BrokerProcess, LabCerts, start_broker_process
 
-from .clients import V5, V311, ClientPool, amqtt_client, skip_on_mosquitto, topic_root
+from .clients import V5, V311, ClientPool, amqtt_client, skip_on_mosquitto, topic_root, uid
 
 pytestmark = pytest.mark.interop
 
@@ -213,3 +214,47 @@ def test_server_redirect_v5_connack_0x9c_mqtt_4_11(
     assert sub.subscribe(topic, 1) == [1]
     clients.paho(broker, version=V5).publish(topic, b"arrived", qos=1)
     assert sub.collector.wait_for(1)[0].payload == b"arrived"
+
+
+def _bob_queue(auth_broker: BrokerProcess, clients: ClientPool, device: str) -> None:
+    """bob's persistent session on acl/wo/inbox (alice may write there, never read), and
+    three QoS 1 messages from carol queued in it while he is away."""
+    bob = clients.paho(auth_broker, client_id=device, clean=False, session_expiry=300,
+                       username="bob", password=USERS["bob"])  # fmt: skip
+    assert bob.subscribe("acl/wo/inbox", 1) == [1]
+    bob.disconnect()
+    carol = clients.paho(auth_broker, username="carol", password=USERS["carol"])
+    for n in range(3):
+        carol.publish("acl/wo/inbox", f"secret {n}".encode(), qos=1)
+
+
+def test_another_user_gets_none_of_a_sessions_queue(
+    auth_broker: BrokerProcess, clients: ClientPool
+) -> None:
+    """Issue #13 finding 3 (mosquitto 2 behaves so too): alice connecting with bob's client
+    id and Clean Start 0 receives none of the messages queued for bob."""
+    device = uid("bob-device")
+    _bob_queue(auth_broker, clients, device)
+    alice = clients.paho(auth_broker, client_id=device, clean=False, session_expiry=300,
+                         username="alice", password=USERS["alice"], connect=False)  # fmt: skip
+    alice.connect(expect_success=False)
+    time.sleep(0.5)
+    assert alice.collector.payloads() == []
+
+
+@skip_on_mosquitto("mosquitto lets alice in (and withholds the queue); qmig refuses her")
+def test_another_user_is_refused_and_the_owner_gets_the_queue(
+    auth_broker: BrokerProcess, clients: ClientPool
+) -> None:
+    """Issue #13 finding 3: a session belongs to its user: alice is refused with Not
+    authorized (0x87) and bob then resumes his session with all three messages."""
+    device = uid("bob-device")
+    _bob_queue(auth_broker, clients, device)
+    alice = clients.paho(auth_broker, client_id=device, clean=False, session_expiry=300,
+                         username="alice", password=USERS["alice"], connect=False)  # fmt: skip
+    assert alice.connect(expect_success=False).reason_code == 0x87
+    bob = clients.paho(auth_broker, client_id=device, clean=False, session_expiry=300,
+                       username="bob", password=USERS["bob"])  # fmt: skip
+    assert bob.connack is not None and bob.connack.session_present
+    got = bob.collector.wait_for(3)
+    assert [m.payload for m in got] == [b"secret 0", b"secret 1", b"secret 2"]
