@@ -14,8 +14,10 @@ Exit status: locust's (1 when any request failed), 2 when the run could not be m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,13 +84,41 @@ HEADER = ("transport", "connected", "messages", "lost", "late", "puback p50", "p
           "deliver p50", "deliver p99", "deliver max")  # fmt: skip
 
 
+_TIMESPAN = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def duration(text: str) -> float:
+    """Seconds from ``90``/``90.5`` or locust's time format (``20s``, ``1m30s``, ``1h``).
+
+    (locust.util.timespan parses the same format, but importing locust patches the
+    interpreter with gevent, which this driver must not.)
+    """
+    text = text.strip().lower()
+    with contextlib.suppress(ValueError):
+        seconds = float(text)
+        if seconds > 0:
+            return seconds
+        raise argparse.ArgumentTypeError(f"duration must be positive, not {text!r}")
+    match = _TIMESPAN.fullmatch(text)
+    if not text or match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: give seconds (90) or 20s, 1m30s, 1h"
+        )
+    hours, minutes, seconds_text = match.groups()
+    total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds_text or 0)
+    if total <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive, not {text!r}")
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.split(
         "\n")[0])  # fmt: skip
     add = parser.add_argument
     add("--users", "-u", type=int, default=50, help="simulated devices (default 50)")
     add("--spawn-rate", "-r", type=float, default=None, help="users started per second")
-    add("--duration", "-t", type=float, default=30.0, help="seconds of load (default 30)")
+    add("--duration", "-t", type=duration, default=30.0,
+        help="how long the load runs: seconds, or 20s, 1m30s, 1h (default 30)")  # fmt: skip
     add("--rate", type=float, default=1.0, help="messages per second per user (default 1)")
     add("--qos", type=int, default=1, choices=(0, 1, 2))
     add("--transport", choices=sorted(USER_CLASSES), default="both")

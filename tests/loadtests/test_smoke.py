@@ -167,3 +167,21 @@ def test_bridge_wakes_greenlets_from_the_loop_thread() -> None:
     proc = subprocess.run([sys.executable, "-c", BRIDGE_CHECK], capture_output=True, text=True,
                           timeout=25)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("20s", 20), ("1m30s", 90), ("1h", 3600),
+                                               ("45", 45), ("2.5", 2.5)])  # fmt: skip
+def test_loadtest_duration_takes_seconds_or_locusts_time_format(text: str, seconds: float) -> None:
+    from loadtests.run import duration
+
+    assert duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5", "ten", "1x", "5m3h"])
+def test_loadtest_duration_refuses_what_is_not_a_duration(text: str) -> None:
+    import argparse
+
+    from loadtests.run import duration
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        duration(text)
