@@ -11,22 +11,9 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from measure import distribution
+
 TRANSPORTS = ("quic", "tcp")
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in 0..100) of ``values``; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return round(ordered[min(rank, len(ordered)) - 1], 3)
-
-
-def distribution(values: Sequence[float]) -> dict[str, float | int | None]:
-    return {"n": len(values), "min": percentile(values, 0), "p50": percentile(values, 50),
-            "p90": percentile(values, 90), "p99": percentile(values, 99),
-            "max": percentile(values, 100)}  # fmt: skip
 
 
 def _users(trace: dict[str, Any], transport: str | None) -> list[dict[str, Any]]:
@@ -147,8 +134,9 @@ def latency_profile(trace: dict[str, Any], start: float, end: float, bin_s: floa
     for index in range(math.ceil((end - start) / bin_s)):
         values = bins.get(index, [])
         at = start + index * bin_s - origin
-        rows.append({"t_s": round(at, 3), "n": len(values), "p50": percentile(values, 50),
-                     "p99": percentile(values, 99), "max": percentile(values, 100)})  # fmt: skip
+        d = distribution(values)
+        rows.append({"t_s": round(at, 3), "n": d["n"], "p50": d["p50"], "p99": d["p99"],
+                     "max": d["max"]})  # fmt: skip
     return rows
 
 

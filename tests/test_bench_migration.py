@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from measure import percentile
 from migration.scenario import ClientSpec, Scenario, ScenarioError
 from qmig.benchmarks.migration import (
     QUICK_VARIANTS,
@@ -28,7 +29,6 @@ from qmig.benchmarks.migration import (
     build_report,
     complete,
     headline,
-    percentile,
     pool_order,
     results_csv,
     runs_csv,
@@ -73,12 +73,15 @@ def _runs() -> list[dict[str, Any]]:
     return runs
 
 
-def test_percentile_interpolates_between_ranks() -> None:
-    assert percentile([], 0.95) is None
-    assert percentile([7.0], 0.95) == 7.0
-    assert percentile([1, 2, 3, 4, 5], 0.5) == 3
-    assert percentile([10, 20, 30, 40, 50], 0.95) == pytest.approx(48.0)
-    assert percentile([50, 10, 40, 20, 30], 0.95) == pytest.approx(48.0)  # any order
+def test_percentile_is_the_one_nearest_rank_definition() -> None:
+    assert percentile([], 95) is None
+    assert percentile([7.0], 95) == 7.0
+    assert percentile([1, 2, 3, 4, 5], 50) == 3
+    assert percentile([10, 20, 30, 40, 50], 95) == 50  # a value observed, no interpolation
+    assert percentile([50, 10, 40, 20, 30], 80) == 40  # any order
+    assert percentile([50, 10, 40, 20, 30], 0) == 10
+    with pytest.raises(ValueError):
+        percentile([1.0], 0.95 * 200)
 
 
 def test_aggregate_medians_p95_sums_and_pool_positions() -> None:
@@ -86,8 +89,8 @@ def test_aggregate_medians_p95_sums_and_pool_positions() -> None:
     by = {(r["variant"], r["link"]): r for r in results}
     quic = by[("quic-proactive", "100mbit")]
     assert quic["runs"] == 5 and quic["loss"] == 0.0 and quic["state"] == "idle"
-    assert quic["extra_ms"] == {"median": 30.0, "p95": 48.0}
-    assert quic["interruption_ms"] == {"median": 1030.0, "p95": 1048.0}
+    assert quic["extra_ms"] == {"median": 30.0, "p95": 50.0}  # nearest rank
+    assert quic["interruption_ms"] == {"median": 1030.0, "p95": 1050.0}
     assert quic["reestablish_ms"]["median"] == 15.0
     assert quic["freeze_ms"]["median"] == 1000.0 and quic["checkpoint_bytes"] == 30e6
     assert quic["cpu_ms"] == {"machinery": 900.0, "broker": 300.0, "clients": 200.0}

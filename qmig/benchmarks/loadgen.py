@@ -40,6 +40,7 @@ from aioquic.asyncio import connect as quic_connect
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 
+from measure import percentile
 from mqttproto.codec import PacketReader, encode
 from mqttproto.packets import (
     MQTT_3_1_1,
@@ -93,12 +94,8 @@ def publish_template(topic: str, qos: int, payload_size: int = PAYLOAD_SIZE) -> 
     return pkt, len(pkt) - payload_size
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list (``q`` in 0..100)."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
-    return sorted_values[rank - 1]
+def _ns_to_ms(ns: float | None) -> float:
+    return float("nan") if ns is None else ns / 1e6
 
 
 def raise_nofile(wanted: int) -> int:
@@ -648,8 +645,8 @@ async def _role_sub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
     }
     if latency:
         result["latency_ms"] = {
-            "p50": percentile(lat, 50) / 1e6,
-            "p99": percentile(lat, 99) / 1e6,
+            "p50": _ns_to_ms(percentile(lat, 50)),
+            "p99": _ns_to_ms(percentile(lat, 99)),
             "max": (lat[-1] / 1e6) if lat else float("nan"),
             "samples": len(lat),
         }

@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from measure import percentile
+
 SCENARIO = "compare"
 DESTINATION = "edge-b"
 VARIANTS = ("quic-proactive", "quic-reactive", "quic-pool", "quic-announce",
@@ -170,16 +172,6 @@ def pool_order(hosts: Sequence[str], dest: str, position: int) -> tuple[str, ...
 
 def variant_name(client: str, pool_position: int | None) -> str:
     return f"{client}-{pool_position}" if client == "quic-pool" and pool_position else client
-
-
-def percentile(values: Iterable[float], q: float) -> float | None:
-    """The q-quantile (0..1) by linear interpolation between closest ranks; None if empty."""
-    xs = sorted(values)
-    if not xs:
-        return None
-    k = (len(xs) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def _proc_times(pid: int | str) -> tuple[int, float] | None:
@@ -554,7 +546,7 @@ def _stat(values: Iterable[float | None]) -> dict[str, float | None]:
     xs = [float(v) for v in values if v is not None]
     if not xs:
         return {"median": None, "p95": None}
-    p95 = percentile(xs, 0.95)
+    p95 = percentile(xs, 95)
     return {"median": round(statistics.median(xs), 1), "p95": round(p95, 1) if p95 else p95}
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from loadtests.report import distribution, migration_impact, percentile, steady_state
+from loadtests.report import migration_impact, steady_state
 from loadtests.telemetry import Tracker, parse_seq, payload, wall
+from measure import distribution, percentile
 
 
 def test_payload_round_trips_and_has_the_requested_size() -> None:
