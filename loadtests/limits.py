@@ -24,6 +24,8 @@ from typing import Any
 
 import psutil
 
+from measure.cpu import CpuSampler, PidGroups
+
 from .broker import LoadTestError, LocustRun, LoopbackBroker
 from .report import fmt, steady_state, table
 from .run import locust_cmd, trace_file
@@ -47,38 +49,6 @@ class Step:
     others_cpu: float | None = None  # everything else on the machine meanwhile
     ok: bool = False
     why: str = ""
-
-
-class CpuSampler:
-    """CPU time of a few processes between two instants, as percent of one core."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.t0 = time.monotonic()
-        self.c0 = {name: self._cpu(p) for name, p in self.procs.items()}
-        self.m0 = self._machine()
-
-    @staticmethod
-    def _machine() -> float:
-        t = psutil.cpu_times()
-        return float(t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0))
-
-    @staticmethod
-    def _cpu(proc: psutil.Process) -> float:
-        try:
-            t = proc.cpu_times()
-            return float(t.user + t.system)
-        except psutil.Error:
-            return 0.0
-
-    def percent(self) -> dict[str, float]:
-        """Per process, and ``others``: the rest of the machine (other work sharing it)."""
-        dt = time.monotonic() - self.t0
-        out = {name: round((self._cpu(p) - self.c0[name]) / dt * 100, 1)
-               for name, p in self.procs.items()}  # fmt: skip
-        machine = (self._machine() - self.m0) / dt * 100
-        out["others"] = round(max(0.0, machine - sum(out.values())), 1)
-        return out
 
 
 def wait_quiet(busy_below: float, patience: float, say: Any = print) -> float:
@@ -114,8 +84,10 @@ def measure(transport: str, users: int, args: argparse.Namespace, out: Path) -> 
             run.wait_ready(users / spawn + args.connect_slack + 30)
             time.sleep(WARMUP)
             assert broker.proc is not None
-            sampler = CpuSampler({"broker": broker.proc.pid, "locust": run.proc.pid})
+            sampler = CpuSampler(PidGroups({"broker": broker.proc.pid, "locust": run.proc.pid}))
+            sampler.start()
             time.sleep(args.measure)
+            sampler.stop()
             cpu = sampler.percent()
             measured_until = time.time()
             run.stop()
@@ -135,7 +107,8 @@ def measure(transport: str, users: int, args: argparse.Namespace, out: Path) -> 
     step.deliver_p50 = s["deliver_ms"]["p50"]
     step.deliver_p99 = s["deliver_ms"]["p99"]
     step.publish_p99 = s["publish_ms"]["p99"]
-    step.broker_cpu, step.locust_cpu, step.others_cpu = cpu["broker"], cpu["locust"], cpu["others"]
+    step.broker_cpu, step.locust_cpu = cpu.get("broker"), cpu.get("locust")
+    step.others_cpu = cpu.get("others")
     problems = []
     if step.connected < users:
         problems.append(f"{users - step.connected} users not connected")

@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 
 from measure import percentile
+from measure.cpu import CpuSampler
 from migration.scenario import ClientSpec, Scenario, ScenarioError
 from qmig.benchmarks.migration import (
     QUICK_VARIANTS,
-    CpuSampler,
+    LabGroups,
     Settings,
     aggregate,
     build_report,
@@ -276,7 +277,7 @@ def test_cpu_sampler_counts_a_busy_child_process() -> None:
     import os
 
     ns = os.stat("/proc/self/ns/net").st_ino
-    sampler = CpuSampler({ns}, None, None, tick=0.05)
+    sampler = CpuSampler(LabGroups({ns}, None, None), tick=0.05)
     sampler.start()
     child = subprocess.Popen([sys.executable, "-c",
                               "import time\nt = time.process_time()\n"

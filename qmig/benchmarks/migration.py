@@ -34,14 +34,14 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from measure import percentile
+from measure.cpu import CpuSampler, Proc, netns_inode
 
 SCENARIO = "compare"
 DESTINATION = "edge-b"
@@ -174,130 +174,45 @@ def variant_name(client: str, pool_position: int | None) -> str:
     return f"{client}-{pool_position}" if client == "quic-pool" and pool_position else client
 
 
-def _proc_times(pid: int | str) -> tuple[int, float] | None:
-    """(parent pid, utime + stime + cutime + cstime in seconds) of a live process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    ticks = sum(int(x) for x in fields[11:15])
-    return int(fields[1]), ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _comm(pid: int | str) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _netns(pid: int | str) -> int | None:
-    return _netns_file(f"/proc/{pid}/ns/net")
-
-
-def _netns_file(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
-
-class CpuSampler(threading.Thread):
-    """CPU time (user + system, children reaped included) by group, sampled every ``tick`` s.
+class LabGroups:
+    """The lab's CPU groups for :class:`measure.cpu.CpuSampler`.
 
     - ``broker``: every process in the edge hosts' pod network namespaces (the broker, and
       CRIU's restore work done inside the restored task);
     - ``clients``: every process in the clients' namespace (the workload: all variants);
     - ``machinery``: the podman API service (with the runc and CRIU dump processes it reaps)
       and the lab containers' conmon processes (with the runc and CRIU restore they reap).
-
-    A process seen at the first sample counts from then; one born later counts from zero; one
-    that died counts until its last sample (CPU of its last ``tick`` may be missed, though a
-    frozen or exiting process uses little).  ``series`` holds (wall time, {group: seconds}).
-    The sampler's own CPU is measured (``own_cpu_s``) so the orchestrator's can exclude it.
     """
 
-    def __init__(self, pod_netns: set[int], client_netns: int | None, service_pid: int | None,
-                 tick: float = 0.1) -> None:  # fmt: skip
-        super().__init__(name="qmig-cpu-sampler", daemon=True)
+    groups = ("broker", "clients", "machinery")
+
+    def __init__(self, pod_netns: set[int], client_netns: int | None,
+                 service_pid: int | None) -> None:  # fmt: skip
         self.pod_netns = pod_netns
         self.client_netns = client_netns
         self.service_pid = service_pid
-        self.tick = tick
-        self.base: dict[int, float] = {}
-        self.last: dict[int, tuple[str, float]] = {}  # pid -> (group, seconds)
-        self.series: list[tuple[float, dict[str, float]]] = []
-        self.own_cpu_s = 0.0
-        self._halt = threading.Event()
-        self._first = True
 
-    def sample(self) -> None:
-        now = time.time()
-        seen: dict[int, tuple[str, float]] = {}
-        conmons: set[int] = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            pid = int(entry)
-            ns = _netns(pid)
-            group = ("broker" if ns in self.pod_netns else
-                     "clients" if ns is not None and ns == self.client_netns else None)  # fmt: skip
-            if group is None and pid != self.service_pid:
-                continue
-            times = _proc_times(pid)
-            if times is None:
-                continue
-            ppid, seconds = times
+    def classify(self, procs: Mapping[int, Proc]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        parents: set[int] = set()
+        for pid, proc in procs.items():
             if pid == self.service_pid:
-                group = "machinery"
-            elif group == "broker" and ppid > 1:
-                conmons.add(ppid)
-            seen[pid] = (str(group), seconds)
-        for pid in conmons - set(seen):
-            times = _proc_times(pid) if _comm(pid) == "conmon" else None
-            if times is not None:
-                seen[pid] = ("machinery", times[1])
-        for pid, (group, seconds) in seen.items():
-            if pid not in self.base:
-                self.base[pid] = seconds if self._first else 0.0
-            self.last[pid] = (group, seconds)
-        self._first = False
-        totals = {"broker": 0.0, "clients": 0.0, "machinery": 0.0}
-        for pid, (group, seconds) in self.last.items():
-            totals[group] += max(0.0, seconds - self.base[pid])
-        self.series.append((now, totals))
-
-    def run(self) -> None:
-        start = time.thread_time()
-        while True:
-            self.sample()
-            self.own_cpu_s = time.thread_time() - start
-            if self._halt.wait(self.tick):
-                break
-        self.sample()
-        self.own_cpu_s = time.thread_time() - start
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(timeout=5)
-
-    def at(self, when: float, group: str) -> float:
-        """Cumulative seconds of ``group`` at the last sample not after ``when``."""
-        value = 0.0
-        for t, totals in self.series:
-            if t > when:
-                break
-            value = totals[group]
-        return value
-
-    def between(self, since: float, until: float, group: str) -> float:
-        return max(0.0, self.at(until, group) - self.at(since, group))
-
-    def total(self, group: str) -> float:
-        return self.series[-1][1][group] if self.series else 0.0
+                out[pid] = "machinery"
+                continue
+            ns = proc.netns
+            if ns is None:
+                continue
+            if ns in self.pod_netns:
+                out[pid] = "broker"
+                ppid = proc.ppid
+                if ppid is not None and ppid > 1:
+                    parents.add(ppid)
+            elif ns == self.client_netns:
+                out[pid] = "clients"
+        for pid in parents - set(out):
+            if pid in procs and procs[pid].comm == "conmon":
+                out[pid] = "machinery"
+        return out
 
 
 def _self_cpu() -> float:
@@ -349,10 +264,11 @@ class RunHooks:
                      f"{time.monotonic() - t0:.1f} s")  # fmt: skip
             if not loaded.get("ok"):
                 raise RuntimeError(f"loading the broker state failed: {loaded.get('errors')}")
-        pods = {_netns(lab.podman.pod_infra_pid(pod_name(h))) for h in sc.hosts}
-        client_ns = _netns_file(f"/run/netns/{CLIENT_NS}")
+        pods = {netns_inode(f"/proc/{lab.podman.pod_infra_pid(pod_name(h))}/ns/net")
+                for h in sc.hosts}  # fmt: skip
+        client_ns = netns_inode(f"/run/netns/{CLIENT_NS}")
         service = lab.state.service_pid if lab.state else None
-        self.sampler = CpuSampler({p for p in pods if p is not None}, client_ns, service)
+        self.sampler = CpuSampler(LabGroups({p for p in pods if p is not None}, client_ns, service))
         self.self_cpu0 = _self_cpu()
         self.sampler.start()
 
