@@ -8,6 +8,7 @@ transport calls ``on_data`` with received bytes and ``on_lost`` once when it is 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import os
@@ -391,8 +392,10 @@ async def _connect_socket(host: str, port: int, mptcp: bool = False) -> socket.s
         if err not in (0, errno.EINPROGRESS):
             raise OSError(err, os.strerror(err))
         if err:
-            ready = loop.create_future()
-            loop.add_writer(sock.fileno(), ready.set_result, None)
+            ready: asyncio.Future[None] = loop.create_future()
+            # A cancelled attempt's future is done before its writer is removed: the
+            # callback must not set it again (InvalidStateError in the event loop).
+            loop.add_writer(sock.fileno(), _resolve, ready)
             try:
                 await ready
             finally:
@@ -404,6 +407,11 @@ async def _connect_socket(host: str, port: int, mptcp: bool = False) -> socket.s
         sock.close()
         raise
     return sock
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def _connect_mptcp(host: str, port: int) -> socket.socket:
@@ -457,6 +465,34 @@ async def _connect_resending_syn(
                     (await task).close()
         if refused is not None:
             raise refused  # the attempt failed at once: the caller backs off
+
+
+def race_connect_blocking(
+    primary: Target, fallback: Target | None, mptcp: bool = False, *,
+    syn_timeout: float = 0.25, timeout: float = 3.0,
+) -> tuple[socket.socket, Target]:  # fmt: skip
+    """:func:`_connect_resending_syn` for a threaded client (paho's network thread).
+
+    The race runs on an event loop of its own (on a thread of its own if the caller's
+    thread already runs one); the socket comes back blocking, with ``timeout`` set as
+    ``socket.create_connection`` leaves it.
+    """
+
+    def race() -> tuple[socket.socket, Target]:
+        return asyncio.run(
+            _connect_resending_syn(*primary, mptcp, syn_timeout, timeout, fallback)
+        )
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        sock, target = race()
+    else:
+        with concurrent.futures.ThreadPoolExecutor(1, "qmig-connect") as pool:
+            sock, target = pool.submit(race).result()
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    return sock, target
 
 
 def quic_configuration(

@@ -31,11 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import stat
@@ -55,7 +53,7 @@ from client.client import (
     ClientError,
     parse_reference,
 )
-from client.transports import IPPROTO_MPTCP, TRANSPORTS
+from client.transports import TRANSPORTS, Target, race_connect_blocking
 from migration.scenario import LIBRARIES, PAHO_TRANSPORTS, ClientSpec
 from migration.strategies import Strategy
 from mqttproto.client import Connected, Event
@@ -291,69 +289,11 @@ def _settle(fut: asyncio.Future[Any], value: Any) -> None:
         fut.set_result(value)
 
 
-Target = tuple[str, int]
-
-
-def race_connect(primary: Target, fallback: Target | None, proto: int = 0, *,
-                 syn_resend: float = 0.25, timeout: float = 3.0,
-                 grace: float = 0.05) -> tuple[socket.socket, Target]:  # fmt: skip
-    """A TCP (MPTCP if ``proto`` says so) connection to ``primary``, raced by ``fallback``.
-
-    Against ``primary`` alone this is an ordinary connect whose SYN is resent every
-    ``syn_resend`` s (not after the kernel's 1 s, 3 s... backoff: a destination being
-    restored drops SYNs behind CRIU's network lock, then answers within milliseconds), up to
-    ``timeout``; a refusal fails at once.  ``fallback`` (where the broker was before a Server
-    Reference) is tried alongside and wins if it answers first; when ``primary`` refuses, it
-    gets ``grace`` s more.  Returns the connected (blocking) socket and the target it reached.
-    """
-    deadline = time.monotonic() + timeout
-    targets = [primary] + ([fallback] if fallback and fallback != primary else [])
-    while True:
-        now = time.monotonic()
-        if now >= deadline:
-            raise TimeoutError(f"no TCP connection to {primary[0]}:{primary[1]} within "
-                               f"{timeout:g} s")  # fmt: skip
-        round_end = min(now + syn_resend, deadline)
-        pending: dict[socket.socket, Target] = {}
-        refused: OSError | None = None
-        try:
-            for target in targets:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
-                sock.setblocking(False)
-                err = sock.connect_ex(target)
-                if err in (0, errno.EINPROGRESS):
-                    pending[sock] = target
-                    continue
-                sock.close()
-                if target == primary:
-                    refused = OSError(err, os.strerror(err))
-            if refused is not None:
-                round_end = min(round_end, time.monotonic() + grace)
-            while pending and (left := round_end - time.monotonic()) > 0:
-                _, ready, _ = select.select([], list(pending), [], left)
-                for sock in ready:
-                    target = pending.pop(sock)
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if not err:
-                        sock.setblocking(True)
-                        sock.settimeout(timeout)  # as socket.create_connection leaves it
-                        return sock, target
-                    sock.close()
-                    if target == primary:
-                        refused = OSError(err, os.strerror(err))
-                        round_end = min(round_end, time.monotonic() + grace)
-        finally:
-            for sock in pending:
-                sock.close()
-        if refused is not None:
-            raise refused
-
-
 def _paho_class(transport: str) -> type:
-    """paho's Client connecting as :func:`race_connect` does (MPTCP for ``mptcp``)."""
+    """paho's Client connecting as qmig's client does (MPTCP for ``mptcp``)."""
     import paho.mqtt.client as mqtt
 
-    proto = IPPROTO_MPTCP if transport == "mptcp" else 0
+    mptcp = transport == "mptcp"
 
     class LabPahoClient(mqtt.Client):  # type: ignore[misc]
         fallback: Callable[[], Target | None] = staticmethod(lambda: None)
@@ -363,8 +303,9 @@ def _paho_class(transport: str) -> type:
             # paho has no socket factory option; this private hook is the narrowest seam.
             primary = (self._host, self._port)
             try:
-                sock, target = race_connect(primary, self.fallback(), proto,
-                                            syn_resend=SYN_RESEND, timeout=self._connect_timeout)
+                sock, target = race_connect_blocking(primary, self.fallback(), mptcp,
+                                                     syn_timeout=SYN_RESEND,
+                                                     timeout=self._connect_timeout)  # fmt: skip
             except OSError:
                 raise
             except Exception as exc:  # anything else would end paho's network thread
@@ -392,8 +333,8 @@ class PahoClient:
     CONNACK) carrying one, this class points paho's next attempt at the referenced host (a
     bare host keeps the port).  If that host stays unreachable for ``FALLBACK_AFTER`` s (a
     rolled-back migration), every attempt also races a connection to the previous host
-    (:func:`race_connect`) until one of them answers; attempts to the referenced host go on
-    as before, so a freeze longer than that costs no detour.
+    (:func:`client.transports.race_connect_blocking`) until one of them answers; attempts
+    to the referenced host go on as before, so a freeze longer than that costs no detour.
     """
 
     def __init__(self, host: str, port: int, *, transport: str, client_id: str,

@@ -447,29 +447,6 @@ async def test_paho_clients_follow_a_server_reference_and_keep_their_session(
         assert figures["lost"] == 0 and figures["interruption_ms"] is not None, figures
 
 
-def test_race_connect_prefers_the_reference_and_falls_back_when_it_refuses() -> None:
-    from migration.workload import race_connect
-
-    with socket.socket() as a, socket.socket() as b:
-        for listener in (a, b):
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(8)
-        pa, pb = a.getsockname(), b.getsockname()
-        dead = ("127.0.0.1", _free_port(socket.SOCK_STREAM))
-        sock, reached = race_connect(pa, pb)
-        with sock:
-            assert reached == pa and sock.getpeername() == pa
-        sock, reached = race_connect(dead, pb)  # refused at once: the fallback answers
-        with sock:
-            assert reached == pb
-        t0 = time.monotonic()
-        with pytest.raises(ConnectionRefusedError):
-            race_connect(dead, None)
-        with pytest.raises(ConnectionRefusedError):
-            race_connect(dead, dead)
-        assert time.monotonic() - t0 < 0.5
-
-
 @pytest.mark.timeout(40)
 async def test_paho_clients_fall_back_when_the_referenced_broker_never_comes(
     broker: tuple[BrokerServer, BrokerTarget], tmp_path: Path
