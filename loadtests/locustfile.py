@@ -49,7 +49,7 @@ from paho.mqtt.properties import Properties
 from client.client import Client, parse_reference
 from loadtests.bridge import get_bridge
 from loadtests.telemetry import Tracker, payload, wall
-from migration.workload import RECONNECT_DELAY
+from migration.scenario import RECONNECT_DELAY
 
 log = logging.getLogger("qmig.loadtests")
 REQUEST_TYPE = "MQTT"

@@ -21,6 +21,17 @@ from typing import Any
 
 import yaml
 
+# The lab's one reconnect schedule (TCP, TLS, MPTCP clients, paho's and qmig's alike): first
+# retry 50 ms after a loss, then doubling up to 0.5 s.  Scenarios and workload specs may set
+# their own; this is the default of both.
+RECONNECT_DELAY = (0.05, 0.5)
+
+
+def check_reconnect_delay(delay: tuple[float, ...], error: type[Exception]) -> None:
+    if len(delay) != 2 or not 0 < delay[0] <= delay[1]:
+        raise error("reconnect_delay is [first, max] seconds with 0 < first <= max")
+
+
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 LAB_NET = ipaddress.ip_network("198.18.0.0/15")
 TRANSPORTS = ("quic", "tcp", "tls", "mptcp")
@@ -107,7 +118,7 @@ class Scenario:
     qos: int = 1
     # Reconnecting clients (TCP, TLS, MPTCP): first retry this long after a loss, then
     # doubling up to the second value (seconds); one schedule for paho and qmig's client.
-    reconnect_delay: tuple[float, float] = (0.05, 0.5)
+    reconnect_delay: tuple[float, float] = RECONNECT_DELAY
     migrations: tuple[str, ...] = ()
     settle: float = 3.0
     ports: Ports = field(default_factory=Ports)
@@ -175,9 +186,7 @@ class Scenario:
             raise ScenarioError("loss is a percentage in [0, 100)")
         if self.qos not in (0, 1, 2) or self.rate <= 0:
             raise ScenarioError("qos must be 0, 1 or 2 and rate positive")
-        first, cap = self.reconnect_delay
-        if not 0 < first <= cap:
-            raise ScenarioError("reconnect_delay is [first, max] seconds with 0 < first <= max")
+        check_reconnect_delay(self.reconnect_delay, ScenarioError)
         return self
 
     # ------------------------------------------------------------------ files
@@ -197,7 +206,7 @@ class Scenario:
                 loss=float(data.get("loss", 0)),
                 rate=float(data.get("rate", 20)),
                 qos=int(data.get("qos", 1)),
-                reconnect_delay=_delay_pair(data.get("reconnect_delay", (0.05, 0.5))),
+                reconnect_delay=_delay_pair(data.get("reconnect_delay", RECONNECT_DELAY)),
                 migrations=tuple(data.get("migrations", ())),
                 settle=float(data.get("settle", 3.0)),
                 ports=Ports(**(data.get("ports") or {})),

@@ -54,7 +54,13 @@ from client.client import (
     parse_reference,
 )
 from client.transports import TRANSPORTS, Target, race_connect_blocking
-from migration.scenario import LIBRARIES, PAHO_TRANSPORTS, ClientSpec
+from migration.scenario import (
+    LIBRARIES,
+    PAHO_TRANSPORTS,
+    RECONNECT_DELAY,
+    ClientSpec,
+    check_reconnect_delay,
+)
 from migration.strategies import Strategy
 from mqttproto.client import Connected, Event
 
@@ -62,7 +68,6 @@ log = logging.getLogger("qmig.workload")
 
 SESSION_EXPIRY = 600  # seconds: a TCP/MPTCP client's session survives its reconnect
 KEEP_ALIVE = 30
-RECONNECT_DELAY = (0.05, 0.5)  # default: first retry after 50 ms, then doubling up to 0.5 s
 # A reconnect's SYN is resent after this long, by qmig's client and by PahoClient alike.
 SYN_RESEND = float(getattr(client_module, "RECONNECT_SYN_TIMEOUT", 0.25))
 PAHO_MAX_INFLIGHT = 1024  # the broker's Receive Maximum (paho's own default is 20)
@@ -135,9 +140,7 @@ class WorkloadSpec:
             raise SpecError("duration must be >= 0 (or null: until stopped)")
         if self.drain < 0:
             raise SpecError("drain must be >= 0")
-        delay = self.reconnect_delay
-        if len(delay) != 2 or not 0 < delay[0] <= delay[1]:
-            raise SpecError("reconnect_delay is [first, max] seconds with 0 < first <= max")
+        check_reconnect_delay(self.reconnect_delay, SpecError)
         return self
 
     def to_dict(self) -> dict[str, Any]:
