@@ -19,7 +19,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from migration.frames import Address
@@ -164,6 +164,9 @@ class Client:
         # How a QUIC connection follows a migrating broker (see migration.strategies).
         self.follower = Follower(Strategy(follow)) if transport == "quic" else None
         self.moves: list[tuple[float, Address]] = []
+        # Observers' hook (measurement, logs): called with ("connected", "host:port") when a
+        # CONNACK accepts a connection and ("lost", reason) when one is lost unasked.
+        self.on_connection: Callable[[str, str], None] | None = None
 
     # ----------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Client:
@@ -240,6 +243,8 @@ class Client:
             self.session_present = event.session_present
             self.connack_properties = event.properties
             self._connected.set()
+            if self.on_connection is not None:
+                self.on_connection("connected", f"{self.host}:{self.port}")
         return event
 
     async def disconnect(self) -> None:
@@ -344,6 +349,8 @@ class Client:
             self._connack.set_exception(ClientError(f"connection lost: {exc}"))
         if self._closing:
             return
+        if self.on_connection is not None:
+            self.on_connection("lost", str(exc) if exc else "")
         if self.reconnect:
             if self._reconnect_task is None or self._reconnect_task.done():
                 task = asyncio.get_running_loop().create_task(self._reconnect_loop())

@@ -62,7 +62,6 @@ from migration.scenario import (
     check_reconnect_delay,
 )
 from migration.strategies import Strategy
-from mqttproto.client import Connected, Event
 
 log = logging.getLogger("qmig.workload")
 
@@ -210,28 +209,19 @@ class TracedClient(Client):
     """A :class:`Client` that also notes when its connection went and came back.
 
     ``Client.reconnects`` only counts; the lab wants to see *when* a TCP client was sent
-    away and when it was back, next to the orchestrator's timeline.
+    away and when it was back, next to the orchestrator's timeline (through the client's
+    ``on_connection`` hook).
     """
 
     def __init__(self, *args: Any, clock: WallClock, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.clock = clock
         self.events: list[list[Any]] = []  # [event, wall time, detail]
+        self.on_connection = self._note
 
-    def _on_lost(self, exc: Exception | None) -> None:
-        if not self._closing:
-            self.events.append(["lost", self.clock.now(), str(exc) if exc else ""])
-            del self.events[:-1000]
-        super()._on_lost(exc)
-
-    async def _connect_once(self, timeout: float | None = None,
-                            syn_timeout: float | None = None,
-                            fallback: tuple[str, int] | None = None) -> Event:
-        event = await super()._connect_once(timeout, syn_timeout, fallback)
-        if isinstance(event, Connected):
-            self.events.append(["connected", self.clock.now(), f"{self.host}:{self.port}"])
-            del self.events[:-1000]
-        return event
+    def _note(self, event: str, detail: str) -> None:
+        self.events.append([event, self.clock.now(), detail])
+        del self.events[:-1000]
 
 
 # ---------------------------------------------------------------------- paho-mqtt
