@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,69 +66,62 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_run(args)
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
+# bench targets: name -> (help, module); a target's module is imported only when it runs.
+BENCH_TARGETS = {
+    "broker": ("broker throughput and latency benchmark", "qmig.benchmarks.broker"),
+    "streams": ("head-of-line blocking: single vs multi-stream QUIC", "qmig.benchmarks.streams"),
+    "strategies": ("client interruption of each migration strategy",
+                   "qmig.benchmarks.strategies"),
+    "abuse": ("adversarial probes: what each attack costs the broker", "qmig.benchmarks.abuse"),
+    "migration": ("QUIC vs TCP/TLS/MPTCP through a live container migration",
+                  "qmig.benchmarks.migration"),
+}  # fmt: skip
+
+
+def _add_bench(sub: argparse._SubParsersAction, wanted: str | None) -> None:
+    """``qmig bench TARGET``: only the chosen target's module is imported (all when
+    ``wanted`` is ``*``, for help and completion)."""
     bench = sub.add_parser("bench", help="run benchmarks")
     targets = bench.add_subparsers(dest="target", metavar="TARGET", required=True)
-    p = targets.add_parser("broker", help="broker throughput and latency benchmark")
-    try:
-        from qmig.benchmarks import broker as bench_broker
-    except ImportError as exc:
-        # accept whatever flags were meant for it, to reach the clear message below
-        p.set_defaults(handler=_unavailable("bench broker", str(exc)), accepts_extra=True)
-    else:
-        bench_broker.add_arguments(p)
-        p.set_defaults(handler=bench_broker.run)
-    p = targets.add_parser("streams", help="head-of-line blocking: single vs multi-stream QUIC")
-    from qmig.benchmarks import streams as bench_streams
-
-    bench_streams.add_arguments(p)
-    p.set_defaults(handler=bench_streams.run)
-    p = targets.add_parser("strategies", help="client interruption of each migration strategy")
-    try:
-        from qmig.benchmarks import strategies as bench_strategies
-    except ImportError as exc:
-        p.set_defaults(handler=_unavailable("bench strategies", str(exc)), accepts_extra=True)
-    else:
-        bench_strategies.add_arguments(p)
-        p.set_defaults(handler=bench_strategies.run)
-    p = targets.add_parser("abuse", help="adversarial probes: what each attack costs the broker")
-    try:
-        from qmig.benchmarks import abuse as bench_abuse
-    except ImportError as exc:
-        p.set_defaults(handler=_unavailable("bench abuse", str(exc)), accepts_extra=True)
-    else:
-        bench_abuse.add_arguments(p)
-        p.set_defaults(handler=bench_abuse.run)
-    p = targets.add_parser("migration",
-                           help="QUIC vs TCP/TLS/MPTCP through a live container migration")
-    try:
-        from qmig.benchmarks import migration as bench_migration
-    except ImportError as exc:
-        p.set_defaults(handler=_unavailable("bench migration", str(exc)), accepts_extra=True)
-    else:
-        bench_migration.add_arguments(p)
-        p.set_defaults(handler=bench_migration.run)
+    for name, (help_text, module_name) in BENCH_TARGETS.items():
+        p = targets.add_parser(name, help=help_text)
+        if wanted not in (name, "*"):
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            # accept whatever flags were meant for it, to reach the clear message below
+            p.set_defaults(handler=_unavailable(f"bench {name}", str(exc)), accepts_extra=True)
+            continue
+        module.add_arguments(p)
+        p.set_defaults(handler=module.run)
 
 
-def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+def _add_client_commands(sub: argparse._SubParsersAction, wanted: str | None) -> None:
+    stubs = {"pub": "publish (mosquitto_pub flags, QUIC default)",
+             "sub": "subscribe (mosquitto_sub flags, QUIC default)",
+             "bridge": "carry plain MQTT clients from local TCP over QUIC"}  # fmt: skip
+    parsers = {name: sub.add_parser(name, add_help=name == "bridge", help=text)
+               for name, text in stubs.items()}  # fmt: skip
+    if wanted not in (*stubs, "*"):
+        return
     from client import bridge
     from client.cli import add_pub_arguments, add_sub_arguments, run_pub, run_sub
 
-    p = sub.add_parser("pub", add_help=False, help="publish (mosquitto_pub flags, QUIC default)")
-    add_pub_arguments(p)
-    p.set_defaults(handler=run_pub)
-    p = sub.add_parser("sub", add_help=False, help="subscribe (mosquitto_sub flags, QUIC default)")
-    add_sub_arguments(p)
-    p.set_defaults(handler=run_sub)
-    p = sub.add_parser("bridge", help="carry plain MQTT clients from local TCP over QUIC")
-    bridge.add_arguments(p)
-    p.set_defaults(handler=bridge.run)
+    add_pub_arguments(parsers["pub"])
+    parsers["pub"].set_defaults(handler=run_pub)
+    add_sub_arguments(parsers["sub"])
+    parsers["sub"].set_defaults(handler=run_sub)
+    bridge.add_arguments(parsers["bridge"])
+    parsers["bridge"].set_defaults(handler=bridge.run)
 
 
-def _add_lab_commands(sub: argparse._SubParsersAction) -> None:
+def _add_lab_commands(sub: argparse._SubParsersAction, wanted: str | None) -> None:
     """The edge host's commands; the broker image leaves the lab out, so they may be absent."""
     lab = sub.add_parser("lab", help="the container lab: edge hosts, client namespace, link")
     migrate = sub.add_parser("migrate", help="live-migrate the broker container to another host")
+    if wanted not in ("lab", "migrate", "*"):
+        return
     try:
         from migration.lab.cli import (
             add_lab_arguments,
@@ -145,10 +139,19 @@ def _add_lab_commands(sub: argparse._SubParsersAction) -> None:
     migrate.set_defaults(handler=run_migrate)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser; exposed for tests and shell completion."""
+def _words(argv: Sequence[str]) -> list[str]:
+    return [a for a in argv if not a.startswith("-")]
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: only the command it names has its (heavy) modules imported,
+    so ``qmig certs`` starts fast; without ``argv``, the full parser (tests, completion)."""
+    words = _words(argv) if argv is not None else ["*", "*"]
+    wanted = words[0] if words else None
+    target = words[1] if wanted == "bench" and len(words) > 1 else ("*" if argv is None else None)
     parser = argparse.ArgumentParser(
-        prog="qmig", description="MQTT broker and live-migration lab tools.",
+        prog="qmig",
+        description="MQTT broker and live-migration lab tools.",
     )
     parser.add_argument("--version", action="version", version=f"qmig {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -159,9 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("certs", help="create a lab CA and server certificate")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the PEM files")
-    p.add_argument("--host", action="append", metavar="H",
-                   help="DNS name or IP for the certificate (repeatable; default localhost, "
-                   "127.0.0.1, ::1)")
+    p.add_argument(
+        "--host",
+        action="append",
+        metavar="H",
+        help="DNS name or IP for the certificate (repeatable; default localhost, 127.0.0.1, ::1)",
+    )
     p.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
     p.add_argument("--overwrite", action="store_true", help="replace existing valid files")
     p.set_defaults(handler=_cmd_certs)
@@ -172,35 +178,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--password", default=None, help="password (prompted if omitted)")
     p.set_defaults(handler=_cmd_passwd)
 
-    _add_client_commands(sub)
-    _add_bench(sub)
-
-    from migration.control import add_ctl_arguments, run_ctl
+    _add_client_commands(sub, wanted)
+    _add_bench(sub, target)
 
     p = sub.add_parser("ctl", help="drive a running broker's migration control API")
-    add_ctl_arguments(p)
-    p.set_defaults(handler=run_ctl)
+    if wanted in ("ctl", "*"):
+        from migration.control import add_ctl_arguments, run_ctl
 
-    _add_lab_commands(sub)
+        add_ctl_arguments(p)
+        p.set_defaults(handler=run_ctl)
+
+    _add_lab_commands(sub, wanted)
 
     p = sub.add_parser("demo", help="live-migrate the broker container under traffic (the demo)")
     p.add_argument("--scenario", default="demo", help="scenario name or YAML file (default demo)")
     p.add_argument("--link-rate", default=None, help="checkpoint link rate, e.g. 10mbit")
     p.add_argument("--loss", type=float, default=None, help="client access-link loss in %%")
     p.add_argument("--report-dir", default="reports", help="where the JSON and PNG go")
-    p.add_argument("--transports", action="store_true",
-                   help="instead: the cross-transport check on loopback (no migration)")
-    p.add_argument("--duration", type=float, default=5.0,
-                   help="--transports: seconds to publish (default 5)")
-    p.add_argument("--rate", type=float, default=20.0,
-                   help="--transports: messages per second per transport (default 20)")
+    p.add_argument(
+        "--transports",
+        action="store_true",
+        help="instead: the cross-transport check on loopback (no migration)",
+    )
+    p.add_argument(
+        "--duration", type=float, default=5.0, help="--transports: seconds to publish (default 5)"
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=20.0,
+        help="--transports: messages per second per transport (default 20)",
+    )
     p.set_defaults(handler=_cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; configuration mistakes print one line and return 2."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
