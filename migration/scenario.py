@@ -136,12 +136,6 @@ class Scenario:
         known = ", ".join(h.name for h in self.hosts)
         raise ScenarioError(f"no edge host {name!r} in scenario {self.name!r} (hosts: {known})")
 
-    def host_of(self, address: str) -> Host | None:
-        for host in self.hosts:
-            if host.address == address:
-                return host
-        return None
-
     @property
     def pool(self) -> list[str]:
         """Every QUIC address the broker may move to, for POOL_MIGRATION_ADDRESS."""

@@ -284,7 +284,3 @@ def net_address(subnet: str, index: int) -> str:
     return str(ipaddress.IPv4Network(subnet).network_address + index)
 
 
-def migrate(lab: Lab, dest: str, **kwargs: Any) -> dict[str, Any]:
-    return Migration(lab, dest, **kwargs).run()
-
-
