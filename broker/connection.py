@@ -354,6 +354,7 @@ class BrokerConnection:
                 # Too big for the client's new Maximum Packet Size: discarded as if
                 # delivered (MQTT-3.1.2-25) instead of holding an in-flight slot forever.
                 del session.inflight[pid]
+                self.broker.release(session, delivery)
         self.pump()
 
     def _on_disconnect(self, packet: Disconnect) -> None:
@@ -454,6 +455,7 @@ class BrokerConnection:
         delivery = session.inflight.get(packet.packet_id)
         if delivery is not None and delivery.state == AWAIT_PUBACK:
             del session.inflight[packet.packet_id]
+            self.broker.release(session, delivery)
             if session.pending:
                 self.pump()
 
@@ -470,6 +472,7 @@ class BrokerConnection:
         if packet.reason_code >= 0x80:
             # The receiver refused the message: the exchange ends here (MQTT-4.3.3).
             del session.inflight[pid]
+            self.broker.release(session, delivery)
             self.pump()
             return
         delivery.state = AWAIT_PUBCOMP
@@ -482,6 +485,7 @@ class BrokerConnection:
         delivery = session.inflight.get(packet.packet_id)
         if delivery is not None and delivery.state == AWAIT_PUBCOMP:
             del session.inflight[packet.packet_id]
+            self.broker.release(session, delivery)
             if session.pending:
                 self.pump()
 
@@ -500,8 +504,11 @@ class BrokerConnection:
         self.send(Suback(packet_id, codes))
 
     # ----------------------------------------------------------------- outbound PUBLISH
-    def deliver(self, delivery: Delivery) -> None:
-        """Send now if the window allows, else queue in the session (MQTT-4.9.0-?)."""
+    def deliver(self, delivery: Delivery) -> bool:
+        """Send now if the window allows, else queue in the session (MQTT-4.9.0-?).
+
+        False if a queue limit of the session or the broker refused it (Broker.hold).
+        """
         session = self.session
         assert session is not None
         if delivery.qos == 0:
@@ -517,19 +524,23 @@ class BrokerConnection:
                     self.client_id,
                     self.transport,
                 )
-            return
+            return True
         if (
             self.writable
             and not session.pending
             and len(session.inflight) < self.send_quota
         ):
+            broker = self.broker
+            if not broker.hold(session, delivery):  # in flight, it is held as if queued
+                return False
             delivery.packet_id = session.allocate_packet_id()
             delivery.state = AWAIT_PUBACK if delivery.qos == 1 else AWAIT_PUBREC
             session.inflight[delivery.packet_id] = delivery
             if not self._transmit(delivery, dup=False):
                 del session.inflight[delivery.packet_id]
-            return
-        self.broker.enqueue(session, delivery)
+                broker.release(session, delivery)
+            return True
+        return self.broker.enqueue(session, delivery)
 
     def pump(self) -> None:
         """Move queued deliveries into the in-flight window while it has room."""
@@ -544,6 +555,7 @@ class BrokerConnection:
             delivery = pending.popleft()
             expires_at = delivery.message.expires_at
             if expires_at is not None and expires_at <= now:
+                broker.release(session, delivery)
                 continue  # MQTT-3.3.2-5: expired messages are not delivered
             if not broker.may_receive(session, delivery.message):
                 continue  # the ACL is asked when a message is sent, not only when queued
@@ -553,8 +565,10 @@ class BrokerConnection:
                 inflight[delivery.packet_id] = delivery
                 if not self._transmit(delivery, dup=False):
                     del inflight[delivery.packet_id]
+                    broker.release(session, delivery)
             else:
                 self._transmit(delivery, dup=False)
+                broker.release(session, delivery)
 
     def _transmit(self, delivery: Delivery, dup: bool) -> bool:
         """Encode and queue one PUBLISH; False if the client's size limit forbids it."""

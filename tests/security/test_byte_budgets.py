@@ -1,0 +1,176 @@
+"""Finding 7 of issue #13: the broker's limits counted messages, not bytes.
+
+Engine-level (sans-I/O, fake clock): a session's queue has a byte budget
+(``max_queued_bytes``), all sessions together have one (``max_queued_bytes_total``, each
+message counted once however many sessions share it), a client that does not read has its
+held output capped (``max_output_bytes``), and a packet that has begun arriving must be
+complete within ``incomplete_packet_timeout`` seconds, with incomplete packets of all
+connections capped (``max_incomplete_bytes_total``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from sansio import FakeClient, make_broker
+
+from broker.engine import Broker
+from broker.session import DELIVERY_OVERHEAD
+from mqttproto.packets import MQTT_3_1_1, MQTT_5
+from mqttproto.properties import PropertyId
+from mqttproto.reasons import ReasonCode
+
+P = PropertyId
+R = ReasonCode
+PAYLOAD = b"p" * 1000
+TOPIC = "t"
+COST = len(PAYLOAD) + len(TOPIC) + DELIVERY_OVERHEAD  # what one queued delivery is charged
+
+
+def connected(broker: Broker, client_id: str = "", version: int = MQTT_5, **kw: Any) -> FakeClient:
+    client = FakeClient(broker, version)
+    assert client.connect(client_id, **kw).reason_code == R.SUCCESS
+    return client
+
+
+def offline_subscriber(broker: Broker, client_id: str, topic: str = TOPIC) -> None:
+    sub = connected(broker, client_id, clean_start=False, session_expiry=600)
+    sub.subscribe(topic, qos=1)
+    sub.disconnect()
+
+
+def info_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records
+        if r.levelno >= logging.INFO and text in r.getMessage()
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- queued bytes
+
+
+def test_session_byte_budget_drops_beyond_it_and_says_quota_exceeded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """10 messages fit the session's budget; the rest are dropped, counted, logged once, and
+    the publisher's PUBACK says 0x97 Quota exceeded, not 0x10 No matching subscribers."""
+    caplog.set_level(logging.DEBUG, "qmig.broker")
+    broker, _ = make_broker(max_queued_bytes=10 * COST)
+    offline_subscriber(broker, "sub")
+    pub = connected(broker, "pub")
+    codes = [pub.publish_acked(TOPIC, PAYLOAD) for _ in range(25)]
+    assert codes == [R.SUCCESS] * 10 + [R.QUOTA_EXCEEDED] * 15
+    session = broker.store.get_session("sub")
+    assert session is not None
+    assert len(session.pending) == 10 and session.held_bytes == 10 * COST
+    assert session.dropped == 15 and broker.stats.dropped == 15
+    assert broker.stats.quota_dropped == 15
+    assert len(info_lines(caplog, "max_queued_bytes")) == 1
+    # A 3.1.1 publisher cannot be told why: a plain PUBACK, the message dropped all the same.
+    old = connected(broker, "old", MQTT_3_1_1)
+    assert old.publish_acked(TOPIC, PAYLOAD) == R.SUCCESS
+    assert session.dropped == 16
+    # The session gets what fitted, in order; once acknowledged it holds nothing.
+    sub = connected(broker, "sub", clean_start=False, session_expiry=600)
+    got = sub.publishes()
+    assert len(got) == 10
+    for msg in got:
+        sub.ack(msg)
+    assert session.held_bytes == 0 and broker.queued_bytes == 0
+    assert pub.publish_acked(TOPIC, PAYLOAD) == R.SUCCESS  # room again
+
+
+def test_in_flight_messages_count_against_the_session_budget() -> None:
+    """A connected subscriber that never acknowledges is held to the budget too."""
+    broker, _ = make_broker(max_queued_bytes=4 * COST)
+    sub = connected(broker, "sub")
+    sub.subscribe(TOPIC, qos=1)
+    pub = connected(broker, "pub")
+    codes = [pub.publish_acked(TOPIC, PAYLOAD) for _ in range(6)]
+    assert codes == [R.SUCCESS] * 4 + [R.QUOTA_EXCEEDED] * 2
+    got = sub.publishes()
+    assert len(got) == 4
+    sub.ack(got[0])
+    assert pub.publish_acked(TOPIC, PAYLOAD) == R.SUCCESS
+    assert len(sub.publishes()) == 1
+
+
+def test_a_session_holding_nothing_takes_a_message_larger_than_its_budget() -> None:
+    broker, _ = make_broker(max_queued_bytes=100)
+    offline_subscriber(broker, "sub")
+    pub = connected(broker, "pub")
+    assert pub.publish_acked(TOPIC, PAYLOAD) == R.SUCCESS
+    assert pub.publish_acked(TOPIC, PAYLOAD) == R.QUOTA_EXCEEDED
+
+
+def test_broker_wide_budget_refuses_every_session(caplog: pytest.LogCaptureFixture) -> None:
+    """Sessions within their own budget are refused once all together hold the total."""
+    caplog.set_level(logging.DEBUG, "qmig.broker")
+    broker, _ = make_broker(max_queued_bytes=0, max_queued_bytes_total=6 * COST)
+    offline_subscriber(broker, "a", "a")
+    offline_subscriber(broker, "b", "b")
+    pub = connected(broker, "pub")
+    big = b"p" * (len(PAYLOAD) + len(TOPIC) - 1)  # topics "a"/"b": the same cost as PAYLOAD
+    assert [pub.publish_acked("a", big) for _ in range(4)] == [R.SUCCESS] * 4
+    assert [pub.publish_acked("b", big) for _ in range(3)] == [R.SUCCESS] * 2 + [
+        R.QUOTA_EXCEEDED
+    ]
+    assert broker.queued_bytes == 6 * COST
+    assert len(info_lines(caplog, "max_queued_bytes_total")) == 1
+    # Session "a" draining makes room for "b".
+    a = connected(broker, "a", clean_start=False, session_expiry=600)
+    for msg in a.publishes():
+        a.ack(msg)
+    assert broker.queued_bytes == 2 * COST
+    assert pub.publish_acked("b", big) == R.SUCCESS
+
+
+def test_a_message_shared_by_sessions_is_counted_once_broker_wide() -> None:
+    """One message for five sessions is one object: the broker-wide budget counts its bytes
+    once (plus the per-delivery overhead); each session's budget counts it whole."""
+    broker, _ = make_broker(max_queued_bytes_total=2 * COST + 5 * DELIVERY_OVERHEAD)
+    for n in range(5):
+        offline_subscriber(broker, f"s{n}")
+    pub = connected(broker, "pub")
+    assert pub.publish_acked(TOPIC, PAYLOAD) == R.SUCCESS
+    size = COST - DELIVERY_OVERHEAD
+    assert broker.queued_bytes == size + 5 * DELIVERY_OVERHEAD
+    for n in range(5):
+        session = broker.store.get_session(f"s{n}")
+        assert session is not None and len(session.pending) == 1
+        assert session.held_bytes == COST
+    # Sessions ending give it all back.
+    for n in range(5):
+        connected(broker, f"s{n}", clean_start=True).disconnect()
+    assert broker.queued_bytes == 0
+
+
+def test_refused_for_one_session_delivered_to_another_is_success() -> None:
+    broker, _ = make_broker(max_queued_bytes=COST)
+    offline_subscriber(broker, "full")
+    pub = connected(broker, "pub")
+    assert pub.publish_acked(TOPIC, PAYLOAD) == R.SUCCESS
+    live = connected(broker, "live")
+    live.subscribe(TOPIC, qos=0)
+    assert pub.publish_acked(TOPIC, PAYLOAD) == R.SUCCESS
+    assert len(live.publishes()) == 1
+
+
+def test_expired_and_discarded_messages_are_released() -> None:
+    broker, clock = make_broker()
+    offline_subscriber(broker, "sub")
+    pub = connected(broker, "pub")
+    pub.publish_acked(TOPIC, PAYLOAD, properties={P.MESSAGE_EXPIRY_INTERVAL: 5})
+    pub.publish_acked(TOPIC, PAYLOAD)
+    assert broker.queued_bytes > 0
+    clock.advance(10)
+    sub = connected(broker, "sub", clean_start=False, session_expiry=600)
+    assert len(sub.publishes()) == 1  # the expired one is not sent, and no longer held
+    session = broker.store.get_session("sub")
+    assert session is not None and session.held_bytes == COST
+    sub.drop()  # in flight, unacknowledged: still held for the session
+    assert broker.queued_bytes == COST
+    connected(broker, "sub", clean_start=True)  # MQTT-3.1.2-4: the session is discarded
+    assert broker.queued_bytes == 0
