@@ -91,6 +91,9 @@ class BrokerConnection:
         self.in_aliases: dict[int, str] = {}
         self.writable = True
         self.closing = False
+        # Set with closing when the connection must not linger: the I/O layer aborts it
+        # (a client that does not read would never take a final packet anyway).
+        self.abort = False
         self.close_reason: int | None = None
         self.disconnected_cleanly = False
         # Set when the broker sends the client elsewhere (migration): its will waits this
@@ -99,10 +102,15 @@ class BrokerConnection:
         self.io: Any = None  # the I/O layer's handle for this connection
         self._warned: set[str] = set()
         self._out: list[bytes] = []
+        self._out_bytes = 0  # in _out and _side: held here while the transport is paused
         # Multi-stream QUIC: data channels' readers and output (channel 0 uses the above).
         self.rx_channel = 0  # the channel of the packet being handled: replies go there
         self._readers: dict[int, PacketReader] = {}
         self._side: dict[int, list[bytes]] = {}
+        # Incomplete packets: when each channel's began arriving, and the bytes all the
+        # readers hold (the broker caps both: Broker.input_changed and Broker.tick).
+        self.incomplete_since: dict[int, float] = {}
+        self.input_held = 0
 
     def __repr__(self) -> str:
         return f"<BrokerConnection {self.transport} {self.peer} {self.client_id!r}>"
@@ -129,8 +137,9 @@ class BrokerConnection:
             self.protocol_violation(ProtocolError("the first packet must be CONNECT"))
             return
         error: MQTTError | None = None
+        reader = self.reader
         try:
-            packets = self.reader.feed(data)
+            packets = reader.feed(data)
         except MQTTError as exc:
             packets, error = exc.decoded, exc
         handle = self._handle
@@ -146,6 +155,8 @@ class BrokerConnection:
             self.last_received = self.broker.now()
         if error is not None and not self.closing:
             self.protocol_violation(error)
+        if reader.buffered or self.incomplete_since:
+            self._track_incomplete(0, reader, bool(packets))
 
     def _receive_on_channel(self, data: bytes, channel: int) -> None:
         reader = self._readers.get(channel)
@@ -178,6 +189,32 @@ class BrokerConnection:
             self.last_received = self.broker.now()
         if error is not None and not self.closing:
             self.protocol_violation(error)
+        if reader.buffered or self.incomplete_since:
+            self._track_incomplete(channel, reader, bool(packets))
+
+    def _track_incomplete(self, channel: int, reader: PacketReader, decoded: bool) -> None:
+        """Note when ``channel``'s incomplete packet began, and report what is held."""
+        since = self.incomplete_since
+        if reader.buffered:
+            if decoded or channel not in since:  # a new packet began in this data
+                since[channel] = self.broker.now()
+        else:
+            since.pop(channel, None)
+        held = self.reader.buffered
+        if self._readers:
+            held += sum(r.buffered for r in self._readers.values())
+        if held != self.input_held:
+            self.broker.input_changed(self, held)
+
+    def drop_incomplete(self, reason: int, why: str, *args: Any) -> None:
+        """Close for an incomplete packet (too old, or too much held), freeing it at once."""
+        log.info("closing %s (%s): " + why, self.client_id or self.peer, self.transport, *args)
+        self.broker.stats.limit_closed += 1
+        self.reader = PacketReader(self.reader.version, self.broker.config.max_packet_size)
+        self._readers.clear()
+        self.incomplete_since.clear()
+        self.broker.input_changed(self, 0)
+        self.close(reason)
 
     def channel_closed(self, channel: int) -> None:
         """A data stream ended: its PUBLISHes go to the control stream from now on."""
@@ -189,27 +226,42 @@ class BrokerConnection:
                     opts.channel = 0
 
     def data_to_send(self) -> bytes:
-        """Output for channel 0 (everything, on a single-stream transport)."""
+        """Output for channel 0 (everything, on a single-stream transport).
+
+        Nothing while the transport is paused (its buffer is full: the client is not
+        reading): the output waits here, where it is counted against max_output_bytes,
+        instead of piling up unseen in the transport.  A closing connection gets it all.
+        """
         out = self._out
-        if not out:
+        if not out or not (self.writable or self.closing):
             return b""
         self._out = []
-        return out[0] if len(out) == 1 else b"".join(out)
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self._out_bytes -= len(data)
+        return data
 
     @property
     def has_side_data(self) -> bool:
         return bool(self._side)
 
     def side_data_to_send(self) -> dict[int, bytes]:
-        """Output for the data channels (multi-stream QUIC only), by channel."""
+        """Output for the data channels (multi-stream QUIC only), by channel; as above."""
+        if not (self.writable or self.closing):
+            return {}
         side, self._side = self._side, {}
-        return {channel: b"".join(chunks) for channel, chunks in side.items()}
+        out = {channel: b"".join(chunks) for channel, chunks in side.items()}
+        self._out_bytes -= sum(len(data) for data in out.values())
+        return out
 
     def set_writable(self, writable: bool) -> None:
-        """Flow control from the transport: while paused, QoS 0 is dropped, QoS > 0 waits."""
+        """Flow control from the transport: while paused, QoS 0 is dropped, QoS > 0 waits,
+        and other output is held (up to max_output_bytes)."""
         self.writable = writable
-        if writable and self.session is not None and self.state is State.CONNECTED:
-            self.pump()
+        if writable:
+            if self._out or self._side:
+                self.broker.mark_dirty(self)  # what waited while paused
+            if self.session is not None and self.state is State.CONNECTED:
+                self.pump()
 
     def connection_lost(self) -> None:
         """The transport closed (either side); tell the broker once."""
@@ -240,6 +292,30 @@ class BrokerConnection:
                 chunks.append(data)
         else:
             self._out.append(data)
+        self._out_bytes += len(data)
+        if not self.writable:
+            limit = self.broker.config.max_output_bytes
+            if limit and self._out_bytes > limit:
+                self._output_overflow(limit)
+
+    def _output_overflow(self, limit: int) -> None:
+        """The client does not read and its output passed the cap: drop it and close.
+
+        No DISCONNECT: a client that does not read would not see it.  The session stays
+        as the rules say (its QoS > 0 messages wait in it, within their own budgets).
+        """
+        log.info(
+            "closing %s (%s): it does not read, %d bytes of output held (max_output_bytes %d)",
+            self.client_id or self.peer, self.transport, self._out_bytes, limit,
+        )  # fmt: skip
+        self.broker.stats.limit_closed += 1
+        self._out = []
+        self._side = {}
+        self._out_bytes = 0
+        self.close_reason = ReasonCode.QUOTA_EXCEEDED
+        self.closing = True
+        self.abort = True
+        self.broker.mark_dirty(self)
 
     def send(self, packet: Packet, channel: int | None = None) -> None:
         self.send_bytes(encode(packet, self.version or MQTT_5), channel)

@@ -242,11 +242,43 @@ class Broker:
         """A connection that closed before CONNECT was accepted."""
         self.connections.discard(conn)
         self._dirty.discard(conn)
+        if conn.input_held:
+            self._set_input(conn, 0)
 
     def connection_closed(self, conn: BrokerConnection, clean: bool) -> None:
         self.connections.discard(conn)
         self._dirty.discard(conn)
+        if conn.input_held:
+            self._set_input(conn, 0)
         self._connection_gone(conn, clean, takeover=False)
+
+    # ----------------------------------------------------------------- incomplete packets
+    def input_changed(self, conn: BrokerConnection, held: int) -> None:
+        """``conn``'s readers hold ``held`` bytes of incomplete packets now.
+
+        Over ``max_incomplete_bytes_total`` for all connections together, the connection
+        whose incomplete packets began first is closed (0x97), and so on until under it:
+        a stalled sender is the oldest, a client in the middle of a packet the youngest.
+        """
+        self._set_input(conn, held)
+        cap = self.config.max_incomplete_bytes_total
+        while cap and self.incomplete_bytes > cap and self._incomplete:
+            victim = next(iter(self._incomplete))
+            victim.drop_incomplete(
+                ReasonCode.QUOTA_EXCEEDED,
+                "incomplete packets of all clients hold over %d bytes (max_incomplete_bytes_"
+                "total) and its %d bytes are the oldest",
+                cap,
+                victim.input_held,
+            )
+
+    def _set_input(self, conn: BrokerConnection, held: int) -> None:
+        self.incomplete_bytes += held - conn.input_held
+        conn.input_held = held
+        if held:
+            self._incomplete.setdefault(conn, None)  # keeps its place: when it began
+        else:
+            self._incomplete.pop(conn, None)
 
     def _connection_gone(
         self, conn: BrokerConnection, clean: bool, takeover: bool, resumed: bool = False
@@ -619,8 +651,20 @@ class Broker:
     def tick(self) -> None:
         """Keep-alive, will delays, session expiry and $SYS; call about twice a second."""
         now = self.now()
+        timeout = self.config.incomplete_packet_timeout
         for conn in list(self.connections):
             if conn.closing:
+                continue
+            since = conn.incomplete_since
+            if timeout and since and now - min(since.values()) > timeout:
+                # Keep alive 0 turns off the keep-alive timer, not this one: a client must
+                # not hold a partial packet (up to max_packet_size) open forever.
+                conn.drop_incomplete(
+                    ReasonCode.KEEP_ALIVE_TIMEOUT,
+                    "a packet incomplete for over %g s (%d bytes held)",
+                    timeout,
+                    conn.input_held,
+                )
                 continue
             if conn.state is State.AWAIT_CONNECT:
                 if now - conn.opened_at > 10.0:

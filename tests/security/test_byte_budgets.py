@@ -18,7 +18,8 @@ from sansio import FakeClient, make_broker
 
 from broker.engine import Broker
 from broker.session import DELIVERY_OVERHEAD
-from mqttproto.packets import MQTT_3_1_1, MQTT_5
+from mqttproto.codec import encode
+from mqttproto.packets import MQTT_3_1_1, MQTT_5, Disconnect, Pingreq, Publish
 from mqttproto.properties import PropertyId
 from mqttproto.reasons import ReasonCode
 
@@ -114,9 +115,7 @@ def test_broker_wide_budget_refuses_every_session(caplog: pytest.LogCaptureFixtu
     pub = connected(broker, "pub")
     big = b"p" * (len(PAYLOAD) + len(TOPIC) - 1)  # topics "a"/"b": the same cost as PAYLOAD
     assert [pub.publish_acked("a", big) for _ in range(4)] == [R.SUCCESS] * 4
-    assert [pub.publish_acked("b", big) for _ in range(3)] == [R.SUCCESS] * 2 + [
-        R.QUOTA_EXCEEDED
-    ]
+    assert [pub.publish_acked("b", big) for _ in range(3)] == [R.SUCCESS] * 2 + [R.QUOTA_EXCEEDED]
     assert broker.queued_bytes == 6 * COST
     assert len(info_lines(caplog, "max_queued_bytes_total")) == 1
     # Session "a" draining makes room for "b".
@@ -174,3 +173,119 @@ def test_expired_and_discarded_messages_are_released() -> None:
     assert broker.queued_bytes == COST
     connected(broker, "sub", clean_start=True)  # MQTT-3.1.2-4: the session is discarded
     assert broker.queued_bytes == 0
+
+
+# --------------------------------------------------------------------------- unread output
+
+
+def test_output_waits_in_the_engine_while_paused_and_flows_on_resume() -> None:
+    broker, _ = make_broker()
+    client = connected(broker, "c")
+    client.conn.set_writable(False)
+    client.send(Pingreq())
+    assert client.conn.data_to_send() == b""  # held, counted, not handed to the transport
+    broker.take_dirty()
+    client.conn.set_writable(True)
+    assert client.conn in broker.take_dirty()
+    assert client.conn.data_to_send() == b"\xd0\x00"
+
+
+def test_a_client_that_never_reads_is_closed_at_the_output_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PINGRESPs (or acks) for a client whose transport is full are held up to
+    max_output_bytes; one byte more closes it, without lingering, and its session keeps
+    its queued QoS 1 messages."""
+    caplog.set_level(logging.DEBUG, "qmig.broker")
+    broker, _ = make_broker(max_output_bytes=1000)
+    sloth = connected(broker, "sloth", clean_start=False, session_expiry=600)
+    sloth.subscribe(TOPIC, qos=1)
+    bystander = connected(broker, "bystander")
+    sloth.conn.set_writable(False)
+    pub = connected(broker, "pub")
+    assert pub.publish_acked(TOPIC, PAYLOAD) == R.SUCCESS  # queued: the transport is full
+    ping = encode(Pingreq(), MQTT_5)
+    sloth.send_raw(ping * 500)  # 1000 bytes of PINGRESP: at the cap, not over it
+    assert not sloth.conn.closing
+    sloth.send_raw(ping)
+    assert sloth.conn.closing and sloth.conn.abort
+    assert sloth.conn.data_to_send() == b""  # dropped, not sent: it would not be read
+    assert broker.stats.limit_closed == 1
+    assert len(info_lines(caplog, "max_output_bytes")) == 1
+    sloth.poll()
+    assert sloth.closed
+    # Nobody else noticed; the session waits with its message.
+    bystander.send(Pingreq())
+    assert bystander.conn.data_to_send() == b"\xd0\x00"
+    back = connected(broker, "sloth", clean_start=False, session_expiry=600)
+    assert [m.payload for m in back.publishes()] == [PAYLOAD]
+
+
+# --------------------------------------------------------------------------- incomplete packets
+
+BIG = encode(Publish("big", b"b" * 5000, 0), MQTT_5)
+
+
+def test_a_packet_that_never_completes_times_out_even_with_keep_alive_0(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, "qmig.broker")
+    broker, clock = make_broker(incomplete_packet_timeout=30)
+    staller = connected(broker, "staller", keep_alive=0)
+    staller.send_raw(BIG[:1000])
+    assert broker.incomplete_bytes == 1000
+    clock.advance(20)
+    staller.send_raw(BIG[1000:2000])  # trickling does not extend the deadline
+    clock.advance(10)
+    broker.tick()
+    assert not staller.conn.closing
+    clock.advance(1)
+    broker.tick()
+    assert staller.expect(Disconnect).reason_code == R.KEEP_ALIVE_TIMEOUT
+    assert staller.closed
+    assert broker.incomplete_bytes == 0 and broker.stats.limit_closed == 1
+    assert len(info_lines(caplog, "a packet incomplete")) == 1
+
+
+def test_packets_that_keep_completing_do_not_time_out() -> None:
+    """A busy client always has some packet half-arrived; each new one restarts the clock."""
+    broker, clock = make_broker(incomplete_packet_timeout=30)
+    busy = connected(broker, "busy", keep_alive=0)
+    busy.send_raw(BIG[:3000])
+    for _ in range(5):
+        clock.advance(20)
+        busy.send_raw(BIG[3000:] + BIG[:3000])  # one completes, the next begins
+        broker.tick()
+    assert not busy.conn.closing
+
+
+def test_a_stalled_data_stream_times_out_while_the_control_stream_is_busy() -> None:
+    """Multi-stream QUIC: each channel's incomplete packet has its own clock."""
+    broker, clock = make_broker(incomplete_packet_timeout=30)
+    client = connected(broker, "multi", keep_alive=0)
+    client.conn.receive_data(BIG[:100], channel=1)
+    ping = encode(Pingreq(), MQTT_5)
+    for _ in range(4):
+        clock.advance(10)
+        client.send_raw(ping + BIG[:10])  # channel 0: a fresh partial packet every time
+        client.send_raw(BIG[10:])
+        broker.tick()
+    assert client.conn.closing
+    assert broker.incomplete_bytes == 0
+
+
+def test_over_the_broker_wide_cap_the_oldest_incomplete_packet_is_shed() -> None:
+    broker, clock = make_broker(max_incomplete_bytes_total=3000)
+    clients = [connected(broker, f"c{n}", keep_alive=0) for n in range(3)]
+    for client in clients:
+        client.send_raw(BIG[:1200])
+        clock.advance(1)
+    first, second, third = clients
+    assert first.expect(Disconnect).reason_code == R.QUOTA_EXCEEDED
+    assert not second.conn.closing and not third.conn.closing
+    assert broker.incomplete_bytes == 2400 and broker.stats.limit_closed == 1
+    # The survivors' packets complete normally.
+    second.send_raw(BIG[1200:])
+    assert broker.incomplete_bytes == 1200
+    third.drop()
+    assert broker.incomplete_bytes == 0
