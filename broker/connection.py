@@ -101,12 +101,12 @@ class BrokerConnection:
         self.will_grace = 0.0
         self.io: Any = None  # the I/O layer's handle for this connection
         self._warned: set[str] = set()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._out_bytes = 0  # in _out and _side: held here while the transport is paused
         # Multi-stream QUIC: data channels' readers and output (channel 0 uses the above).
         self.rx_channel = 0  # the channel of the packet being handled: replies go there
         self._readers: dict[int, PacketReader] = {}
-        self._side: dict[int, list[bytes]] = {}
+        self._side: dict[int, list[bytes | bytearray]] = {}
         # Incomplete packets: when each channel's began arriving, and the bytes all the
         # readers hold (the broker caps both: Broker.input_changed and Broker.tick).
         self.incomplete_since: dict[int, float] = {}
@@ -236,7 +236,7 @@ class BrokerConnection:
         if not out or not (self.writable or self.closing):
             return b""
         self._out = []
-        data = out[0] if len(out) == 1 else b"".join(out)
+        data = b"".join(out) if len(out) > 1 or type(out[0]) is bytearray else out[0]
         self._out_bytes -= len(data)
         return data
 
@@ -287,13 +287,19 @@ class BrokerConnection:
         if channel:
             chunks = self._side.get(channel)
             if chunks is None:
-                self._side[channel] = [data]
-            else:
-                chunks.append(data)
+                chunks = self._side[channel] = []
         else:
-            self._out.append(data)
+            chunks = self._out
         self._out_bytes += len(data)
-        if not self.writable:
+        if self.writable:
+            chunks.append(data)
+        else:
+            # Held while paused, in one buffer: then what is counted is what is held (a list
+            # of small packets costs several times their bytes in pointers and headers).
+            if chunks and type(chunks[-1]) is bytearray:
+                chunks[-1] += data
+            else:
+                chunks.append(bytearray(data))
             limit = self.broker.config.max_output_bytes
             if limit and self._out_bytes > limit:
                 self._output_overflow(limit)
