@@ -200,6 +200,9 @@ class BrokerConnection:
                 since[channel] = self.broker.now()
         else:
             since.pop(channel, None)
+        self._report_input()
+
+    def _report_input(self) -> None:
         held = self.reader.buffered
         if self._readers:
             held += sum(r.buffered for r in self._readers.values())
@@ -208,8 +211,11 @@ class BrokerConnection:
 
     def drop_incomplete(self, reason: int, why: str, *args: Any) -> None:
         """Close for an incomplete packet (too old, or too much held), freeing it at once."""
-        log.info("closing %s (%s): " + why, self.client_id or self.peer, self.transport, *args)
-        self.broker.stats.limit_closed += 1
+        if not self.closing:
+            log.info(
+                "closing %s (%s): " + why, self.client_id or self.peer, self.transport, *args
+            )
+            self.broker.stats.limit_closed += 1
         self.reader = PacketReader(self.reader.version, self.broker.config.max_packet_size)
         self._readers.clear()
         self.incomplete_since.clear()
@@ -218,7 +224,10 @@ class BrokerConnection:
 
     def channel_closed(self, channel: int) -> None:
         """A data stream ended: its PUBLISHes go to the control stream from now on."""
-        self._readers.pop(channel, None)
+        reader = self._readers.pop(channel, None)
+        if reader is not None and reader.buffered:  # an incomplete packet that never will be
+            self.incomplete_since.pop(channel, None)
+            self._report_input()
         session = self.session
         if session is not None:
             for opts in session.subscriptions.values():

@@ -10,12 +10,15 @@ connections capped (``max_incomplete_bytes_total``).
 
 from __future__ import annotations
 
+import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sansio import FakeClient, make_broker
 
+from broker.config import BrokerConfig, ConfigError, add_broker_arguments, config_from_args
 from broker.engine import Broker
 from broker.session import DELIVERY_OVERHEAD
 from mqttproto.codec import encode
@@ -289,3 +292,35 @@ def test_over_the_broker_wide_cap_the_oldest_incomplete_packet_is_shed() -> None
     assert broker.incomplete_bytes == 1200
     third.drop()
     assert broker.incomplete_bytes == 0
+
+
+def test_a_data_stream_ended_mid_packet_holds_nothing_and_times_nothing() -> None:
+    broker, clock = make_broker(incomplete_packet_timeout=30)
+    client = connected(broker, "multi", keep_alive=0)
+    client.conn.receive_data(BIG[:100], channel=1)
+    assert broker.incomplete_bytes == 100
+    client.conn.channel_closed(1)
+    assert broker.incomplete_bytes == 0
+    clock.advance(60)
+    broker.tick()
+    assert not client.conn.closing
+
+
+def test_budget_settings_from_flags_and_yaml(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_broker_arguments(parser)
+    yaml_file = tmp_path / "broker.yaml"
+    yaml_file.write_text("max-queued-bytes: 1000\nincomplete_packet_timeout: 5\n")
+    args = parser.parse_args(
+        ["--config", str(yaml_file), "--max-output-bytes", "4096",
+         "--max-queued-bytes-total", "0", "--max-incomplete-bytes-total", "65536"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert (config.max_queued_bytes, config.max_queued_bytes_total) == (1000, 0)
+    assert (config.max_output_bytes, config.max_incomplete_bytes_total) == (4096, 65536)
+    assert config.incomplete_packet_timeout == 5.0
+    defaults = BrokerConfig()
+    assert defaults.max_queued_bytes == 64 << 20 and defaults.max_output_bytes == 8 << 20
+    for name in ("max_queued_bytes", "max_output_bytes", "incomplete_packet_timeout"):
+        with pytest.raises(ConfigError, match=name):
+            BrokerConfig(**{name: -1}).validate()
