@@ -649,6 +649,7 @@ class BrokerConnection:
                 broker.release(session, delivery)
                 continue  # MQTT-3.3.2-5: expired messages are not delivered
             if not broker.may_receive(session, delivery.message):
+                broker.release(session, delivery)
                 continue  # the ACL is asked when a message is sent, not only when queued
             if delivery.qos:
                 delivery.packet_id = session.allocate_packet_id()

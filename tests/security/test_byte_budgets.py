@@ -22,7 +22,7 @@ from broker.config import BrokerConfig, ConfigError, add_broker_arguments, confi
 from broker.engine import Broker
 from broker.session import DELIVERY_OVERHEAD
 from mqttproto.codec import encode
-from mqttproto.packets import MQTT_3_1_1, MQTT_5, Disconnect, Pingreq, Publish
+from mqttproto.packets import MQTT_3_1_1, MQTT_5, Connack, Connect, Disconnect, Pingreq, Publish
 from mqttproto.properties import PropertyId
 from mqttproto.reasons import ReasonCode
 
@@ -324,3 +324,29 @@ def test_budget_settings_from_flags_and_yaml(tmp_path: Path) -> None:
     for name in ("max_queued_bytes", "max_output_bytes", "incomplete_packet_timeout"):
         with pytest.raises(ConfigError, match=name):
             BrokerConfig(**{name: -1}).validate()
+
+
+def test_queued_messages_the_acl_withholds_are_released(tmp_path: Path) -> None:
+    """Finding 3's send-time ACL check drops queued messages: their bytes go back too."""
+    acl = tmp_path / "acl"
+    acl.write_text("user bob\ntopic readwrite bob/#\nuser alice\ntopic readwrite alice/#\n")
+    broker, _ = make_broker(acl_file=str(acl))
+    expiry = {P.SESSION_EXPIRY_INTERVAL: 600}
+    bob = FakeClient(broker)
+    bob.send(Connect("device", MQTT_5, False, 0, "bob", None, None, dict(expiry)))
+    bob.expect(Connack)
+    bob.subscribe("bob/inbox", qos=1)
+    bob.disconnect()
+    pub = FakeClient(broker)
+    pub.send(Connect("pub", MQTT_5, True, 0, "bob", None, None, {}))
+    pub.expect(Connack)
+    for _ in range(3):
+        assert pub.publish_acked("bob/inbox", PAYLOAD) == R.SUCCESS
+    assert broker.queued_bytes > 0
+    alice = FakeClient(broker)  # no password file: the id changes hands, the ACL says no
+    alice.send(Connect("device", MQTT_5, False, 0, "alice", None, None, dict(expiry)))
+    assert alice.expect(Connack).session_present
+    assert not [p for p in alice.packets() if isinstance(p, Publish)]
+    session = broker.store.get_session("device")
+    assert session is not None and session.held_bytes == 0
+    assert broker.queued_bytes == 0
