@@ -51,6 +51,19 @@ class BrokerConfig:
     receive_maximum: int = 1024
     max_inflight_messages: int = 1024
     max_queued_messages: int = 10_000
+    # Byte budgets (0 = no limit).  A session's queued and in-flight messages (payload,
+    # topic, properties, plus a fixed cost per delivery), as mosquitto's max_queued_bytes:
+    # beyond it further QoS > 0 messages for that session are dropped.
+    max_queued_bytes: int = 64 << 20
+    # The same over all sessions, each message counted once however many sessions hold it.
+    max_queued_bytes_total: int = 512 << 20
+    # Output held for a client whose transport is full (it does not read); beyond it the
+    # connection is closed.  Its session keeps its queued QoS > 0 messages.
+    max_output_bytes: int = 8 << 20
+    # A packet that has begun arriving must be complete within this many seconds (0: no
+    # limit), and incomplete packets of all connections together hold at most this much.
+    incomplete_packet_timeout: float = 30.0
+    max_incomplete_bytes_total: int = 128 << 20
     queue_qos0_messages: bool = False
     topic_alias_maximum: int = 64
     max_keepalive: int = 0  # 0 = no cap
@@ -103,6 +116,18 @@ class BrokerConfig:
         _check_range("receive_maximum", self.receive_maximum, 1, 65535)
         _check_range("max_inflight_messages", self.max_inflight_messages, 1, 65535)
         _check_range("max_queued_messages", self.max_queued_messages, 0, None)
+        for name in (
+            "max_queued_bytes",
+            "max_queued_bytes_total",
+            "max_output_bytes",
+            "max_incomplete_bytes_total",
+        ):
+            _check_range(name, getattr(self, name), 0, None)
+        if self.incomplete_packet_timeout < 0:
+            raise ConfigError(
+                "incomplete_packet_timeout must be >= 0 (0 disables), "
+                f"got {self.incomplete_packet_timeout}"
+            )
         _check_range("topic_alias_maximum", self.topic_alias_maximum, 0, 65535)
         _check_range("max_keepalive", self.max_keepalive, 0, 65535)
         if self.max_session_expiry is not None:
@@ -237,6 +262,16 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-packet-size", type=int, default=None, help="largest accepted packet in bytes")
     add("--receive-maximum", type=int, default=None, help="QoS>0 publishes in flight per client")
     add("--max-queued-messages", type=int, default=None, help="per-session offline queue length")
+    add("--max-queued-bytes", type=int, default=None,
+        help="bytes of QoS>0 messages queued or in flight per session, 0 = no limit (64 MiB)")
+    add("--max-queued-bytes-total", type=int, default=None,
+        help="the same over all sessions, each message once, 0 = no limit (512 MiB)")
+    add("--max-output-bytes", type=int, default=None,
+        help="output held for a client that does not read before it is closed (8 MiB)")
+    add("--incomplete-packet-timeout", type=float, default=None,
+        help="seconds a started packet may take to arrive, 0 = no limit (30)")
+    add("--max-incomplete-bytes-total", type=int, default=None,
+        help="bytes of incomplete packets of all connections, 0 = no limit (128 MiB)")
     add("--max-keepalive", type=int, default=None, help="cap on keep-alive seconds, 0 = none")
     add("--sys-interval", type=float, default=None, help="seconds between $SYS updates, 0 disables")
     add("--redirect", metavar="HOST:PORT", default=None,

@@ -91,6 +91,9 @@ class BrokerConnection:
         self.in_aliases: dict[int, str] = {}
         self.writable = True
         self.closing = False
+        # Set with closing when the connection must not linger: the I/O layer aborts it
+        # (a client that does not read would never take a final packet anyway).
+        self.abort = False
         self.close_reason: int | None = None
         self.disconnected_cleanly = False
         # Set when the broker sends the client elsewhere (migration): its will waits this
@@ -98,11 +101,16 @@ class BrokerConnection:
         self.will_grace = 0.0
         self.io: Any = None  # the I/O layer's handle for this connection
         self._warned: set[str] = set()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
+        self._out_bytes = 0  # in _out and _side: held here while the transport is paused
         # Multi-stream QUIC: data channels' readers and output (channel 0 uses the above).
         self.rx_channel = 0  # the channel of the packet being handled: replies go there
         self._readers: dict[int, PacketReader] = {}
-        self._side: dict[int, list[bytes]] = {}
+        self._side: dict[int, list[bytes | bytearray]] = {}
+        # Incomplete packets: when each channel's began arriving, and the bytes all the
+        # readers hold (the broker caps both: Broker.input_changed and Broker.tick).
+        self.incomplete_since: dict[int, float] = {}
+        self.input_held = 0
 
     def __repr__(self) -> str:
         return f"<BrokerConnection {self.transport} {self.peer} {self.client_id!r}>"
@@ -129,8 +137,9 @@ class BrokerConnection:
             self.protocol_violation(ProtocolError("the first packet must be CONNECT"))
             return
         error: MQTTError | None = None
+        reader = self.reader
         try:
-            packets = self.reader.feed(data)
+            packets = reader.feed(data)
         except MQTTError as exc:
             packets, error = exc.decoded, exc
         handle = self._handle
@@ -146,6 +155,8 @@ class BrokerConnection:
             self.last_received = self.broker.now()
         if error is not None and not self.closing:
             self.protocol_violation(error)
+        if reader.buffered or self.incomplete_since:
+            self._track_incomplete(0, reader, bool(packets))
 
     def _receive_on_channel(self, data: bytes, channel: int) -> None:
         reader = self._readers.get(channel)
@@ -178,10 +189,45 @@ class BrokerConnection:
             self.last_received = self.broker.now()
         if error is not None and not self.closing:
             self.protocol_violation(error)
+        if reader.buffered or self.incomplete_since:
+            self._track_incomplete(channel, reader, bool(packets))
+
+    def _track_incomplete(self, channel: int, reader: PacketReader, decoded: bool) -> None:
+        """Note when ``channel``'s incomplete packet began, and report what is held."""
+        since = self.incomplete_since
+        if reader.buffered:
+            if decoded or channel not in since:  # a new packet began in this data
+                since[channel] = self.broker.now()
+        else:
+            since.pop(channel, None)
+        self._report_input()
+
+    def _report_input(self) -> None:
+        held = self.reader.buffered
+        if self._readers:
+            held += sum(r.buffered for r in self._readers.values())
+        if held != self.input_held:
+            self.broker.input_changed(self, held)
+
+    def drop_incomplete(self, reason: int, why: str, *args: Any) -> None:
+        """Close for an incomplete packet (too old, or too much held), freeing it at once."""
+        if not self.closing:
+            log.info(
+                "closing %s (%s): " + why, self.client_id or self.peer, self.transport, *args
+            )
+            self.broker.stats.limit_closed += 1
+        self.reader = PacketReader(self.reader.version, self.broker.config.max_packet_size)
+        self._readers.clear()
+        self.incomplete_since.clear()
+        self.broker.input_changed(self, 0)
+        self.close(reason)
 
     def channel_closed(self, channel: int) -> None:
         """A data stream ended: its PUBLISHes go to the control stream from now on."""
-        self._readers.pop(channel, None)
+        reader = self._readers.pop(channel, None)
+        if reader is not None and reader.buffered:  # an incomplete packet that never will be
+            self.incomplete_since.pop(channel, None)
+            self._report_input()
         session = self.session
         if session is not None:
             for opts in session.subscriptions.values():
@@ -189,27 +235,42 @@ class BrokerConnection:
                     opts.channel = 0
 
     def data_to_send(self) -> bytes:
-        """Output for channel 0 (everything, on a single-stream transport)."""
+        """Output for channel 0 (everything, on a single-stream transport).
+
+        Nothing while the transport is paused (its buffer is full: the client is not
+        reading): the output waits here, where it is counted against max_output_bytes,
+        instead of piling up unseen in the transport.  A closing connection gets it all.
+        """
         out = self._out
-        if not out:
+        if not out or not (self.writable or self.closing):
             return b""
         self._out = []
-        return out[0] if len(out) == 1 else b"".join(out)
+        data = b"".join(out) if len(out) > 1 or type(out[0]) is bytearray else out[0]
+        self._out_bytes -= len(data)
+        return data
 
     @property
     def has_side_data(self) -> bool:
         return bool(self._side)
 
     def side_data_to_send(self) -> dict[int, bytes]:
-        """Output for the data channels (multi-stream QUIC only), by channel."""
+        """Output for the data channels (multi-stream QUIC only), by channel; as above."""
+        if not (self.writable or self.closing):
+            return {}
         side, self._side = self._side, {}
-        return {channel: b"".join(chunks) for channel, chunks in side.items()}
+        out = {channel: b"".join(chunks) for channel, chunks in side.items()}
+        self._out_bytes -= sum(len(data) for data in out.values())
+        return out
 
     def set_writable(self, writable: bool) -> None:
-        """Flow control from the transport: while paused, QoS 0 is dropped, QoS > 0 waits."""
+        """Flow control from the transport: while paused, QoS 0 is dropped, QoS > 0 waits,
+        and other output is held (up to max_output_bytes)."""
         self.writable = writable
-        if writable and self.session is not None and self.state is State.CONNECTED:
-            self.pump()
+        if writable:
+            if self._out or self._side:
+                self.broker.mark_dirty(self)  # what waited while paused
+            if self.session is not None and self.state is State.CONNECTED:
+                self.pump()
 
     def connection_lost(self) -> None:
         """The transport closed (either side); tell the broker once."""
@@ -235,11 +296,41 @@ class BrokerConnection:
         if channel:
             chunks = self._side.get(channel)
             if chunks is None:
-                self._side[channel] = [data]
-            else:
-                chunks.append(data)
+                chunks = self._side[channel] = []
         else:
-            self._out.append(data)
+            chunks = self._out
+        self._out_bytes += len(data)
+        if self.writable:
+            chunks.append(data)
+        else:
+            # Held while paused, in one buffer: then what is counted is what is held (a list
+            # of small packets costs several times their bytes in pointers and headers).
+            if chunks and type(chunks[-1]) is bytearray:
+                chunks[-1] += data
+            else:
+                chunks.append(bytearray(data))
+            limit = self.broker.config.max_output_bytes
+            if limit and self._out_bytes > limit:
+                self._output_overflow(limit)
+
+    def _output_overflow(self, limit: int) -> None:
+        """The client does not read and its output passed the cap: drop it and close.
+
+        No DISCONNECT: a client that does not read would not see it.  The session stays
+        as the rules say (its QoS > 0 messages wait in it, within their own budgets).
+        """
+        log.info(
+            "closing %s (%s): it does not read, %d bytes of output held (max_output_bytes %d)",
+            self.client_id or self.peer, self.transport, self._out_bytes, limit,
+        )  # fmt: skip
+        self.broker.stats.limit_closed += 1
+        self._out = []
+        self._side = {}
+        self._out_bytes = 0
+        self.close_reason = ReasonCode.QUOTA_EXCEEDED
+        self.closing = True
+        self.abort = True
+        self.broker.mark_dirty(self)
 
     def send(self, packet: Packet, channel: int | None = None) -> None:
         self.send_bytes(encode(packet, self.version or MQTT_5), channel)
@@ -354,6 +445,7 @@ class BrokerConnection:
                 # Too big for the client's new Maximum Packet Size: discarded as if
                 # delivered (MQTT-3.1.2-25) instead of holding an in-flight slot forever.
                 del session.inflight[pid]
+                self.broker.release(session, delivery)
         self.pump()
 
     def _on_disconnect(self, packet: Disconnect) -> None:
@@ -454,6 +546,7 @@ class BrokerConnection:
         delivery = session.inflight.get(packet.packet_id)
         if delivery is not None and delivery.state == AWAIT_PUBACK:
             del session.inflight[packet.packet_id]
+            self.broker.release(session, delivery)
             if session.pending:
                 self.pump()
 
@@ -470,6 +563,7 @@ class BrokerConnection:
         if packet.reason_code >= 0x80:
             # The receiver refused the message: the exchange ends here (MQTT-4.3.3).
             del session.inflight[pid]
+            self.broker.release(session, delivery)
             self.pump()
             return
         delivery.state = AWAIT_PUBCOMP
@@ -482,6 +576,7 @@ class BrokerConnection:
         delivery = session.inflight.get(packet.packet_id)
         if delivery is not None and delivery.state == AWAIT_PUBCOMP:
             del session.inflight[packet.packet_id]
+            self.broker.release(session, delivery)
             if session.pending:
                 self.pump()
 
@@ -500,8 +595,11 @@ class BrokerConnection:
         self.send(Suback(packet_id, codes))
 
     # ----------------------------------------------------------------- outbound PUBLISH
-    def deliver(self, delivery: Delivery) -> None:
-        """Send now if the window allows, else queue in the session (MQTT-4.9.0-?)."""
+    def deliver(self, delivery: Delivery) -> bool:
+        """Send now if the window allows, else queue in the session (MQTT-4.9.0-?).
+
+        False if a queue limit of the session or the broker refused it (Broker.hold).
+        """
         session = self.session
         assert session is not None
         if delivery.qos == 0:
@@ -517,19 +615,23 @@ class BrokerConnection:
                     self.client_id,
                     self.transport,
                 )
-            return
+            return True
         if (
             self.writable
             and not session.pending
             and len(session.inflight) < self.send_quota
         ):
+            broker = self.broker
+            if not broker.hold(session, delivery):  # in flight, it is held as if queued
+                return False
             delivery.packet_id = session.allocate_packet_id()
             delivery.state = AWAIT_PUBACK if delivery.qos == 1 else AWAIT_PUBREC
             session.inflight[delivery.packet_id] = delivery
             if not self._transmit(delivery, dup=False):
                 del session.inflight[delivery.packet_id]
-            return
-        self.broker.enqueue(session, delivery)
+                broker.release(session, delivery)
+            return True
+        return self.broker.enqueue(session, delivery)
 
     def pump(self) -> None:
         """Move queued deliveries into the in-flight window while it has room."""
@@ -544,8 +646,10 @@ class BrokerConnection:
             delivery = pending.popleft()
             expires_at = delivery.message.expires_at
             if expires_at is not None and expires_at <= now:
+                broker.release(session, delivery)
                 continue  # MQTT-3.3.2-5: expired messages are not delivered
             if not broker.may_receive(session, delivery.message):
+                broker.release(session, delivery)
                 continue  # the ACL is asked when a message is sent, not only when queued
             if delivery.qos:
                 delivery.packet_id = session.allocate_packet_id()
@@ -553,8 +657,10 @@ class BrokerConnection:
                 inflight[delivery.packet_id] = delivery
                 if not self._transmit(delivery, dup=False):
                     del inflight[delivery.packet_id]
+                    broker.release(session, delivery)
             else:
                 self._transmit(delivery, dup=False)
+                broker.release(session, delivery)
 
     def _transmit(self, delivery: Delivery, dup: bool) -> bool:
         """Encode and queue one PUBLISH; False if the client's size limit forbids it."""

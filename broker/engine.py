@@ -23,7 +23,15 @@ from mqttproto.topics import parse_shared, validate_topic_filter, validate_topic
 from .auth import Authenticator
 from .config import BrokerConfig
 from .connection import BrokerConnection, State
-from .session import NEVER_EXPIRES, Delivery, Message, Session, SubOptions
+from .session import (
+    DELIVERY_OVERHEAD,
+    NEVER_EXPIRES,
+    Delivery,
+    Message,
+    Session,
+    SubOptions,
+    message_size,
+)
 from .store import MemoryStore, Store
 
 log = logging.getLogger("qmig.broker")
@@ -40,6 +48,10 @@ class Stats:
     dropped: int = 0
     protocol_errors: int = 0
     connections_total: int = 0
+    # Messages refused by a queue byte budget (also in ``dropped``), and connections closed
+    # by a limit on bytes held for them (unread output, incomplete packets) or its timeout.
+    quota_dropped: int = 0
+    limit_closed: int = 0
 
 
 class Broker:
@@ -71,6 +83,15 @@ class Broker:
         self._expiring: dict[str, float] = {}
         self._next_sys = self.started_at
         self.wakeup: Callable[[], None] = lambda: None
+        # Byte budgets.  queued_bytes: messages held in sessions' queues and in-flight
+        # windows, each message once plus DELIVERY_OVERHEAD per delivery holding it.
+        # incomplete_bytes: partial packets the connections' readers hold; _incomplete:
+        # the connections holding some, oldest first (the first shed when over the cap).
+        self.queued_bytes = 0
+        self._over_total = False
+        self._quota_refused = 0
+        self.incomplete_bytes = 0
+        self._incomplete: dict[BrokerConnection, None] = {}
 
     # ----------------------------------------------------------------- I/O hooks
     def open_connection(self, transport: str, peer: str) -> BrokerConnection:
@@ -186,7 +207,7 @@ class Broker:
             present = True  # MQTT-3.2.2-3
         else:
             if session is not None:
-                self.store.remove_session(client_id)  # MQTT-3.1.2-4
+                self._remove_session(client_id)  # MQTT-3.1.2-4
             session = Session(client_id, packet.protocol_version)
             self.store.add_session(session)
         session.version = packet.protocol_version
@@ -221,11 +242,43 @@ class Broker:
         """A connection that closed before CONNECT was accepted."""
         self.connections.discard(conn)
         self._dirty.discard(conn)
+        if conn.input_held:
+            self._set_input(conn, 0)
 
     def connection_closed(self, conn: BrokerConnection, clean: bool) -> None:
         self.connections.discard(conn)
         self._dirty.discard(conn)
+        if conn.input_held:
+            self._set_input(conn, 0)
         self._connection_gone(conn, clean, takeover=False)
+
+    # ----------------------------------------------------------------- incomplete packets
+    def input_changed(self, conn: BrokerConnection, held: int) -> None:
+        """``conn``'s readers hold ``held`` bytes of incomplete packets now.
+
+        Over ``max_incomplete_bytes_total`` for all connections together, the connection
+        whose incomplete packets began first is closed (0x97), and so on until under it:
+        a stalled sender is the oldest, a client in the middle of a packet the youngest.
+        """
+        self._set_input(conn, held)
+        cap = self.config.max_incomplete_bytes_total
+        while cap and self.incomplete_bytes > cap and self._incomplete:
+            victim = next(iter(self._incomplete))
+            victim.drop_incomplete(
+                ReasonCode.QUOTA_EXCEEDED,
+                "incomplete packets of all clients hold over %d bytes (max_incomplete_bytes_"
+                "total) and its %d bytes are the oldest",
+                cap,
+                victim.input_held,
+            )
+
+    def _set_input(self, conn: BrokerConnection, held: int) -> None:
+        self.incomplete_bytes += held - conn.input_held
+        conn.input_held = held
+        if held:
+            self._incomplete.setdefault(conn, None)  # keeps its place: when it began
+        else:
+            self._incomplete.pop(conn, None)
 
     def _connection_gone(
         self, conn: BrokerConnection, clean: bool, takeover: bool, resumed: bool = False
@@ -264,7 +317,18 @@ class Broker:
         if pending is not None:
             # MQTT-3.1.3-9: the will is sent when the session ends, if that comes first.
             self._publish_will(client_id, pending[1], pending[2])
-        self.store.remove_session(client_id)
+        self._remove_session(client_id)
+
+    def _remove_session(self, client_id: str) -> None:
+        """Forget a session, and what its queued and in-flight messages held."""
+        session = self.store.remove_session(client_id)
+        if session is not None:
+            for delivery in session.pending:
+                self.release(session, delivery)
+            for delivery in session.inflight.values():
+                self.release(session, delivery)
+            session.pending.clear()
+            session.inflight.clear()
 
     def _publish_will(self, client_id: str, will: Will, username: str | None) -> None:
         if will.topic.startswith("$SYS"):
@@ -302,8 +366,14 @@ class Broker:
         message = Message(
             topic, packet.payload, packet.qos, packet.retain, props, expires_at, conn.client_id
         )
-        delivered = self.route(message)
-        return ReasonCode.SUCCESS if delivered else ReasonCode.NO_MATCHING_SUBSCRIBERS
+        self._quota_refused = 0
+        if self.route(message):
+            return ReasonCode.SUCCESS
+        # Every session it was meant for refused it for a queue limit: say so (0x97, not
+        # 0x10 "no matching subscribers", which would tell the publisher nobody wants it).
+        if self._quota_refused:
+            return ReasonCode.QUOTA_EXCEEDED
+        return ReasonCode.NO_MATCHING_SUBSCRIBERS
 
     def route(self, message: Message) -> int:
         """Deliver ``message`` to every matching subscription; returns how many sessions."""
@@ -399,19 +469,87 @@ class Broker:
             return False
         conn = session.connection
         if conn is not None and conn.state is State.CONNECTED and not conn.closing:
-            conn.deliver(Delivery(message, qos, retain, sub_ids, channel=channel))
-            return True
+            return conn.deliver(Delivery(message, qos, retain, sub_ids, channel=channel))
         if qos == 0 and not self.config.queue_qos0_messages:
             return True  # QoS 0 is not kept for offline clients (section 4.1 allows it)
         return self.enqueue(session, Delivery(message, qos, retain, sub_ids))
 
     def enqueue(self, session: Session, delivery: Delivery) -> bool:
+        """Queue a delivery in its session, within the session's count and byte limits."""
         if len(session.pending) >= self.config.max_queued_messages:
-            session.dropped += 1
-            self.stats.dropped += 1
+            self._refuse_delivery(session)
+            return False
+        if not self.hold(session, delivery):
             return False
         session.pending.append(delivery)
         return True
+
+    # ----------------------------------------------------------------- queue byte budgets
+    def hold(self, session: Session, delivery: Delivery) -> bool:
+        """Charge a delivery about to be queued or put in flight to the byte budgets.
+
+        The session's budget (``max_queued_bytes``, as mosquitto's, though it covers the
+        in-flight window too) counts the whole message for every session holding it: that
+        is what the session would cost alone.  The broker's (``max_queued_bytes_total``)
+        counts each message once, however many sessions share it, since they share one
+        object; both add DELIVERY_OVERHEAD per delivery.  A session holding nothing always
+        takes its next message, so no message is undeliverable for its size alone.  False:
+        the delivery is refused (dropped, counted, logged once); release() undoes a charge.
+        """
+        message = delivery.message
+        size = message.size or message_size(message)
+        cost = size + DELIVERY_OVERHEAD
+        config = self.config
+        limit = config.max_queued_bytes
+        if limit and session.held_bytes and session.held_bytes + cost > limit:
+            if not session.over_budget:
+                session.over_budget = True
+                log.info(
+                    "session %s holds %d bytes of messages (max_queued_bytes %d): dropping "
+                    "its further QoS > 0 messages until it drains",
+                    session.client_id, session.held_bytes, limit,
+                )  # fmt: skip
+            self._refuse_delivery(session)
+            return False
+        added = cost if message.holders == 0 else DELIVERY_OVERHEAD
+        total = config.max_queued_bytes_total
+        if total and self.queued_bytes + added > total:
+            if not self._over_total:
+                self._over_total = True
+                log.warning(
+                    "sessions hold %d bytes of messages (max_queued_bytes_total %d): "
+                    "dropping further queued messages until they drain",
+                    self.queued_bytes, total,
+                )  # fmt: skip
+            self._refuse_delivery(session)
+            return False
+        message.holders += 1
+        self.queued_bytes += added
+        session.held_bytes += cost
+        delivery.held = cost
+        return True
+
+    def release(self, session: Session, delivery: Delivery) -> None:
+        """A delivery left its session's queue or in-flight window: uncharge it."""
+        held = delivery.held
+        if not held:
+            return
+        delivery.held = 0
+        session.held_bytes -= held
+        message = delivery.message
+        message.holders -= 1
+        self.queued_bytes -= held if message.holders == 0 else DELIVERY_OVERHEAD
+        config = self.config
+        if session.over_budget and session.held_bytes * 2 < config.max_queued_bytes:
+            session.over_budget = False
+        if self._over_total and self.queued_bytes * 2 < config.max_queued_bytes_total:
+            self._over_total = False
+
+    def _refuse_delivery(self, session: Session) -> None:
+        session.dropped += 1
+        self.stats.dropped += 1
+        self.stats.quota_dropped += 1
+        self._quota_refused += 1
 
     # ----------------------------------------------------------------- subscribe
     def subscribe(self, conn: BrokerConnection, packet: Subscribe) -> None:
@@ -513,8 +651,20 @@ class Broker:
     def tick(self) -> None:
         """Keep-alive, will delays, session expiry and $SYS; call about twice a second."""
         now = self.now()
+        timeout = self.config.incomplete_packet_timeout
         for conn in list(self.connections):
             if conn.closing:
+                continue
+            since = conn.incomplete_since
+            if timeout and since and now - min(since.values()) > timeout:
+                # Keep alive 0 turns off the keep-alive timer, not this one: a client must
+                # not hold a partial packet (up to max_packet_size) open forever.
+                conn.drop_incomplete(
+                    ReasonCode.KEEP_ALIVE_TIMEOUT,
+                    "a packet incomplete for over %g s (%d bytes held)",
+                    timeout,
+                    conn.input_held,
+                )
                 continue
             if conn.state is State.AWAIT_CONNECT:
                 if now - conn.opened_at > 10.0:
@@ -550,6 +700,7 @@ class Broker:
             "messages/sent": self.stats.messages_sent,
             "publish/messages/received": self.stats.publish_received,
             "publish/messages/dropped": self.stats.dropped,
+            "store/messages/bytes": self.queued_bytes,  # mosquitto's name: bytes held queued
             "subscriptions/count": self.store.subscription_count(),
             "retained messages/count": self.store.retained_count(),
         }

@@ -185,7 +185,10 @@ class BrokerServer:
                     for channel, chunk in conn.side_data_to_send().items():
                         io.write_channel(channel, chunk)
                 if conn.closing:
-                    io.close()
+                    if conn.abort:
+                        io.abort()
+                    else:
+                        io.close()
             except Exception as exc:
                 conn.warn_once("flush", "aborting %s (%s): its transport failed: %r",
                                conn.client_id or conn.peer, conn.transport, exc)  # fmt: skip

@@ -33,6 +33,33 @@ class Message:
     # Encoded PUBLISH bytes for QoS 0 deliveries without per-subscriber properties,
     # keyed by (is_v5, retain flag): fan-out encodes each message at most a few times.
     encoded: dict[tuple[bool, bool], bytes] | None = None
+    # Queue accounting (broker.engine's byte budgets): the bytes :func:`message_size` gave
+    # (0: not measured yet) and how many queued or in-flight deliveries hold the message.
+    size: int = 0
+    holders: int = 0
+
+
+# What one queued delivery costs beyond its message: the Delivery record and its slot in the
+# session's queue (measured with sys.getsizeof, rounded up).  Charged per delivery, so a
+# flood of empty messages is bounded in bytes too, not only by max_queued_messages.
+DELIVERY_OVERHEAD = 128
+
+
+def message_size(message: Message) -> int:
+    """Bytes a message holds for the queue budgets: payload, topic and properties."""
+    size = message.size
+    if not size:
+        size = len(message.payload) + len(message.topic)
+        for value in message.properties.values():
+            if isinstance(value, bytes | str):
+                size += len(value)
+            elif isinstance(value, list):  # user properties (name, value) or identifiers
+                for item in value:
+                    size += len(item[0]) + len(item[1]) if isinstance(item, tuple) else 4
+            else:
+                size += 4
+        message.size = size = max(size, 1)
+    return size
 
 
 @dataclass(slots=True)
@@ -65,6 +92,7 @@ class Delivery:
     packet_id: int = 0
     state: int = 0
     channel: int = 0  # see SubOptions.channel
+    held: int = 0  # bytes charged to the session's queue budget for it (0: not charged)
 
 
 @dataclass(slots=True, eq=False)
@@ -84,6 +112,10 @@ class Session:
     expires_at: float | None = None
     will: Will | None = None
     dropped: int = 0
+    # Bytes of the messages in ``pending`` and ``inflight`` (Broker.hold/release), and
+    # whether reaching max_queued_bytes was logged (again once it fell below half).
+    held_bytes: int = 0
+    over_budget: bool = False
 
     def allocate_packet_id(self) -> int:
         """The next packet identifier not in use by an in-flight delivery (MQTT-2.2.1-3)."""
