@@ -78,7 +78,7 @@ class BrokerConnection:
         self.client_id = ""
         self.username: str | None = None
         self.session: Session | None = None
-        self.reader = PacketReader(max_packet_size=broker.config.max_packet_size)
+        self.reader = self._new_reader(None)
         now = broker.now()
         self.opened_at = now
         self.last_received = now
@@ -107,6 +107,13 @@ class BrokerConnection:
     def __repr__(self) -> str:
         return f"<BrokerConnection {self.transport} {self.peer} {self.client_id!r}>"
 
+    def _new_reader(self, version: int | None) -> PacketReader:
+        """A decoder that holds the client to the broker's limits (size, user properties)."""
+        cfg = self.broker.config
+        return PacketReader(
+            version, cfg.max_packet_size, cfg.max_user_properties, cfg.max_user_properties_size
+        )
+
     # ----------------------------------------------------------------- I/O interface
     def receive_data(self, data: bytes, channel: int = 0) -> None:
         """Handle bytes from the network; errors close this connection, never raise.
@@ -132,7 +139,10 @@ class BrokerConnection:
         try:
             packets = self.reader.feed(data)
         except MQTTError as exc:
-            packets, error = exc.decoded, exc
+            # Without its traceback: kept in ``error``, it would form a cycle with this
+            # frame and hold the reader's frames (and the refused packet's bytes, up to the
+            # Maximum Packet Size) until the garbage collector happens to run.
+            packets, error = exc.decoded, exc.with_traceback(None)
         handle = self._handle
         for packet in packets:
             if self.closing:
@@ -150,14 +160,12 @@ class BrokerConnection:
     def _receive_on_channel(self, data: bytes, channel: int) -> None:
         reader = self._readers.get(channel)
         if reader is None:
-            reader = self._readers[channel] = PacketReader(
-                self.version, self.broker.config.max_packet_size
-            )
+            reader = self._readers[channel] = self._new_reader(self.version)
         error: MQTTError | None = None
         try:
             packets = reader.feed(data)
         except MQTTError as exc:
-            packets, error = exc.decoded, exc
+            packets, error = exc.decoded, exc.with_traceback(None)  # as in receive_data
         self.rx_channel = channel
         try:
             for packet in packets:
