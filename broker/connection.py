@@ -17,6 +17,7 @@ asks for (section 4.13); the broker and other clients carry on.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -462,7 +463,7 @@ class BrokerConnection:
         delivery = session.inflight.get(packet.packet_id)
         if delivery is not None and delivery.state == AWAIT_PUBACK:
             del session.inflight[packet.packet_id]
-            if session.pending:
+            if session.pending or session.replays:
                 self.pump()
 
     def _on_pubrec(self, packet: Pubrec) -> None:
@@ -490,7 +491,7 @@ class BrokerConnection:
         delivery = session.inflight.get(packet.packet_id)
         if delivery is not None and delivery.state == AWAIT_PUBCOMP:
             del session.inflight[packet.packet_id]
-            if session.pending:
+            if session.pending or session.replays:
                 self.pump()
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
@@ -502,6 +503,9 @@ class BrokerConnection:
         for topic_filter in packet.topic_filters:
             found = store.unsubscribe(session, topic_filter)
             codes.append(ReasonCode.SUCCESS if found else ReasonCode.NO_SUBSCRIPTION_EXISTED)
+        if session.replays:  # retained messages still owed to those filters are not sent
+            gone = set(packet.topic_filters)
+            session.replays = deque(r for r in session.replays if r.topic_filter not in gone)
         self.send(Unsuback(packet.packet_id, codes))
 
     def send_suback(self, packet_id: int, codes: list[int]) -> None:
@@ -540,12 +544,17 @@ class BrokerConnection:
         self.broker.enqueue(session, delivery)
 
     def pump(self) -> None:
-        """Move queued deliveries into the in-flight window while it has room."""
+        """Move queued deliveries into the in-flight window while it has room.
+
+        Then a retained replay waiting for this (room, or the transport draining) goes on.
+        """
         session = self.session
         if session is None or self.closing:
             return
         pending = session.pending
         inflight = session.inflight
+        if session.replays and self.writable:
+            self.broker.replay_ready(self)  # its next batch comes after the queue below
         now = self.broker.now()
         while pending and self.writable and len(inflight) < self.send_quota:
             delivery = pending.popleft()

@@ -33,6 +33,9 @@ class Message:
     # Encoded PUBLISH bytes for QoS 0 deliveries without per-subscriber properties,
     # keyed by (is_v5, retain flag): fan-out encodes each message at most a few times.
     encoded: dict[tuple[bool, bool], bytes] | None = None
+    # Set by the store when this becomes the retained message of its topic: the store's
+    # count of retained messages set so far (0: never retained).  See RetainedReplay.
+    retained_seq: int = 0
 
 
 @dataclass(slots=True)
@@ -68,6 +71,24 @@ class Delivery:
 
 
 @dataclass(slots=True, eq=False)
+class RetainedReplay:
+    """The retained messages one subscription still has to receive (MQTT-3.3.1-9/10/11).
+
+    They go out in bounded batches as the connection's output drains (Broker.step_replays),
+    not all within the SUBSCRIBE's event-loop turn.  ``horizon`` is the store's retained
+    sequence number when the subscription was made: a retained message set after it was
+    delivered live through the subscription, so the replay sends only messages that were
+    retained by then and still are.  ``messages`` is the store's snapshot of candidates,
+    taken when the replay starts (only the session's oldest replay holds one).
+    """
+
+    topic_filter: str
+    horizon: int
+    messages: list[Message] | None = None
+    position: int = 0
+
+
+@dataclass(slots=True, eq=False)
 class Session:
     """MQTT session state (section 4.1), which outlives connections when expiry allows."""
 
@@ -79,6 +100,8 @@ class Session:
     inflight: dict[int, Delivery] = field(default_factory=dict)
     pending: deque[Delivery] = field(default_factory=deque)
     inbound_qos2: set[int] = field(default_factory=set)
+    # Retained messages owed to new subscriptions, oldest first (one per topic filter).
+    replays: deque[RetainedReplay] = field(default_factory=deque)
     next_packet_id: int = 1
     connection: BrokerConnection | None = None
     expires_at: float | None = None
