@@ -118,13 +118,14 @@ def _send_one(c: _Client, packet: bytes) -> tuple[str, int | None, float]:
             return "lost", None, time.monotonic() - started
 
 
-def _count_retained(port: int, prefix: str, timeout: float = 5.0) -> int:
+def _count_retained(port: int, prefix: str, idle: float = 2.0) -> int:
+    """How many retained messages under ``prefix/`` a new subscriber gets."""
     c = _Client(port, "abuse-up-reader")
     try:
         c.sock.sendall(encode(Subscribe(1, [Subscription(f"{prefix}/#", 0)], {})))
         found = 0
         while True:
-            packet = c.next_packet(2.0 if found else timeout)
+            packet = c.next_packet(idle)
             if packet is None:
                 return found
             if isinstance(packet, Publish) and packet.retain:
