@@ -25,6 +25,7 @@ from mqttproto.packets import (
     Disconnect,
     Pingresp,
     Publish,
+    Suback,
     Subscribe,
     Subscription,
 )
@@ -119,11 +120,17 @@ def _send_one(c: _Client, packet: bytes) -> tuple[str, int | None, float]:
 
 
 def _count_retained(port: int, prefix: str, idle: float = 2.0) -> int:
-    """How many retained messages under ``prefix/`` a new subscriber gets."""
+    """How many retained messages under ``prefix/`` a new subscriber gets.
+
+    The SUBACK may take long (a broker that encodes every replayed message within the
+    SUBSCRIBE sends it with them); after it, ``idle`` seconds of silence end the count.
+    """
     c = _Client(port, "abuse-up-reader")
     try:
         c.sock.sendall(encode(Subscribe(1, [Subscription(f"{prefix}/#", 0)], {})))
         found = 0
+        if not isinstance(c.next_packet(60.0), Suback):
+            return found
         while True:
             packet = c.next_packet(idle)
             if packet is None:
