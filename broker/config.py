@@ -69,6 +69,13 @@ class BrokerConfig:
     max_keepalive: int = 0  # 0 = no cap
     max_session_expiry: int | None = None
     max_subscriptions_per_client: int = 5000
+    # User Properties of one packet: how many (Subscription Identifiers, the only other
+    # property that may repeat, count too), and the bytes of their keys and values.  A 1 MB
+    # packet of empty ones was 200,000 list entries.  EMQX caps a CONNECT's at 100 by
+    # default (mqtt.max_connect_user_properties, emqx/emqx#18974); past either cap the
+    # client is closed with 0x97 Quota exceeded.
+    max_user_properties: int = 256
+    max_user_properties_size: int = 65_536
     sys_interval: float = 10.0  # 0 disables $SYS
     redirect: str | None = None  # server reference; new connections are refused with it
     redirect_permanent: bool = False
@@ -133,6 +140,8 @@ class BrokerConfig:
         if self.max_session_expiry is not None:
             _check_range("max_session_expiry", self.max_session_expiry, 0, UINT32_MAX)
         _check_range("max_subscriptions_per_client", self.max_subscriptions_per_client, 1, None)
+        _check_range("max_user_properties", self.max_user_properties, 1, None)
+        _check_range("max_user_properties_size", self.max_user_properties_size, 1, None)
         if self.sys_interval < 0:
             raise ConfigError(f"sys_interval must be >= 0 (0 disables), got {self.sys_interval}")
         if bool(self.cert) != bool(self.key):
@@ -272,6 +281,19 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a started packet may take to arrive, 0 = no limit (30)")
     add("--max-incomplete-bytes-total", type=int, default=None,
         help="bytes of incomplete packets of all connections, 0 = no limit (128 MiB)")
+    add(
+        "--max-user-properties",
+        type=int,
+        default=None,
+        help="user properties accepted in one packet (default 256)",
+    )
+    add(
+        "--max-user-properties-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="bytes of user property keys and values in one packet (default 65536)",
+    )
     add("--max-keepalive", type=int, default=None, help="cap on keep-alive seconds, 0 = none")
     add("--sys-interval", type=float, default=None, help="seconds between $SYS updates, 0 disables")
     add("--redirect", metavar="HOST:PORT", default=None,

@@ -17,6 +17,7 @@ asks for (section 4.13); the broker and other clients carry on.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,7 @@ class BrokerConnection:
         self.client_id = ""
         self.username: str | None = None
         self.session: Session | None = None
-        self.reader = PacketReader(max_packet_size=broker.config.max_packet_size)
+        self.reader = self._new_reader(None)
         now = broker.now()
         self.opened_at = now
         self.last_received = now
@@ -115,6 +116,13 @@ class BrokerConnection:
     def __repr__(self) -> str:
         return f"<BrokerConnection {self.transport} {self.peer} {self.client_id!r}>"
 
+    def _new_reader(self, version: int | None) -> PacketReader:
+        """A decoder that holds the client to the broker's limits (size, user properties)."""
+        cfg = self.broker.config
+        return PacketReader(
+            version, cfg.max_packet_size, cfg.max_user_properties, cfg.max_user_properties_size
+        )
+
     # ----------------------------------------------------------------- I/O interface
     def receive_data(self, data: bytes, channel: int = 0) -> None:
         """Handle bytes from the network; errors close this connection, never raise.
@@ -141,7 +149,10 @@ class BrokerConnection:
         try:
             packets = reader.feed(data)
         except MQTTError as exc:
-            packets, error = exc.decoded, exc
+            # Without its traceback: kept in ``error``, it would form a cycle with this
+            # frame and hold the reader's frames (and the refused packet's bytes, up to the
+            # Maximum Packet Size) until the garbage collector happens to run.
+            packets, error = exc.decoded, exc.with_traceback(None)
         handle = self._handle
         for packet in packets:
             if self.closing:
@@ -161,14 +172,12 @@ class BrokerConnection:
     def _receive_on_channel(self, data: bytes, channel: int) -> None:
         reader = self._readers.get(channel)
         if reader is None:
-            reader = self._readers[channel] = PacketReader(
-                self.version, self.broker.config.max_packet_size
-            )
+            reader = self._readers[channel] = self._new_reader(self.version)
         error: MQTTError | None = None
         try:
             packets = reader.feed(data)
         except MQTTError as exc:
-            packets, error = exc.decoded, exc
+            packets, error = exc.decoded, exc.with_traceback(None)  # as in receive_data
         self.rx_channel = channel
         try:
             for packet in packets:
@@ -547,7 +556,7 @@ class BrokerConnection:
         if delivery is not None and delivery.state == AWAIT_PUBACK:
             del session.inflight[packet.packet_id]
             self.broker.release(session, delivery)
-            if session.pending:
+            if session.pending or session.replays:
                 self.pump()
 
     def _on_pubrec(self, packet: Pubrec) -> None:
@@ -577,7 +586,7 @@ class BrokerConnection:
         if delivery is not None and delivery.state == AWAIT_PUBCOMP:
             del session.inflight[packet.packet_id]
             self.broker.release(session, delivery)
-            if session.pending:
+            if session.pending or session.replays:
                 self.pump()
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
@@ -589,6 +598,9 @@ class BrokerConnection:
         for topic_filter in packet.topic_filters:
             found = store.unsubscribe(session, topic_filter)
             codes.append(ReasonCode.SUCCESS if found else ReasonCode.NO_SUBSCRIPTION_EXISTED)
+        if session.replays:  # retained messages still owed to those filters are not sent
+            gone = set(packet.topic_filters)
+            session.replays = deque(r for r in session.replays if r.topic_filter not in gone)
         self.send(Unsuback(packet.packet_id, codes))
 
     def send_suback(self, packet_id: int, codes: list[int]) -> None:
@@ -634,13 +646,18 @@ class BrokerConnection:
         return self.broker.enqueue(session, delivery)
 
     def pump(self) -> None:
-        """Move queued deliveries into the in-flight window while it has room."""
+        """Move queued deliveries into the in-flight window while it has room.
+
+        Then a retained replay waiting for this (room, or the transport draining) goes on.
+        """
         session = self.session
         if session is None or self.closing:
             return
         pending = session.pending
         inflight = session.inflight
         broker = self.broker
+        if session.replays and self.writable:
+            broker.replay_ready(self)  # its next batch comes after the queue below
         now = broker.now()
         while pending and self.writable and len(inflight) < self.send_quota:
             delivery = pending.popleft()

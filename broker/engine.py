@@ -2,7 +2,8 @@
 
 :class:`Broker` is pure: it never touches a socket or a clock of its own (``clock`` is
 injected), so every rule is unit-testable.  The asyncio layer in :mod:`broker.server` owns
-the transports, calls :meth:`Broker.tick` periodically and flushes :meth:`take_dirty`.
+the transports, calls :meth:`Broker.tick` periodically, flushes :meth:`take_dirty`, and,
+while :attr:`Broker.replaying`, calls :meth:`Broker.step_replays` once per event-loop turn.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,12 @@ from mqttproto.errors import MQTTError, ProtocolError
 from mqttproto.packets import MQTT_5, Connect, Publish, Subscribe, Will
 from mqttproto.properties import PropertyId
 from mqttproto.reasons import ReasonCode
-from mqttproto.topics import parse_shared, validate_topic_filter, validate_topic_name
+from mqttproto.topics import (
+    parse_shared,
+    topic_matches,
+    validate_topic_filter,
+    validate_topic_name,
+)
 
 from .auth import Authenticator
 from .config import BrokerConfig
@@ -28,6 +35,7 @@ from .session import (
     NEVER_EXPIRES,
     Delivery,
     Message,
+    RetainedReplay,
     Session,
     SubOptions,
     message_size,
@@ -36,6 +44,17 @@ from .store import MemoryStore, Store
 
 log = logging.getLogger("qmig.broker")
 P = PropertyId
+
+# Retained messages on subscribe are sent in batches, one per connection and event-loop
+# turn, so that a SUBSCRIBE matching 100,000 of them neither queues its whole answer at once
+# nor holds up other clients (EMQX paces its retainer likewise: flow_control.
+# batch_deliver_number).  A batch examines at most REPLAY_STEP_MESSAGES and adds about
+# REPLAY_STEP_BYTES of output; a turn examines at most REPLAY_TURN_MESSAGES over all
+# connections.  A connection paused by its transport (a full socket or QUIC stream) gets
+# no batch until it drains, and QoS 1/2 messages wait for room in the in-flight window.
+REPLAY_STEP_MESSAGES = 1024
+REPLAY_STEP_BYTES = 64 << 10
+REPLAY_TURN_MESSAGES = 4096
 
 
 @dataclass
@@ -92,6 +111,8 @@ class Broker:
         self._quota_refused = 0
         self.incomplete_bytes = 0
         self._incomplete: dict[BrokerConnection, None] = {}
+        # Connections with a retained replay that can make progress, in turn order.
+        self._replay_ready: dict[BrokerConnection, None] = {}
 
     # ----------------------------------------------------------------- I/O hooks
     def open_connection(self, transport: str, peer: str) -> BrokerConnection:
@@ -560,7 +581,10 @@ class Broker:
         sub_id_list = packet.properties.get(P.SUBSCRIPTION_IDENTIFIER)
         sub_id = sub_id_list[0] if sub_id_list else None
         codes: list[int] = []
-        retained: list[Delivery] = []
+        # Filters whose retained messages are owed, each once however often it is listed:
+        # a repeated filter replaces its own subscription (MQTT-3.8.4-3), so the packet
+        # makes one subscription and one replay of it, not one per copy.
+        replays: dict[str, None] = {}
         limit = self.config.max_subscriptions_per_client
         refused = 0
         for sub in packet.subscriptions:
@@ -587,20 +611,11 @@ class Broker:
                 conn.rx_channel,
             )
             existed = self.store.subscribe(session, topic_filter, opts)
-            codes.append(sub.qos)
+            codes.append(sub.qos)  # every entry gets its own reason code (MQTT-3.9.3-1)
             if group is None and (
                 sub.retain_handling == 0 or (sub.retain_handling == 1 and not existed)
             ):
-                for message in self.store.retained_matching(inner):
-                    if self._acl and not self.auth.can_receive(
-                        conn.client_id, conn.username, message.topic
-                    ):
-                        continue
-                    ids = [sub_id] if sub_id else None
-                    # MQTT-3.3.1-9: retained messages sent on subscribe keep RETAIN 1.
-                    retained.append(Delivery(
-                        message, min(message.qos, sub.qos), True, ids, channel=conn.rx_channel
-                    ))
+                replays[topic_filter] = None
         if not v5 and len(codes) != len(packet.subscriptions):  # pragma: no cover
             raise ProtocolError("internal: SUBACK does not match SUBSCRIBE")
         if refused:
@@ -612,13 +627,112 @@ class Broker:
                 refused,
             )
         conn.send_suback(packet.packet_id, codes)
-        now = self.now()
-        for delivery in retained:
-            expires_at = delivery.message.expires_at
-            if expires_at is not None and expires_at <= now:
-                self.store.drop_retained(delivery.message.topic)
+        if replays:
+            queue = session.replays
+            if any(r.topic_filter in replays for r in queue):
+                # Subscribing again restarts that filter's replay (RH 0 resends them all).
+                queue = session.replays = deque(r for r in queue if r.topic_filter not in replays)
+            horizon = self.store.retained_version()
+            queue.extend(RetainedReplay(f, horizon) for f in replays)
+            self.replay_ready(conn)
+
+    # ----------------------------------------------------------------- retained replay
+    @property
+    def replaying(self) -> bool:
+        """Whether :meth:`step_replays` has work: the I/O layer calls it once per turn."""
+        return bool(self._replay_ready)
+
+    def replay_ready(self, conn: BrokerConnection) -> None:
+        """``conn`` may go on with its retained replay (new, drained, or acked)."""
+        session = conn.session
+        if session is not None and session.replays and conn not in self._replay_ready:
+            if not self._replay_ready and not self._dirty:
+                self.wakeup()
+            self._replay_ready[conn] = None
+
+    def step_replays(self) -> None:
+        """Send the next batch of retained messages of every connection ready for one."""
+        ready, self._replay_ready = self._replay_ready, {}
+        budget = REPLAY_TURN_MESSAGES
+        again: list[BrokerConnection] = []
+        later: list[BrokerConnection] = []
+        for conn in ready:
+            if budget <= 0:
+                later.append(conn)  # first in line next turn
                 continue
-            conn.deliver(delivery)
+            examined, more = self._replay_step(conn, min(budget, REPLAY_STEP_MESSAGES))
+            budget -= examined
+            if more:
+                again.append(conn)
+        added, self._replay_ready = self._replay_ready, {}
+        for conn in (*later, *again, *added):
+            self._replay_ready[conn] = None
+
+    def _replay_step(self, conn: BrokerConnection, budget: int) -> tuple[int, bool]:
+        """One batch of ``conn``'s oldest replays: (messages examined, whether to go on).
+
+        Stops when the batch is full (go on next turn), or when the connection cannot take
+        more now: paused by its transport, or a QoS > 0 message finds the in-flight window
+        full or messages queued before it.  ``set_writable`` and acks resume it (pump).
+        """
+        session = conn.session
+        if (
+            session is None
+            or session.connection is not conn
+            or conn.state is not State.CONNECTED
+            or conn.closing
+        ):
+            return 0, False
+        replays = session.replays
+        store = self.store
+        now = self.now()
+        acl = self._acl
+        examined = 0
+        size = 0
+        while replays:
+            replay = replays[0]
+            opts = session.subscriptions.get(replay.topic_filter)
+            if opts is None:  # unsubscribed meanwhile
+                replays.popleft()
+                continue
+            messages = replay.messages
+            if messages is None:
+                messages = replay.messages = store.retained_candidates(replay.topic_filter)
+            topic_filter = replay.topic_filter
+            wildcard = "+" in topic_filter or "#" in topic_filter
+            ids = [opts.subscription_id] if opts.subscription_id else None
+            n = len(messages)
+            while replay.position < n:
+                if examined >= budget or size >= REPLAY_STEP_BYTES:
+                    return examined, True
+                if not conn.writable:
+                    return examined, False
+                message = messages[replay.position]
+                examined += 1
+                if (
+                    message.retained_seq > replay.horizon  # sent live: retained after
+                    or store.retained(message.topic) is not message  # replaced or cleared
+                    or (wildcard and not topic_matches(topic_filter, message.topic))
+                    or (acl and not self.auth.can_receive(
+                        conn.client_id, conn.username, message.topic
+                    ))
+                ):  # fmt: skip
+                    replay.position += 1
+                    continue
+                expires_at = message.expires_at
+                if expires_at is not None and expires_at <= now:
+                    store.drop_retained(message.topic)
+                    replay.position += 1
+                    continue
+                qos = message.qos if message.qos < opts.qos else opts.qos
+                if qos and (session.pending or len(session.inflight) >= conn.send_quota):
+                    return examined, False  # this one again once the window has room
+                replay.position += 1
+                # MQTT-3.3.1-9: retained messages sent on subscribe keep RETAIN 1.
+                conn.deliver(Delivery(message, qos, True, ids, channel=opts.channel))
+                size += len(message.payload) + len(message.topic) + 16
+            replays.popleft()
+        return examined, False
 
     # ----------------------------------------------------------------- migration API
     def disconnect_clients(

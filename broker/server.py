@@ -2,6 +2,8 @@
 
 Output is batched: connections that have something to send are marked dirty, and one
 callback per event-loop turn writes each of them once, however many packets piled up.
+Retained messages on subscribe follow in batches, one per turn (``Broker.step_replays``),
+so other clients' packets are handled between them.
 Listeners can be closed and reopened at run time (``close_listener``/``open_listener``):
 CRIU cannot checkpoint MPTCP sockets, so a migrating broker closes that one first.
 """
@@ -145,6 +147,7 @@ class BrokerServer:
         self.broker.wakeup = self._schedule_flush
         self.listeners: dict[str, Listener] = {}
         self._flush_scheduled = False
+        self._replay_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -198,6 +201,16 @@ class BrokerServer:
             touched, self._quic_touched = self._quic_touched, set()
             for proto in touched:
                 proto.transmit()
+        if self.broker.replaying and not self._replay_scheduled and self._loop is not None:
+            # The next batch of retained messages waits for the next turn: what arrived
+            # meanwhile (other clients' packets) is handled first.
+            self._replay_scheduled = True
+            self._loop.call_soon(self._replay)
+
+    def _replay(self) -> None:
+        self._replay_scheduled = False
+        self.broker.step_replays()
+        self.flush()
 
     def loop_time(self) -> float:
         """The clock aioquic's connections run on."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mqttproto.packets import Will
+from mqttproto.properties import UserProperties
 
 if TYPE_CHECKING:
     from .connection import BrokerConnection
@@ -37,6 +38,9 @@ class Message:
     # (0: not measured yet) and how many queued or in-flight deliveries hold the message.
     size: int = 0
     holders: int = 0
+    # Set by the store when this becomes the retained message of its topic: the store's
+    # count of retained messages set so far (0: never retained).  See RetainedReplay.
+    retained_seq: int = 0
 
 
 # What one queued delivery costs beyond its message: the Delivery record and its slot in the
@@ -53,6 +57,8 @@ def message_size(message: Message) -> int:
         for value in message.properties.values():
             if isinstance(value, bytes | str):
                 size += len(value)
+            elif isinstance(value, UserProperties):  # kept as their wire bytes
+                size += len(value.wire)
             elif isinstance(value, list):  # user properties (name, value) or identifiers
                 for item in value:
                     size += len(item[0]) + len(item[1]) if isinstance(item, tuple) else 4
@@ -96,6 +102,24 @@ class Delivery:
 
 
 @dataclass(slots=True, eq=False)
+class RetainedReplay:
+    """The retained messages one subscription still has to receive (MQTT-3.3.1-9/10/11).
+
+    They go out in bounded batches as the connection's output drains (Broker.step_replays),
+    not all within the SUBSCRIBE's event-loop turn.  ``horizon`` is the store's retained
+    sequence number when the subscription was made: a retained message set after it was
+    delivered live through the subscription, so the replay sends only messages that were
+    retained by then and still are.  ``messages`` is the store's snapshot of candidates,
+    taken when the replay starts (only the session's oldest replay holds one).
+    """
+
+    topic_filter: str
+    horizon: int
+    messages: list[Message] | None = None
+    position: int = 0
+
+
+@dataclass(slots=True, eq=False)
 class Session:
     """MQTT session state (section 4.1), which outlives connections when expiry allows."""
 
@@ -107,6 +131,8 @@ class Session:
     inflight: dict[int, Delivery] = field(default_factory=dict)
     pending: deque[Delivery] = field(default_factory=deque)
     inbound_qos2: set[int] = field(default_factory=set)
+    # Retained messages owed to new subscriptions, oldest first (one per topic filter).
+    replays: deque[RetainedReplay] = field(default_factory=deque)
     next_packet_id: int = 1
     connection: BrokerConnection | None = None
     expires_at: float | None = None

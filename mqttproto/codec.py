@@ -43,7 +43,17 @@ from .packets import (
     Unsubscribe,
     Will,
 )
-from .properties import BOOLEAN, NONZERO, REPEATABLE, SPEC, WILL, Properties, PropertyId, WireType
+from .properties import (
+    BOOLEAN,
+    NONZERO,
+    REPEATABLE,
+    SPEC,
+    WILL,
+    Properties,
+    PropertyId,
+    UserProperties,
+    WireType,
+)
 from .reasons import ConnackCode311, ReasonCode, connack_code_311, suback_code_311
 
 MAX_REMAINING_LENGTH = 268_435_455
@@ -201,6 +211,9 @@ def encode_properties(props: Properties, packet_type: int) -> bytes:
         spec = SPEC.get(pid)
         if spec is None or packet_type not in spec[1]:
             raise ValueError(f"property {pid:#x} is not allowed in packet type {packet_type}")
+        if value.__class__ is UserProperties:
+            out += value.wire  # decoded earlier: forwarded as it came, in order (3.3.2-18)
+            continue
         wire = spec[0]
         values = value if pid in REPEATABLE and isinstance(value, list) else [value]
         for item in values:
@@ -223,13 +236,85 @@ def encode_properties(props: Properties, packet_type: int) -> bytes:
     return encode_varint(len(out)) + bytes(out)
 
 
-def _decode_properties(buf: bytes, pos: int, end: int, packet_type: int) -> tuple[Properties, int]:
+class UserPropertyBudget:
+    """What one packet may still carry in User Properties: a count and their bytes.
+
+    User Property and Subscription Identifier are the properties that may repeat, so the
+    only ones whose number a client controls; both draw on the count (a PUBLISH of 500,000
+    Subscription Identifiers took 0.8 s to decode before being refused), and a CONNECT's
+    will properties on the same budget as its own.
+    """
+
+    __slots__ = ("count", "max_count", "max_size", "size")
+
+    def __init__(self, max_count: int, max_size: int) -> None:
+        self.count = self.max_count = max_count
+        self.size = self.max_size = max_size
+
+    def refuse(self) -> MQTTError:
+        # 0x97 Quota exceeded, "an implementation or administrative imposed limit has been
+        # exceeded", is valid in CONNACK, DISCONNECT and every ack.  The packet is well
+        # formed (not 0x81), within the Maximum Packet Size (not 0x95 Packet too large),
+        # and 0x99 Payload format invalid is about the payload, not properties.
+        return MQTTError(
+            f"more user properties than this server accepts in one packet (at most "
+            f"{self.max_count} repeated properties, {self.max_size} bytes of keys and values)",
+            ReasonCode.QUOTA_EXCEEDED,
+        )
+
+
+def _decode_properties(
+    buf: bytes,
+    pos: int,
+    end: int,
+    packet_type: int,
+    budget: UserPropertyBudget | None = None,
+) -> tuple[Properties, int]:
     length, pos = _decode_varint(buf, pos, end)
     stop = pos + length
     if stop > end:
         raise MalformedPacket("properties run past the end of the packet")
     props: Properties = {}
+    users: bytearray | None = None
+    n_users = 0
     while pos < stop:
+        if buf[pos] == 0x26:
+            # User Property, the one identifier a packet may repeat as often as it likes:
+            # inlined, checked against the budget before its strings are decoded, and kept
+            # as wire bytes (UserProperties).  A non-minimal 0x26 is malformed (1.5.5-1)
+            # and fails in _decode_varint below.
+            kstop = pos + 3
+            if kstop > stop:
+                raise MalformedPacket("truncated string length")
+            kstop += (buf[pos + 1] << 8) | buf[pos + 2]
+            if kstop + 2 > stop:
+                raise MalformedPacket("string runs past the end of the packet")
+            vstop = kstop + 2 + ((buf[kstop] << 8) | buf[kstop + 1])
+            if vstop > stop:
+                raise MalformedPacket("string runs past the end of the packet")
+            if budget is not None:
+                budget.count -= 1
+                budget.size -= vstop - pos - 5
+                if budget.count < 0 or budget.size < 0:
+                    raise budget.refuse()
+            if vstop - pos > 5:
+                kdata = buf[pos + 3 : kstop]
+                vdata = buf[kstop + 2 : vstop]
+                try:
+                    kdata.decode()  # strict: rejects surrogates (MQTT-1.5.4-1)
+                    vdata.decode()
+                except UnicodeDecodeError as exc:
+                    raise MalformedPacket("invalid UTF-8 string") from exc
+                # UTF-8 has no 0x00 byte but U+0000's, so the bytes tell (MQTT-1.5.4-2).
+                if b"\x00" in kdata or b"\x00" in vdata:
+                    raise MalformedPacket("UTF-8 string contains U+0000")
+            if users is None:
+                users = bytearray()
+                props[PropertyId.USER_PROPERTY] = None  # keeps its place in the dict's order
+            users += buf[pos:vstop]
+            n_users += 1
+            pos = vstop
+            continue
         pid, pos = _decode_varint(buf, pos, stop)
         spec = SPEC.get(pid)
         if spec is None:
@@ -254,22 +339,24 @@ def _decode_properties(buf: bytes, pos: int, end: int, packet_type: int) -> tupl
             value, pos = _decode_varint(buf, pos, stop)
         elif wire is WireType.UTF8:
             value, pos = _decode_str(buf, pos, stop)
-        elif wire is WireType.BINARY:
+        else:  # BINARY; UTF8_PAIR is only User Property's, decoded above
             value, pos = _decode_bin(buf, pos, stop)
-        else:
-            key, pos = _decode_str(buf, pos, stop)
-            val, pos = _decode_str(buf, pos, stop)
-            value = (key, val)
         if pid in BOOLEAN and value > 1:
             raise ProtocolError(f"property {PropertyId(pid).name} must be 0 or 1")
         if pid in NONZERO and value == 0:
             raise ProtocolError(f"property {PropertyId(pid).name} must not be 0")
-        if pid in REPEATABLE:
+        if pid in REPEATABLE:  # Subscription Identifier: it may repeat too, so it counts
+            if budget is not None:
+                budget.count -= 1
+                if budget.count < 0:
+                    raise budget.refuse()
             props.setdefault(pid, []).append(value)
         elif pid in props:
             raise ProtocolError(f"property {PropertyId(pid).name} included more than once")
         else:
             props[pid] = value
+    if users is not None:
+        props[PropertyId.USER_PROPERTY] = UserProperties(bytes(users), n_users)
     return props, stop
 
 
@@ -435,13 +522,32 @@ class PacketReader:
     version from it) or set explicitly (a client-side reader knows what it asked for).
     ``max_packet_size`` is the limit this side advertised: a larger packet raises
     :class:`PacketTooLarge` as soon as its fixed header is read, before its body arrives.
+    ``max_user_properties`` and ``max_user_properties_size`` cap the User Properties of one
+    packet (their count, Subscription Identifiers included, and the bytes of their keys and
+    values): decoding stops at the first one over either, with an :class:`MQTTError`
+    carrying 0x97 Quota exceeded.  None is no cap.
     """
 
-    __slots__ = ("_buf", "_need", "max_packet_size", "version")
+    __slots__ = (
+        "_buf",
+        "_need",
+        "max_packet_size",
+        "max_user_properties",
+        "max_user_properties_size",
+        "version",
+    )
 
-    def __init__(self, version: int | None = None, max_packet_size: int = MAX_PACKET_SIZE) -> None:
+    def __init__(
+        self,
+        version: int | None = None,
+        max_packet_size: int = MAX_PACKET_SIZE,
+        max_user_properties: int | None = None,
+        max_user_properties_size: int | None = None,
+    ) -> None:
         self.version = version
         self.max_packet_size = max_packet_size
+        self.max_user_properties = max_user_properties
+        self.max_user_properties_size = max_user_properties_size
         self._buf = bytearray()
         # Size of the incomplete packet held in ``_buf`` once its fixed header is known
         # (0 before that): until that many bytes are buffered ``feed`` only appends.
@@ -517,6 +623,15 @@ class PacketReader:
             self._buf = bytearray()
         return packets
 
+    def _budget(self) -> UserPropertyBudget | None:
+        """A fresh allowance of User Properties for one packet (None: no caps)."""
+        count, size = self.max_user_properties, self.max_user_properties_size
+        if count is None and size is None:
+            return None
+        return UserPropertyBudget(
+            MAX_PACKET_SIZE if count is None else count, MAX_PACKET_SIZE if size is None else size
+        )
+
     def _decode(self, first: int, buf: bytes, pos: int, end: int) -> Packet:
         kind = first >> 4
         flags = first & 0x0F
@@ -586,7 +701,7 @@ class PacketReader:
                 props = {}
                 pos += 1
             else:
-                props, pos = _decode_properties(buf, pos, end, PacketType.PUBLISH)
+                props, pos = _decode_properties(buf, pos, end, PacketType.PUBLISH, self._budget())
         else:
             props = {}
         return Publish(topic, buf[pos:end], qos, bool(flags & 1), dup, packet_id, props)
@@ -606,7 +721,7 @@ class PacketReader:
                 if reason not in _REASONS[kind]:
                     raise MalformedPacket(f"reason code {reason:#x} not valid in packet {kind}")
                 if length > 3:
-                    props, stop = _decode_properties(buf, pos + 3, end, kind)
+                    props, stop = _decode_properties(buf, pos + 3, end, kind, self._budget())
                     if stop != end:
                         raise MalformedPacket("trailing bytes after properties")
         elif length != 2:
@@ -649,14 +764,15 @@ class PacketReader:
         if version != MQTT_5 and has_pass and not has_user:
             raise MalformedPacket("password without user name")  # MQTT-3.1.2-22 (3.1.1)
         props: Properties = {}
+        budget = self._budget()  # one allowance for the CONNECT and its will properties
         if version == MQTT_5:
-            props, pos = _decode_properties(buf, pos, end, PacketType.CONNECT)
+            props, pos = _decode_properties(buf, pos, end, PacketType.CONNECT, budget)
         client_id, pos = _decode_str(buf, pos, end)
         will = None
         if will_flag:
             will_props: Properties = {}
             if version == MQTT_5:
-                will_props, pos = _decode_properties(buf, pos, end, WILL)
+                will_props, pos = _decode_properties(buf, pos, end, WILL, budget)
             will_topic, pos = _decode_str(buf, pos, end)
             will_payload, pos = _decode_bin(buf, pos, end)
             will = Will(will_topic, will_payload, will_qos, will_retain, will_props)
@@ -684,7 +800,7 @@ class PacketReader:
         if self.version == MQTT_5:
             if reason not in _REASONS[PacketType.CONNACK]:
                 raise MalformedPacket(f"reason code {reason:#x} not valid in CONNACK")
-            props, stop = _decode_properties(buf, pos + 2, end, PacketType.CONNACK)
+            props, stop = _decode_properties(buf, pos + 2, end, PacketType.CONNACK, self._budget())
             if stop != end:
                 raise MalformedPacket("trailing bytes after CONNACK properties")
         else:
@@ -702,7 +818,7 @@ class PacketReader:
         v5 = self.version == MQTT_5
         props: Properties = {}
         if v5:
-            props, pos = _decode_properties(buf, pos, end, PacketType.SUBSCRIBE)
+            props, pos = _decode_properties(buf, pos, end, PacketType.SUBSCRIBE, self._budget())
             if len(props.get(PropertyId.SUBSCRIPTION_IDENTIFIER, ())) > 1:
                 raise ProtocolError("more than one subscription identifier in SUBSCRIBE")
         subs: list[Subscription] = []
@@ -739,7 +855,7 @@ class PacketReader:
             raise ProtocolError("UNSUBSCRIBE packet identifier 0")
         props: Properties = {}
         if self.version == MQTT_5:
-            props, pos = _decode_properties(buf, pos, end, PacketType.UNSUBSCRIBE)
+            props, pos = _decode_properties(buf, pos, end, PacketType.UNSUBSCRIBE, self._budget())
         filters: list[str] = []
         while pos < end:
             topic_filter, pos = _decode_str(buf, pos, end)
@@ -754,7 +870,7 @@ class PacketReader:
             raise ProtocolError("packet identifier 0")
         props: Properties = {}
         if self.version == MQTT_5:
-            props, pos = _decode_properties(buf, pos, end, kind)
+            props, pos = _decode_properties(buf, pos, end, kind, self._budget())
             if not _REASONS[kind].issuperset(buf[pos:end]):
                 raise MalformedPacket(f"reason code not valid in packet {kind}")
         elif kind == PacketType.UNSUBACK:
@@ -781,7 +897,7 @@ class PacketReader:
             if reason not in _REASONS[kind]:
                 raise MalformedPacket(f"reason code {reason:#x} not valid in packet {kind}")
             if end > pos + 1:
-                props, stop = _decode_properties(buf, pos + 1, end, kind)
+                props, stop = _decode_properties(buf, pos + 1, end, kind, self._budget())
                 if stop != end:
                     raise MalformedPacket("trailing bytes after properties")
         if kind == PacketType.DISCONNECT:

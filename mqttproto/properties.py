@@ -1,14 +1,16 @@
 """MQTT 5 properties: identifiers, wire types and where each may appear (section 2.2.2.2).
 
 Properties travel as a plain ``dict`` keyed by :class:`PropertyId`.  Two identifiers may
-repeat and so always hold lists: ``USER_PROPERTY`` (``list[tuple[str, str]]``) and
-``SUBSCRIPTION_IDENTIFIER`` (``list[int]``).
+repeat and so always hold sequences: ``USER_PROPERTY`` (pairs of strings: give the encoder a
+``list[tuple[str, str]]``; the decoder hands back a :class:`UserProperties`, which reads and
+compares like that list) and ``SUBSCRIPTION_IDENTIFIER`` (``list[int]``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from enum import IntEnum
-from typing import Any
+from typing import Any, overload
 
 Properties = dict[int, Any]
 
@@ -112,3 +114,53 @@ BOOLEAN = frozenset(
 NONZERO = frozenset(
     {P.RECEIVE_MAXIMUM, P.MAXIMUM_PACKET_SIZE, P.TOPIC_ALIAS, P.SUBSCRIPTION_IDENTIFIER}
 )
+
+
+class UserProperties(Sequence[tuple[str, str]]):
+    """Decoded User Properties (0x26), kept as their wire encoding and read on demand.
+
+    A pair of empty strings is 5 bytes on the wire but a tuple and a list slot (64 bytes)
+    once decoded, so a packet of them grew 13-fold in memory.  The decoder validates every
+    string, then keeps the encoded entries (identifier byte included) as one ``bytes``: a
+    retained or queued message costs what its user properties weigh on the wire, and the
+    broker forwards them unchanged and in order (MQTT-3.3.2-17, MQTT-3.3.2-18) by copying
+    :attr:`wire` instead of encoding them again.  Iterating decodes the pairs each time.
+    """
+
+    __slots__ = ("_count", "wire")
+
+    def __init__(self, wire: bytes, count: int) -> None:
+        self.wire = wire  # entries as on the wire: 0x26, key length, key, value length, value
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        wire = self.wire
+        pos = 0
+        end = len(wire)
+        while pos < end:
+            kstop = pos + 3 + ((wire[pos + 1] << 8) | wire[pos + 2])
+            vstop = kstop + 2 + ((wire[kstop] << 8) | wire[kstop + 1])
+            yield wire[pos + 3 : kstop].decode(), wire[kstop + 2 : vstop].decode()
+            pos = vstop
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, str]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[str, str]]: ...
+    def __getitem__(self, index: int | slice) -> tuple[str, str] | list[tuple[str, str]]:
+        return list(self)[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, UserProperties):
+            return self.wire == other.wire
+        if isinstance(other, list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking, like the list it stands for
+
+    def __repr__(self) -> str:
+        return f"UserProperties({list(self)!r})"

@@ -3,9 +3,9 @@
 :class:`FakeClock` is injected as the broker's ``clock``; :class:`FakeClient` plays the
 part of both a client and the asyncio layer of :mod:`broker.server`: it feeds packets
 encoded by :func:`mqttproto.codec.encode` to a :class:`~broker.connection.BrokerConnection`,
-decodes what the broker wants to send with a client-side :class:`PacketReader`, and, like
-the server's ``flush``, closes the "transport" (``connection_lost``) once the connection is
-``closing`` and its output has been read.
+decodes what the broker wants to send with a client-side :class:`PacketReader`, runs the
+broker's retained replays, and, like the server's ``flush``, closes the "transport"
+(``connection_lost``) once the connection is ``closing`` and its output has been read.
 """
 
 from __future__ import annotations
@@ -88,7 +88,13 @@ class FakeClient:
         self.conn.receive_data(data)
 
     def poll(self) -> list[Packet]:
-        """Move whatever the broker queued for this client into :attr:`inbox`."""
+        """Move whatever the broker queued for this client into :attr:`inbox`.
+
+        Retained replays are run to the end first, as the server's turns would (a test of
+        their pacing calls ``broker.step_replays`` itself and reads ``conn.data_to_send``).
+        """
+        while self.broker.replaying:
+            self.broker.step_replays()
         data = self.conn.data_to_send()
         if data:
             self.inbox.extend(self.reader.feed(data))

@@ -131,6 +131,30 @@ def rss_mb(b: RunningBroker) -> float:
     return round(b.rss_mb(), 1)
 
 
+class PeakRss:
+    """Samples the broker's RSS every 50 ms in a thread; ``stop()`` returns the peak in MB."""
+
+    def __init__(self, b: RunningBroker, interval: float = 0.05) -> None:
+        self.b = b
+        self.peak = b.rss_mb()
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with contextlib.suppress(Exception):  # the broker may have died: keep the peak
+                self.peak = max(self.peak, self.b.rss_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(2.0)
+        with contextlib.suppress(Exception):
+            self.peak = max(self.peak, self.b.rss_mb())
+        return round(self.peak, 1)
+
+
 @contextlib.contextmanager
 def context() -> Iterator[Context]:
     with tempfile.TemporaryDirectory(prefix="qmig-abuse-") as tmp:
