@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -238,6 +239,7 @@ class BrokerServer:
             log.info("QUIC listener off: no --cert/--key given")
         for kind in list(self.listeners):
             await self.open_listener(kind)
+        self._warn_if_exposed()
         if cfg.control_port:
             self.control = ControlServer(
                 self.migration, cfg.control_host, cfg.control_port, self._control_token()
@@ -263,6 +265,19 @@ class BrokerServer:
                  f"qmig ctl --port {cfg.control_port} finds it (as this user)" if found
                  else f"qmig ctl --token-file {path}")  # fmt: skip
         return cfg.control_token
+
+    def _warn_if_exposed(self) -> None:
+        """One line when clients on the network may connect without logging in."""
+        cfg = self.config
+        if not self.listeners or not cfg.allow_anonymous or _is_loopback(cfg.host):
+            return
+        ports = ", ".join(f"{kind} {ln.bound}" for kind, ln in self.listeners.items())
+        log.warning(
+            "listening on %s (%s) with anonymous clients allowed: anyone who reaches it may "
+            "connect without a password; set --password-file and --no-allow-anonymous, an "
+            "--acl-file, or --host 127.0.0.1 (README: Before putting qmig on a network)",
+            cfg.host, ports,
+        )  # fmt: skip
 
     def _make_ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -343,6 +358,15 @@ class BrokerServer:
             conn.close(ReasonCode.SERVER_SHUTTING_DOWN)
         self.flush()
         await asyncio.sleep(0.05)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any address
 
 
 def _version() -> str:

@@ -1,10 +1,12 @@
-"""Finding 9 of issue #13: the control API's token must be strong, and guesses are slowed.
+"""Finding 9 of issue #13: the control API's token must be strong, guesses are slowed, and
+a broker exposed without a login says so.
 
 - A token shorter than 32 characters (or of a handful of characters) is refused at start-up,
   from a file or from $QMIG_CONTROL_TOKEN, with a ConfigError that says what to do.
 - Without a token the broker generates one into a 0600 file, and ``qmig ctl`` finds it.
 - Each wrong token from an address waits longer for its answer than the one before, and
   guesses on parallel connections wait in line; refusals make one log line a minute.
+- One WARNING line when the broker listens beyond loopback with anonymous clients allowed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import pytest
 
 from broker.config import BrokerConfig, ConfigError
-from broker.server import BrokerServer
+from broker.server import BrokerServer, Listener
 from migration.control import ControlError, ControlServer, control_request
 
 HOST = "127.0.0.1"
@@ -175,3 +177,18 @@ async def test_guesses_in_parallel_wait_in_line(control: int) -> None:
     waits = sorted(wait for wait, _ in await asyncio.gather(*guesses))
     assert waits[-1] >= 0.6, waits  # 0.1 + 0.2 + 0.4 s, one after the other
 
+
+def test_an_exposed_anonymous_broker_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    def warnings(**settings: Any) -> list[str]:
+        server = BrokerServer(BrokerConfig(sys_interval=0, **settings).validate())
+        server.listeners["tcp"] = Listener("tcp", server.config.host, 1883)  # not opened
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="qmig.broker"):
+            server._warn_if_exposed()
+        return [r.getMessage() for r in caplog.records]
+
+    (line,) = warnings()  # the defaults: 0.0.0.0, anonymous allowed
+    assert "0.0.0.0" in line and "anonymous" in line and "--password-file" in line
+    assert warnings(host="127.0.0.1") == []
+    assert warnings(host="::1") == []
+    assert warnings(allow_anonymous=False) == []
