@@ -64,7 +64,7 @@ TRIGGER_BURST = 3
 TRIGGER_RATE_ALL = 1.0
 TRIGGER_BURST_ALL = 10
 MAX_TRIGGERS = 100
-TRIGGER_LOG_WINDOW = 60.0  # seconds: dropped triggers make at most one log line per window
+TRIGGER_LOG_WINDOW = 60.0  # seconds: drops make one log line per window and kind of drop
 
 
 class MigrationAPI:
@@ -80,7 +80,8 @@ class MigrationAPI:
             weakref.WeakKeyDictionary()
         )
         self._trigger_bucket = TokenBucket(TRIGGER_RATE_ALL, TRIGGER_BURST_ALL, server.broker.now())
-        self._dropped_log = LogWindow(TRIGGER_LOG_WINDOW)
+        self._dropped_log = {kind: LogWindow(TRIGGER_LOG_WINDOW)
+                             for kind in ("not_authorized", "rate_limited")}  # fmt: skip
         self.history: list[dict[str, Any]] = []
         # After restored(): when the first client datagram reached the new address.
         self.awaiting_first_packet = False
@@ -145,7 +146,7 @@ class MigrationAPI:
 
     def _drop_trigger(self, kind: str, who: str, why: str, now: float) -> None:
         self.trigger_counts[kind] += 1
-        held = self._dropped_log.hit(now)
+        held = self._dropped_log[kind].hit(now)
         if held is not None:
             log.warning(
                 "migration trigger from %s dropped: %s (%d more dropped since the last such "
