@@ -81,7 +81,9 @@ class BrokerConfig:
     redirect_permanent: bool = False
     log_level: str = "INFO"
     # Control API for the edge host's orchestrator (migration.control); port 0 = off.  The
-    # token comes from control_token_file or $QMIG_CONTROL_TOKEN, never from a flag (ps).
+    # token comes from control_token_file or $QMIG_CONTROL_TOKEN, never from a flag (ps);
+    # without either the broker generates one into control_token_file, by default
+    # migration.control.default_token_file(control_port).
     control_host: str = "127.0.0.1"
     control_port: int = 0
     control_token: str | None = field(default=None, repr=False)
@@ -151,18 +153,7 @@ class BrokerConfig:
         _check_range("control_port", self.control_port, 0, 65535)
         if self.control_port and not self.control_host:
             raise ConfigError("control_host must not be empty (0.0.0.0 if every address is meant)")
-        if self.control_token_file:  # the file wins over control_token / the environment
-            from migration.control import ControlError, read_token_file
-
-            try:
-                self.control_token = read_token_file(self.control_token_file)
-            except ControlError as exc:
-                raise ConfigError(str(exc)) from exc
-        if self.control_port and not self.control_token:
-            raise ConfigError(
-                "control_port needs a token: give control_token_file (--control-token-file) "
-                "or set $QMIG_CONTROL_TOKEN"
-            )
+        self._check_control_token()
         if self.redirect is not None and not self.redirect.strip():
             raise ConfigError("redirect must be a non-empty server reference such as host:port")
         level = self.log_level.upper()
@@ -171,6 +162,41 @@ class BrokerConfig:
             raise ConfigError(f"log_level must be one of {choices}, got {self.log_level!r}")
         self.log_level = level
         return self
+
+    def _check_control_token(self) -> None:
+        """Read the control token file; refuse tokens that are easy to guess.
+
+        The file wins over control_token / the environment.  With the control API on and no
+        token anywhere, control_token_file names where the broker will generate one (at
+        start, :meth:`broker.server.BrokerServer.start`); a named file that does not exist
+        yet is generated too.
+        """
+        from migration.control import (
+            ControlError,
+            default_token_file,
+            read_token_file,
+            token_weakness,
+        )
+
+        if self.control_port and not self.control_token and not self.control_token_file:
+            self.control_token_file = str(default_token_file(self.control_port))
+        source = "$QMIG_CONTROL_TOKEN / control_token"
+        if self.control_token_file:
+            if self.control_port and not Path(self.control_token_file).exists():
+                self.control_token = None  # generated at start
+                return
+            try:
+                self.control_token = read_token_file(self.control_token_file)
+            except ControlError as exc:
+                raise ConfigError(str(exc)) from exc
+            source = self.control_token_file
+        weakness = token_weakness(self.control_token) if self.control_token else None
+        if self.control_port and weakness:
+            raise ConfigError(
+                f"control token from {source} {weakness}: make one with `python3 -c 'import "
+                "secrets; print(secrets.token_urlsafe(32))'`, or give none and the broker "
+                "generates one into its control token file"
+            )
 
 
 _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(BrokerConfig)
@@ -301,9 +327,11 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--control-host", default=None,
         help="address of the migration control API (default 127.0.0.1)")
     add("--control-port", type=int, default=None,
-        help="port of the migration control API, 0 disables (default 0); needs a token")
+        help="port of the migration control API, 0 disables (default 0)")
     add("--control-token-file", metavar="FILE", default=None,
-        help="file holding the control API token (or set $QMIG_CONTROL_TOKEN)")
+        help="file holding the control API token, at least 32 characters (or set "
+             "$QMIG_CONTROL_TOKEN); generated (mode 0600) if missing; default "
+             "~/.qmig/control-PORT.token, or under $XDG_RUNTIME_DIR/qmig")
     add("--log-level", type=_log_level, default=None, help="DEBUG, INFO, WARNING or ERROR")
 
 

@@ -44,6 +44,10 @@ from .store import MemoryStore, Store
 
 log = logging.getLogger("qmig.broker")
 P = PropertyId
+# MIGRATION_TRIGGER is authorized like a PUBLISH to this topic: with an ACL, a client needs
+# "topic write $qmig/migrate" (or readwrite, or a pattern line); "#" never grants it, as
+# wildcards do not match $-topics (MQTT-4.7.2-1).
+MIGRATE_TOPIC = "$qmig/migrate"
 
 # Retained messages on subscribe are sent in batches, one per connection and event-loop
 # turn, so that a SUBSCRIBE matching 100,000 of them neither queues its whole answer at once
@@ -735,6 +739,24 @@ class Broker:
         return examined, False
 
     # ----------------------------------------------------------------- migration API
+    def may_trigger_migration(self, conn: BrokerConnection | None) -> bool:
+        """Whether ``conn``'s client may ask the broker to move (MIGRATION_TRIGGER).
+
+        Only once its CONNECT was accepted, and then: with an ACL, if the ACL grants it write
+        access to :data:`MIGRATE_TOPIC`; without an ACL but with a password file, if it logged
+        in with a user name and password (not anonymously); with neither, any client (such a
+        broker lets every client publish anywhere too).
+        """
+        if conn is None or conn.state is not State.CONNECTED or conn.session is None:
+            return False
+        if conn.closing:
+            return False
+        if self._acl:
+            return self.auth.can_publish(conn.client_id, conn.username, MIGRATE_TOPIC)
+        if self.auth.users is not None:
+            return conn.username is not None
+        return True
+
     def disconnect_clients(
         self,
         transports: Iterable[str],

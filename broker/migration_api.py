@@ -12,6 +12,14 @@
 ``status()`` reports where things stand; MIGRATION_TRIGGER frames from clients are kept in
 ``triggers`` for the orchestrator to read.  Everything lives in the broker's memory, so it
 survives the checkpoint/restore it orchestrates.
+
+A trigger is a request from the network, so it counts only from a client whose MQTT CONNECT
+was accepted and that may trigger (:meth:`Broker.may_trigger_migration`: with an ACL, write
+access to ``$qmig/migrate``), at most ``TRIGGER_BURST`` in a row and one per
+``1 / TRIGGER_RATE`` s per connection, and ``TRIGGER_BURST_ALL`` / ``TRIGGER_RATE_ALL`` for
+the whole broker.  Other triggers are dropped without an answer, counted in
+``status()["trigger_counts"]`` and logged once a minute; the hint is escaped before it is
+logged or kept (docs/protocol.md section 9).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from migration.frames import (
@@ -34,7 +43,10 @@ from migration.frames import (
 from migration.quicext import MigratingQuicConnection, MigrationFrameReceived
 from mqttproto.reasons import ReasonCode
 
+from .throttle import LogWindow, TokenBucket, log_safe
+
 if TYPE_CHECKING:
+    from .connection import BrokerConnection
     from .quic import BrokerQuicProtocol
     from .server import BrokerServer
 
@@ -45,6 +57,14 @@ FREEZE_TICK = 0.005  # seconds between the freeze watch's ticks (only after pre-
 RETURN_WATCH = 30.0  # seconds after a thaw during which returning clients are noted
 FREEZE_WATCH_MAX = 900.0  # seconds the freeze watch runs at most
 FREEZE_GAP = 0.2  # a tick this late means the process was frozen (CRIU takes longer)
+# MIGRATION_TRIGGER limits: per connection 3 in a row, then one per 10 s; for the broker 10 in
+# a row, then one a second.  Triggers kept for status: the latest MAX_TRIGGERS.
+TRIGGER_RATE = 0.1
+TRIGGER_BURST = 3
+TRIGGER_RATE_ALL = 1.0
+TRIGGER_BURST_ALL = 10
+MAX_TRIGGERS = 100
+TRIGGER_LOG_WINDOW = 60.0  # seconds: drops make one log line per window and kind of drop
 
 
 class MigrationAPI:
@@ -55,6 +75,13 @@ class MigrationAPI:
         self.state = "serving"
         self.destination: Address | None = None
         self.triggers: list[dict[str, Any]] = []
+        self.trigger_counts = {"accepted": 0, "not_authorized": 0, "rate_limited": 0}
+        self._trigger_buckets: weakref.WeakKeyDictionary[BrokerConnection, TokenBucket] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._trigger_bucket = TokenBucket(TRIGGER_RATE_ALL, TRIGGER_BURST_ALL, server.broker.now())
+        self._dropped_log = {kind: LogWindow(TRIGGER_LOG_WINDOW)
+                             for kind in ("not_authorized", "rate_limited")}  # fmt: skip
         self.history: list[dict[str, Any]] = []
         # After restored(): when the first client datagram reached the new address.
         self.awaiting_first_packet = False
@@ -81,17 +108,51 @@ class MigrationAPI:
 
     def frame_received(self, proto: BrokerQuicProtocol, event: MigrationFrameReceived) -> None:
         if isinstance(event.frame, MigrationTrigger):
-            client_id = proto.conn.client_id if proto.conn is not None else ""
-            entry = {
-                "client_id": client_id,
-                "from": str(event.source) if event.source else None,
-                "reason": event.frame.reason,
-                "hint": event.frame.hint,
-                "at": time.time(),
-            }
-            self.triggers.append(entry)
-            del self.triggers[:-100]  # bounded: the orchestrator reads them via status
-            log.info("migration trigger from %s: %s", client_id or entry["from"], entry["hint"])
+            self._trigger(proto.conn, event.frame, event.source)
+
+    def _trigger(
+        self, conn: BrokerConnection | None, frame: MigrationTrigger, source: Address | None
+    ) -> None:
+        """A client asks the broker to move: keep it for the orchestrator, if it may ask."""
+        broker = self.server.broker
+        now = broker.now()
+        where = str(source) if source else "?"
+        if conn is None or conn.session is None:
+            self._drop_trigger("not_authorized", where, "before its CONNECT", now)
+            return
+        who = f"{log_safe(conn.client_id, 64)} ({where})"
+        if not broker.may_trigger_migration(conn):
+            self._drop_trigger("not_authorized", who, "not authorized", now)
+            return
+        bucket = self._trigger_buckets.get(conn)
+        if bucket is None:
+            bucket = self._trigger_buckets[conn] = TokenBucket(TRIGGER_RATE, TRIGGER_BURST, now)
+        if not bucket.take(now) or not self._trigger_bucket.take(now):
+            self._drop_trigger("rate_limited", who, "over the rate limit", now)
+            return
+        self.trigger_counts["accepted"] += 1
+        entry = {
+            "client_id": conn.client_id,
+            "username": conn.username,
+            "from": str(source) if source else None,
+            "reason": frame.reason,
+            "hint": log_safe(frame.hint),
+            "at": time.time(),
+        }
+        self.triggers.append(entry)
+        del self.triggers[:-MAX_TRIGGERS]  # bounded: the orchestrator reads them via status
+        log.info("migration trigger from %s: reason %d, hint %s", who, frame.reason,
+                 entry["hint"] or "-")  # fmt: skip
+
+    def _drop_trigger(self, kind: str, who: str, why: str, now: float) -> None:
+        self.trigger_counts[kind] += 1
+        held = self._dropped_log[kind].hit(now)
+        if held is not None:
+            log.warning(
+                "migration trigger from %s dropped: %s (%d more dropped since the last such "
+                "line; the next %g s are only counted, in status trigger_counts)",
+                who, why, held, TRIGGER_LOG_WINDOW,
+            )  # fmt: skip
 
     def first_packet(self, addr: Any) -> None:
         """The first QUIC datagram after the thaw: the timeline's "clients are back"."""
@@ -313,6 +374,7 @@ class MigrationAPI:
             "sessions": self.server.broker.store.session_count(),
             "quic_clients_by_strategy": strategies,
             "triggers": list(self.triggers),
+            "trigger_counts": dict(self.trigger_counts),
             "history": list(self.history),
             "last_freeze": self.last_freeze,
             "returned": self.returned_clients(),

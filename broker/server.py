@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
 import ssl
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from migration.control import ControlServer
+from migration.control import (
+    ControlError,
+    ControlServer,
+    default_token_file,
+    generate_token_file,
+)
 from migration.frames import Address
 from mqttproto.reasons import ReasonCode
 
-from .config import BrokerConfig
+from .config import BrokerConfig, ConfigError
 from .connection import BrokerConnection
 from .engine import Broker
 from .migration_api import MigrationAPI
@@ -245,13 +252,45 @@ class BrokerServer:
             log.info("QUIC listener off: no --cert/--key given")
         for kind in list(self.listeners):
             await self.open_listener(kind)
+        self._warn_if_exposed()
         if cfg.control_port:
             self.control = ControlServer(
-                self.migration, cfg.control_host, cfg.control_port, cfg.control_token or ""
+                self.migration, cfg.control_host, cfg.control_port, self._control_token()
             )
             host, port = await self.control.start()
             log.info("control API on %s:%s", host, port)
         self._ticker = self._loop.call_later(TICK_SECONDS, self._tick)
+
+    def _control_token(self) -> str:
+        """The configured token, or one generated into the token file (see BrokerConfig)."""
+        cfg = self.config
+        if cfg.control_token:
+            return cfg.control_token
+        if not cfg.control_token_file:
+            raise ConfigError("control_port needs a token (validate the config first)")
+        try:
+            cfg.control_token = generate_token_file(cfg.control_token_file)
+        except ControlError as exc:
+            raise ConfigError(str(exc)) from exc
+        path = cfg.control_token_file
+        found = Path(path) == default_token_file(cfg.control_port)
+        log.info("control API token generated in %s (mode 0600); %s", path,
+                 f"qmig ctl --port {cfg.control_port} finds it (as this user)" if found
+                 else f"qmig ctl --token-file {path}")  # fmt: skip
+        return cfg.control_token
+
+    def _warn_if_exposed(self) -> None:
+        """One line when clients on the network may connect without logging in."""
+        cfg = self.config
+        if not self.listeners or not cfg.allow_anonymous or _is_loopback(cfg.host):
+            return
+        ports = ", ".join(f"{kind} {ln.bound}" for kind, ln in self.listeners.items())
+        log.warning(
+            "listening on %s (%s) with anonymous clients allowed: anyone who reaches it may "
+            "connect without a password; set --password-file and --no-allow-anonymous, an "
+            "--acl-file, or --host 127.0.0.1 (README: Before putting qmig on a network)",
+            cfg.host, ports,
+        )  # fmt: skip
 
     def _make_ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -332,6 +371,15 @@ class BrokerServer:
             conn.close(ReasonCode.SERVER_SHUTTING_DOWN)
         self.flush()
         await asyncio.sleep(0.05)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any address
 
 
 def _version() -> str:

@@ -16,7 +16,12 @@ wildcard or to the container's address, so the API survives the move with the re
 broker, while a unix socket would need its path to exist on the destination.  Who may talk
 to it is limited twice: by where it listens (loopback by default, reached with
 ``docker exec ... qmig ctl``; or the container address published on the host's loopback
-only) and by a shared token, compared in constant time.  A wrong token ends the connection.
+only) and by a shared token of at least ``MIN_TOKEN_LENGTH`` characters, compared in
+constant time.  Without one the broker generates a token into its token file (mode 0600;
+by default :func:`default_token_file`, where ``qmig ctl`` looks too).  A wrong token ends the
+connection, and its answer is held back longer with every failure of that address and of
+everybody (:class:`~broker.throttle.FailureBackoff`), one at a time, so guessing is slow;
+refusals are logged once a minute.
 
 CRIU refuses to dump established TCP connections unless told to, so ``qmig ctl`` uses one
 connection per request and idle connections are closed after ``IDLE_TIMEOUT`` seconds.
@@ -31,11 +36,13 @@ import hmac
 import json
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from broker.throttle import FailureBackoff, LogWindow
 from migration.frames import Address
 
 if TYPE_CHECKING:
@@ -48,6 +55,10 @@ MAX_REPLY = 4 * 1024 * 1024  # status carries the trigger log: allow more than a
 IDLE_TIMEOUT = 60.0
 TOKEN_ENV = "QMIG_CONTROL_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
+# A token must be hard to guess: 32 characters of hex are 128 bits, token_urlsafe(32) 256.
+MIN_TOKEN_LENGTH = 32
+MIN_TOKEN_DISTINCT = 8  # different characters; refuses "aaaa..." and "abab..."
+REFUSAL_LOG_WINDOW = 60.0  # seconds: refused requests make one log line per window
 
 # cmd -> (required fields, optional fields), besides "token" and "cmd".
 COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -79,6 +90,42 @@ def read_token_file(path: str | Path) -> str:
     return token
 
 
+def token_weakness(token: str) -> str | None:
+    """Why ``token`` is too easy to guess, or None if it is long and varied enough."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"is {len(token)} characters long, at least {MIN_TOKEN_LENGTH} are needed"
+    if len(set(token)) < MIN_TOKEN_DISTINCT:
+        return f"uses fewer than {MIN_TOKEN_DISTINCT} different characters"
+    return None
+
+
+def default_token_file(port: int) -> Path:
+    """Where the broker keeps the token it generates for control port ``port``, and where
+    ``qmig ctl --port PORT`` looks without a token: ``$XDG_RUNTIME_DIR/qmig/`` (per user,
+    memory only), else ``~/.qmig/``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "").strip()
+    base = Path(runtime) / "qmig" if runtime else Path(os.path.expanduser("~")) / ".qmig"
+    return base / f"control-{port}.token"
+
+
+def generate_token_file(path: str | Path) -> str:
+    """A new random token written to ``path`` (created with mode 0600, its directory 0700
+    if missing); if ``path`` appeared meanwhile, the token in it."""
+    p = Path(path)
+    token = secrets.token_urlsafe(32)
+    try:
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return read_token_file(p)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise ControlError(f"cannot create control token file {p}: {reason}") from exc
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    return token
+
+
 def _error(text: str) -> dict[str, Any]:
     return {"ok": False, "error": text}
 
@@ -98,6 +145,9 @@ class ControlServer:
     def __init__(self, api: MigrationAPI, host: str, port: int, token: str) -> None:
         if not token:
             raise ValueError("the control API needs a token: without one anyone could move it")
+        weakness = token_weakness(token)
+        if weakness:
+            raise ValueError(f"the control API token {weakness}")
         self.api = api
         self.host = host
         self.port = port
@@ -105,6 +155,10 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._lock = asyncio.Lock()  # the migration steps must not interleave
         self._handlers: set[asyncio.Task[None]] = set()
+        # Wrong tokens: answers held back, one at a time, longer with every failure.
+        self._backoff = FailureBackoff()
+        self._refusing = asyncio.Lock()
+        self._refusals = LogWindow(REFUSAL_LOG_WINDOW)
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -142,6 +196,7 @@ class ControlServer:
         self._handlers.add(task)
         peer = writer.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        peer_host = str(peer[0]) if peer else "?"
         try:
             while True:
                 try:
@@ -153,7 +208,7 @@ class ControlServer:
                     break
                 if not line.strip():
                     continue
-                reply, keep_open = await self._answer(line, peer_text)
+                reply, keep_open = await self._answer(line, peer_text, peer_host)
                 await self._reply(writer, reply)
                 if not keep_open:
                     break
@@ -170,7 +225,7 @@ class ControlServer:
         writer.write(json.dumps(reply, default=str).encode("utf-8") + b"\n")
         await writer.drain()
 
-    async def _answer(self, line: bytes, peer: str) -> tuple[dict[str, Any], bool]:
+    async def _answer(self, line: bytes, peer: str, host: str) -> tuple[dict[str, Any], bool]:
         """The reply to one request line, and whether the connection stays open."""
         try:
             request = json.loads(line)
@@ -182,8 +237,9 @@ class ControlServer:
         if not isinstance(token, str) or not hmac.compare_digest(
             token.encode("utf-8"), self._token
         ):
-            log.warning("control API: refused %s: wrong or missing token", peer)
+            await self._refuse(peer, host)
             return _error("unauthorized"), False
+        self._backoff.succeeded(host)
         cmd = request.get("cmd")
         if cmd not in COMMANDS:
             known = ", ".join(COMMANDS)
@@ -202,6 +258,22 @@ class ControlServer:
                 return _error(f"{cmd} failed: {type(exc).__name__}: {exc}"), True
         # After pre-checkpoint nothing TCP may stay open: CRIU would refuse the dump.
         return {"ok": True, "result": result}, cmd != "pre-checkpoint"
+
+    async def _refuse(self, peer: str, host: str) -> None:
+        """A wrong or missing token: hold the answer back, longer with each failure of this
+        address (and of everybody), and one refusal after the other, so that guesses from
+        many connections wait in line too."""
+        loop = asyncio.get_running_loop()
+        delay = self._backoff.failed(host, loop.time())
+        held = self._refusals.hit(loop.time())
+        if held is not None:
+            log.warning(
+                "control API: refused %s: wrong or missing token (%d more refused since the "
+                "last such line; answers wait up to %g s)",
+                peer, held, self._backoff.cap,
+            )  # fmt: skip
+        async with self._refusing:
+            await asyncio.sleep(delay)
 
     def _command(self, cmd: str, args: dict[str, Any]) -> Callable[[], Any]:
         """Check the arguments of ``cmd`` and return the coroutine function that runs it."""
@@ -282,7 +354,9 @@ def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"control API address (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, required=True, help="control API port")
     parser.add_argument("--token-file", metavar="FILE", default=None,
-                        help=f"file holding the token (default: ${TOKEN_ENV})")
+                        help=f"file holding the token (default: ${TOKEN_ENV}, else the one "
+                             "the broker generated: $XDG_RUNTIME_DIR/qmig/control-PORT.token "
+                             "or ~/.qmig/control-PORT.token)")
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for the answer (default 10)")
     cmds = parser.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
@@ -303,12 +377,18 @@ def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
 def run_ctl(args: argparse.Namespace) -> int:
     """Entry point of ``qmig ctl``: the result as JSON on stdout, or one error line and 1."""
     try:
+        generated = default_token_file(args.port)
         if args.token_file:
             token = read_token_file(args.token_file)
         elif os.environ.get(TOKEN_ENV, "").strip():
             token = os.environ[TOKEN_ENV].strip()
+        elif generated.exists():
+            token = read_token_file(generated)
         else:
-            raise ControlError(f"no token: give --token-file or set ${TOKEN_ENV}")
+            raise ControlError(
+                f"no token: give --token-file, set ${TOKEN_ENV}, or run qmig ctl as the user "
+                f"whose broker generated {generated}"
+            )
         fields = {
             "prepare": {"dest": getattr(args, "dest", None)},
             "pre-checkpoint": {"reference": getattr(args, "reference", None)},

@@ -72,6 +72,7 @@ from .frames import (
     encode_body,
     encode_transport_parameter,
     find_transport_parameter,
+    frame_size,
     pull_frame,
 )
 from .strategies import Follower
@@ -276,7 +277,7 @@ class MigratingQuicConnection(QuicConnection):
             body = encode_body(frame)
             buf = builder.start_frame(
                 frame.type,
-                capacity=len(body),
+                capacity=frame_size(frame),  # the 8-byte type too, or a full packet overflows
                 handler=self._on_frame_delivery,
                 handler_args=(frame,),
             )
