@@ -22,6 +22,7 @@ from migration.frames import MAX_POOL_ADDRESSES, Address
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_PACKET_SIZE_LIMIT = 268_435_460  # largest MQTT packet: 1 + 4 length bytes + 268435455
 UINT32_MAX = 4_294_967_295
+QUIC_RETRY_MODES = ("auto", "always", "never")  # broker.quicserver.HandshakePolicy
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,12 @@ class BrokerConfig:
     tls_port: int = 8883
     mptcp_port: int = 1885
     quic_port: int = 14567
+    # New QUIC connections: address validation with Retry (auto: once a quarter of
+    # quic_max_handshakes is taken), handshakes in progress at most (each costs ~90 KB; past
+    # it the oldest is dropped), and the seconds a handshake may take.
+    quic_retry: str = "auto"
+    quic_max_handshakes: int = 256
+    quic_handshake_timeout: float = 10.0
     # Addresses the broker may move to, "host:port,host:port" (also $QMIG_POOL): sent to QUIC
     # clients after the handshake (POOL_MIGRATION_ADDRESS) so pool clients can find it.
     pool: str | None = None
@@ -120,6 +127,14 @@ class BrokerConfig:
             raise ConfigError(
                 f"pool: {len(pool)} addresses, at most {MAX_POOL_ADDRESSES}: a pool client "
                 "probes them all at once, each with a connection ID of its own"
+            )
+        if self.quic_retry not in QUIC_RETRY_MODES:
+            choices = ", ".join(QUIC_RETRY_MODES)
+            raise ConfigError(f"quic_retry must be one of {choices}, got {self.quic_retry!r}")
+        _check_range("quic_max_handshakes", self.quic_max_handshakes, 1, None)
+        if self.quic_handshake_timeout <= 0:
+            raise ConfigError(
+                f"quic_handshake_timeout must be > 0, got {self.quic_handshake_timeout}"
             )
         _check_range("max_packet_size", self.max_packet_size, 16, MAX_PACKET_SIZE_LIMIT)
         _check_range("receive_maximum", self.receive_maximum, 1, 65535)
@@ -285,6 +300,14 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
         help="addresses the broker may migrate to, sent to QUIC pool clients ($QMIG_POOL)")
     add("--quic-port", type=int, default=None,
         help="QUIC (UDP) port, 0 disables; needs --cert/--key (default 14567)")
+    add("--quic-retry", choices=QUIC_RETRY_MODES, default=None,
+        help="QUIC address validation with Retry: auto (under load), always, never "
+        "(default auto)")
+    add("--quic-max-handshakes", type=int, default=None, metavar="N",
+        help="QUIC handshakes in progress at most, past it the oldest is dropped; auto "
+        "Retry starts at a quarter of it (default 256)")
+    add("--quic-handshake-timeout", type=float, default=None, metavar="SECONDS",
+        help="seconds a QUIC handshake may take (default 10)")
     add("--cert", default=None, help="server certificate (PEM); TLS needs it and --key")
     add("--key", default=None, help="server private key (PEM)")
     add("--cafile", default=None, help="CA bundle for verifying client certificates")

@@ -12,6 +12,9 @@ patching it.
 Writes are batched: the broker's flush appends to the stream and each touched connection
 transmits once per event-loop turn.  A client that stops acknowledging makes its stream's
 send buffer grow; past a high-water mark the connection is paused like a full TCP socket.
+New connections are admitted by :class:`~broker.quicserver.GuardedQuicServer`: Initials
+that do not decrypt are dropped, Retry validates addresses (``--quic-retry``), and
+handshakes in progress are bounded in number and time.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import stream_is_client_initiated, stream_is_unidirectional
 from aioquic.quic.events import (
@@ -38,6 +39,7 @@ from migration.frames import ALL_STRATEGIES
 from migration.quicext import MigratingQuicConnection, MigrationFrameReceived
 
 from .connection import BrokerConnection, State
+from .quicserver import GuardedProtocol, GuardedQuicServer, HandshakePolicy, serve_guarded
 
 if TYPE_CHECKING:
     from .server import BrokerServer
@@ -71,7 +73,7 @@ def server_configuration(cert: str, key: str) -> QuicConfiguration:
     return config
 
 
-class BrokerQuicProtocol(QuicConnectionProtocol):
+class BrokerQuicProtocol(GuardedProtocol):
     """One QUIC connection = one MQTT connection on its first client bidirectional stream."""
 
     def __init__(self, *args: Any, broker_server: BrokerServer, **kwargs: Any) -> None:
@@ -107,6 +109,7 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
         elif isinstance(event, ConnectionTerminated):
             self._lost()
         elif isinstance(event, HandshakeCompleted):
+            self.handshake_done()  # no longer half-open for the listener
             if self.stream_id is None:
                 self._stream_timer = self._loop.call_later(STREAM_TIMEOUT, self._no_stream)
             self.broker_server.migration.connection_ready(self)
@@ -308,10 +311,17 @@ class BrokerQuicProtocol(QuicConnectionProtocol):
 
 async def start_quic_listener(
     broker_server: BrokerServer, host: str, port: int, cert: str, key: str
-) -> QuicServer:
-    return await serve(
+) -> GuardedQuicServer:
+    config = broker_server.config
+    policy = HandshakePolicy(
+        retry=config.quic_retry,
+        max_half_open=config.quic_max_handshakes,
+        handshake_timeout=config.quic_handshake_timeout,
+    )
+    return await serve_guarded(
         host,
         port,
         configuration=server_configuration(cert, key),
         create_protocol=partial(BrokerQuicProtocol, broker_server=broker_server),
+        policy=policy,
     )

@@ -1,0 +1,348 @@
+"""aioquic's QuicServer with bounded half-open state: the broker's QUIC listener.
+
+aioquic builds a ``QuicConnection`` (TLS context, keys for every epoch, three 16 KB crypto
+buffers: about 90 KB) for every datagram shaped like an Initial with a new Destination
+Connection ID, before anything is decrypted, keeps it until the idle timeout, never sends a
+Retry unless told to, and removes a terminated connection by scanning every entry of its
+connection table.  Random 1,200-byte datagrams thus bought 90 KB and minutes of life each,
+and their expiry stalled the event loop.  :class:`GuardedQuicServer` subclasses it: the
+server-side adapter, as ``migration/quicext.py`` is for connections (aioquic is extended by
+subclassing, never edited), and the one place the broker touches QuicServer's private names
+(``_protocols``, ``_retry``, the ``_connection_*`` handlers, a connection's ``_close_at``):
+
+- An Initial that opens a connection must decrypt with the Initial keys of its Destination
+  Connection ID (RFC 9001 section 5.2) before any state exists; one that does not is
+  dropped unanswered (aioquic would drop it too, after building the connection).
+- Address validation with Retry (RFC 9000 section 8.1.2): ``always``, ``never``, or ``auto``
+  once a quarter of the half-open limit is taken, so a flood from spoofed addresses costs
+  one stateless Retry per datagram and creates nothing.
+- At most ``max_half_open`` handshakes in progress: a new one evicts the oldest, addresses
+  not validated by a Retry token first; each gets ``handshake_timeout`` seconds to finish
+  (the idle timeout, 180 s, is for established connections).  Either way the connection is
+  closed with CONNECTION_REFUSED and its state dropped at once, without a closing period.
+- A terminated connection is removed from the table by its own connection IDs.
+
+The policy (:class:`HalfOpen`) is sans-I/O; the server class is the thin asyncio layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
+from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.crypto import CryptoError, CryptoPair
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
+    QuicHeader,
+    QuicPacketType,
+    pull_quic_header,
+)
+
+log = logging.getLogger("qmig.broker")
+
+RETRY_SHARE = 4  # auto: Retry once 1/RETRY_SHARE of the half-open limit is taken
+REPORT_INTERVAL = 10.0  # seconds between two log lines about refused handshakes
+
+T = TypeVar("T", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class HandshakePolicy:
+    """How a QUIC server admits new connections (see the module docstring)."""
+
+    retry: str = "auto"  # or "always" or "never"
+    max_half_open: int = 256
+    handshake_timeout: float = 10.0
+
+    @property
+    def retry_threshold(self) -> int:
+        """``auto`` sends Retry while at least this many handshakes are in progress."""
+        return max(1, self.max_half_open // RETRY_SHARE)
+
+    def wants_retry(self, half_open: int) -> bool:
+        if self.retry == "always":
+            return True
+        return self.retry == "auto" and half_open >= self.retry_threshold
+
+
+class HalfOpen(Generic[T]):
+    """Handshakes in progress with their deadlines, oldest first (sans-I/O).
+
+    Every entry gets the same timeout, so insertion order is deadline order and both
+    eviction and expiry take from the front: O(1) per connection.
+    """
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit = limit
+        self.timeout = timeout
+        # Addresses validated by a Retry token are evicted only when no other is left.
+        self._unvalidated: OrderedDict[T, float] = OrderedDict()
+        self._validated: OrderedDict[T, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._unvalidated) + len(self._validated)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._unvalidated or item in self._validated
+
+    def add(self, item: T, validated: bool, now: float) -> list[T]:
+        """Track ``item``; returns the entries evicted to stay within the limit."""
+        evicted = []
+        while len(self) >= self.limit:
+            oldest = self._unvalidated or self._validated
+            evicted.append(oldest.popitem(last=False)[0])
+        (self._validated if validated else self._unvalidated)[item] = now + self.timeout
+        return evicted
+
+    def discard(self, item: T) -> None:
+        self._unvalidated.pop(item, None)
+        self._validated.pop(item, None)
+
+    def next_deadline(self) -> float | None:
+        fronts = [next(iter(d.values())) for d in (self._unvalidated, self._validated) if d]
+        return min(fronts) if fronts else None
+
+    def expired(self, now: float) -> list[T]:
+        """Remove and return the entries whose handshake time is up."""
+        out = []
+        for table in (self._unvalidated, self._validated):
+            while table and next(iter(table.values())) <= now:
+                out.append(table.popitem(last=False)[0])
+        return out
+
+    def clear(self) -> None:
+        self._unvalidated.clear()
+        self._validated.clear()
+
+
+def initial_decrypts(header: QuicHeader, data: bytes, encrypted_offset: int) -> bool:
+    """Whether a client's first Initial decrypts with its Destination Connection ID's keys.
+
+    ``encrypted_offset``: where the packet number starts, as left by ``pull_quic_header``.
+    Anyone can derive these keys, so this proves nothing about the sender; it only makes
+    random bytes cost a key derivation instead of a connection.
+    """
+    assert header.version is not None
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+    try:
+        crypto.decrypt_packet(data[: header.packet_length], encrypted_offset, 0)
+    except (CryptoError, ValueError):
+        return False
+    return True
+
+
+class GuardedProtocol(QuicConnectionProtocol):
+    """What :class:`GuardedQuicServer` serves: a protocol that reports its handshake's end.
+
+    A subclass calls ``self.handshake_done()`` on ``HandshakeCompleted``; until then the
+    connection counts as half-open.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handshake_done: Callable[[], None] = lambda: None
+
+
+class GuardedQuicServer(QuicServer):
+    """QuicServer that bounds what connections in their handshake may cost."""
+
+    def __init__(
+        self,
+        *,
+        configuration: QuicConfiguration,
+        create_protocol: Callable[..., GuardedProtocol],
+        policy: HandshakePolicy,
+        stream_handler: QuicStreamHandler | None = None,
+    ) -> None:
+        self._factory = create_protocol
+        super().__init__(
+            configuration=configuration,
+            create_protocol=self._new_protocol,
+            retry=True,
+            stream_handler=stream_handler,
+        )
+        self.policy = policy
+        self._config = configuration
+        self._tokens = self._retry  # aioquic's Retry token handler, lent per datagram
+        self._clock = asyncio.get_running_loop()
+        self.half_open: HalfOpen[GuardedProtocol] = HalfOpen(
+            policy.max_half_open, policy.handshake_timeout
+        )
+        self._cids: dict[QuicConnectionProtocol, set[bytes]] = {}  # each one's table keys
+        self._opening: tuple[bytes, bool] | None = None  # the Initial being admitted
+        self._expiry: asyncio.TimerHandle | None = None
+        self.counts = {"undecryptable": 0, "retry": 0, "timed_out": 0, "evicted": 0}
+        self._reported = dict(self.counts)
+        self._report: asyncio.Handle | None = None
+        self._last_report = -REPORT_INTERVAL
+
+    # ------------------------------------------------------------------ admission
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        data = cast(bytes, data)
+        # Only a long-header datagram of at least 1,200 bytes can open a connection.
+        if len(data) >= SMALLEST_MAX_DATAGRAM_SIZE and data[0] & 0x80 and not self._admit(data):
+            return
+        try:
+            super().datagram_received(data, addr)
+        finally:
+            self._opening = None
+
+    def _admit(self, data: bytes) -> bool:
+        """Decide on a datagram that may open a connection; False drops it."""
+        buf = Buffer(data=data)
+        try:
+            header = pull_quic_header(buf, host_cid_length=self._config.connection_id_length)
+        except ValueError:
+            return False
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or header.version not in self._config.supported_versions
+            or header.destination_cid in self._protocols
+        ):
+            return True  # an existing connection's, or version negotiation: aioquic's part
+        if not initial_decrypts(header, data, buf.tell()):
+            self._count("undecryptable")
+            return False
+        retry = bool(header.token) or self.policy.wants_retry(len(self.half_open))
+        # aioquic sends a Retry for a tokenless Initial, and validates a token, only while
+        # it has a token handler; a token from our Retry is validated whatever the load.
+        self._retry = self._tokens if retry else None
+        if retry and not header.token:
+            self._count("retry")
+        self._opening = (header.destination_cid, bool(header.token))
+        return True
+
+    def _new_protocol(
+        self, connection: QuicConnection, stream_handler: QuicStreamHandler | None = None
+    ) -> GuardedProtocol:
+        """aioquic's create_protocol: track the new connection as half-open."""
+        protocol = self._factory(connection, stream_handler=stream_handler)
+        if not isinstance(protocol, GuardedProtocol):
+            raise TypeError("GuardedQuicServer serves GuardedProtocol subclasses only")
+        assert self._opening is not None
+        dcid, validated = self._opening
+        # aioquic registers the connection under these two; _connection_id_issued adds more.
+        self._cids[protocol] = {dcid, connection.host_cid}
+        protocol.handshake_done = lambda: self.half_open.discard(protocol)
+        now = self._clock.time()
+        for old in self.half_open.add(protocol, validated, now):
+            self._count("evicted")
+            self._refuse(old, f"over {self.policy.max_half_open} handshakes in progress")
+        if self._expiry is None:
+            self._expiry = self._clock.call_at(now + self.policy.handshake_timeout, self._expire)
+        return protocol
+
+    def _expire(self) -> None:
+        self._expiry = None
+        now = self._clock.time()
+        for protocol in self.half_open.expired(now):
+            self._count("timed_out")
+            timeout = self.policy.handshake_timeout
+            self._refuse(protocol, f"handshake not completed within {timeout:g} s")
+        deadline = self.half_open.next_deadline()
+        if deadline is not None:
+            self._expiry = self._clock.call_at(deadline, self._expire)
+
+    def _refuse(self, protocol: GuardedProtocol, reason: str) -> None:
+        """CONNECTION_REFUSED to the peer, and the connection's state dropped at once.
+
+        aioquic would keep a closed connection for its closing period (three PTOs, seconds
+        in a handshake); RFC 9000 section 10.2 only asks for it so that late packets get
+        the close again.  Setting the end of that period to now makes aioquic's own timer
+        end the connection on the next loop turn, through its usual termination path.
+        """
+        quic = protocol._quic
+        # A transport close (a frame type given): aioquic would turn an application close in
+        # a handshake into APPLICATION_ERROR without the reason (RFC 9000 section 10.2.3).
+        quic.close(
+            error_code=QuicErrorCode.CONNECTION_REFUSED,
+            frame_type=QuicFrameType.PADDING,
+            reason_phrase=reason,
+        )
+        protocol.transmit()  # the CONNECTION_CLOSE
+        quic._close_at = self._clock.time()
+        protocol.transmit()  # re-arms aioquic's timer for now
+
+    # ------------------------------------------------------------------ connection table
+    def _connection_id_issued(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
+        super()._connection_id_issued(cid, protocol)
+        self._cids.setdefault(protocol, set()).add(cid)
+
+    def _connection_id_retired(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
+        super()._connection_id_retired(cid, protocol)
+        self._cids.get(protocol, set()).discard(cid)
+
+    def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
+        """Remove the connection by its own IDs (aioquic scans the whole table)."""
+        for cid in self._cids.pop(protocol, ()):
+            if self._protocols.get(cid) is protocol:
+                del self._protocols[cid]
+        self.half_open.discard(protocol)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._report is not None:
+            self._report.cancel()
+            self._report = None
+        self.half_open.clear()
+        self._cids.clear()
+        super().close()
+
+    # ------------------------------------------------------------------ reporting
+    def _count(self, what: str) -> None:
+        """Count a refused handshake; the log gets a summary at most every 10 s."""
+        self.counts[what] += 1
+        if self._report is None:
+            delay = max(0.0, self._last_report + REPORT_INTERVAL - self._clock.time())
+            self._report = self._clock.call_later(delay, self._log_counts)
+
+    def _log_counts(self) -> None:
+        self._report = None
+        self._last_report = self._clock.time()
+        new = {k: v - self._reported[k] for k, v in self.counts.items()}
+        self._reported = dict(self.counts)
+        labels = {
+            "undecryptable": "undecryptable Initials dropped",
+            "retry": "Retry sent",
+            "timed_out": "timed out",
+            "evicted": "evicted",
+        }
+        log.info(
+            "QUIC handshakes: %s (%d in progress, limit %d, retry %s)",
+            ", ".join(f"{labels[k]} {n}" for k, n in new.items() if n),
+            len(self.half_open),
+            self.policy.max_half_open,
+            self.policy.retry,
+        )
+
+
+async def serve_guarded(
+    host: str,
+    port: int,
+    *,
+    configuration: QuicConfiguration,
+    create_protocol: Callable[..., GuardedProtocol],
+    policy: HandshakePolicy,
+) -> GuardedQuicServer:
+    """aioquic's ``serve()`` with a :class:`GuardedQuicServer`."""
+    loop = asyncio.get_running_loop()
+    _, server = await loop.create_datagram_endpoint(
+        lambda: GuardedQuicServer(
+            configuration=configuration, create_protocol=create_protocol, policy=policy
+        ),
+        local_addr=(host, port),
+    )
+    return server
