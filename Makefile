@@ -30,7 +30,8 @@ containers: system
 image: setup
 	@$(VENV_PY) -m migration.image --if-available
 
-$(VENV_PY): | system
+# The venv needs only a Python >= 3.11 (no apt): `make lint` works without `make setup`.
+$(VENV_PY):
 	@test -n "$(PYTHON)" || { echo "make: no python3.11 or python3 found" >&2; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 		|| { echo "make: $(PYTHON) is older than Python 3.11; install python3.11" >&2; exit 1; }
@@ -40,12 +41,15 @@ $(STAMP): pyproject.toml $(VENV_PY)
 	$(VENV_PY) -m pip install -q -e '.[dev,lab,load]'
 	@touch $@
 
-test: setup image
-	$(VENV)/bin/ruff check .
+test: setup image lint
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: setup
+# Static checks, venv only: lint, format, the floors of the import graph, types.
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/mypy
 
 demo: setup image
 	$(VENV_PY) -m qmig demo

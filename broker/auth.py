@@ -25,7 +25,7 @@ from pathlib import Path
 from mqttproto.errors import MQTTError
 from mqttproto.topics import parse_shared, topic_matches, validate_topic_filter
 
-from .config import BrokerConfig, ConfigError
+from .config import ConfigError
 
 ACCESS_KINDS = ("read", "write", "readwrite", "deny")
 DEFAULT_ITERATIONS = 101  # mosquitto_passwd's default
@@ -232,15 +232,6 @@ class Authenticator:
         acl = Acl.load(acl_file) if acl_file else None
         return cls(users, acl, allow_anonymous)
 
-    @classmethod
-    def from_config(cls, config: BrokerConfig) -> Authenticator:
-        return cls.from_files(config.password_file, config.acl_file, config.allow_anonymous)
-
-    @property
-    def acl_enabled(self) -> bool:
-        """False means every ACL check is True; the broker may skip calling them."""
-        return self.acl is not None
-
     def check_password(self, username: str | None, password: bytes | None) -> bool:
         """CONNECT check, mosquitto-style: without a password file only anonymity matters."""
         if username is None or self.users is None:
@@ -273,11 +264,6 @@ class Authenticator:
         except MQTTError:
             return False
         return self._decide("s", client_id, username, inner, filter_covers)
-
-    def forget_client(self, client_id: str) -> None:
-        """Drop cached rules of a client (e.g. on disconnect); decisions age out by themselves."""
-        for key in [k for k in self._rules if k[0] == client_id]:
-            del self._rules[key]
 
     def _decide(
         self,

@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
-from migration.frames import MAX_POOL_ADDRESSES, Address
+from quicmig.frames import MAX_POOL_ADDRESSES, Address
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_PACKET_SIZE_LIMIT = 268_435_460  # largest MQTT packet: 1 + 4 length bytes + 268435455
 UINT32_MAX = 4_294_967_295
-QUIC_RETRY_MODES = ("auto", "always", "never")  # broker.quicserver.HandshakePolicy
+QUIC_RETRY_MODES = ("auto", "always", "never")  # quicmig.server.HandshakePolicy
 
 
 class ConfigError(ValueError):
@@ -87,10 +87,10 @@ class BrokerConfig:
     redirect: str | None = None  # server reference; new connections are refused with it
     redirect_permanent: bool = False
     log_level: str = "INFO"
-    # Control API for the edge host's orchestrator (migration.control); port 0 = off.  The
+    # Control API for the edge host's orchestrator (broker.control); port 0 = off.  The
     # token comes from control_token_file or $QMIG_CONTROL_TOKEN, never from a flag (ps);
     # without either the broker generates one into control_token_file, by default
-    # migration.control.default_token_file(control_port).
+    # broker.control.default_token_file(control_port).
     control_host: str = "127.0.0.1"
     control_port: int = 0
     control_token: str | None = field(default=None, repr=False)
@@ -186,7 +186,7 @@ class BrokerConfig:
         start, :meth:`broker.server.BrokerServer.start`); a named file that does not exist
         yet is generated too.
         """
-        from migration.control import (
+        from .control import (
             ControlError,
             default_token_file,
             read_token_file,

@@ -30,7 +30,9 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from migration.frames import (
+from mqttproto.reasons import ReasonCode
+from quicmig.connection import MigratingQuicConnection, MigrationFrameReceived
+from quicmig.frames import (
     STRATEGY_ANNOUNCE,
     STRATEGY_EXPLICIT,
     STRATEGY_POOL,
@@ -40,9 +42,8 @@ from migration.frames import (
     ServerMigrated,
     ServerMigration,
 )
-from migration.quicext import MigratingQuicConnection, MigrationFrameReceived
-from mqttproto.reasons import ReasonCode
 
+from .observe import ReturnWatch
 from .throttle import LogWindow, TokenBucket, log_safe
 
 if TYPE_CHECKING:
@@ -54,7 +55,6 @@ log = logging.getLogger("qmig.migration")
 
 RECONNECTING_TRANSPORTS = ("tcp", "tls", "mptcp")
 FREEZE_TICK = 0.005  # seconds between the freeze watch's ticks (only after pre-checkpoint)
-RETURN_WATCH = 30.0  # seconds after a thaw during which returning clients are noted
 FREEZE_WATCH_MAX = 900.0  # seconds the freeze watch runs at most
 FREEZE_GAP = 0.2  # a tick this late means the process was frozen (CRIU takes longer)
 # MIGRATION_TRIGGER limits: per connection 3 in a row, then one per 10 s; for the broker 10 in
@@ -83,15 +83,11 @@ class MigrationAPI:
         self._dropped_log = {kind: LogWindow(TRIGGER_LOG_WINDOW)
                              for kind in ("not_authorized", "rate_limited")}  # fmt: skip
         self.history: list[dict[str, Any]] = []
-        # After restored(): when the first client datagram reached the new address.
-        self.awaiting_first_packet = False
         # The process's own view of its freeze (see _watch_freeze): wall-clock from/to.
         self.last_freeze: dict[str, Any] | None = None
         self._freeze_watch: asyncio.Task[None] | None = None
-        # After the thaw: when each client was first heard again (QUIC datagram, or a new
-        # TCP-family connection), keyed by the protocol object; see returned_clients().
-        self.watching_returns = False
-        self._returns: dict[int, tuple[float, Any]] = {}
+        # After the thaw: who came back when (the I/O layer's observer, see broker.observe).
+        self.returns: ReturnWatch | None = None
 
     def _quic(self, proto: BrokerQuicProtocol) -> MigratingQuicConnection:
         quic = proto._quic
@@ -154,34 +150,28 @@ class MigrationAPI:
                 who, why, held, TRIGGER_LOG_WINDOW,
             )  # fmt: skip
 
-    def first_packet(self, addr: Any) -> None:
-        """The first QUIC datagram after the thaw: the timeline's "clients are back"."""
-        self.awaiting_first_packet = False
-        if self.last_freeze is not None:
-            self.last_freeze["first_packet_at"] = time.time()
-            self.last_freeze["first_packet_from"] = f"{addr[0]}:{addr[1]}" if addr else None
-
-    def client_returned(self, io: Any) -> None:
-        """A client was heard after the thaw (``io``: its QUIC protocol or TCP connection)."""
-        self._returns.setdefault(id(io), (time.time(), io))
-        thawed = self.last_freeze["thawed_at"] if self.last_freeze else 0.0
-        if time.time() - thawed > RETURN_WATCH:
-            self.watching_returns = False  # bounded: a per-datagram check, not forever
+    def freeze_report(self) -> dict[str, Any] | None:
+        """The last freeze as the process saw it, and the first datagram after it."""
+        if self.last_freeze is None:
+            return None
+        report = dict(self.last_freeze)
+        watch = self.returns
+        if watch is not None and watch.first_packet_at is not None:
+            report["first_packet_at"] = watch.first_packet_at
+            report["first_packet_from"] = watch.first_packet_from
+        return report
 
     def returned_clients(self) -> list[dict[str, Any]]:
         """Per client, how long after the thaw it was heard again: the broker's view."""
-        if not self.last_freeze:
-            return []
-        thawed = self.last_freeze["thawed_at"]
-        out = []
-        for at, io in sorted(self._returns.values(), key=lambda item: item[0]):
-            conn = getattr(io, "conn", None)
-            out.append({
-                "client_id": conn.client_id if conn is not None else "",
-                "transport": conn.transport if conn is not None else "?",
-                "after_thaw_ms": round((at - thawed) * 1000, 1),
-            })  # fmt: skip
-        return out
+        return self.returns.returned() if self.returns is not None else []
+
+    def _watch_returns(self, thawed_at: float) -> None:
+        self.returns = ReturnWatch(thawed_at, self._stop_watching_returns)
+        self.server.observer = self.returns
+
+    def _stop_watching_returns(self, watch: ReturnWatch) -> None:
+        if self.server.observer is watch:
+            self.server.observer = None
 
     def _restore_configured_redirect(self) -> None:
         """Drop pre-checkpoint's redirect but keep one the broker was started with."""
@@ -255,9 +245,7 @@ class MigrationAPI:
             ):
                 self.last_freeze = {"frozen_at": last, "thawed_at": now}
                 log.info("was frozen for %.0f ms", gap * 1000)
-                self.awaiting_first_packet = True  # a client datagram now reached the new host
-                self._returns.clear()
-                self.watching_returns = True
+                self._watch_returns(now)
                 self._speak_first()
             last = now
 
@@ -313,12 +301,12 @@ class MigrationAPI:
             proto.transmit()
         self.history.append(
             {"sequence": self.sequence, "to": str(new_addr), "announced": announced,
-             "at": time.time(), "freeze": self.last_freeze}
+             "at": time.time(), "freeze": self.freeze_report()}
         )  # fmt: skip
         self.state = "serving"
         log.info("restored at %s: announced to %d QUIC clients", new_addr, announced)
         return {"address": str(new_addr), "quic_announced": announced,
-                "freeze": self.last_freeze}
+                "freeze": self.freeze_report()}
 
     async def rollback(self, address: Address | None = None) -> dict[str, Any]:
         """The move failed and the broker serves where it was: undo prepare/pre-checkpoint.
@@ -345,11 +333,11 @@ class MigrationAPI:
                 proto.transmit()
         self.history.append({"sequence": self.sequence, "rolled_back_to": str(address),
                              "told": told, "at": time.time(),
-                             "freeze": self.last_freeze})  # fmt: skip
+                             "freeze": self.freeze_report()})  # fmt: skip
         self.state = "serving"
         self.destination = None
         log.info("rollback: serving at %s again, told %d QUIC clients to stay", address, told)
-        return {"state": self.state, "quic_told": told, "freeze": self.last_freeze}
+        return {"state": self.state, "quic_told": told, "freeze": self.freeze_report()}
 
     def status(self) -> dict[str, Any]:
         by_transport: dict[str, int] = {}
@@ -376,6 +364,6 @@ class MigrationAPI:
             "triggers": list(self.triggers),
             "trigger_counts": dict(self.trigger_counts),
             "history": list(self.history),
-            "last_freeze": self.last_freeze,
+            "last_freeze": self.freeze_report(),
             "returned": self.returned_clients(),
         }

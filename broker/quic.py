@@ -12,7 +12,7 @@ patching it.
 Writes are batched: the broker's flush appends to the stream and each touched connection
 transmits once per event-loop turn.  A client that stops acknowledging makes its stream's
 send buffer grow; past a high-water mark the connection is paused like a full TCP socket.
-New connections are admitted by :class:`~broker.quicserver.GuardedQuicServer`: Initials
+New connections are admitted by :class:`~quicmig.server.GuardedQuicServer`: Initials
 that do not decrypt are dropped, Retry validates addresses (``--quic-retry``), and
 handshakes in progress are bounded in number and time.
 """
@@ -35,11 +35,11 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
-from migration.frames import ALL_STRATEGIES
-from migration.quicext import MigratingQuicConnection, MigrationFrameReceived
+from quicmig.connection import MigratingQuicConnection, MigrationFrameReceived
+from quicmig.frames import ALL_STRATEGIES
+from quicmig.server import GuardedProtocol, GuardedQuicServer, HandshakePolicy, serve_guarded
 
 from .connection import BrokerConnection, State
-from .quicserver import GuardedProtocol, GuardedQuicServer, HandshakePolicy, serve_guarded
 
 if TYPE_CHECKING:
     from .server import BrokerServer
@@ -216,11 +216,9 @@ class BrokerQuicProtocol(GuardedProtocol):
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         super().datagram_received(data, addr)
-        migration = self.broker_server.migration
-        if migration.awaiting_first_packet:
-            migration.first_packet(addr)
-        if migration.watching_returns:
-            migration.client_returned(self)
+        observer = self.broker_server.observer
+        if observer is not None:
+            observer.datagram(self, addr)
         if self.paused and self.conn is not None and self._unacked() < LOW_WATER:
             self.paused = False
             self.conn.set_writable(True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import ipaddress
 import logging
 import signal
@@ -22,19 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from migration.control import (
+from mqttproto.reasons import ReasonCode
+from quicmig.frames import Address
+
+from .config import BrokerConfig, ConfigError
+from .connection import BrokerConnection
+from .control import (
     ControlError,
     ControlServer,
     default_token_file,
     generate_token_file,
 )
-from migration.frames import Address
-from mqttproto.reasons import ReasonCode
-
-from .config import BrokerConfig, ConfigError
-from .connection import BrokerConnection
 from .engine import Broker
 from .migration_api import MigrationAPI
+from .observe import Observer
 
 log = logging.getLogger("qmig.broker")
 
@@ -67,8 +69,9 @@ class StreamConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn = self.server.broker.open_connection(self.kind, peer_text)
         self.conn.io = self
-        if self.server.migration.watching_returns:
-            self.server.migration.client_returned(self)
+        observer = self.server.observer
+        if observer is not None:
+            observer.connection(self)
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)  # type: ignore[union-attr]
@@ -163,6 +166,7 @@ class BrokerServer:
         self.migration = MigrationAPI(
             self, [Address.parse(a) for a in config.pool_addresses_text()]
         )
+        self.observer: Observer | None = None  # measurement's hook (broker.observe)
         self.control: ControlServer | None = None  # not a listener: CRIU keeps it open
 
     # ----------------------------------------------------------------- output
@@ -383,9 +387,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def _version() -> str:
-    from qmig import __version__
-
-    return f"qmig {__version__}"
+    """The installed distribution's version (the broker does not import the qmig CLI)."""
+    try:
+        return f"qmig {importlib.metadata.version('qmig')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "qmig (not installed)"
 
 
 async def serve(config: BrokerConfig) -> None:

@@ -26,8 +26,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from migration.frames import Address
-from migration.strategies import Follower, Strategy
+from quicmig.follower import Follower, Strategy
+from quicmig.frames import Address
 
 from .transports import QuicStreamProtocol, open_stream
 
@@ -187,7 +187,7 @@ class BridgedClient(asyncio.Protocol):
 class Bridge:
     """Local TCP in, QUIC out; each QUIC leg follows the broker when it migrates.
 
-    ``follow`` is the strategy of every QUIC leg (see :mod:`migration.strategies`).  When a
+    ``follow`` is the strategy of every QUIC leg (see :mod:`quicmig.follower`).  When a
     leg follows the broker to a new address, new local clients are bridged there too.
     """
 

@@ -40,6 +40,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add("--insecure", action="store_true", help="do not verify the broker's certificate")
     add("--cert", default=None, help="client certificate to present (TLS and QUIC), with --key")
     add("--key", default=None, help="private key of --cert")
+    add("--request-migration", metavar="HINT", default=None,
+        help="QUIC: once connected, ask the broker to move (HINT: where to, for its "
+        "orchestrator)")  # fmt: skip
     add("--quiet", action="store_true", help="no error messages")
 
 
@@ -90,6 +93,8 @@ def _client(args: argparse.Namespace, **extra: object) -> Client:
 
 async def _pub(args: argparse.Namespace) -> int:
     async with _client(args) as client:
+        if args.request_migration is not None:
+            await client.request_migration(args.request_migration)
         topic = args.topic[0]
         if args.stdin_line:
             loop = asyncio.get_running_loop()
@@ -107,6 +112,8 @@ async def _pub(args: argparse.Namespace) -> int:
 async def _sub(args: argparse.Namespace) -> int:
     clean = not args.disable_clean_session
     async with _client(args, clean_start=clean, session_expiry=args.session_expiry) as client:
+        if args.request_migration is not None:
+            await client.request_migration(args.request_migration)
         await client.subscribe(args.topic, args.qos)
         received = 0
         out = sys.stdout.buffer

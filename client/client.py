@@ -22,8 +22,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from migration.frames import Address
-from migration.strategies import Follower, Strategy
 from mqttproto.client import (
     ClientProtocol,
     ClientSession,
@@ -42,8 +40,10 @@ from mqttproto.errors import MQTTError
 from mqttproto.packets import MQTT_5, Publish, Subscription, Will
 from mqttproto.properties import Properties, PropertyId
 from mqttproto.reasons import ReasonCode
+from quicmig.follower import Follower, Strategy
+from quicmig.frames import MAX_HINT, TRIGGER_OPERATOR, Address
 
-from .transports import DEFAULT_PORTS, TRANSPORTS, ByteStream, open_stream
+from .transports import DEFAULT_PORTS, TRANSPORTS, ByteStream, QuicStreamProtocol, open_stream
 
 log = logging.getLogger("qmig.client")
 P = PropertyId
@@ -161,7 +161,7 @@ class Client:
         # Where we were before a Server Reference sent us elsewhere: if the referenced
         # server stays unreachable (its migration was rolled back), try here again.
         self._previous: tuple[str, int] | None = None
-        # How a QUIC connection follows a migrating broker (see migration.strategies).
+        # How a QUIC connection follows a migrating broker (see quicmig.follower).
         self.follower = Follower(Strategy(follow)) if transport == "quic" else None
         self.moves: list[tuple[float, Address]] = []
         # Observers' hook (measurement, logs): called with ("connected", "host:port") when a
@@ -491,6 +491,19 @@ class Client:
         if reason >= 0x80:
             raise ClientError(f"publish to {topic} refused: reason {reason:#04x}", reason)
         return reason
+
+    async def request_migration(self, hint: str = "", reason: int = TRIGGER_OPERATOR) -> None:
+        """Ask the broker to move (MIGRATION_TRIGGER, QUIC only): ``hint`` names the host or
+        address its orchestrator should prefer.  The broker acts only on requests of users
+        its ACL lets write ``$qmig/migrate`` (any logged-in user without an ACL), a few at a
+        time; nothing answers the request itself: the move, if it comes, is the answer."""
+        if len(hint.encode()) > MAX_HINT:
+            raise ClientError(f"a migration hint has at most {MAX_HINT} bytes")
+        stream = self._stream
+        if not isinstance(stream, QuicStreamProtocol) or not self.connected:
+            raise ClientError("migration requests need a connected QUIC client")
+        if not stream.request_migration(reason, hint):
+            raise ClientError("the broker does not take migration requests")
 
     async def subscribe(
         self,

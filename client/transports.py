@@ -29,9 +29,9 @@ from aioquic.quic.events import (
     StreamReset,
 )
 
-from migration.frames import Address
-from migration.quicext import MigratingQuicConnection, ServerAddressChanged
-from migration.strategies import Follower
+from quicmig.connection import MigratingQuicConnection, ServerAddressChanged
+from quicmig.follower import Follower
+from quicmig.frames import Address
 
 IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 # Linux: queue ICMP errors (port unreachable) on unconnected UDP sockets too (ip(7), ipv6(7)).
@@ -364,6 +364,13 @@ class QuicStreamProtocol(QuicConnectionProtocol):
             self._migrating().receive_paused.discard(self.stream_id)
         if not self._lost:
             self.transmit()
+
+    def request_migration(self, reason: int, hint: str) -> bool:
+        """Send MIGRATION_TRIGGER; False if the broker does not take migration requests."""
+        if self._lost or not self._migrating().trigger_migration(reason, hint):
+            return False
+        self.transmit()
+        return True
 
     def _migrating(self) -> MigratingQuicConnection:
         quic = self._quic

@@ -36,8 +36,7 @@ from broker.certs import make_lab_certs
 from broker.config import BrokerConfig
 from broker.server import BrokerServer
 from client.client import Client
-
-from .frames import Address
+from quicmig.frames import Address
 
 log = logging.getLogger("qmig.harness")
 

@@ -42,7 +42,9 @@ WHEEL_DIR = CACHE_DIR / "wheels"
 KEEP_IMAGES = 3  # broker images kept after a build
 SITE = "/opt/qmig/site"
 UNAVAILABLE_FILE = Path("/run/qmig/containers-unavailable")
-SOURCE_DIRS = ("broker", "client", "migration", "mqttproto", "qmig", "loadtests")
+SOURCE_DIRS = (
+    "broker", "client", "measure", "migration", "mqttproto", "qmig", "quicmig", "loadtests",
+)  # fmt: skip
 SOURCE_SUFFIXES = (".py", ".yaml", ".yml")
 # Runtime dependencies the broker never imports: matplotlib only draws lab reports on the host,
 # and would add numpy, pillow and friends (tens of MB) to every image.
@@ -53,8 +55,8 @@ HOST_ONLY_DIRS = ("migration/lab/", "migration/workload.py", "migration/state_lo
                   "migration/report.py", "loadtests/")
 # Imports that prove the cp311 binary wheels (cryptography, pylsqpack, psutil, yaml) load.
 IMPORT_CHECK = (
-    "import qmig, broker, client, migration, mqttproto, aioquic, cryptography, yaml, rich, "
-    "psutil, pylsqpack; from cryptography.hazmat.primitives.asymmetric import ec; "
+    "import qmig, broker, client, migration, mqttproto, quicmig, aioquic, cryptography, yaml, "
+    "rich, psutil, pylsqpack; from cryptography.hazmat.primitives.asymmetric import ec; "
     "ec.generate_private_key(ec.SECP256R1()); print('ok')"
 )
 

@@ -61,7 +61,7 @@ from migration.scenario import (
     ClientSpec,
     check_reconnect_delay,
 )
-from migration.strategies import Strategy
+from quicmig.follower import Strategy
 
 log = logging.getLogger("qmig.workload")
 

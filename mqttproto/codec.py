@@ -159,12 +159,6 @@ def _decode_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, in
     raise MalformedPacket("variable byte integer longer than 4 bytes")
 
 
-def _check_utf8(text: str) -> str:
-    if "\x00" in text:
-        raise MalformedPacket("UTF-8 string contains U+0000")  # MQTT-1.5.4-2
-    return text
-
-
 def _decode_str(buf: bytes, pos: int, end: int) -> tuple[str, int]:
     if pos + 2 > end:
         raise MalformedPacket("truncated string length")

@@ -115,8 +115,9 @@ def test_anonymous_and_unknown_users(tmp_path: Path) -> None:
 def test_from_config(tmp_path: Path) -> None:
     pwfile = tmp_path / "pw"
     add_user(pwfile, "alice", "pw")
-    auth = Authenticator.from_config(BrokerConfig(password_file=str(pwfile), allow_anonymous=False))
-    assert auth.check_password("alice", b"pw") and not auth.acl_enabled
+    config = BrokerConfig(password_file=str(pwfile), allow_anonymous=False)
+    auth = Authenticator.from_files(config.password_file, config.acl_file, config.allow_anonymous)
+    assert auth.check_password("alice", b"pw") and auth.acl is None
 
 
 # --- ACLs ----------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def test_cli_certs_prints_three_paths(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_pool_size_is_bounded_by_connection_ids() -> None:
-    from migration.frames import MAX_POOL_ADDRESSES
+    from quicmig.frames import MAX_POOL_ADDRESSES
 
     pool = ",".join(f"198.18.9.{i}:14567" for i in range(1, MAX_POOL_ADDRESSES + 2))
     with pytest.raises(ConfigError, match=f"at most {MAX_POOL_ADDRESSES}"):

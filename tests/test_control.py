@@ -30,8 +30,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.certs import make_lab_certs
+from broker.control import MAX_REQUEST, ControlError
 from client.client import Client
-from migration.control import MAX_REQUEST, ControlError, control_request
+from migration.control import control_request
 
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -357,7 +358,7 @@ async def test_the_broker_notices_its_own_freeze() -> None:
 
     from broker.config import BrokerConfig
     from broker.server import BrokerServer
-    from migration.frames import Address
+    from quicmig.frames import Address
 
     config = BrokerConfig(host=HOST, tcp_port=_free_port(), tls_port=0, mptcp_port=0,
                           quic_port=0, sys_interval=0).validate()  # fmt: skip

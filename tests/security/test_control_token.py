@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 
 from broker.config import BrokerConfig, ConfigError
+from broker.control import ControlError, ControlServer
 from broker.server import BrokerServer, Listener
-from migration.control import ControlError, ControlServer, control_request
+from migration.control import control_request
 
 HOST = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]

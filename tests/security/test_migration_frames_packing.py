@@ -16,8 +16,8 @@ from aioquic.quic.connection import QuicConnection
 
 from broker.certs import CertPaths, make_lab_certs
 from client.transports import quic_configuration
-from migration.frames import ALL_STRATEGIES, MigrationTrigger
-from migration.quicext import MigratingQuicConnection, MigrationFrameReceived
+from quicmig.connection import MigratingQuicConnection, MigrationFrameReceived
+from quicmig.frames import ALL_STRATEGIES, MigrationTrigger
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ from broker.certs import CertPaths, make_lab_certs
 from broker.config import BrokerConfig
 from broker.migration_api import TRIGGER_BURST
 from broker.server import BrokerServer
-from client.client import Client
+from client.client import Client, ClientError
 from client.transports import QuicStreamProtocol, open_stream
 from qmig.benchmarks.abuse.trigger_flood import send_triggers
+from quicmig.frames import TRIGGER_OPERATOR
 
 HOST = "127.0.0.1"
 ACL = """\
@@ -227,3 +229,38 @@ async def test_a_line_break_in_the_hint_cannot_forge_a_log_line(
     messages = [r.getMessage() for r in caplog.records if r.name == "qmig.migration"]
     assert any("edge-b\\nqmig broker" in m for m in messages), messages
     assert not any(c in m for m in messages for c in "\n\r\x1b")
+
+
+async def test_a_client_asks_with_request_migration_and_the_broker_hears_it(
+    start: Start, certs: CertPaths, files: dict[str, str]
+) -> None:
+    """The client library's sender, end to end: ``Client.request_migration`` over QUIC."""
+    server = await start(**files, allow_anonymous=False)
+    async with _client(server, certs, "ops") as client:
+        await client.request_migration("edge-c")
+        await _handled(server, 1)
+    (entry,) = server.migration.status()["triggers"]
+    assert entry["username"] == "ops" and entry["hint"] == "edge-c"
+    assert entry["reason"] == TRIGGER_OPERATOR
+
+
+async def test_qmig_pub_request_migration_sends_the_trigger(
+    start: Start, certs: CertPaths, files: dict[str, str]
+) -> None:
+    server = await start(**files, allow_anonymous=False)
+    argv = [sys.executable, "-m", "qmig", "pub", "-h", HOST, "-p", str(server.config.quic_port),
+            "--cafile", str(certs.ca_cert), "-u", "ops", "-P", PASSWORDS["ops"],
+            "--request-migration", "edge-b", "-t", "ops/x", "-m", "asked", "-q", "1"]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(*argv, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    await _handled(server, 1)
+    assert [t["hint"] for t in server.migration.status()["triggers"]] == ["edge-b"]
+
+
+async def test_request_migration_needs_quic(start: Start, certs: CertPaths) -> None:
+    server = await start()
+    client = Client(HOST, server.config.quic_port, transport="quic", cafile=str(certs.ca_cert),
+                    reconnect=False)  # fmt: skip
+    with pytest.raises(ClientError, match="connected QUIC"):
+        await client.request_migration("edge-b")  # not connected yet

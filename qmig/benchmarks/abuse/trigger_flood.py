@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import secrets
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from client.client import Client
 from client.transports import QuicStreamProtocol, open_stream
 from migration.control import control_request
-from qmig.benchmarks.abuse import Context, StallMeter, rss_mb
+from qmig.benchmarks.abuse import Context, PeakRss, StallMeter, rss_mb
 from qmig.benchmarks.brokers import HOST, RunningBroker, free_port
 
 NAME = "trigger-flood"
@@ -70,25 +69,6 @@ async def send_triggers(
 
 def _log_lines(path: Path) -> list[str]:
     return path.read_text(errors="replace").splitlines()
-
-
-class _RssPeak:
-    def __init__(self, b: RunningBroker) -> None:
-        self.b = b
-        self.peak = rss_mb(b)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            with contextlib.suppress(Exception):
-                self.peak = max(self.peak, rss_mb(self.b))
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join(2.0)
-        return self.peak
 
 
 async def _attack(b: RunningBroker, frames: int, control: int, token: str) -> dict[str, Any]:
@@ -161,7 +141,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:
         quic=True,
     )
     rss_before = rss_mb(b)
-    peak = _RssPeak(b)
+    peak = PeakRss(b)
     meter = StallMeter(b.port)
     started = time.monotonic()
     try:

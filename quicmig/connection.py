@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from aioquic import tls
 from aioquic.buffer import Buffer
@@ -51,6 +50,7 @@ from aioquic.tls import Epoch
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from .follower import Follower
 from .frames import (
     FRAME_TYPES,
     MAX_POOL_ADDRESSES,
@@ -75,7 +75,6 @@ from .frames import (
     frame_size,
     pull_frame,
 )
-from .strategies import Follower
 
 log = logging.getLogger("qmig.migration")
 # Connection IDs a qmig endpoint takes (client) and issues (broker), and network paths a client
@@ -575,7 +574,3 @@ class MigratingQuicConnection(QuicConnection):
         if window is not None:
             self._qmig_spacing_window, self._qmig_spacing = window, spacing
         return spacing
-
-
-def migration_events(events: list[QuicEvent]) -> list[Any]:
-    return [e for e in events if isinstance(e, (MigrationFrameReceived, ServerAddressChanged))]

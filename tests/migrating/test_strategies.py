@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from migration.frames import Address, ServerMigration
-from migration.strategies import Follower, Strategy
+from quicmig.follower import Follower, Strategy
+from quicmig.frames import Address, ServerMigration
 
 HERE = Address("198.18.1.2", 14567)
 THERE = Address("198.18.2.2", 14567)
@@ -40,7 +40,7 @@ def test_announce_from_where_the_connection_already_is_starts_no_probing() -> No
     Probing the current address then would never end in a new validation, and a stale
     probing window made the client ignore the next migration's announce.
     """
-    from migration.frames import PoolMigrationAddress, ServerMigrated
+    from quicmig.frames import PoolMigrationAddress, ServerMigrated
 
     follower = Follower(Strategy.ANNOUNCE, current=HERE)
     follower.on_pool(PoolMigrationAddress(0, (HERE, THERE)), now=0.0)

@@ -6,7 +6,7 @@ Connection ID, before anything is decrypted, keeps it until the idle timeout, ne
 Retry unless told to, and removes a terminated connection by scanning every entry of its
 connection table.  Random 1,200-byte datagrams thus bought 90 KB and minutes of life each,
 and their expiry stalled the event loop.  :class:`GuardedQuicServer` subclasses it: the
-server-side adapter, as ``migration/quicext.py`` is for connections (aioquic is extended by
+server-side adapter, as ``quicmig/connection.py`` is for connections (aioquic is extended by
 subclassing, never edited), and the one place the broker touches QuicServer's private names
 (``_protocols``, ``_retry``, the ``_connection_*`` handlers, a connection's ``_close_at``):
 

@@ -35,7 +35,7 @@ async def run_two_migrations(
 
 
 # Pool clients probe addresses where nothing listens (decoys, the broker's former address):
-# they used to go deaf among many others (tests/migration/test_pool.py says why).
+# they used to go deaf among many others (tests/migrating/test_pool.py says why).
 EVERY = ["proactive", "reactive", "pool", "announce"]
 
 
@@ -72,7 +72,7 @@ async def test_the_broker_announces_only_to_clients_that_advertised_support() ->
         assert status["quic_clients_by_strategy"]["none"] == 1
         assert status["quic_clients_by_strategy"]["explicit"] == 1
         told = harness.server.migration.prepare(  # type: ignore[union-attr]
-            __import__("migration.frames").frames.Address("127.0.0.3", harness.port)
+            __import__("quicmig.frames").frames.Address("127.0.0.3", harness.port)
         )
         assert told["quic_notified"] == 1
 
@@ -85,7 +85,7 @@ async def test_a_client_never_moves_to_an_address_it_was_not_told_about() -> Non
         harness._go_dark()
         await asyncio.sleep(0.1)
         await harness._come_back("127.0.0.4")  # not prepared, not in any pool
-        from migration.frames import Address
+        from quicmig.frames import Address
 
         await harness.server.migration.restored(Address("127.0.0.4", harness.port))  # type: ignore[union-attr]
         await asyncio.sleep(0.8)
@@ -113,7 +113,7 @@ async def test_a_rolled_back_move_leaves_every_client_where_it_was() -> None:
     ones never start, pool clients' silence probes are a false alarm; nobody loses a message
     or leaves A, and every connection still carries traffic afterwards.
     """
-    from migration.frames import Address
+    from quicmig.frames import Address
 
     strategies = ["proactive", "reactive", "pool", "announce"]
     async with Harness(pool_position=2, seed=9) as harness:

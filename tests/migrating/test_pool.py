@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from migration.frames import Address
 from migration.harness import Harness
+from quicmig.frames import Address
 
 pytestmark = pytest.mark.timeout(40)
 

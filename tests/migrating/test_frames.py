@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migration.frames import (
+from quicmig.frames import (
     MAX_POOL,
     TRANSPORT_PARAMETER,
     Address,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from migration.frames import Address, ServerMigration
-from migration.quicext import MigratingQuicConnection
-from migration.strategies import Follower, Strategy
+from quicmig.connection import MigratingQuicConnection
+from quicmig.follower import Follower, Strategy
+from quicmig.frames import Address, ServerMigration
 
 
 def test_freeze_spanning_rtt_samples_do_not_stretch_the_floor() -> None:

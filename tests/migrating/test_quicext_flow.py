@@ -17,7 +17,7 @@ from aioquic.quic.events import StreamDataReceived
 
 from broker.certs import CertPaths, make_lab_certs
 from client.transports import quic_configuration
-from migration.quicext import MigratingQuicConnection
+from quicmig.connection import MigratingQuicConnection
 
 CLIENT_ADDR = ("127.0.0.1", 40000)
 SERVER_ADDR = ("127.0.0.1", 14567)

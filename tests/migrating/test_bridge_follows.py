@@ -9,8 +9,8 @@ import pytest
 
 from client.bridge import Bridge
 from client.client import Client
-from migration.frames import Address
 from migration.harness import Harness
+from quicmig.frames import Address
 
 
 @pytest.mark.timeout(40)

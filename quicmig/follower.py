@@ -3,7 +3,7 @@
 :class:`Follower` never touches a socket or a QUIC connection.  It is told what the server
 announced and what the network did (silence, a datagram from a new address, a validated
 path) and answers with the server addresses to probe now.  The QUIC layer
-(:mod:`migration.quicext`) sends the PATH_CHALLENGEs and moves the connection once a path
+(:mod:`quicmig.connection`) sends the PATH_CHALLENGEs and moves the connection once a path
 validates; RFC 9000's rules (validate before use, anti-amplification) stay with aioquic.
 
 - proactive: on SERVER_MIGRATION, probe the announced address at once and keep probing until
