@@ -125,7 +125,8 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         self._stream_channels: dict[int, int] = {}
         self.close_reason = ""  # why the connection was terminated, for error messages
         self._lost = False
-        self._transmit_soon = False
+        # Not _transmit_soon: that is a method of aioquic's QuicConnectionProtocol.
+        self._flush_scheduled = False
         self._progress: asyncio.Event | None = None  # set per datagram while closing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -229,8 +230,8 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         if self._lost or self.stream_id is None:
             return
         self._quic.send_stream_data(self.stream_id, data)
-        if not self._transmit_soon:
-            self._transmit_soon = True
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def write_channel(self, channel: int, data: bytes) -> None:
@@ -243,12 +244,12 @@ class QuicStreamProtocol(QuicConnectionProtocol):
             self._channel_streams[channel] = sid
             self._stream_channels[sid] = channel
         self._quic.send_stream_data(sid, data)
-        if not self._transmit_soon:
-            self._transmit_soon = True
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._transmit_soon = False
+        self._flush_scheduled = False
         self.transmit()
 
     def close(self) -> None:  # type: ignore[override]
