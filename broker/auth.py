@@ -297,7 +297,8 @@ class Authenticator:
             return self._rules[key]
         assert self.acl is not None
         own = self.acl.anonymous if username is None else self.acl.users.get(username, [])
-        rules: list[Rule] | None = list(own)
+        found: list[Rule] = list(own)
+        rules: list[Rule] | None = found
         for access, pattern in self.acl.patterns:
             if "%u" in pattern and username is None:
                 continue
@@ -305,7 +306,7 @@ class Authenticator:
             if any("+" in v or "#" in v for v in uses):
                 rules = None
                 break
-            rules.append((access, pattern.replace("%c", client_id).replace("%u", username or "")))
+            found.append((access, pattern.replace("%c", client_id).replace("%u", username or "")))
         if len(self._rules) >= self._cache_size:
             del self._rules[next(iter(self._rules))]
         self._rules[key] = rules

@@ -245,7 +245,7 @@ class BrokerQuicProtocol(GuardedProtocol):
         streams = self._quic._streams
         total = 0
         for sid in (self.stream_id, *self.channels):
-            stream = streams.get(sid)  # type: ignore[arg-type]
+            stream = streams.get(sid) if sid is not None else None
             if stream is not None:
                 total += stream.sender._buffer_stop - stream.sender._buffer_start
         return int(total)
@@ -281,6 +281,8 @@ class BrokerQuicProtocol(GuardedProtocol):
             self.broker_server.quic_touched(self)
         self._lost()
 
+    # Not aioquic's close(error_code, reason_phrase): this is ConnectionIO.close (a graceful
+    # end of the MQTT stream), which the broker calls; it closes the QUIC connection itself.
     def close(self) -> None:  # type: ignore[override]
         """Finish the stream, then close once it is acknowledged (or after a linger)."""
         if self._closing:

@@ -74,7 +74,8 @@ class StreamConnection(asyncio.Protocol):
             observer.connection(self)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)  # type: ignore[union-attr]
+        assert self.conn is not None  # set by connection_made
+        self.conn.receive_data(data)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -87,13 +88,20 @@ class StreamConnection(asyncio.Protocol):
             self.conn.io = None
 
     def pause_writing(self) -> None:
-        self.conn.set_writable(False)  # type: ignore[union-attr]
+        assert self.conn is not None  # set by connection_made
+        self.conn.set_writable(False)
 
     def resume_writing(self) -> None:
-        self.conn.set_writable(True)  # type: ignore[union-attr]
+        assert self.conn is not None
+        self.conn.set_writable(True)
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        assert self.transport is not None  # set by connection_made
+        self.transport.write(data)
+
+    def write_channel(self, channel: int, data: bytes) -> None:
+        """A byte stream has only channel 0 (the engine gives it no other): all goes there."""
+        self.write(data)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -298,7 +306,8 @@ class BrokerServer:
 
     def _make_ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.config.cert, self.config.key)  # type: ignore[arg-type]
+        assert self.config.cert is not None  # only with tls_enabled: cert and key are set
+        ctx.load_cert_chain(self.config.cert, self.config.key)
         if self.config.cafile:
             ctx.load_verify_locations(self.config.cafile)
             if self.config.require_certificate:

@@ -74,7 +74,7 @@ class FailureBackoff:
     def _delay(self, count: int) -> float:
         if count <= 0:
             return 0.0
-        return min(self.cap, self.base * 2 ** min(count - 1, 62))
+        return min(self.cap, self.base * (1 << min(count - 1, 62)))  # 2 ** n, as an int
 
     def failed(self, peer: str, now: float) -> float:
         """Record a failure of ``peer``; returns the seconds to hold back the answer."""

@@ -29,7 +29,7 @@ from typing import Any
 from quicmig.follower import Follower, Strategy
 from quicmig.frames import Address
 
-from .transports import QuicStreamProtocol, open_stream
+from .transports import Closer, QuicStreamProtocol, open_stream
 
 log = logging.getLogger("qmig.bridge")
 
@@ -57,7 +57,7 @@ class BridgedClient(asyncio.Protocol):
         self.bridge = bridge
         self.tcp: asyncio.Transport | None = None
         self.quic: QuicStreamProtocol | None = None
-        self.closer: object = None
+        self.closer: Closer | None = None
         self.backlog: list[bytes] = []
         self.closed = False
         self.tcp_full = False  # the TCP client reads too slowly: the broker gets no credit
@@ -177,7 +177,7 @@ class BridgedClient(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 if finish is not None:
                     await finish
-                await closer.__aexit__(None, None, None)  # type: ignore[attr-defined]
+                await closer.__aexit__(None, None, None)
 
         task = asyncio.get_running_loop().create_task(release())
         self.bridge.tasks.add(task)
@@ -235,15 +235,26 @@ class Bridge:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", default="127.0.0.1:1884", metavar="HOST:PORT",
-                        help="local TCP address for plain MQTT clients (default 127.0.0.1:1884)")
-    parser.add_argument("--to", required=True, metavar="HOST:PORT",
-                        help="the broker's QUIC address (port default 14567)")
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:1884",
+        metavar="HOST:PORT",
+        help="local TCP address for plain MQTT clients (default 127.0.0.1:1884)",
+    )
+    parser.add_argument(
+        "--to",
+        required=True,
+        metavar="HOST:PORT",
+        help="the broker's QUIC address (port default 14567)",
+    )
     parser.add_argument("--cafile", default=None, help="CA certificate of the broker")
     parser.add_argument("--insecure", action="store_true", help="do not verify the broker")
-    parser.add_argument("--follow", default="proactive",
-                        choices=[s.value for s in Strategy],
-                        help="how each QUIC leg follows a migrating broker (default proactive)")
+    parser.add_argument(
+        "--follow",
+        default="proactive",
+        choices=[s.value for s in Strategy],
+        help="how each QUIC leg follows a migrating broker (default proactive)",
+    )
     parser.add_argument("--log-level", default="INFO")  # fmt: skip
 
 

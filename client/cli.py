@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from mqttproto.packets import MQTT_3_1_1, MQTT_5
 
@@ -70,7 +72,9 @@ def add_sub_arguments(parser: argparse.ArgumentParser) -> None:
     add("-R", "--no-retained", action="store_true", help="do not print stale retained messages")
 
 
-def _client(args: argparse.Namespace, **extra: object) -> Client:
+def _client(
+    args: argparse.Namespace, *, clean_start: bool = True, session_expiry: int = 0
+) -> Client:
     if args.streams != "single" and args.transport != "quic":
         raise ClientError(f"--streams {args.streams} needs --transport quic")
     return Client(
@@ -87,7 +91,8 @@ def _client(args: argparse.Namespace, **extra: object) -> Client:
         certfile=args.cert,
         keyfile=args.key,
         streams=args.streams,
-        **extra,  # type: ignore[arg-type]
+        clean_start=clean_start,
+        session_expiry=session_expiry,
     )
 
 
@@ -139,12 +144,12 @@ async def _sub(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(coro: object, args: argparse.Namespace, what: str) -> int:
+def _run(coro: Coroutine[Any, Any, int], args: argparse.Namespace, what: str) -> int:
     # aioquic logs a failed handshake itself (a WARNING on its "quic" logger, which Python
     # prints to stderr when logging is not configured); the error line below says it once.
     logging.getLogger("quic").addHandler(logging.NullHandler())
     try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        return asyncio.run(coro)
     except (ClientError, OSError) as exc:
         if not args.quiet:
             print(f"qmig {what}: {exc}", file=sys.stderr)

@@ -43,7 +43,14 @@ from mqttproto.reasons import ReasonCode
 from quicmig.follower import Follower, Strategy
 from quicmig.frames import MAX_HINT, TRIGGER_OPERATOR, Address
 
-from .transports import DEFAULT_PORTS, TRANSPORTS, ByteStream, QuicStreamProtocol, open_stream
+from .transports import (
+    DEFAULT_PORTS,
+    TRANSPORTS,
+    ByteStream,
+    Closer,
+    QuicStreamProtocol,
+    open_stream,
+)
 
 log = logging.getLogger("qmig.client")
 P = PropertyId
@@ -144,8 +151,8 @@ class Client:
         self.connack_properties: Properties = {}
         self.reconnects = 0
         self._stream: ByteStream | None = None
-        self._closer: Any = None
-        self._messages: asyncio.Queue[Publish] = asyncio.Queue()
+        self._closer: Closer | None = None
+        self._messages: asyncio.Queue[Publish | None] = asyncio.Queue()  # None: the end
         self._waiters: dict[tuple[str, int], asyncio.Future[Any]] = {}
         self._connected = asyncio.Event()
         self._connack: asyncio.Future[Event] | None = None
@@ -182,7 +189,8 @@ class Client:
         if isinstance(event, ConnectionRefused):
             reference = event.server_reference
             if reference and event.reason_code in (
-                ReasonCode.USE_ANOTHER_SERVER, ReasonCode.SERVER_MOVED
+                ReasonCode.USE_ANOTHER_SERVER,
+                ReasonCode.SERVER_MOVED,
             ):
                 self.host, self.port = parse_reference(reference, self.port)
                 log.info("redirected to %s:%s", self.host, self.port)
@@ -193,9 +201,12 @@ class Client:
                 )
         self._ping_task = asyncio.create_task(self._keepalive_loop())
 
-    async def _connect_once(self, timeout: float | None = None,
-                            syn_timeout: float | None = None,
-                            fallback: tuple[str, int] | None = None) -> Event:
+    async def _connect_once(
+        self,
+        timeout: float | None = None,
+        syn_timeout: float | None = None,
+        fallback: tuple[str, int] | None = None,
+    ) -> Event:
         properties = dict(self.properties)
         if self.version == MQTT_5 and self.session_expiry:
             properties[P.SESSION_EXPIRY_INTERVAL] = self.session_expiry
@@ -224,10 +235,11 @@ class Client:
             if reached is not None and reached != (self.host, self.port):
                 log.info("%s:%s answered before %s:%s", *reached, self.host, self.port)
                 self._previous, (self.host, self.port) = (self.host, self.port), reached
-            if hasattr(self._stream, "on_migrated"):
-                self._stream.on_migrated = self._on_migrated  # type: ignore[union-attr]
-                self._stream.on_channel_data = self._on_channel_data  # type: ignore[union-attr]
-                self._stream.on_channel_closed = self._on_channel_closed  # type: ignore[union-attr]
+            stream = self._stream
+            if isinstance(stream, QuicStreamProtocol):
+                stream.on_migrated = self._on_migrated
+                stream.on_channel_data = self._on_channel_data
+                stream.on_channel_closed = self._on_channel_closed
         except (TimeoutError, OSError, ConnectionError) as exc:
             where = f"{self.host}:{self.port} over {self.transport}"
             raise ClientError(f"cannot reach {where}: {exc}") from exc
@@ -273,7 +285,7 @@ class Client:
             if not fut.done():
                 fut.set_exception(ClientError("client disconnected"))
         self._waiters.clear()
-        self._messages.put_nowait(None)  # type: ignore[arg-type]  # ends messages()
+        self._messages.put_nowait(None)  # ends messages()
 
     def _abort_stream(self, graceful: bool = False) -> None:
         stream, self._stream = self._stream, None
@@ -368,7 +380,7 @@ class Client:
             if not fut.done():
                 fut.set_exception(ClientError(reason))
         self._waiters.clear()
-        self._messages.put_nowait(None)  # type: ignore[arg-type]
+        self._messages.put_nowait(None)
 
     def _reconnect_ended(self, task: asyncio.Task[None]) -> None:
         """A reconnect loop that died of a bug must say so, not leave the caller waiting."""
@@ -394,8 +406,7 @@ class Client:
         failing_since = loop.time()
         racing = False
         while not self._closing:
-            await asyncio.sleep(delay)
-            if self._closing:
+            if not await self._sleep_open(delay):
                 return
             fallback = self._previous if racing else None
             try:
@@ -425,6 +436,15 @@ class Client:
                          event.session_present)  # fmt: skip
                 return
             delay = min(delay * 2, max_delay)
+
+    async def _sleep_open(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; whether the client is still open after it.
+
+        (A method of its own: in the reconnect loop, ``while not self._closing`` would leave
+        mypy sure that ``self._closing`` is still false after the sleep.)
+        """
+        await asyncio.sleep(delay)
+        return not self._closing
 
     async def _keepalive_loop(self) -> None:
         while not self._closing:
@@ -527,18 +547,16 @@ class Client:
         if subscription_id is not None:
             props[P.SUBSCRIPTION_IDENTIFIER] = [subscription_id]
         channel = self._channel(subs[0].topic_filter, max(s.qos for s in subs))
-        codes = await self._request(
-            "sub", lambda p: p.subscribe(subs, props, channel), timeout
-        )
+        codes = await self._request("sub", lambda p: p.subscribe(subs, props, channel), timeout)
         refused = [c for c in codes if c >= 0x80]
         if refused:
             raise ClientError(f"subscription refused: {[hex(c) for c in codes]}", refused[0])
-        return codes  # type: ignore[no-any-return]
+        return codes
 
     async def unsubscribe(self, topic: str | list[str], timeout: float | None = 10.0) -> list[int]:
         filters = [topic] if isinstance(topic, str) else topic
         channel = self._topic_channels.get(filters[0], 0) if self.streams == "per-topic" else 0
-        return await self._request("sub", lambda p: p.unsubscribe(filters, channel), timeout)  # type: ignore[no-any-return]
+        return await self._request("sub", lambda p: p.unsubscribe(filters, channel), timeout)
 
     def _channel(self, topic: str, qos: int) -> int:
         """The data channel (QUIC stream) for a topic or QoS in multi-stream mode; 0: control.
@@ -559,13 +577,16 @@ class Client:
             self._topic_channels[topic] = channel
         return channel
 
-    async def _request(self, kind: str, send: Any, timeout: float | None) -> Any:
+    async def _request(
+        self, kind: str, send: Callable[[ClientProtocol], int], timeout: float | None
+    ) -> list[int]:
+        """Send a (UN)SUBSCRIBE with ``send``; its SUBACK's (UNSUBACK's) reason codes."""
         if not self.connected:
             await self.wait_connected(timeout)
         proto = self.protocol
         assert proto is not None
         pid = send(proto)
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._waiters[(kind, pid)] = fut
         self._flush()
         return await asyncio.wait_for(fut, timeout)

@@ -16,7 +16,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 from aioquic.asyncio.client import connect as quic_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -28,10 +28,17 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
+from aioquic.quic.packet import QuicErrorCode
 
 from quicmig.connection import MigratingQuicConnection, ServerAddressChanged
 from quicmig.follower import Follower
 from quicmig.frames import Address
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    # A socket address as asyncio's DatagramTransport.sendto takes it (typeshed's).
+    SocketAddress: TypeAlias = tuple[Any, ...] | str | ReadableBuffer
 
 IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 # Linux: queue ICMP errors (port unreachable) on unconnected UDP sockets too (ip(7), ipv6(7)).
@@ -42,6 +49,8 @@ DEFAULT_PORTS = {"quic": 14567, "tcp": 1883, "tls": 8883, "mptcp": 1885}
 
 DataCallback = Callable[[bytes], None]
 LostCallback = Callable[[Exception | None], None]
+# What open_stream returns beside a QUIC stream: aioquic's connect(), exited to free the socket.
+Closer = contextlib.AbstractAsyncContextManager[object]
 
 
 class ByteStream(Protocol):
@@ -80,7 +89,7 @@ class _StreamProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
-class _RetryRefusedSend:
+class _RetryRefusedSend(asyncio.DatagramTransport):
     """The client's UDP transport, resending a datagram refused for an earlier ICMP error.
 
     While ICMP errors are reported (IP_RECVERR, during the handshake only, see
@@ -88,18 +97,47 @@ class _RetryRefusedSend:
     *next* send of the unconnected socket, whatever its destination, and asyncio then drops
     that datagram.  Once the handshake is done errors are no longer reported, so this only
     matters where IP_RECVERR could not be switched off again.
+
+    A DatagramTransport that hands every call to ``inner``: the methods the base class
+    defines (which would only raise NotImplementedError) explicitly, anything else through
+    ``__getattr__``.
     """
 
     def __init__(self, inner: asyncio.DatagramTransport, proto: QuicStreamProtocol) -> None:
+        super().__init__()
         self.inner = inner
         self.proto = proto
 
-    def sendto(self, data: bytes, addr: object = None) -> None:
+    def sendto(
+        self, data: bytes | bytearray | memoryview, addr: SocketAddress | None = None
+    ) -> None:
         self.proto.send_error = None
         self.inner.sendto(data, addr)
-        if isinstance(self.proto.send_error, ConnectionRefusedError):
+        if self._refused():
             self.proto.send_error = None
             self.inner.sendto(data, addr)  # the pending error was consumed: send again
+
+    def _refused(self) -> bool:
+        # A method of its own: in sendto mypy would keep ``send_error`` narrowed to None.
+        return isinstance(self.proto.send_error, ConnectionRefusedError)
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def is_closing(self) -> bool:
+        return self.inner.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.inner.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.inner.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.inner.get_protocol()
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
@@ -108,7 +146,7 @@ class _RetryRefusedSend:
 class QuicStreamProtocol(QuicConnectionProtocol):
     """aioquic client connection carrying MQTT on stream 0; one transmit per loop turn."""
 
-    def __init__(self, *args, follower: Follower | None = None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, follower: Follower | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # qmig's migration extension: advertise what this client's strategy understands.
         strategies = follower.strategy.advertised if follower is not None else 0
@@ -125,12 +163,16 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         self._stream_channels: dict[int, int] = {}
         self.close_reason = ""  # why the connection was terminated, for error messages
         self._lost = False
-        self._transmit_soon = False
+        # Not _transmit_soon: that is a method of aioquic's QuicConnectionProtocol.
+        self._flush_scheduled = False
         self._progress: asyncio.Event | None = None  # set per datagram while closing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.send_error: Exception | None = None
-        super().connection_made(_RetryRefusedSend(transport, self))  # type: ignore[arg-type]
+        # asyncio's UDP transport (create_datagram_endpoint's) has DatagramTransport's
+        # methods without being one by class (_SelectorDatagramTransport): aioquic casts too.
+        udp = cast(asyncio.DatagramTransport, transport)
+        super().connection_made(_RetryRefusedSend(udp, self))
         # Without this a handshake with no listener behind the port waits for the timeout.
         self._udp_socket = transport.get_extra_info("socket")
         self._report_icmp_errors(True)
@@ -229,8 +271,8 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         if self._lost or self.stream_id is None:
             return
         self._quic.send_stream_data(self.stream_id, data)
-        if not self._transmit_soon:
-            self._transmit_soon = True
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def write_channel(self, channel: int, data: bytes) -> None:
@@ -243,20 +285,20 @@ class QuicStreamProtocol(QuicConnectionProtocol):
             self._channel_streams[channel] = sid
             self._stream_channels[sid] = channel
         self._quic.send_stream_data(sid, data)
-        if not self._transmit_soon:
-            self._transmit_soon = True
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._transmit_soon = False
+        self._flush_scheduled = False
         self.transmit()
 
-    def close(self) -> None:  # type: ignore[override]
+    def close(self, error_code: int = QuicErrorCode.NO_ERROR, reason_phrase: str = "") -> None:
         if not self._lost:
             if self.stream_id is not None:
                 with contextlib.suppress(Exception):  # finished already (close_gracefully)
                     self._quic.send_stream_data(self.stream_id, b"", end_stream=True)
-            super().close()
+            super().close(error_code=error_code, reason_phrase=reason_phrase)
         self._gone(None)
 
     def transmit(self) -> None:
@@ -271,7 +313,7 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         super().transmit()
 
     def _sent_everything(self) -> bool:
-        stream = self._quic._streams.get(self.stream_id)  # type: ignore[arg-type]
+        stream = self._quic._streams.get(self.stream_id) if self.stream_id is not None else None
         return stream is None or stream.sender.is_finished
 
     async def close_gracefully(self, timeout: float) -> None:
@@ -486,9 +528,7 @@ def race_connect_blocking(
     """
 
     def race() -> tuple[socket.socket, Target]:
-        return asyncio.run(
-            _connect_resending_syn(*primary, mptcp, syn_timeout, timeout, fallback)
-        )
+        return asyncio.run(_connect_resending_syn(*primary, mptcp, syn_timeout, timeout, fallback))
 
     try:
         asyncio.get_running_loop()
@@ -540,7 +580,7 @@ async def open_stream(
     receive_window: int | None = None,
     fallback: tuple[str, int] | None = None,
     client_cert: tuple[str, str] | None = None,
-) -> tuple[ByteStream, object]:
+) -> tuple[ByteStream, Closer | None]:
     """Connect and return (stream, closer); ``closer`` is an async context to exit on close.
 
     ``syn_timeout`` (TCP, TLS, MPTCP): start the TCP connection over after that long
@@ -581,7 +621,8 @@ async def open_stream(
             _, proto = await asyncio.wait_for(
                 loop.create_connection(factory, host, port, ssl=ssl_ctx), timeout
             )
-        raw = proto.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert proto.transport is not None  # set by connection_made
+        raw = proto.transport.get_extra_info("socket")
         if raw is not None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         proto.target = target
@@ -592,7 +633,7 @@ async def open_stream(
             config.max_stream_data = receive_window  # the initial credit, in the handshake
         made: list[QuicStreamProtocol] = []
 
-        def create_protocol(*args, **kwargs) -> QuicStreamProtocol:  # type: ignore[no-untyped-def]
+        def create_protocol(*args: Any, **kwargs: Any) -> QuicStreamProtocol:
             made.append(QuicStreamProtocol(*args, follower=follower, **kwargs))
             if receive_window is not None:
                 made[-1].set_receive_window(receive_window)
@@ -600,14 +641,15 @@ async def open_stream(
 
         manager = quic_connect(host, port, configuration=config, create_protocol=create_protocol)
         try:
-            proto = await asyncio.wait_for(manager.__aenter__(), timeout)
+            quic = await asyncio.wait_for(manager.__aenter__(), timeout)
         except TimeoutError:
             raise TimeoutError(f"no QUIC handshake within {timeout:g} s") from None
         except ConnectionError as exc:
             why = made[0].close_reason if made else ""
             raise ConnectionError(f"QUIC handshake failed: {why or exc or 'closed'}") from exc
-        proto.on_data = on_data
-        proto.on_lost = on_lost
-        proto.start_stream()
-        return proto, manager
+        assert isinstance(quic, QuicStreamProtocol)  # made by create_protocol
+        quic.on_data = on_data
+        quic.on_lost = on_lost
+        quic.start_stream()
+        return quic, manager
     raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")

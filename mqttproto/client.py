@@ -212,11 +212,9 @@ class ClientProtocol:
 
     def receive_data(self, data: bytes, channel: int = 0) -> list[Event]:
         """Handle bytes from the broker on ``channel`` (0: the control stream)."""
-        reader = self.reader
-        if channel:
-            reader = self._readers.get(channel)  # type: ignore[assignment]
-            if reader is None:
-                reader = self._readers[channel] = PacketReader(self.version, self._max_packet_size)
+        reader = self._readers.get(channel) if channel else self.reader
+        if reader is None:
+            reader = self._readers[channel] = PacketReader(self.version, self._max_packet_size)
         error: MQTTError | None = None
         try:
             packets = reader.feed(data)
@@ -309,41 +307,42 @@ class ClientProtocol:
 
     # ----------------------------------------------------------------- incoming
     def _handle(self, packet: Packet) -> Event | None:
-        kind = type(packet)
-        if kind is Publish:
-            return self._on_publish(packet)  # type: ignore[arg-type]
-        if not self.connected and kind is not Connack:
-            raise ProtocolError(f"{kind.__name__} before CONNACK")
-        if kind is Puback:
-            return self._complete(packet.packet_id, packet.reason_code, 1)  # type: ignore[union-attr]
-        if kind is Pubrec:
-            return self._on_pubrec(packet)  # type: ignore[arg-type]
-        if kind is Pubcomp:
-            return self._complete(packet.packet_id, packet.reason_code, 2)  # type: ignore[union-attr]
-        if kind is Pubrel:
-            pid = packet.packet_id  # type: ignore[union-attr]
+        # ``type(packet) is C`` narrows the union for mypy and is as cheap as an ``is`` on a
+        # saved ``type(packet)``.
+        if type(packet) is Publish:
+            return self._on_publish(packet)
+        if not self.connected and type(packet) is not Connack:
+            raise ProtocolError(f"{type(packet).__name__} before CONNACK")
+        if type(packet) is Puback:
+            return self._complete(packet.packet_id, packet.reason_code, 1)
+        if type(packet) is Pubrec:
+            return self._on_pubrec(packet)
+        if type(packet) is Pubcomp:
+            return self._complete(packet.packet_id, packet.reason_code, 2)
+        if type(packet) is Pubrel:
+            pid = packet.packet_id
             self.session.incoming_qos2.discard(pid)
             self._send(b"\x70\x02" + pid.to_bytes(2, "big"))
             return None
-        if kind is Suback:
-            self._pending_subs.discard(packet.packet_id)  # type: ignore[union-attr]
-            return Subscribed(packet.packet_id, packet.reason_codes)  # type: ignore[union-attr]
-        if kind is Unsuback:
-            self._pending_subs.discard(packet.packet_id)  # type: ignore[union-attr]
-            return Unsubscribed(packet.packet_id, packet.reason_codes)  # type: ignore[union-attr]
-        if kind is Pingresp:
+        if type(packet) is Suback:
+            self._pending_subs.discard(packet.packet_id)
+            return Subscribed(packet.packet_id, packet.reason_codes)
+        if type(packet) is Unsuback:
+            self._pending_subs.discard(packet.packet_id)
+            return Unsubscribed(packet.packet_id, packet.reason_codes)
+        if type(packet) is Pingresp:
             return PingResponse()
-        if kind is Connack:
-            return self._on_connack(packet)  # type: ignore[arg-type]
-        if kind is Disconnect:
+        if type(packet) is Connack:
+            return self._on_connack(packet)
+        if type(packet) is Disconnect:
             self.closed = True
-            ref = packet.properties.get(P.SERVER_REFERENCE)  # type: ignore[union-attr]
+            ref = packet.properties.get(P.SERVER_REFERENCE)
             if ref:
                 self.server_reference = ref
-            return ServerDisconnected(packet.reason_code, packet.properties)  # type: ignore[union-attr]
-        if kind is Auth:
+            return ServerDisconnected(packet.reason_code, packet.properties)
+        if type(packet) is Auth:
             raise ProtocolError("AUTH without authentication method")
-        raise ProtocolError(f"{kind.__name__} is not sent by servers")
+        raise ProtocolError(f"{type(packet).__name__} is not sent by servers")
 
     def _on_connack(self, packet: Connack) -> Event:
         if self.connected:
@@ -393,16 +392,19 @@ class ClientProtocol:
         session = self.session
         while session.queued and self._in_flight() < self.send_quota:
             packet = session.queued.popleft()
-            out = session.outgoing.get(packet.packet_id)  # type: ignore[arg-type]
+            assert packet.packet_id is not None  # queued PUBLISHes are QoS > 0
+            out = session.outgoing.get(packet.packet_id)
             self._send(encode(packet, self.version), out.channel if out else 0)
 
     def _on_publish(self, packet: Publish) -> Event | None:
         if not self.connected:
             raise ProtocolError("PUBLISH before CONNACK")
         if packet.qos == 1:
-            self._send(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))  # type: ignore[union-attr]
+            assert packet.packet_id is not None  # the decoder requires one for QoS > 0
+            self._send(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
         elif packet.qos == 2:
-            pid: int = packet.packet_id  # type: ignore[assignment]
+            pid = packet.packet_id
+            assert pid is not None  # the decoder requires one for QoS > 0
             self._send(b"\x50\x02" + pid.to_bytes(2, "big"))
             if pid in self.session.incoming_qos2:
                 return None  # duplicate of a message already handed to the application

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 
 from aioquic import tls
-from aioquic.buffer import Buffer
+from aioquic._buffer import Buffer  # where it is defined and typed (see quicmig.frames)
 from aioquic.quic.connection import (
     EPOCHS,
     MAX_LOCAL_CHALLENGES,
@@ -204,6 +204,8 @@ class MigratingQuicConnection(QuicConnection):
         self.receive_paused = set()
         # Room for a connection ID per pool address (see _replenish_connection_ids).
         self._local_active_connection_id_limit = ACTIVE_CONNECTION_ID_LIMIT
+        # Name-mangled private attribute of QuicConnection (self.__frame_handlers): mypy
+        # knows it only by its unmangled name, which cannot be written here.
         handlers = self._QuicConnection__frame_handlers  # type: ignore[attr-defined]
         for frame_type in FRAME_TYPES:
             handlers[frame_type] = (self._handle_migration_frame, EPOCHS("1"))
@@ -329,13 +331,17 @@ class MigratingQuicConnection(QuicConnection):
                 handler=self._on_max_stream_data_delivery,
                 handler_args=(stream,),
             )
-            buf.push_uint_var(stream.stream_id)
+            stream_id = stream.stream_id
+            assert stream_id is not None  # None only for a stream not yet opened
+            buf.push_uint_var(stream_id)
             buf.push_uint_var(stream.max_stream_data_local)
             stream.max_stream_data_local_sent = stream.max_stream_data_local
             if self._quic_logger is not None:
-                builder.quic_logger_frames.append(
+                frames = builder.quic_logger_frames
+                assert frames is not None  # a list while a packet is open, with a logger
+                frames.append(
                     self._quic_logger.encode_max_stream_data_frame(
-                        maximum=stream.max_stream_data_local, stream_id=stream.stream_id
+                        maximum=stream.max_stream_data_local, stream_id=stream_id
                     )
                 )
 

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
-from aioquic.buffer import Buffer, BufferReadError, size_uint_var
+# Buffer is defined (and typed, in _buffer.pyi) in aioquic._buffer; aioquic.buffer only
+# re-imports it without exporting it for type checkers.
+from aioquic._buffer import Buffer, BufferReadError
+from aioquic.buffer import size_uint_var
 
 TRANSPORT_PARAMETER = 0x716D6967
 SERVER_MIGRATION = 0x716D6901
@@ -49,6 +53,7 @@ _FAMILY_V6 = 6
 # Addresses a pool may hold: a client following a pool probes them all at once, each with a
 # connection ID of its own (RFC 9000 section 9.5), next to its active path and the old one.
 MAX_POOL_ADDRESSES = 14
+
 
 class FrameError(ValueError):
     """A malformed extension frame: the connection closes with FRAME_ENCODING_ERROR."""
@@ -80,7 +85,7 @@ class Address:
     def version(self) -> int:
         return ipaddress.ip_address(self.host).version
 
-    def matches(self, addr: tuple) -> bool:  # type: ignore[type-arg]
+    def matches(self, addr: tuple[Any, ...]) -> bool:
         """Equal to a socket address, also when that is an IPv4-mapped IPv6 tuple."""
         host = addr[0]
         if host.startswith("::ffff:"):

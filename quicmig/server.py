@@ -34,12 +34,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
+from aioquic._buffer import Buffer  # where it is defined and typed (see quicmig.frames)
+from aioquic._crypto import CryptoError  # defined there; aioquic.quic.crypto re-imports it
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
 from aioquic.asyncio.server import QuicServer
-from aioquic.buffer import Buffer
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection
-from aioquic.quic.crypto import CryptoError, CryptoPair
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
@@ -217,7 +218,9 @@ class GuardedQuicServer(QuicServer):
         retry = bool(header.token) or self.policy.wants_retry(len(self.half_open))
         # aioquic sends a Retry for a tokenless Initial, and validates a token, only while
         # it has a token handler; a token from our Retry is validated whatever the load.
-        self._retry = self._tokens if retry else None
+        # aioquic itself sets _retry to None when Retry is off, but mypy infers the
+        # attribute from its first assignment there: QuicRetryTokenHandler, not Optional.
+        self._retry = self._tokens if retry else None  # type: ignore[assignment]
         if retry and not header.token:
             self._count("retry")
         self._opening = (header.destination_cid, bool(header.token))
@@ -288,7 +291,8 @@ class GuardedQuicServer(QuicServer):
         for cid in self._cids.pop(protocol, ()):
             if self._protocols.get(cid) is protocol:
                 del self._protocols[cid]
-        self.half_open.discard(protocol)  # type: ignore[arg-type]
+        if isinstance(protocol, GuardedProtocol):  # always: _new_protocol makes only these
+            self.half_open.discard(protocol)
 
     def close(self) -> None:
         if self._expiry is not None:
