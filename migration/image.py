@@ -298,7 +298,7 @@ def _stage_site(root: Path, site: Path, work: Path) -> None:
     constraints = work / "constraints.txt"
     constraints.write_text("\n".join(pins) + "\n")
     WHEEL_DIR.mkdir(parents=True, exist_ok=True)
-    sel = ["-r", reqs, "-c", constraints]
+    sel: list[str | os.PathLike[str]] = ["-r", reqs, "-c", constraints]
     quiet = ["-q", "--disable-pip-version-check"]
     offline = subprocess.run(
         [py, "-m", "pip", "wheel", *quiet, "--no-index", "--find-links", WHEEL_DIR,

@@ -144,8 +144,9 @@ class Migration:
             podman.remove_container(container_name(dest))  # a leftover of an earlier run
             podman.restore(self.moved_ckpt, podman.pod_id(pod_name(dest)), container_name(dest))
             self._mark("restore_done", f"restored in {dest.name}")
-            lab.state.broker_host = dest.name  # type: ignore[union-attr]
-            lab.state.save(lab.state_dir)  # type: ignore[union-attr]
+            assert lab.state is not None  # a running lab has its state
+            lab.state.broker_host = dest.name
+            lab.state.save(lab.state_dir)
             done = lab.control("restored", host=dest, address=self._quic(dest))
             self.outcome["quic_announced"] = done.get("quic_announced", 0)
             self._mark("resumed", f"serving at {dest.address}")
@@ -250,8 +251,9 @@ class Migration:
                 net.clear_criu_lock(podman.pod_infra_pid(pod_name(src)))
                 podman.restore(self.local_ckpt, podman.pod_id(pod_name(src)), container_name(src))
                 how = "restored from the same checkpoint"
-            lab.state.broker_host = src.name  # type: ignore[union-attr]
-            lab.state.save(lab.state_dir)  # type: ignore[union-attr]
+            assert lab.state is not None  # a running lab has its state
+            lab.state.broker_host = src.name
+            lab.state.save(lab.state_dir)
             back = lab.control("rollback", host=src, address=self._quic(src))
             self._note_freeze(back.get("freeze"))
             self._mark("rolled_back", f"rolled back: the broker serves at {src.address} again "
