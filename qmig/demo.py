@@ -166,18 +166,19 @@ def make_client(transport: str, client_id: str, cafile: str) -> Any:
 def paho_client(transport: str, client_id: str, cafile: str) -> Any:
     """A paho-mqtt MQTT 5 client for ``transport``; MPTCP by giving paho an MPTCP socket."""
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    class Client(mqtt.Client):  # type: ignore[misc]
+    class Client(mqtt.Client):
         def _create_socket_connection(self) -> socket.socket:
             if transport != "mptcp":
-                return super()._create_socket_connection()  # type: ignore[no-any-return]
+                return super()._create_socket_connection()
             # paho has no socket factory option; this private hook is the narrowest seam.
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
             sock.settimeout(self._connect_timeout)
             sock.connect((self._host, self._port))
             return sock
 
-    client = Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+    client = Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                     protocol=mqtt.MQTTv5)  # fmt: skip
     if transport == "tls":
         client.tls_set(ca_certs=cafile)

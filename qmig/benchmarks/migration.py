@@ -184,7 +184,7 @@ class LabGroups:
       and the lab containers' conmon processes (with the runc and CRIU restore they reap).
     """
 
-    groups = ("broker", "clients", "machinery")
+    groups: tuple[str, ...] = ("broker", "clients", "machinery")
 
     def __init__(self, pod_netns: set[int], client_netns: int | None,
                  service_pid: int | None) -> None:  # fmt: skip
@@ -483,7 +483,7 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for row in run.get("variants") or ():
             groups.setdefault((row["variant"], *cell), []).append((run, row))
-    results = []
+    results: list[dict[str, Any]] = []
     for (variant, link, loss, state), items in groups.items():
         rows = [r for _, r in items]
         runs_ = [run for run, _ in items]
@@ -698,14 +698,14 @@ def plot_report(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(2, len(states), figsize=(6.0 * len(states), 7.5),
                                  squeeze=False, layout="constrained")  # fmt: skip
         for col, state in enumerate(states):
-            rows = [r for r in results if r["state"] == state and r[fixed[0]] == fixed[1]]
-            xs_all = sorted({_mbit(r["link"]) if xkey == "link" else r["loss"] for r in rows})
+            state_rows = [r for r in results if r["state"] == state and r[fixed[0]] == fixed[1]]
+            xs_all = sorted({_mbit(r["link"]) if xkey == "link" else r["loss"] for r in state_rows})
             for row_i, key in enumerate(("interruption_ms", "extra_ms")):
                 ax = axes[row_i][col]
                 for v in variants:
                     pts = sorted((_mbit(r["link"]) if xkey == "link" else r["loss"],
                                   r[key]["median"], r[key]["p95"])
-                                 for r in rows if r["variant"] == v
+                                 for r in state_rows if r["variant"] == v
                                  and r[key]["median"] is not None)  # fmt: skip
                     if pts:
                         x, med, p95 = zip(*pts, strict=True)
@@ -714,7 +714,7 @@ def plot_report(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
                                         color=colors[v], alpha=0.08)  # fmt: skip
                 if key == "interruption_ms":
                     fr = sorted({(_mbit(r["link"]) if xkey == "link" else r["loss"],
-                                  r["freeze_ms"]["median"]) for r in rows
+                                  r["freeze_ms"]["median"]) for r in state_rows
                                  if r["freeze_ms"]["median"] is not None})  # fmt: skip
                     if fr:
                         ax.plot(*zip(*fr, strict=True), "k--", lw=1, label="broker freeze")
@@ -975,7 +975,7 @@ def run_bench(settings: Settings, image: str, report_dir: Path | None,
             label = f"[{n}/{total}] link {link}, loss {loss:g} %, {settings.state_label(state)}"
             say(f"{label}, repeat {repeat + 1}/{settings.repeats}")
             record = run_cell_once(settings, link, loss, state, repeat, image,
-                                   lambda m, label=label: say(f"  {m}"),
+                                   lambda m: say(f"  {m}"),
                                    raw_dir=report_dir / "raw" if report_dir else None)  # fmt: skip
             runs.append(record)
             worst = max((v["extra_ms"] or 0 for v in record["variants"]), default=None)

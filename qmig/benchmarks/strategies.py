@@ -213,17 +213,19 @@ def _log(msg: str) -> None:
 
 
 def render_table(report: dict[str, Any], file: Any) -> None:
-    from rich.console import Console
+    from rich.console import Console, JustifyMethod
     from rich.table import Table
 
     st = report["settings"]
     table = Table(title=f"qmig bench strategies — {st['runs']} run(s) x {st['clients']} "
                         f"clients, {st['rate_msg_s']:g} msg/s, freeze {st['freeze_ms']:g} ms")
-    for col, justify in (("strategy", "left"), ("extra median ms", "right"),
-                         ("extra p95 ms", "right"), ("lost", "right"), ("dup", "right"),
-                         ("moved/clients", "right"), ("goal ms", "right"),
-                         ("met (median/p95)", "center")):  # fmt: skip
-        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("strategy", "left"), ("extra median ms", "right"), ("extra p95 ms", "right"),
+        ("lost", "right"), ("dup", "right"), ("moved/clients", "right"), ("goal ms", "right"),
+        ("met (median/p95)", "center"),
+    )
+    for col, justify in columns:
+        table.add_column(col, justify=justify, no_wrap=True)
 
     def num(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1f}"
