@@ -51,6 +51,7 @@ def _original(module: str, name: str, default: Any) -> Any:
 
 
 _start_new_thread: Callable[..., int] = _original(
+    # threading's private alias (what gevent patches) is not in typeshed.
     "_thread", "start_new_thread", threading._start_new_thread  # type: ignore[attr-defined]
 )
 _Selector: type[selectors.BaseSelector] = _original(
@@ -176,7 +177,7 @@ class Bridge:
 
         self._submit(start)
         try:
-            return result.get(timeout=timeout)  # type: ignore[no-any-return]
+            return result.get(timeout=timeout)
         except gevent.Timeout:
             # Submitted before the cancel, so ``start`` has run by the time ``cancel`` does.
             self._submit(lambda: [task.cancel() for task in holder])

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trace = locust.trace() if locust is not None else None
     if trace is None:
         raise LoadTestError(f"locust left no trace: {locust.log_tail() if locust else ''}")
-    report = {
+    report: dict[str, Any] = {
         "settings": {k: str(v) for k, v in vars(args).items()},
         "image": image,
         "locust_exit": code,
