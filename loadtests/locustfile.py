@@ -70,6 +70,8 @@ def _listener(hook: EventHook) -> Callable[[_Handler], _Handler]:
         return handler
 
     return add
+
+
 _run: dict[str, float | None] = {"started_at": None, "ready_at": None}
 
 
@@ -126,11 +128,19 @@ def _options(parser: Any) -> None:
     add("--cafile", default=d.cafile, help="CA for the broker's QUIC certificate (else insecure)")
     add("--follow", default=d.follow, help="QUIC migration strategy (proactive, reactive, ...)")
     add("--ack-timeout", type=float, default=d.ack_timeout, help="seconds to wait for a PUBACK")
-    add("--delivery-timeout", type=float, default=d.delivery_timeout,
-        help="seconds after which an undelivered message counts as lost")
+    add(
+        "--delivery-timeout",
+        type=float,
+        default=d.delivery_timeout,
+        help="seconds after which an undelivered message counts as lost",
+    )
     add("--connect-timeout", type=float, default=d.connect_timeout, help="seconds to connect")
-    add("--drain", type=float, default=d.drain,
-        help="seconds a stopping user waits for its messages in flight")
+    add(
+        "--drain",
+        type=float,
+        default=d.drain,
+        help="seconds a stopping user waits for its messages in flight",
+    )
     add("--session-expiry", type=int, default=d.session_expiry, help="MQTT session expiry (s)")
     add("--topic-prefix", default=d.topic_prefix, help="each user publishes to PREFIX/<id>")
     add("--trace-file", default=d.trace_file, help="write per-user counts and series here (JSON)")
@@ -239,8 +249,9 @@ class QuicUser(TelemetryUser):
         t0 = time.perf_counter()
         try:
             client, connect_s, subscribe_s = self.bridge.run(
-                self._open(host, port), self.settings.connect_timeout + self.settings.ack_timeout
-                + 5)
+                self._open(host, port),
+                self.settings.connect_timeout + self.settings.ack_timeout + 5,
+            )
         except Exception as exc:
             self.fire("connect", time.perf_counter() - t0, exc=exc)
             return False
@@ -415,8 +426,11 @@ class TcpUser(MqttUser, TelemetryUser):
         t0 = time.perf_counter()
         client = self.client
         if not client.is_up.wait(self.settings.connect_timeout):
-            self.fire("connect", time.perf_counter() - t0,
-                      exc=ConnectionError("no CONNACK within the connect timeout"))
+            self.fire(
+                "connect",
+                time.perf_counter() - t0,
+                exc=ConnectionError("no CONNACK within the connect timeout"),
+            )
             raise StopUser()
         self.stagger()
 
@@ -499,8 +513,10 @@ def totals() -> dict[str, dict[str, int]]:
     """Counts summed per transport."""
     out: dict[str, dict[str, int]] = {}
     for t in TRACKERS:
-        row = out.setdefault(t.transport, dict.fromkeys(
-            ("users", "sent", "acked", "delivered", "lost", "late", "duplicates"), 0))
+        row = out.setdefault(
+            t.transport,
+            dict.fromkeys(("users", "sent", "acked", "delivered", "lost", "late", "duplicates"), 0),
+        )
         row["users"] += 1
         for key in ("sent", "acked", "delivered", "lost", "late", "duplicates"):
             row[key] += getattr(t, key)

@@ -98,8 +98,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "migration": outcome,
         "impact": migration_impact(trace, outcome["timeline"], after=args.after),
         "totals": trace["totals"],
-        "files": {"trace": str(locust.trace_path), "html": str(prefix.with_suffix(".html")),
-                  "csv": f"{prefix}_stats.csv"},
+        "files": {
+            "trace": str(locust.trace_path),
+            "html": str(prefix.with_suffix(".html")),
+            "csv": f"{prefix}_stats.csv",
+        },
     }
     path = prefix.with_name(prefix.name + ".json")
     path.write_text(json.dumps(report, indent=1, default=str))

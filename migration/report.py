@@ -179,8 +179,7 @@ def figures_by_migration(
         if row.get("downtime_ms") is None:
             row["downtime_ms"] = _ms(resume - freeze)
         row["clients"] = [
-            client_figures(c, freeze, resume, end, window=window, margin=margin)
-            for c in clients
+            client_figures(c, freeze, resume, end, window=window, margin=margin) for c in clients
         ]
         out.append(row)
     return out

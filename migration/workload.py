@@ -102,7 +102,6 @@ def _delay_pair(value: Any) -> tuple[float, float]:
     return delay[0], delay[1]
 
 
-
 @dataclass(frozen=True)
 class WorkloadSpec:
     """Everything ``python -m migration.workload`` needs; JSON round-trips through it."""
@@ -185,7 +184,6 @@ class WorkloadSpec:
                 raise
             raise SpecError(f"bad workload spec: {type(exc).__name__}: {exc}") from exc
         return spec.validate()
-
 
     @classmethod
     def from_json(cls, text: str) -> WorkloadSpec:

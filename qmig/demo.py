@@ -317,9 +317,7 @@ def run_transports(args: argparse.Namespace) -> int:
     report = run_demo(getattr(args, "duration", 5.0), getattr(args, "rate", 20.0), console)
     print_report(report, console)
     lost = sum(sum(s["lost"].values()) for s in report["subscribers"].values())
-    console.print(
-        "[green]No message lost.[/]" if lost == 0 else f"[red]{lost} messages lost.[/]"
-    )
+    console.print("[green]No message lost.[/]" if lost == 0 else f"[red]{lost} messages lost.[/]")
     return 0 if lost == 0 else 1
 
 
@@ -385,8 +383,12 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
                       f" {steps}[/]")  # fmt: skip
     json_path, png_path = _report_paths(args)
     write_report(json_path, migrations)
-    plot_arrivals(result["clients"], migrations, png_path,
-                  title=f"qmig live migration ({scenario.name}, link {scenario.link_rate})")
+    plot_arrivals(
+        result["clients"],
+        migrations,
+        png_path,
+        title=f"qmig live migration ({scenario.name}, link {scenario.link_rate})",
+    )
     return _verdict(console, migrations, json_path, png_path)
 
 

@@ -535,17 +535,20 @@ class QuicClientProtocol(QuicConnectionProtocol):
 
 
 def quic_configuration() -> QuicConfiguration:
-    config = QuicConfiguration(is_client=True, alpn_protocols=["mqtt"], max_data=16 << 20,
-                               max_stream_data=8 << 20)
+    config = QuicConfiguration(
+        is_client=True, alpn_protocols=["mqtt"], max_data=16 << 20, max_stream_data=8 << 20
+    )
     config.verify_mode = ssl.CERT_NONE
     return config
 
 
-async def open_quic(factory: Any, host: str, port: int, timeout: float,
-                    stack: contextlib.AsyncExitStack) -> Any:
+async def open_quic(
+    factory: Any, host: str, port: int, timeout: float, stack: contextlib.AsyncExitStack
+) -> Any:
     """Connect over QUIC (closed with ``stack``) and hand the stream to ``factory()``."""
-    cm = quic_connect(host, port, configuration=quic_configuration(),
-                      create_protocol=QuicClientProtocol)
+    cm = quic_connect(
+        host, port, configuration=quic_configuration(), create_protocol=QuicClientProtocol
+    )
     proto = await asyncio.wait_for(stack.enter_async_context(cm), timeout)
     assert isinstance(proto, QuicClientProtocol)  # made by create_protocol
     conn = factory()
