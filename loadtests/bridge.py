@@ -51,7 +51,10 @@ def _original(module: str, name: str, default: Any) -> Any:
 
 
 _start_new_thread: Callable[..., int] = _original(
-    "_thread", "start_new_thread", threading._start_new_thread  # type: ignore[attr-defined]
+    # threading's private alias (what gevent patches) is not in typeshed.
+    "_thread",
+    "start_new_thread",
+    threading._start_new_thread,  # type: ignore[attr-defined]
 )
 _Selector: type[selectors.BaseSelector] = _original(
     "selectors", "EpollSelector", selectors.DefaultSelector
@@ -67,7 +70,9 @@ class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
     never starts a thread.)
     """
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:  # noqa: E501
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
         if fn is socket.getaddrinfo:
             fn = _getaddrinfo
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -176,7 +181,7 @@ class Bridge:
 
         self._submit(start)
         try:
-            return result.get(timeout=timeout)  # type: ignore[no-any-return]
+            return result.get(timeout=timeout)
         except gevent.Timeout:
             # Submitted before the cancel, so ``start`` has run by the time ``cancel`` does.
             self._submit(lambda: [task.cancel() for task in holder])

@@ -32,9 +32,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gevent
 import gevent.event
@@ -42,7 +43,9 @@ import paho.mqtt.client as mqtt
 from locust import User, events, task
 from locust.contrib.mqtt import MqttClient, MqttUser
 from locust.env import Environment
+from locust.event import EventHook
 from locust.exception import StopUser
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -55,6 +58,20 @@ log = logging.getLogger("qmig.loadtests")
 REQUEST_TYPE = "MQTT"
 TRACKERS: list[Tracker] = []
 _ids = itertools.count(1)
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+
+def _listener(hook: EventHook) -> Callable[[_Handler], _Handler]:
+    """``@hook.add_listener`` keeping the handler's type (locust's method is unannotated)."""
+
+    def add(handler: _Handler) -> _Handler:
+        hook.add_listener(handler)
+        return handler
+
+    return add
+
+
 _run: dict[str, float | None] = {"started_at": None, "ready_at": None}
 
 
@@ -98,7 +115,7 @@ class Settings:
                       if getattr(options, k, None) is not None})  # fmt: skip
 
 
-@events.init_command_line_parser.add_listener
+@_listener(events.init_command_line_parser)
 def _options(parser: Any) -> None:
     d = Settings()
     group = parser.add_argument_group("qmig telemetry")
@@ -111,11 +128,19 @@ def _options(parser: Any) -> None:
     add("--cafile", default=d.cafile, help="CA for the broker's QUIC certificate (else insecure)")
     add("--follow", default=d.follow, help="QUIC migration strategy (proactive, reactive, ...)")
     add("--ack-timeout", type=float, default=d.ack_timeout, help="seconds to wait for a PUBACK")
-    add("--delivery-timeout", type=float, default=d.delivery_timeout,
-        help="seconds after which an undelivered message counts as lost")
+    add(
+        "--delivery-timeout",
+        type=float,
+        default=d.delivery_timeout,
+        help="seconds after which an undelivered message counts as lost",
+    )
     add("--connect-timeout", type=float, default=d.connect_timeout, help="seconds to connect")
-    add("--drain", type=float, default=d.drain,
-        help="seconds a stopping user waits for its messages in flight")
+    add(
+        "--drain",
+        type=float,
+        default=d.drain,
+        help="seconds a stopping user waits for its messages in flight",
+    )
     add("--session-expiry", type=int, default=d.session_expiry, help="MQTT session expiry (s)")
     add("--topic-prefix", default=d.topic_prefix, help="each user publishes to PREFIX/<id>")
     add("--trace-file", default=d.trace_file, help="write per-user counts and series here (JSON)")
@@ -140,7 +165,7 @@ class TelemetryUser(User):
         self.next_due = 0.0
         self.stopping = False
 
-    def wait_time(self) -> float:  # type: ignore[override]
+    def wait_time(self) -> float:
         """A fixed schedule at the message rate; after a stall it resumes, it does not burst."""
         now = time.perf_counter()
         self.next_due = max(self.next_due + self.interval, now)
@@ -162,7 +187,7 @@ class TelemetryUser(User):
             self.tracker.failure(time.perf_counter(), f"{self.transport}:{name}",
                                  f"{type(exc).__name__}: {exc}")  # fmt: skip
 
-    def on_delivery(self, data: bytes, at: float) -> None:
+    def on_delivery(self, data: bytes | bytearray, at: float) -> None:
         """A message arrived (runs in the hub or the network greenlet: must not block)."""
         latency = self.tracker.deliver(data, at)
         if latency is not None:
@@ -224,8 +249,9 @@ class QuicUser(TelemetryUser):
         t0 = time.perf_counter()
         try:
             client, connect_s, subscribe_s = self.bridge.run(
-                self._open(host, port), self.settings.connect_timeout + self.settings.ack_timeout
-                + 5)
+                self._open(host, port),
+                self.settings.connect_timeout + self.settings.ack_timeout + 5,
+            )
         except Exception as exc:
             self.fire("connect", time.perf_counter() - t0, exc=exc)
             return False
@@ -307,28 +333,30 @@ class TelemetryMqttClient(MqttClient):
     """
 
     owner: TcpUser
+    session_expiry = 300  # seconds; the user sets its own
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(mqtt.CallbackAPIVersion.VERSION2, *args, **kwargs)
+        super().__init__(CallbackAPIVersion.VERSION2, *args, **kwargs)
         self.is_up = gevent.event.Event()
         self.connect_started = time.perf_counter()
         self.subscribed = False
-        self.reconnect_delay_set(*RECONNECT_DELAY)  # as the lab workload's clients
+        # As the lab workload's clients. paho annotates the delays int; it takes floats.
+        self.reconnect_delay_set(*RECONNECT_DELAY)  # type: ignore[arg-type]
 
-    def connect_async(self, host: str, port: int = 1883, keepalive: int = 60,  # type: ignore[override]
+    def connect_async(self, host: str, port: int = 1883, keepalive: int = 60,
                       bind_address: str = "", bind_port: int = 0,
                       clean_start: Any = mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                       properties: Properties | None = None) -> None:  # fmt: skip
         if properties is None:
             properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = getattr(self, "session_expiry", 300)
+            properties.SessionExpiryInterval = self.session_expiry
         super().connect_async(host, port, keepalive, bind_address, bind_port, clean_start,
                               properties)  # fmt: skip
 
     def _generate_event_name(self, event_type: str, qos: int, topic: str) -> str:
         return f"tcp:{event_type}"
 
-    def _on_publish_cb(self, client: Any, userdata: Any, mid: int, *args: Any) -> None:  # type: ignore[override]
+    def _on_publish_cb(self, client: Any, userdata: Any, mid: int, *args: Any) -> None:
         self._publish_requests.pop(mid, None)
 
     def _on_connect_cb_v5(self, client: Any, userdata: Any, connect_flags: Any,
@@ -375,6 +403,10 @@ class TcpUser(MqttUser, TelemetryUser):
     client_cls = TelemetryMqttClient
     protocol = mqtt.MQTTv5
     use_loop_selectors = True  # paho's select() loop stops at about 340 connections
+    client: TelemetryMqttClient  # made by MqttUser from client_cls
+    # Set by TelemetryUser.__init__, read by MqttUser.__init__; locust leaves its class
+    # default (MqttUser.client_id = None) unannotated, so mypy types that None only.
+    client_id: str  # type: ignore[assignment]
 
     def __init__(self, environment: Environment) -> None:
         settings = Settings.of(environment)
@@ -384,24 +416,27 @@ class TcpUser(MqttUser, TelemetryUser):
         # then MqttUser creates the client with our id and starts its network greenlet, which
         # runs at the next switch: everything it needs is set before this method returns.
         super().__init__(environment)
-        client: TelemetryMqttClient = self.client  # type: ignore[assignment]
+        client = self.client
         client.owner = self
-        client.session_expiry = self.settings.session_expiry  # type: ignore[attr-defined]
+        client.session_expiry = self.settings.session_expiry
         client.on_message = client._deliver_cb
         client.connect_async(self.host, self.port)
 
     def on_start(self) -> None:
         t0 = time.perf_counter()
-        client: TelemetryMqttClient = self.client  # type: ignore[assignment]
+        client = self.client
         if not client.is_up.wait(self.settings.connect_timeout):
-            self.fire("connect", time.perf_counter() - t0,
-                      exc=ConnectionError("no CONNACK within the connect timeout"))
+            self.fire(
+                "connect",
+                time.perf_counter() - t0,
+                exc=ConnectionError("no CONNACK within the connect timeout"),
+            )
             raise StopUser()
         self.stagger()
 
     @task
     def publish(self) -> None:
-        client: TelemetryMqttClient = self.client  # type: ignore[assignment]
+        client = self.client
         t0 = time.perf_counter()
         if not client.is_up.wait(self.settings.ack_timeout):
             self.fire("publish", time.perf_counter() - t0, exc=NotConnected("not connected"))
@@ -432,12 +467,12 @@ class TcpUser(MqttUser, TelemetryUser):
 
 
 # ---------------------------------------------------------------------- run-level events
-@events.test_start.add_listener
+@_listener(events.test_start)
 def _test_start(environment: Environment, **_: Any) -> None:
     _run["started_at"] = time.time()
 
 
-@events.spawning_complete.add_listener
+@_listener(events.spawning_complete)
 def _spawned(user_count: int, **_: Any) -> None:
     """Once every spawned user is connected, note the time (and tell a driver via a file)."""
 
@@ -462,7 +497,7 @@ def _spawned(user_count: int, **_: Any) -> None:
 _environment: list[Environment] = []
 
 
-@events.init.add_listener
+@_listener(events.init)
 def _init(environment: Environment, **_: Any) -> None:
     _environment.append(environment)
 
@@ -478,15 +513,17 @@ def totals() -> dict[str, dict[str, int]]:
     """Counts summed per transport."""
     out: dict[str, dict[str, int]] = {}
     for t in TRACKERS:
-        row = out.setdefault(t.transport, dict.fromkeys(
-            ("users", "sent", "acked", "delivered", "lost", "late", "duplicates"), 0))
+        row = out.setdefault(
+            t.transport,
+            dict.fromkeys(("users", "sent", "acked", "delivered", "lost", "late", "duplicates"), 0),
+        )
         row["users"] += 1
         for key in ("sent", "acked", "delivered", "lost", "late", "duplicates"):
             row[key] += getattr(t, key)
     return out
 
 
-@events.test_stop.add_listener
+@_listener(events.test_stop)
 def _test_stop(environment: Environment, **_: Any) -> None:
     for transport, row in totals().items():
         log.info("%s: %s", transport, ", ".join(f"{k} {v}" for k, v in row.items()))

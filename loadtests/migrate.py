@@ -91,15 +91,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trace = locust.trace() if locust is not None else None
     if trace is None:
         raise LoadTestError(f"locust left no trace: {locust.log_tail() if locust else ''}")
-    report = {
+    report: dict[str, Any] = {
         "settings": {k: str(v) for k, v in vars(args).items()},
         "image": image,
         "locust_exit": code,
         "migration": outcome,
         "impact": migration_impact(trace, outcome["timeline"], after=args.after),
         "totals": trace["totals"],
-        "files": {"trace": str(locust.trace_path), "html": str(prefix.with_suffix(".html")),
-                  "csv": f"{prefix}_stats.csv"},
+        "files": {
+            "trace": str(locust.trace_path),
+            "html": str(prefix.with_suffix(".html")),
+            "csv": f"{prefix}_stats.csv",
+        },
     }
     path = prefix.with_name(prefix.name + ".json")
     path.write_text(json.dumps(report, indent=1, default=str))

@@ -28,7 +28,7 @@ def payload(seq: int, size: int) -> bytes:
     return head + b"." * max(0, size - len(head))
 
 
-def parse_seq(data: bytes) -> int | None:
+def parse_seq(data: bytes | bytearray) -> int | None:
     head, _, _ = data.partition(b".")
     try:
         return int(head)
@@ -77,7 +77,7 @@ class Tracker:
         if len(self.failures) < 1000:
             self.failures.append((wall(now), what, detail[:200]))
 
-    def deliver(self, data: bytes, now: float) -> float | None:
+    def deliver(self, data: bytes | bytearray, now: float) -> float | None:
         """A delivery at ``now``: its latency in seconds, or None if not a first, timely one."""
         seq = parse_seq(data)
         if seq is None or seq > self.next_seq or seq < 1:

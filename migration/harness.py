@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from broker.certs import make_lab_certs
 from broker.config import BrokerConfig
@@ -88,7 +88,10 @@ class _LossyEndpoint(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
 
-        lossy = _LossyTransport(transport, self.loss, self.rng)  # type: ignore[arg-type]
+        # A datagram endpoint's transport; asyncio's selector one does not subclass
+        # DatagramTransport on Python 3.11, so isinstance cannot narrow it.
+        udp = cast(asyncio.DatagramTransport, transport)
+        lossy = _LossyTransport(udp, self.loss, self.rng)
         self.quic_server.connection_made(lossy)
         for proto in set(self.quic_server._protocols.values()):
             proto._transport = lossy  # every connection sends through the new endpoint
@@ -366,9 +369,15 @@ class Harness:
                 "reconnects": client.reconnects,
                 # The move this migration caused (later false alarms are not moves).
                 "migrations": [m for m in client.migrations
-                               if (m["validated_at"] or 0) >= result.prepare_at][:1],
+                               if _validated_at(m) >= result.prepare_at][:1],
             })  # fmt: skip
         return result
+
+
+def _validated_at(record: dict[str, object]) -> float:
+    """When a client's migration record was validated (monotonic s); 0 if it never was."""
+    at = record["validated_at"]
+    return at if isinstance(at, (int, float)) else 0
 
 
 def _free_udp_port(host: str) -> int:

@@ -51,8 +51,13 @@ SOURCE_SUFFIXES = (".py", ".yaml", ".yml")
 HOST_ONLY_DEPS = frozenset({"matplotlib", "podman"})
 # Code that runs on the edge host, never in the broker container: left out of the image and of
 # its hash, so that editing the lab does not rebuild the image.
-HOST_ONLY_DIRS = ("migration/lab/", "migration/workload.py", "migration/state_load.py",
-                  "migration/report.py", "loadtests/")
+HOST_ONLY_DIRS = (
+    "migration/lab/",
+    "migration/workload.py",
+    "migration/state_load.py",
+    "migration/report.py",
+    "loadtests/",
+)
 # Imports that prove the cp311 binary wheels (cryptography, pylsqpack, psutil, yaml) load.
 IMPORT_CHECK = (
     "import qmig, broker, client, migration, mqttproto, quicmig, aioquic, cryptography, yaml, "
@@ -103,9 +108,21 @@ def source_files(root: Path) -> list[str]:
     names: set[str] = set()
     if (root / ".git").exists():
         proc = subprocess.run(
-            ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
-             "--exclude-standard", "--", *SOURCE_DIRS],
-            capture_output=True, text=True, timeout=30,
+            [
+                "git",
+                "-C",
+                str(root),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+                "--",
+                *SOURCE_DIRS,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         if proc.returncode == 0:
             names = {n for n in proc.stdout.split("\0") if n}
@@ -115,8 +132,11 @@ def source_files(root: Path) -> list[str]:
                 if p.is_file():
                     names.add(p.relative_to(root).as_posix())
     return sorted(
-        n for n in names
-        if n.endswith(SOURCE_SUFFIXES) and "__pycache__" not in n and (root / n).is_file()
+        n
+        for n in names
+        if n.endswith(SOURCE_SUFFIXES)
+        and "__pycache__" not in n
+        and (root / n).is_file()
         and not n.startswith(HOST_ONLY_DIRS)
     )
 
@@ -176,9 +196,12 @@ def containers_unavailable() -> str | None:
 
 
 def image_exists(tag: str) -> bool:
-    return subprocess.run(
-        ["podman", "image", "exists", tag], capture_output=True, timeout=30
-    ).returncode == 0
+    return (
+        subprocess.run(
+            ["podman", "image", "exists", tag], capture_output=True, timeout=30
+        ).returncode
+        == 0
+    )
 
 
 @contextlib.contextmanager
@@ -239,8 +262,9 @@ def mirror_uri() -> str:
     for uri in uris:
         if "-security" not in uri:
             return uri.rstrip("/")
-    raise ImageError("no Debian mirror URI in /etc/apt/sources.list.d/debian.sources or "
-                     "/etc/apt/sources.list")
+    raise ImageError(
+        "no Debian mirror URI in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list"
+    )
 
 
 def _ensure_rootfs() -> Path:
@@ -255,8 +279,11 @@ def _ensure_rootfs() -> Path:
     work = Path(tempfile.mkdtemp(prefix="qmig-rootfs.", dir="/var/tmp"))
     try:
         rootfs = work / "root"
-        _run(["debootstrap", "--variant=minbase", "--include=python3", SUITE, rootfs, uri],
-             900, what="debootstrap")
+        _run(
+            ["debootstrap", "--variant=minbase", "--include=python3", SUITE, rootfs, uri],
+            900,
+            what="debootstrap",
+        )
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for p in (rootfs / junk).glob("*"):
                 if p.is_file():
@@ -274,15 +301,20 @@ def _ensure_base_image() -> None:
     if image_exists(BASE_IMAGE):
         return
     tar = _ensure_rootfs()
-    _run(["podman", "import", "--change", 'CMD ["python3"]', tar, BASE_IMAGE], 300,
-         what="podman import")
+    _run(
+        ["podman", "import", "--change", 'CMD ["python3"]', tar, BASE_IMAGE],
+        300,
+        what="podman import",
+    )
 
 
 # --- the broker image ----------------------------------------------------------------------------
 def _host_python() -> str:
     if sys.version_info[:2] != (3, 11):
-        raise ImageError(f"host Python is {sys.version.split()[0]}; the {SUITE} image has "
-                         "python3.11, so its wheels must come from a Python 3.11 venv")
+        raise ImageError(
+            f"host Python is {sys.version.split()[0]}; the {SUITE} image has "
+            "python3.11, so its wheels must come from a Python 3.11 venv"
+        )
     return sys.executable
 
 
@@ -293,29 +325,72 @@ def _stage_site(root: Path, site: Path, work: Path) -> None:
     reqs.write_text("\n".join(runtime_requirements(root)) + "\n")
     # Pin every package the host venv has, so the image runs what the tests ran.
     freeze = _run([py, "-m", "pip", "freeze", "--exclude-editable"], 120, what="pip freeze")
-    pins = [ln for ln in freeze.stdout.splitlines()
-            if "==" in ln and not ln.startswith(("-", "#")) and " @ " not in ln]
+    pins = [
+        ln
+        for ln in freeze.stdout.splitlines()
+        if "==" in ln and not ln.startswith(("-", "#")) and " @ " not in ln
+    ]
     constraints = work / "constraints.txt"
     constraints.write_text("\n".join(pins) + "\n")
     WHEEL_DIR.mkdir(parents=True, exist_ok=True)
-    sel = ["-r", reqs, "-c", constraints]
+    sel: list[str | os.PathLike[str]] = ["-r", reqs, "-c", constraints]
     quiet = ["-q", "--disable-pip-version-check"]
     offline = subprocess.run(
-        [py, "-m", "pip", "wheel", *quiet, "--no-index", "--find-links", WHEEL_DIR,
-         "-w", WHEEL_DIR, *sel], capture_output=True, timeout=600,
+        [
+            py,
+            "-m",
+            "pip",
+            "wheel",
+            *quiet,
+            "--no-index",
+            "--find-links",
+            WHEEL_DIR,
+            "-w",
+            WHEEL_DIR,
+            *sel,
+        ],
+        capture_output=True,
+        timeout=600,
     )
     if offline.returncode != 0:  # some wheel not cached yet: fetch/build with the package index
         _log("fetching wheels for the runtime dependencies")
         _run([py, "-m", "pip", "wheel", *quiet, "-w", WHEEL_DIR, *sel], 900, what="pip wheel")
-    _run([py, "-m", "pip", "install", *quiet, "--no-index", "--find-links", WHEEL_DIR,
-          "--target", site, "--no-warn-script-location", *sel], 600, what="pip install --target")
+    _run(
+        [
+            py,
+            "-m",
+            "pip",
+            "install",
+            *quiet,
+            "--no-index",
+            "--find-links",
+            WHEEL_DIR,
+            "--target",
+            site,
+            "--no-warn-script-location",
+            *sel,
+        ],
+        600,
+        what="pip install --target",
+    )
     for name in source_files(root):
         dest = site / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, dest)
     # Hash-checked bytecode: valid whatever the file times become inside the image.
-    _run([py, "-m", "compileall", "-q", "--invalidation-mode", "checked-hash",
-          *[site / d for d in SOURCE_DIRS if (site / d).is_dir()]], 300, what="compileall")
+    _run(
+        [
+            py,
+            "-m",
+            "compileall",
+            "-q",
+            "--invalidation-mode",
+            "checked-hash",
+            *[site / d for d in SOURCE_DIRS if (site / d).is_dir()],
+        ],
+        300,
+        what="compileall",
+    )
 
 
 def _build(root: Path, tag: str) -> None:
@@ -332,9 +407,22 @@ def _build(root: Path, tag: str) -> None:
             f"ENV PYTHONPATH={SITE} PYTHONUNBUFFERED=1\n"
             f'CMD ["python3", "-m", "qmig", "broker"]\n'
         )
-        _run(["podman", "build", "-q", "--pull=never", "--layers=false",
-              "-f", context / "Containerfile", "-t", tag, context],
-             600, what="podman build")
+        _run(
+            [
+                "podman",
+                "build",
+                "-q",
+                "--pull=never",
+                "--layers=false",
+                "-f",
+                context / "Containerfile",
+                "-t",
+                tag,
+                context,
+            ],
+            600,
+            what="podman build",
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -344,8 +432,12 @@ def _prune_old_tags(keep: str, newest: int = KEEP_IMAGES) -> None:
 
     A few are kept because two checkouts (or a checkout and its CI clone) alternate tags.
     """
-    proc = subprocess.run(["podman", "images", "--format", "json", IMAGE_REPO],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["podman", "images", "--format", "json", IMAGE_REPO],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     try:
         entries = json.loads(proc.stdout or "[]")
     except ValueError:
@@ -371,53 +463,96 @@ def verify_image(tag: str) -> None:
     holding UDP and TCP sockets. (A plain --network none container comes back from a restore
     with its loopback down in podman 4.3; a pod's netns keeps it up.)
     """
-    out = _run(["podman", "run", "--rm", "--network", "none", tag, "python3", "-c",
-                IMPORT_CHECK], 120, what="import check in the image").stdout.strip()
+    out = _run(
+        ["podman", "run", "--rm", "--network", "none", tag, "python3", "-c", IMPORT_CHECK],
+        120,
+        what="import check in the image",
+    ).stdout.strip()
     if out != "ok":
         raise ImageError(f"import check in the image printed {out!r}")
     pod = f"qmig-imgcheck-{os.getpid()}"
     name = f"{pod}-broker"
-    broker = ("python3 -m qmig certs --out /tmp/c >/dev/null && exec python3 -m qmig broker "
-              "--host 127.0.0.1 --tls-port 0 --mptcp-port 0 --quic-port 14567 "
-              "--cert /tmp/c/server.crt --key /tmp/c/server.key")
-    pub = ["podman", "exec", name, "python3", "-m", "qmig", "pub", "-h", "127.0.0.1",
-           "--cafile", "/tmp/c/ca.crt", "-t", "qmig/imgcheck", "-q", "1", "-m", "ok"]
+    broker = (
+        "python3 -m qmig certs --out /tmp/c >/dev/null && exec python3 -m qmig broker "
+        "--host 127.0.0.1 --tls-port 0 --mptcp-port 0 --quic-port 14567 "
+        "--cert /tmp/c/server.crt --key /tmp/c/server.key"
+    )
+    pub = [
+        "podman",
+        "exec",
+        name,
+        "python3",
+        "-m",
+        "qmig",
+        "pub",
+        "-h",
+        "127.0.0.1",
+        "--cafile",
+        "/tmp/c/ca.crt",
+        "-t",
+        "qmig/imgcheck",
+        "-q",
+        "1",
+        "-m",
+        "ok",
+    ]
     try:
-        _run(["podman", "pod", "create", "--name", pod, "--network", "none"], 60,
-             what="podman pod create")
-        _run(["podman", "run", "-d", "--pod", pod, "--name", name, tag, "sh", "-c", broker],
-             60, what="podman run broker")
+        _run(
+            ["podman", "pod", "create", "--name", pod, "--network", "none"],
+            60,
+            what="podman pod create",
+        )
+        _run(
+            ["podman", "run", "-d", "--pod", pod, "--name", name, tag, "sh", "-c", broker],
+            60,
+            what="podman run broker",
+        )
         deadline = time.monotonic() + 20
         while True:
             proc = subprocess.run(pub, capture_output=True, text=True, timeout=30)
             if proc.returncode == 0:
                 break
             if time.monotonic() > deadline:
-                logs = subprocess.run(["podman", "logs", "--tail", "5", name],
-                                      capture_output=True, text=True, timeout=30)
-                raise ImageError("QUIC publish to the broker in the image failed: "
-                                 f"{(proc.stderr or logs.stderr or logs.stdout).strip()[-300:]}")
+                logs = subprocess.run(
+                    ["podman", "logs", "--tail", "5", name],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                raise ImageError(
+                    "QUIC publish to the broker in the image failed: "
+                    f"{(proc.stderr or logs.stderr or logs.stdout).strip()[-300:]}"
+                )
             time.sleep(0.3)
         _run(["podman", "container", "checkpoint", name], 120, what="podman checkpoint")
         _run(["podman", "container", "restore", name], 120, what="podman restore")
         _run(pub, 30, what="QUIC publish after restore")
     finally:
-        subprocess.run(["podman", "pod", "rm", "-f", "-t", "0", pod], capture_output=True,
-                       timeout=60)
+        subprocess.run(
+            ["podman", "pod", "rm", "-f", "-t", "0", pod], capture_output=True, timeout=60
+        )
     _log(f"verified {tag}: imports, QUIC publish, checkpoint/restore")
 
 
 # --- command line --------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m migration.image", description=__doc__.split(
-        "\n")[0])
-    ap.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
-                    help="project checkout (default: this one)")
+    ap = argparse.ArgumentParser(
+        prog="python -m migration.image", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument(
+        "--root",
+        type=Path,
+        default=Path(__file__).resolve().parents[1],
+        help="project checkout (default: this one)",
+    )
     ap.add_argument("--tag-only", action="store_true", help="print the tag, build nothing")
     ap.add_argument("--force", action="store_true", help="rebuild even if the tag exists")
     ap.add_argument("--no-verify", action="store_true", help="skip the checks after a build")
-    ap.add_argument("--if-available", action="store_true",
-                    help="exit 0 with one line when this host cannot run containers")
+    ap.add_argument(
+        "--if-available",
+        action="store_true",
+        help="exit 0 with one line when this host cannot run containers",
+    )
     args = ap.parse_args(argv)
     if args.tag_only:
         print(image_tag(args.root))

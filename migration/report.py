@@ -179,8 +179,7 @@ def figures_by_migration(
         if row.get("downtime_ms") is None:
             row["downtime_ms"] = _ms(resume - freeze)
         row["clients"] = [
-            client_figures(c, freeze, resume, end, window=window, margin=margin)
-            for c in clients
+            client_figures(c, freeze, resume, end, window=window, margin=margin) for c in clients
         ]
         out.append(row)
     return out
@@ -291,7 +290,7 @@ def plot_arrivals(
     events = [(str(name), float(t)) for m in migrations
               for name, t in (m.get("timeline") or {}).items() if t is not None]  # fmt: skip
     t0 = min(starts or [t for _, t in events] or [0.0])
-    colors = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]
+    colors = matplotlib.color_sequences["tab10"]  # the colours of the "tab10" colormap
 
     fig, (top, bottom) = plt.subplots(
         2, 1, sharex=True, figsize=(12, 4.6 + 0.45 * max(1, len(clients))), layout="constrained",

@@ -33,7 +33,7 @@ def check_reconnect_delay(delay: tuple[float, ...], error: type[Exception]) -> N
 
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
-LAB_NET = ipaddress.ip_network("198.18.0.0/15")
+LAB_NET = ipaddress.IPv4Network("198.18.0.0/15")
 TRANSPORTS = ("quic", "tcp", "tls", "mptcp")
 STRATEGIES = ("proactive", "reactive", "pool", "announce", "none")
 LIBRARIES = ("qmig", "paho")  # which MQTT client library a client runs
@@ -153,7 +153,7 @@ class Scenario:
         subnets = [*(h.subnet for h in self.hosts), self.client_subnet, self.link_subnet]
         nets = [ipaddress.ip_network(s) for s in subnets]
         for net in nets:
-            if not net.subnet_of(LAB_NET):  # type: ignore[arg-type]
+            if not (isinstance(net, ipaddress.IPv4Network) and net.subnet_of(LAB_NET)):
                 raise ScenarioError(f"{net} is outside the lab range {LAB_NET}")
         for i, a in enumerate(nets):
             for b in nets[i + 1 :]:

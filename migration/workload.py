@@ -95,6 +95,13 @@ class BrokerTarget:
     cafile: str | None = None
 
 
+def _delay_pair(value: Any) -> tuple[float, float]:
+    """A spec's ``reconnect_delay`` as (first, cap); the wrong length is a SpecError."""
+    delay = tuple(float(x) for x in value)
+    check_reconnect_delay(delay, SpecError)
+    return delay[0], delay[1]
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     """Everything ``python -m migration.workload`` needs; JSON round-trips through it."""
@@ -170,8 +177,7 @@ class WorkloadSpec:
                 duration=None if duration is None else float(duration),
                 drain=float(data.get("drain", 2.0)),
                 topic_prefix=str(data.get("topic_prefix", "qmig/lab")),
-                reconnect_delay=tuple(float(x) for x in data.get("reconnect_delay",
-                                                                  RECONNECT_DELAY)),
+                reconnect_delay=_delay_pair(data.get("reconnect_delay", RECONNECT_DELAY)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, SpecError):
@@ -288,7 +294,7 @@ def _paho_class(transport: str) -> type:
 
     mptcp = transport == "mptcp"
 
-    class LabPahoClient(mqtt.Client):  # type: ignore[misc]
+    class LabPahoClient(mqtt.Client):
         fallback: Callable[[], Target | None] = staticmethod(lambda: None)
         reached: Callable[[Target, Target], None] = staticmethod(lambda was, now: None)
 
@@ -334,6 +340,7 @@ class PahoClient:
                  session_expiry: int, keep_alive: int, cafile: str | None,
                  reconnect_delay: tuple[float, float], clock: WallClock) -> None:  # fmt: skip
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
@@ -343,7 +350,7 @@ class PahoClient:
         self.clock = clock
         self.loop = asyncio.get_running_loop()
         self.paho = _paho_class(transport)(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
             reconnect_on_failure=True,
         )  # fmt: skip
         if transport == "tls":
@@ -552,7 +559,9 @@ class ClientRun:
         for record in client.migrations:
             converted = dict(record)
             for key in ("learned_at", "first_probe_at", "validated_at"):
-                converted[key] = clock.wall(record.get(key))  # type: ignore[arg-type]
+                at = record.get(key)
+                assert at is None or isinstance(at, (int, float))  # monotonic seconds
+                converted[key] = clock.wall(at)
             migrations.append(converted)
         errors = list(self.errors)
         if self.errors_dropped:

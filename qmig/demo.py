@@ -166,18 +166,19 @@ def make_client(transport: str, client_id: str, cafile: str) -> Any:
 def paho_client(transport: str, client_id: str, cafile: str) -> Any:
     """A paho-mqtt MQTT 5 client for ``transport``; MPTCP by giving paho an MPTCP socket."""
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    class Client(mqtt.Client):  # type: ignore[misc]
+    class Client(mqtt.Client):
         def _create_socket_connection(self) -> socket.socket:
             if transport != "mptcp":
-                return super()._create_socket_connection()  # type: ignore[no-any-return]
+                return super()._create_socket_connection()
             # paho has no socket factory option; this private hook is the narrowest seam.
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
             sock.settimeout(self._connect_timeout)
             sock.connect((self._host, self._port))
             return sock
 
-    client = Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+    client = Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                     protocol=mqtt.MQTTv5)  # fmt: skip
     if transport == "tls":
         client.tls_set(ca_certs=cafile)
@@ -316,9 +317,7 @@ def run_transports(args: argparse.Namespace) -> int:
     report = run_demo(getattr(args, "duration", 5.0), getattr(args, "rate", 20.0), console)
     print_report(report, console)
     lost = sum(sum(s["lost"].values()) for s in report["subscribers"].values())
-    console.print(
-        "[green]No message lost.[/]" if lost == 0 else f"[red]{lost} messages lost.[/]"
-    )
+    console.print("[green]No message lost.[/]" if lost == 0 else f"[red]{lost} messages lost.[/]")
     return 0 if lost == 0 else 1
 
 
@@ -384,8 +383,12 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
                       f" {steps}[/]")  # fmt: skip
     json_path, png_path = _report_paths(args)
     write_report(json_path, migrations)
-    plot_arrivals(result["clients"], migrations, png_path,
-                  title=f"qmig live migration ({scenario.name}, link {scenario.link_rate})")
+    plot_arrivals(
+        result["clients"],
+        migrations,
+        png_path,
+        title=f"qmig live migration ({scenario.name}, link {scenario.link_rate})",
+    )
     return _verdict(console, migrations, json_path, png_path)
 
 

@@ -139,13 +139,16 @@ class Migration:
             self.outcome["transfer_bytes"] = sent.bytes
             self.outcome["transfer_mbit_s"] = round(sent.mbit_per_s, 1)
             rate = f"{sent.mbit_per_s:.0f} Mbit/s"
-            self._mark("transfer_done",
-                       f"transfer: {sent.bytes / 1e6:.1f} MB in {sent.seconds:.2f} s ({rate})")
+            self._mark(
+                "transfer_done",
+                f"transfer: {sent.bytes / 1e6:.1f} MB in {sent.seconds:.2f} s ({rate})",
+            )
             podman.remove_container(container_name(dest))  # a leftover of an earlier run
             podman.restore(self.moved_ckpt, podman.pod_id(pod_name(dest)), container_name(dest))
             self._mark("restore_done", f"restored in {dest.name}")
-            lab.state.broker_host = dest.name  # type: ignore[union-attr]
-            lab.state.save(lab.state_dir)  # type: ignore[union-attr]
+            assert lab.state is not None  # a running lab has its state
+            lab.state.broker_host = dest.name
+            lab.state.save(lab.state_dir)
             done = lab.control("restored", host=dest, address=self._quic(dest))
             self.outcome["quic_announced"] = done.get("quic_announced", 0)
             self._mark("resumed", f"serving at {dest.address}")
@@ -158,7 +161,8 @@ class Migration:
         finally:
             self._remove_blocker(blocker)
         self.outcome["service_gap_ms"] = round(
-            (self.timeline["resumed"] - self.timeline["freeze_start"]) * 1000, 1)
+            (self.timeline["resumed"] - self.timeline["freeze_start"]) * 1000, 1
+        )
         self.outcome.setdefault("downtime_ms", self.outcome["service_gap_ms"])
         self.outcome["ok"] = True
         self._clean_source()
@@ -170,7 +174,8 @@ class Migration:
             self.timeline["frozen"] = freeze["frozen_at"]
             self.timeline["thawed"] = freeze["thawed_at"]
             self.outcome["downtime_ms"] = round(
-                (freeze["thawed_at"] - freeze["frozen_at"]) * 1000, 1)
+                (freeze["thawed_at"] - freeze["frozen_at"]) * 1000, 1
+            )
 
     def first_client_packet(self) -> float | None:
         """When the restored broker heard its first QUIC datagram (ask after some traffic).
@@ -250,8 +255,9 @@ class Migration:
                 net.clear_criu_lock(podman.pod_infra_pid(pod_name(src)))
                 podman.restore(self.local_ckpt, podman.pod_id(pod_name(src)), container_name(src))
                 how = "restored from the same checkpoint"
-            lab.state.broker_host = src.name  # type: ignore[union-attr]
-            lab.state.save(lab.state_dir)  # type: ignore[union-attr]
+            assert lab.state is not None  # a running lab has its state
+            lab.state.broker_host = src.name
+            lab.state.save(lab.state_dir)
             back = lab.control("rollback", host=src, address=self._quic(src))
             self._note_freeze(back.get("freeze"))
             self._mark("rolled_back", f"rolled back: the broker serves at {src.address} again "
@@ -259,7 +265,8 @@ class Migration:
             self.outcome["rollback"] = how
             if "freeze_start" in self.timeline:
                 self.outcome["service_gap_ms"] = round(
-                    (self.timeline["rolled_back"] - self.timeline["freeze_start"]) * 1000, 1)
+                    (self.timeline["rolled_back"] - self.timeline["freeze_start"]) * 1000, 1
+                )
                 self.outcome.setdefault("downtime_ms", self.outcome["service_gap_ms"])
         except (LabError, ControlError) as again:
             self.progress(f"rollback failed ({again}); starting a fresh broker at {src.name}")
@@ -270,17 +277,19 @@ class Migration:
             self.outcome["rollback"] = f"failed ({again}); a fresh broker was started"
             raise MigrationFailed(
                 f"migration to {dest.name} failed at {step} ({exc}) and so did the rollback "
-                f"({again}); a fresh broker serves at {src.address}", self.outcome) from exc
+                f"({again}); a fresh broker serves at {src.address}",
+                self.outcome,
+            ) from exc
         finally:
             for path in (self.local_ckpt, self.moved_ckpt):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         raise MigrationFailed(
             f"migration to {dest.name} failed at {step} ({exc}); rolled back: the broker "
-            f"serves at {src.address} again", self.outcome) from exc
+            f"serves at {src.address} again",
+            self.outcome,
+        ) from exc
 
 
 def net_address(subnet: str, index: int) -> str:
     return str(ipaddress.IPv4Network(subnet).network_address + index)
-
-

@@ -33,10 +33,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from aioquic.asyncio import QuicConnectionProtocol
-from aioquic.asyncio import connect as quic_connect
+from aioquic.asyncio.client import connect as quic_connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 
@@ -111,6 +111,19 @@ def raise_nofile(wanted: int) -> int:
 # --------------------------------------------------------------------------- connections
 
 
+class _Transport(Protocol):
+    """What :class:`_Conn` uses of its transport: an ``asyncio.Transport`` (TCP) or a
+    :class:`QuicStreamTransport` (one QUIC stream)."""
+
+    def write(self, data: bytes) -> None: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
 class _Conn(asyncio.Protocol):
     """A client connection whose non-PUBLISH packets go through qmig's codec.
 
@@ -120,7 +133,7 @@ class _Conn(asyncio.Protocol):
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
+        self.transport: _Transport | None = None
         self.reader = PacketReader(version=MQTT_3_1_1)
         self.connack: asyncio.Future[Connack] = loop.create_future()
         self.suback: asyncio.Future[Suback] = loop.create_future()
@@ -490,7 +503,7 @@ class QuicClientProtocol(QuicConnectionProtocol):
     def attach(self, conn: _Conn) -> None:
         self.mqtt = conn
         self.stream = QuicStreamTransport(self, self._quic.get_next_available_stream_id())
-        conn.transport = self.stream  # type: ignore[assignment]
+        conn.transport = self.stream
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):
@@ -522,18 +535,22 @@ class QuicClientProtocol(QuicConnectionProtocol):
 
 
 def quic_configuration() -> QuicConfiguration:
-    config = QuicConfiguration(is_client=True, alpn_protocols=["mqtt"], max_data=16 << 20,
-                               max_stream_data=8 << 20)
+    config = QuicConfiguration(
+        is_client=True, alpn_protocols=["mqtt"], max_data=16 << 20, max_stream_data=8 << 20
+    )
     config.verify_mode = ssl.CERT_NONE
     return config
 
 
-async def open_quic(factory: Any, host: str, port: int, timeout: float,
-                    stack: contextlib.AsyncExitStack) -> Any:
+async def open_quic(
+    factory: Any, host: str, port: int, timeout: float, stack: contextlib.AsyncExitStack
+) -> Any:
     """Connect over QUIC (closed with ``stack``) and hand the stream to ``factory()``."""
-    cm = quic_connect(host, port, configuration=quic_configuration(),
-                      create_protocol=QuicClientProtocol)
-    proto: QuicClientProtocol = await asyncio.wait_for(stack.enter_async_context(cm), timeout)
+    cm = quic_connect(
+        host, port, configuration=quic_configuration(), create_protocol=QuicClientProtocol
+    )
+    proto = await asyncio.wait_for(stack.enter_async_context(cm), timeout)
+    assert isinstance(proto, QuicClientProtocol)  # made by create_protocol
     conn = factory()
     proto.attach(conn)
     return conn

@@ -89,35 +89,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke subset: link 100mbit, no loss, idle, "
                         f"{', '.join(QUICK_VARIANTS)}, 1 run")  # fmt: skip
-    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                        help="write the JSON results to PATH, or to stdout without PATH")
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="write the JSON results to PATH, or to stdout without PATH",
+    )
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"runs per cell (default {REPEATS}; 1 with --quick); the pool "
                         "position rotates over them")  # fmt: skip
     parser.add_argument("--report-dir", default=None, metavar="DIR",
                         help="write JSON, CSV, PNG plots and summary.md there (default "
                         "reports/bench-migration, none with --quick)")  # fmt: skip
-    parser.add_argument("--links", default=None,
-                        help=f"checkpoint link rates (default {','.join(LINKS)})")
-    parser.add_argument("--losses", default=None,
-                        help="client access-link loss in percent (default 0,1,3)")
-    parser.add_argument("--states", default=None,
-                        help="broker states: idle, loaded (default both)")
-    parser.add_argument("--sessions", type=int, default=SESSIONS,
-                        help=f"sessions and retained messages of the loaded state ({SESSIONS})")
-    parser.add_argument("--variants", default=None,
-                        help=f"clients to compare (default {','.join(VARIANTS)})")
+    parser.add_argument(
+        "--links", default=None, help=f"checkpoint link rates (default {','.join(LINKS)})"
+    )
+    parser.add_argument(
+        "--losses", default=None, help="client access-link loss in percent (default 0,1,3)"
+    )
+    parser.add_argument("--states", default=None, help="broker states: idle, loaded (default both)")
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=SESSIONS,
+        help=f"sessions and retained messages of the loaded state ({SESSIONS})",
+    )
+    parser.add_argument(
+        "--variants", default=None, help=f"clients to compare (default {','.join(VARIANTS)})"
+    )
     parser.add_argument("--pool-positions", default=None,
                         help="destination's place(s) in the broker's pool, rotated over the "
                         "runs of a cell (default 1,2,3; 1 with --quick)")  # fmt: skip
-    parser.add_argument("--rate", type=float, default=None,
-                        help="messages per second per client (default: the scenario's, 100)")
-    parser.add_argument("--retry", default=None, metavar="FIRST,MAX",
-                        help="reconnecting clients' retry schedule in seconds: first retry "
-                        "after FIRST, doubling up to MAX (default: the scenario's, 0.05,0.5); "
-                        "FIRST=MAX retries at a fixed interval")
-    parser.add_argument("--settle", type=float, default=None,
-                        help="seconds of traffic before and after the move (default 2)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="messages per second per client (default: the scenario's, 100)",
+    )
+    parser.add_argument(
+        "--retry",
+        default=None,
+        metavar="FIRST,MAX",
+        help="reconnecting clients' retry schedule in seconds: first retry "
+        "after FIRST, doubling up to MAX (default: the scenario's, 0.05,0.5); "
+        "FIRST=MAX retries at a fixed interval",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=None,
+        help="seconds of traffic before and after the move (default 2)",
+    )
 
 
 def _csv(text: str | None, default: Sequence[Any], kind: Callable[[str], Any] = str) -> tuple:
@@ -184,7 +208,7 @@ class LabGroups:
       and the lab containers' conmon processes (with the runc and CRIU restore they reap).
     """
 
-    groups = ("broker", "clients", "machinery")
+    groups: tuple[str, ...] = ("broker", "clients", "machinery")
 
     def __init__(self, pod_netns: set[int], client_netns: int | None,
                  service_pid: int | None) -> None:  # fmt: skip
@@ -276,7 +300,8 @@ class RunHooks:
         if self.sampler is not None:
             self.sampler.stop()
             self.info["orchestrator_cpu_s"] = max(
-                0.0, _self_cpu() - self.self_cpu0 - self.sampler.own_cpu_s)
+                0.0, _self_cpu() - self.self_cpu0 - self.sampler.own_cpu_s
+            )
         if self.state == "loaded":
             n = self.settings.sessions
             check = self._in_clients("--host", lab.broker_host.address, "--port",
@@ -287,9 +312,11 @@ class RunHooks:
             except Exception as exc:  # the figure is a cross-check, not the verdict
                 check["broker_sessions_error"] = str(exc)
             self.info["state_check"] = check
-            self.say(f"state after the move: {check.get('retained')} of {n} retained, "
-                     f"{check.get('sessions_present')}/{check.get('sessions_checked')} sampled "
-                     f"sessions present, broker holds {check.get('broker_sessions')} sessions")
+            self.say(
+                f"state after the move: {check.get('retained')} of {n} retained, "
+                f"{check.get('sessions_present')}/{check.get('sessions_checked')} sampled "
+                f"sessions present, broker holds {check.get('broker_sessions')} sessions"
+            )
 
     def cpu(self, trigger: float, resume: float) -> dict[str, float | None]:
         """CPU (ms): the migration's machinery over the run; broker and clients from the
@@ -420,10 +447,13 @@ def run_cell_once(settings: Settings, link: str, loss: float, state: str, repeat
     elif check is not None and not check.get("ok"):
         record.update(ok=False, error=f"the broker state did not survive: {check}")
     elif _freeze_misread(mig):
-        record.update(ok=False, error=f"the broker's own freeze ({mig['downtime_ms']} ms) lies "
-                      "outside the checkpoint and restore calls (service gap "
-                      f"{mig['service_gap_ms']} ms): its freeze watch saw another stall, so "
-                      "interruption - freeze is meaningless")
+        record.update(
+            ok=False,
+            error=f"the broker's own freeze ({mig['downtime_ms']} ms) lies "
+            "outside the checkpoint and restore calls (service gap "
+            f"{mig['service_gap_ms']} ms): its freeze watch saw another stall, so "
+            "interruption - freeze is meaningless",
+        )
     else:
         record["ok"] = True
     return record
@@ -483,7 +513,7 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for row in run.get("variants") or ():
             groups.setdefault((row["variant"], *cell), []).append((run, row))
-    results = []
+    results: list[dict[str, Any]] = []
     for (variant, link, loss, state), items in groups.items():
         rows = [r for _, r in items]
         runs_ = [run for run, _ in items]
@@ -546,12 +576,20 @@ def headline(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         den = rows.get(HEADLINE[1])
         if not num or not den:
             continue
-        ratio: dict[str, Any] = {"link": link, "loss": loss, "state": state,
-                                 "numerator": num["variant"], "denominator": den["variant"]}
+        ratio: dict[str, Any] = {
+            "link": link,
+            "loss": loss,
+            "state": state,
+            "numerator": num["variant"],
+            "denominator": den["variant"],
+        }
         for key in ("extra_ms", "interruption_ms"):
             a, b = num[key]["median"], den[key]["median"]
-            ratio[key] = {"numerator": a, "denominator": b,
-                          "ratio": round(a / b, 2) if a is not None and b else None}
+            ratio[key] = {
+                "numerator": a,
+                "denominator": b,
+                "ratio": round(a / b, 2) if a is not None and b else None,
+            }
         per_cell.append(ratio)
     if not per_cell:
         return {"cells": []}
@@ -572,14 +610,21 @@ def build_report(settings: Settings, runs: list[dict[str, Any]],
     return {
         "results": results,
         "headline": headline(results),
-        "settings": {**asdict(settings), "destination": DESTINATION,
-                     "reconnect_delay_s": list(settings.reconnect_delay
-                                               or Scenario.load(settings.scenario).reconnect_delay),
-                     "reconnect_attempt_timeout_s": RECONNECT_ATTEMPT_TIMEOUT,
-                     "session_expiry_s": SESSION_EXPIRY,
-                     "cpu_window_after_resume_s": REESTABLISH_WINDOW},
-        "machine": {"python": platform.python_version(), "kernel": platform.release(),
-                    "cpus": os.cpu_count()},
+        "settings": {
+            **asdict(settings),
+            "destination": DESTINATION,
+            "reconnect_delay_s": list(
+                settings.reconnect_delay or Scenario.load(settings.scenario).reconnect_delay
+            ),
+            "reconnect_attempt_timeout_s": RECONNECT_ATTEMPT_TIMEOUT,
+            "session_expiry_s": SESSION_EXPIRY,
+            "cpu_window_after_resume_s": REESTABLISH_WINDOW,
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+        },
         "elapsed_s": round(elapsed, 1),
         "runs": runs,
     }
@@ -624,8 +669,12 @@ def runs_csv(runs: Sequence[dict[str, Any]]) -> str:
     for run in runs:
         common = {k: run.get(k) for k in ("link", "loss", "state", "repeat", "pool_position",
                                           "ok")}  # fmt: skip
-        common.update({k: (run.get("migration") or {}).get(k)
-                       for k in ("downtime_ms", "checkpoint_bytes", "transfer_bytes")})
+        common.update(
+            {
+                k: (run.get("migration") or {}).get(k)
+                for k in ("downtime_ms", "checkpoint_bytes", "transfer_bytes")
+            }
+        )
         common["freeze_lag_ms"] = freeze_lag_ms(run.get("migration") or {})
         common.update({f"cpu_{k}_ms": (run.get("cpu_ms") or {}).get(k)
                        for k in ("machinery", "broker", "clients")})  # fmt: skip
@@ -666,8 +715,9 @@ def plot_report(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
             shown = [v for v in variants if v in rows and rows[v][key]["median"] is not None]
             xs = [variants.index(v) + (j - (len(states) - 1) / 2) * width for v in shown]
             meds = [rows[v][key]["median"] for v in shown]
-            errs = [max(0.0, (rows[v][key]["p95"] or m) - m) for v, m in zip(shown, meds,
-                                                                             strict=True)]
+            errs = [
+                max(0.0, (rows[v][key]["p95"] or m) - m) for v, m in zip(shown, meds, strict=True)
+            ]
             bars = ax.bar(xs, meds, width * 0.95, yerr=[[0] * len(errs), errs], capsize=3,
                           color=[colors[v] for v in shown], alpha=1.0 if j == 0 else 0.55,
                           label=state, hatch=None if j == 0 else "//")  # fmt: skip
@@ -698,14 +748,14 @@ def plot_report(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(2, len(states), figsize=(6.0 * len(states), 7.5),
                                  squeeze=False, layout="constrained")  # fmt: skip
         for col, state in enumerate(states):
-            rows = [r for r in results if r["state"] == state and r[fixed[0]] == fixed[1]]
-            xs_all = sorted({_mbit(r["link"]) if xkey == "link" else r["loss"] for r in rows})
+            state_rows = [r for r in results if r["state"] == state and r[fixed[0]] == fixed[1]]
+            xs_all = sorted({_mbit(r["link"]) if xkey == "link" else r["loss"] for r in state_rows})
             for row_i, key in enumerate(("interruption_ms", "extra_ms")):
                 ax = axes[row_i][col]
                 for v in variants:
                     pts = sorted((_mbit(r["link"]) if xkey == "link" else r["loss"],
                                   r[key]["median"], r[key]["p95"])
-                                 for r in rows if r["variant"] == v
+                                 for r in state_rows if r["variant"] == v
                                  and r[key]["median"] is not None)  # fmt: skip
                     if pts:
                         x, med, p95 = zip(*pts, strict=True)
@@ -714,17 +764,26 @@ def plot_report(results: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
                                         color=colors[v], alpha=0.08)  # fmt: skip
                 if key == "interruption_ms":
                     fr = sorted({(_mbit(r["link"]) if xkey == "link" else r["loss"],
-                                  r["freeze_ms"]["median"]) for r in rows
+                                  r["freeze_ms"]["median"]) for r in state_rows
                                  if r["freeze_ms"]["median"] is not None})  # fmt: skip
                     if fr:
                         ax.plot(*zip(*fr, strict=True), "k--", lw=1, label="broker freeze")
                 if xkey == "link" and xs_all:
                     ax.set_xscale("log")
                 ax.set_xlabel(xlabel)
-                ax.set_ylabel(("interruption" if key == "interruption_ms"
-                               else "extra (interruption - freeze)") + " ms, median")
-                ax.set_title(f"{state}, {fixed[0]} {fixed[1]:g}{' %' if fixed[0] == 'loss' else ''}"
-                             if fixed[0] == "loss" else f"{state}, link {fixed[1]}")
+                ax.set_ylabel(
+                    (
+                        "interruption"
+                        if key == "interruption_ms"
+                        else "extra (interruption - freeze)"
+                    )
+                    + " ms, median"
+                )
+                ax.set_title(
+                    f"{state}, {fixed[0]} {fixed[1]:g}{' %' if fixed[0] == 'loss' else ''}"
+                    if fixed[0] == "loss"
+                    else f"{state}, link {fixed[1]}"
+                )
                 ax.grid(alpha=0.3)
             axes[0][col].legend(fontsize=7)
         path = out_dir / name
@@ -844,6 +903,7 @@ def summary_markdown(report: dict[str, Any], images: Sequence[str]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]  # fmt: skip
         for r in rows:
+
             def mp(key: str, r: dict[str, Any] = r) -> str:
                 return f"{_fmt(r[key]['median'])} / {_fmt(r[key]['p95'])}"
 
@@ -852,9 +912,12 @@ def summary_markdown(report: dict[str, Any], images: Sequence[str]) -> str:
                          f"{mp('extra_ms')} | {mp('reestablish_ms')} | "
                          f"{_fmt(r['notice_ms']['median'])} | {r['lost']} | {r['duplicates']} "
                          f"| {r['reconnects']} |")  # fmt: skip
-    lines += ["", "Files: results.json (everything, each run included), results.csv (these rows), "
-              "runs.csv (one row per run and variant), raw/*.json.gz (each run's client traces "
-              "and migration timeline, as run_scenario returned them)."]
+    lines += [
+        "",
+        "Files: results.json (everything, each run included), results.csv (these rows), "
+        "runs.csv (one row per run and variant), raw/*.json.gz (each run's client traces "
+        "and migration timeline, as run_scenario returned them).",
+    ]
     lines += ["", "## Plots", ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in images]
     lines += ["", "## Method notes", "", *METHOD_NOTES, ""]
@@ -908,7 +971,6 @@ METHOD_NOTES = [
     "lab's connect hook) and qmig's client race both addresses on every attempt from then "
     "on, on the same retry schedule, so a freeze longer than 5 s costs them no detour.",
 ]
-
 
 
 def write_report_dir(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
@@ -975,13 +1037,15 @@ def run_bench(settings: Settings, image: str, report_dir: Path | None,
             label = f"[{n}/{total}] link {link}, loss {loss:g} %, {settings.state_label(state)}"
             say(f"{label}, repeat {repeat + 1}/{settings.repeats}")
             record = run_cell_once(settings, link, loss, state, repeat, image,
-                                   lambda m, label=label: say(f"  {m}"),
+                                   lambda m: say(f"  {m}"),
                                    raw_dir=report_dir / "raw" if report_dir else None)  # fmt: skip
             runs.append(record)
             worst = max((v["extra_ms"] or 0 for v in record["variants"]), default=None)
-            say(f"  -> {'ok' if record['ok'] else 'FAILED'}: freeze "
+            say(
+                f"  -> {'ok' if record['ok'] else 'FAILED'}: freeze "
                 f"{_fmt(record['migration'].get('downtime_ms'))} ms, worst extra "
-                f"{_fmt(worst)} ms, lost {sum(v['lost'] for v in record['variants'])}")
+                f"{_fmt(worst)} ms, lost {sum(v['lost'] for v in record['variants'])}"
+            )
     report = build_report(settings, runs, time.monotonic() - started)
     outcome = Outcome(report)
     if report_dir is not None:

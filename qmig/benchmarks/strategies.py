@@ -51,25 +51,51 @@ class Settings:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", type=int, default=None,
-                        help="migrations per strategy and loss rate (default 3, 1 with --quick)")
-    parser.add_argument("--clients", type=int, default=None,
-                        help="clients per run (default 5, 3 with --quick)")
-    parser.add_argument("--rate", type=float, default=200.0,
-                        help="messages per second per client; resolution is 1/rate "
-                        "(default 200)")
-    parser.add_argument("--freeze", type=float, default=0.3,
-                        help="seconds the broker is frozen during the move (default 0.3)")
-    parser.add_argument("--loss", default=None,
-                        help="comma-separated loss rates, 0..1 (default 0,0.03; 0 with --quick)")
-    parser.add_argument("--only", default=None,
-                        help=f"comma-separated strategies (default: {','.join(STRATEGIES)}; "
-                        f"pool-K puts the destination K-th of {POOL_SIZE} in the pool)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke mode: 1 run, 3 clients, no loss, "
-                        f"{', '.join(QUICK_STRATEGIES)}")
-    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                        help="write the JSON report to PATH, or to stdout without PATH")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="migrations per strategy and loss rate (default 3, 1 with --quick)",
+    )
+    parser.add_argument(
+        "--clients", type=int, default=None, help="clients per run (default 5, 3 with --quick)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="messages per second per client; resolution is 1/rate (default 200)",
+    )
+    parser.add_argument(
+        "--freeze",
+        type=float,
+        default=0.3,
+        help="seconds the broker is frozen during the move (default 0.3)",
+    )
+    parser.add_argument(
+        "--loss",
+        default=None,
+        help="comma-separated loss rates, 0..1 (default 0,0.03; 0 with --quick)",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated strategies (default: {','.join(STRATEGIES)}; "
+        f"pool-K puts the destination K-th of {POOL_SIZE} in the pool)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke mode: 1 run, 3 clients, no loss, {', '.join(QUICK_STRATEGIES)}",
+    )
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="write the JSON report to PATH, or to stdout without PATH",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -116,8 +142,10 @@ def loopback_rtt_ms(host: str = "127.0.0.2", count: int = 200) -> float | None:
     import socket
 
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as echo, \
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ping:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as echo,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ping,
+        ):
             echo.bind((host, 0))
             ping.bind(("127.0.0.1", 0))
             echo.settimeout(1.0)
@@ -213,17 +241,26 @@ def _log(msg: str) -> None:
 
 
 def render_table(report: dict[str, Any], file: Any) -> None:
-    from rich.console import Console
+    from rich.console import Console, JustifyMethod
     from rich.table import Table
 
     st = report["settings"]
-    table = Table(title=f"qmig bench strategies — {st['runs']} run(s) x {st['clients']} "
-                        f"clients, {st['rate_msg_s']:g} msg/s, freeze {st['freeze_ms']:g} ms")
-    for col, justify in (("strategy", "left"), ("extra median ms", "right"),
-                         ("extra p95 ms", "right"), ("lost", "right"), ("dup", "right"),
-                         ("moved/clients", "right"), ("goal ms", "right"),
-                         ("met (median/p95)", "center")):  # fmt: skip
-        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table = Table(
+        title=f"qmig bench strategies — {st['runs']} run(s) x {st['clients']} "
+        f"clients, {st['rate_msg_s']:g} msg/s, freeze {st['freeze_ms']:g} ms"
+    )
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("strategy", "left"),
+        ("extra median ms", "right"),
+        ("extra p95 ms", "right"),
+        ("lost", "right"),
+        ("dup", "right"),
+        ("moved/clients", "right"),
+        ("goal ms", "right"),
+        ("met (median/p95)", "center"),
+    )
+    for col, justify in columns:
+        table.add_column(col, justify=justify, no_wrap=True)
 
     def num(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1f}"
@@ -231,18 +268,23 @@ def render_table(report: dict[str, Any], file: Any) -> None:
     for name, r in report["strategies"].items():
         e = r["extra_interruption_ms"]
         g = report["goals"].get(name)
-        met = "—" if g is None else "/".join("yes" if g[k] else "NO"
-                                             for k in ("median_met", "p95_met"))
+        met = (
+            "—"
+            if g is None
+            else "/".join("yes" if g[k] else "NO" for k in ("median_met", "p95_met"))
+        )
         table.add_row(name, num(e["median"]), num(e["p95"]), str(r["lost"]),
                       str(r["duplicates"]), f"{r['moved']}/{r['clients']}",
                       "—" if g is None else f"≤ {g['limit_ms']:g}", met)  # fmt: skip
     Console(file=file, width=120).print(table)
     lit = report["literature_ms"]
     rtt = report["loopback_rtt_ms"]
-    print(f"Literature: explicit migration {lit['explicit']:g} ms, pool "
-          f"{lit['pool'][0]:g}-{lit['pool'][1]:g} ms.  Resolution {st['resolution_ms']:g} ms "
-          f"(1/rate); loopback RTT {'n/a' if rtt is None else f'{rtt:.3f} ms'} (UDP echo).",
-          file=file)
+    print(
+        f"Literature: explicit migration {lit['explicit']:g} ms, pool "
+        f"{lit['pool'][0]:g}-{lit['pool'][1]:g} ms.  Resolution {st['resolution_ms']:g} ms "
+        f"(1/rate); loopback RTT {'n/a' if rtt is None else f'{rtt:.3f} ms'} (UDP echo).",
+        file=file,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,16 +313,25 @@ def run(args: argparse.Namespace) -> int:
                 summary = asyncio.run(_one_run(strategy, position, loss, s, seed))
                 runs.append(summary)
                 e = _aggregate([summary], loss, position)["extra_interruption_ms"]
-                _log(f"[{label}] run {i + 1}/{s.runs}: extra median {e['median']} ms, "
-                     f"p95 {e['p95']} ms, lost {summary['lost']}, dup "
-                     f"{summary['duplicates']}, moved {summary['moved']}/{summary['clients']}")
+                _log(
+                    f"[{label}] run {i + 1}/{s.runs}: extra median {e['median']} ms, "
+                    f"p95 {e['p95']} ms, lost {summary['lost']}, dup "
+                    f"{summary['duplicates']}, moved {summary['moved']}/{summary['clients']}"
+                )
             results[label] = _aggregate(runs, loss, position)
     report = {
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
-        "settings": {"runs": s.runs, "clients": s.clients, "rate_msg_s": s.rate,
-                     "freeze_ms": s.freeze * 1000, "warmup_s": s.warmup,
-                     "settle_s": s.settle, "losses": list(s.losses),
-                     "pool_size": POOL_SIZE, "resolution_ms": resolution_ms},
+        "settings": {
+            "runs": s.runs,
+            "clients": s.clients,
+            "rate_msg_s": s.rate,
+            "freeze_ms": s.freeze * 1000,
+            "warmup_s": s.warmup,
+            "settle_s": s.settle,
+            "losses": list(s.losses),
+            "pool_size": POOL_SIZE,
+            "resolution_ms": resolution_ms,
+        },
         "loopback_rtt_ms": rtt_ms,  # UDP echo on loopback, median of 200
         "elapsed_s": round(time.monotonic() - started, 1),
         "strategies": results,

@@ -84,9 +84,9 @@ async def _attack(b: RunningBroker, frames: int, control: int, token: str) -> di
         await asyncio.sleep(SETTLE)
     finally:
         stream.close()
-        if closer is not None:
+        if isinstance(closer, contextlib.AbstractAsyncContextManager):
             with contextlib.suppress(Exception):
-                await closer.__aexit__(None, None, None)  # type: ignore[attr-defined]
+                await closer.__aexit__(None, None, None)
     lines = _log_lines(b.log_path)
     out["before_connect_log_lines"] = len(lines) - seen
     seen = len(lines)
