@@ -86,10 +86,12 @@ def _issue(
     eku: x509.ObjectIdentifier | None = None,
 ) -> x509.Certificate:
     """Build one certificate; ``issuer=None`` means self-signed (the CA)."""
-    name = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "qmig lab"),
-        x509.NameAttribute(NameOID.COMMON_NAME, subject_cn),
-    ])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "qmig lab"),
+            x509.NameAttribute(NameOID.COMMON_NAME, subject_cn),
+        ]
+    )
     now = _now()
     builder = (
         x509.CertificateBuilder()
@@ -226,8 +228,13 @@ def make_lab_certs(
         ca_cert, ca_key = loaded
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = _issue(
-        hosts[0], server_key.public_key(), ca_cert, ca_key, days,
-        hosts=hosts, eku=ExtendedKeyUsageOID.SERVER_AUTH,
+        hosts[0],
+        server_key.public_key(),
+        ca_cert,
+        ca_key,
+        days,
+        hosts=hosts,
+        eku=ExtendedKeyUsageOID.SERVER_AUTH,
     )
     _write(paths.server_key, _key_pem(server_key), private=True)
     _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), private=False)

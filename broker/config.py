@@ -296,40 +296,89 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tcp-port", type=int, default=None, help="plain MQTT port, 0 disables (default 1883)")
     add("--tls-port", type=int, default=None, help="MQTT over TLS port, 0 disables (default 8883)")
     add("--mptcp-port", type=int, default=None, help="MPTCP port, 0 disables (default 1885)")
-    add("--pool", default=None, metavar="HOST:PORT,...",
-        help="addresses the broker may migrate to, sent to QUIC pool clients ($QMIG_POOL)")
-    add("--quic-port", type=int, default=None,
-        help="QUIC (UDP) port, 0 disables; needs --cert/--key (default 14567)")
-    add("--quic-retry", choices=QUIC_RETRY_MODES, default=None,
-        help="QUIC address validation with Retry: auto (under load), always, never "
-        "(default auto)")
-    add("--quic-max-handshakes", type=int, default=None, metavar="N",
+    add(
+        "--pool",
+        default=None,
+        metavar="HOST:PORT,...",
+        help="addresses the broker may migrate to, sent to QUIC pool clients ($QMIG_POOL)",
+    )
+    add(
+        "--quic-port",
+        type=int,
+        default=None,
+        help="QUIC (UDP) port, 0 disables; needs --cert/--key (default 14567)",
+    )
+    add(
+        "--quic-retry",
+        choices=QUIC_RETRY_MODES,
+        default=None,
+        help="QUIC address validation with Retry: auto (under load), always, never (default auto)",
+    )
+    add(
+        "--quic-max-handshakes",
+        type=int,
+        default=None,
+        metavar="N",
         help="QUIC handshakes in progress at most, past it the oldest is dropped; auto "
-        "Retry starts at a quarter of it (default 256)")
-    add("--quic-handshake-timeout", type=float, default=None, metavar="SECONDS",
-        help="seconds a QUIC handshake may take (default 10)")
+        "Retry starts at a quarter of it (default 256)",
+    )
+    add(
+        "--quic-handshake-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds a QUIC handshake may take (default 10)",
+    )
     add("--cert", default=None, help="server certificate (PEM); TLS needs it and --key")
     add("--key", default=None, help="server private key (PEM)")
     add("--cafile", default=None, help="CA bundle for verifying client certificates")
-    add("--require-certificate", action="store_true", default=None,
-        help="TLS clients must present a certificate signed by --cafile")
+    add(
+        "--require-certificate",
+        action="store_true",
+        default=None,
+        help="TLS clients must present a certificate signed by --cafile",
+    )
     add("--password-file", default=None, help="mosquitto-format password file")
     add("--acl-file", default=None, help="mosquitto-format ACL file")
-    add("--allow-anonymous", action=argparse.BooleanOptionalAction, default=None,
-        help="accept clients without a username (default yes)")
+    add(
+        "--allow-anonymous",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="accept clients without a username (default yes)",
+    )
     add("--max-packet-size", type=int, default=None, help="largest accepted packet in bytes")
     add("--receive-maximum", type=int, default=None, help="QoS>0 publishes in flight per client")
     add("--max-queued-messages", type=int, default=None, help="per-session offline queue length")
-    add("--max-queued-bytes", type=int, default=None,
-        help="bytes of QoS>0 messages queued or in flight per session, 0 = no limit (64 MiB)")
-    add("--max-queued-bytes-total", type=int, default=None,
-        help="the same over all sessions, each message once, 0 = no limit (512 MiB)")
-    add("--max-output-bytes", type=int, default=None,
-        help="output held for a client that does not read before it is closed (8 MiB)")
-    add("--incomplete-packet-timeout", type=float, default=None,
-        help="seconds a started packet may take to arrive, 0 = no limit (30)")
-    add("--max-incomplete-bytes-total", type=int, default=None,
-        help="bytes of incomplete packets of all connections, 0 = no limit (128 MiB)")
+    add(
+        "--max-queued-bytes",
+        type=int,
+        default=None,
+        help="bytes of QoS>0 messages queued or in flight per session, 0 = no limit (64 MiB)",
+    )
+    add(
+        "--max-queued-bytes-total",
+        type=int,
+        default=None,
+        help="the same over all sessions, each message once, 0 = no limit (512 MiB)",
+    )
+    add(
+        "--max-output-bytes",
+        type=int,
+        default=None,
+        help="output held for a client that does not read before it is closed (8 MiB)",
+    )
+    add(
+        "--incomplete-packet-timeout",
+        type=float,
+        default=None,
+        help="seconds a started packet may take to arrive, 0 = no limit (30)",
+    )
+    add(
+        "--max-incomplete-bytes-total",
+        type=int,
+        default=None,
+        help="bytes of incomplete packets of all connections, 0 = no limit (128 MiB)",
+    )
     add(
         "--max-user-properties",
         type=int,
@@ -345,16 +394,31 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-keepalive", type=int, default=None, help="cap on keep-alive seconds, 0 = none")
     add("--sys-interval", type=float, default=None, help="seconds between $SYS updates, 0 disables")
-    add("--redirect", metavar="HOST:PORT", default=None,
-        help="refuse new connections, pointing clients at this server reference")
-    add("--control-host", default=None,
-        help="address of the migration control API (default 127.0.0.1)")
-    add("--control-port", type=int, default=None,
-        help="port of the migration control API, 0 disables (default 0)")
-    add("--control-token-file", metavar="FILE", default=None,
+    add(
+        "--redirect",
+        metavar="HOST:PORT",
+        default=None,
+        help="refuse new connections, pointing clients at this server reference",
+    )
+    add(
+        "--control-host",
+        default=None,
+        help="address of the migration control API (default 127.0.0.1)",
+    )
+    add(
+        "--control-port",
+        type=int,
+        default=None,
+        help="port of the migration control API, 0 disables (default 0)",
+    )
+    add(
+        "--control-token-file",
+        metavar="FILE",
+        default=None,
         help="file holding the control API token, at least 32 characters (or set "
-             "$QMIG_CONTROL_TOKEN); generated (mode 0600) if missing; default "
-             "~/.qmig/control-PORT.token, or under $XDG_RUNTIME_DIR/qmig")
+        "$QMIG_CONTROL_TOKEN); generated (mode 0600) if missing; default "
+        "~/.qmig/control-PORT.token, or under $XDG_RUNTIME_DIR/qmig",
+    )
     add("--log-level", type=_log_level, default=None, help="DEBUG, INFO, WARNING or ERROR")
 
 

@@ -431,7 +431,10 @@ class Broker:
                 entry = merged.get(client_id)
                 if entry is None:
                     entry = merged[client_id] = [
-                        opts.qos, opts.retain_as_published, [], opts.channel
+                        opts.qos,
+                        opts.retain_as_published,
+                        [],
+                        opts.channel,
                     ]
                 else:
                     # MQTT-3.3.4-2: one copy with the maximum QoS of all matches.
@@ -601,9 +604,7 @@ class Broker:
             group, inner = parse_shared(topic_filter)
             if group is not None and sub.no_local:
                 raise ProtocolError("no local on a shared subscription")  # MQTT-3.8.3-4
-            if self._acl and not self.auth.can_subscribe(
-                conn.client_id, conn.username, inner
-            ):
+            if self._acl and not self.auth.can_subscribe(conn.client_id, conn.username, inner):
                 codes.append(ReasonCode.NOT_AUTHORIZED)
                 continue
             if topic_filter not in session.subscriptions and len(session.subscriptions) >= limit:
@@ -611,7 +612,11 @@ class Broker:
                 refused += 1
                 continue
             opts = SubOptions(
-                sub.qos, sub.no_local, sub.retain_as_published, sub.retain_handling, sub_id,
+                sub.qos,
+                sub.no_local,
+                sub.retain_as_published,
+                sub.retain_handling,
+                sub_id,
                 conn.rx_channel,
             )
             existed = self.store.subscribe(session, topic_filter, opts)

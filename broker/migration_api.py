@@ -305,8 +305,11 @@ class MigrationAPI:
         )  # fmt: skip
         self.state = "serving"
         log.info("restored at %s: announced to %d QUIC clients", new_addr, announced)
-        return {"address": str(new_addr), "quic_announced": announced,
-                "freeze": self.freeze_report()}
+        return {
+            "address": str(new_addr),
+            "quic_announced": announced,
+            "freeze": self.freeze_report(),
+        }
 
     async def rollback(self, address: Address | None = None) -> dict[str, Any]:
         """The move failed and the broker serves where it was: undo prepare/pre-checkpoint.

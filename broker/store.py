@@ -111,9 +111,7 @@ class MemoryStore:
     def subscription_count(self) -> int:
         return self._subscription_count
 
-    def match(
-        self, topic: str
-    ) -> tuple[list[dict[str, SubOptions]], list[dict[str, SharedGroup]]]:
+    def match(self, topic: str) -> tuple[list[dict[str, SubOptions]], list[dict[str, SharedGroup]]]:
         shared = self._shared.match(topic) if len(self._shared) else []
         return self._subs.match(topic), shared
 

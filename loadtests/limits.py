@@ -184,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     add("--measure", type=float, default=20.0, help="steady-state seconds per step")
     add("--spawn-rate", type=float, default=50.0, help="users started per second")
     add("--connect-slack", type=float, default=10.0, help="seconds allowed beyond spawning")
-    add("--quiet-below", type=float, default=0.0, metavar="PERCENT",
-        help="before each step wait until the machine is under PERCENT busy (shared machines)")
+    add(
+        "--quiet-below",
+        type=float,
+        default=0.0,
+        metavar="PERCENT",
+        help="before each step wait until the machine is under PERCENT busy (shared machines)",
+    )
     add("--patience", type=float, default=600.0, help="longest such wait, seconds")
     add("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
@@ -201,8 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         result["steps"] += [asdict(s) for s in steps]
         (out / "limits.json").write_text(json.dumps(result, indent=1))
     print()
-    print(table([[t, n, f"p99 <= {args.threshold_ms:g} ms at {args.rate:g} msg/s, QoS {args.qos}"]
-                 for t, n in result["limits"].items()], ("transport", "users", "criterion")))
+    print(
+        table(
+            [
+                [t, n, f"p99 <= {args.threshold_ms:g} ms at {args.rate:g} msg/s, QoS {args.qos}"]
+                for t, n in result["limits"].items()
+            ],
+            ("transport", "users", "criterion"),
+        )
+    )
     print(f"limits: details in {out / 'limits.json'}")
     return 0
 

@@ -101,8 +101,12 @@ def migration_impact(trace: dict[str, Any], timeline: dict[str, float],
             affected += interruption > 0.1
             in_window = [ms for _, sent, ms in deliveries if start - 2 * interval <= sent <= end]
             worst.append(max(in_window, default=0.0))
-            worst_ack.append(max((ms for sent, ms in u.get("acks", [])
-                                  if start - 2 * interval <= sent <= end), default=0.0))
+            worst_ack.append(
+                max(
+                    (ms for sent, ms in u.get("acks", []) if start - 2 * interval <= sent <= end),
+                    default=0.0,
+                )
+            )
             lost += len(u["lost_messages"])  # over the whole run: stricter than the window
             late += len(u.get("lates", []))
             dup += u["duplicates"]

@@ -71,27 +71,44 @@ async def control_request(
 # ---------------------------------------------------------------------- qmig ctl
 def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
     """``qmig ctl [--host H] [--port P] [--token-file F] COMMAND ...``."""
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"control API address (default {DEFAULT_HOST})")
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"control API address (default {DEFAULT_HOST})"
+    )
     parser.add_argument("--port", type=int, required=True, help="control API port")
-    parser.add_argument("--token-file", metavar="FILE", default=None,
-                        help=f"file holding the token (default: ${TOKEN_ENV}, else the one "
-                             "the broker generated: $XDG_RUNTIME_DIR/qmig/control-PORT.token "
-                             "or ~/.qmig/control-PORT.token)")
-    parser.add_argument("--timeout", type=float, default=10.0,
-                        help="seconds to wait for the answer (default 10)")
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=None,
+        help=f"file holding the token (default: ${TOKEN_ENV}, else the one "
+        "the broker generated: $XDG_RUNTIME_DIR/qmig/control-PORT.token "
+        "or ~/.qmig/control-PORT.token)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)"
+    )
     cmds = parser.add_subparsers(dest="ctl_command", metavar="COMMAND", required=True)
     p = cmds.add_parser("prepare", help="send SERVER_MIGRATION (DEST) to every QUIC client")
     p.add_argument("dest", metavar="DEST", help="the broker's QUIC address after the move")
-    p = cmds.add_parser("pre-checkpoint",
-                        help="send TCP/TLS/MPTCP clients to REFERENCE, close the MPTCP listener")
-    p.add_argument("reference", metavar="REFERENCE", nargs="?", default=None,
-                   help="server reference for MQTT 5 clients, e.g. 198.18.2.2:1883")
+    p = cmds.add_parser(
+        "pre-checkpoint", help="send TCP/TLS/MPTCP clients to REFERENCE, close the MPTCP listener"
+    )
+    p.add_argument(
+        "reference",
+        metavar="REFERENCE",
+        nargs="?",
+        default=None,
+        help="server reference for MQTT 5 clients, e.g. 198.18.2.2:1883",
+    )
     p = cmds.add_parser("restored", help="reopen listeners, announce ADDRESS to QUIC clients")
     p.add_argument("address", metavar="ADDRESS", help="the broker's QUIC address now")
     p = cmds.add_parser("rollback", help="the move failed: undo prepare/pre-checkpoint")
-    p.add_argument("address", metavar="ADDRESS", nargs="?", default=None,
-                   help="where the broker serves now: QUIC clients are told to stay there")
+    p.add_argument(
+        "address",
+        metavar="ADDRESS",
+        nargs="?",
+        default=None,
+        help="where the broker serves now: QUIC clients are told to stay there",
+    )
     cmds.add_parser("status", help="migration state, listeners and connections")
 
 
@@ -118,8 +135,9 @@ def run_ctl(args: argparse.Namespace) -> int:
         }.get(args.ctl_command, {})
         fields = {k: v for k, v in fields.items() if v is not None or k == "reference"}
         result = asyncio.run(
-            control_request(args.host, args.port, token, args.ctl_command,
-                            timeout=args.timeout, **fields)
+            control_request(
+                args.host, args.port, token, args.ctl_command, timeout=args.timeout, **fields
+            )
         )
     except ControlError as exc:
         print(f"qmig ctl: error: {exc}", file=sys.stderr)

@@ -175,13 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--sessions", type=int, default=1000, help="persistent sessions (1000)")
-    parser.add_argument("--retained", type=int, default=None,
-                        help="retained messages (default: as many as sessions)")
+    parser.add_argument(
+        "--retained",
+        type=int,
+        default=None,
+        help="retained messages (default: as many as sessions)",
+    )
     parser.add_argument("--payload", type=int, default=PAYLOAD, help="bytes per retained one")
     parser.add_argument("--prefix", default=PREFIX, help="client id and topic prefix (load)")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
-    parser.add_argument("--check", action="store_true",
-                        help="verify the sessions and retained messages are there instead")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="verify the sessions and retained messages are there instead",
+    )
     args = parser.parse_args(argv)
     if args.sessions < 0 or args.concurrency < 1 or args.payload < 0:
         parser.error("--sessions and --payload must be >= 0, --concurrency >= 1")

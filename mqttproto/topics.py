@@ -79,9 +79,7 @@ def validate_topic_name(name: str) -> None:
     if "\x00" in name:
         raise MQTTError("topic name contains U+0000", ReasonCode.TOPIC_NAME_INVALID)
     if _too_long(name):
-        raise MQTTError(
-            "topic name longer than 65535 bytes", ReasonCode.TOPIC_NAME_INVALID
-        )
+        raise MQTTError("topic name longer than 65535 bytes", ReasonCode.TOPIC_NAME_INVALID)
 
 
 def _check_filter(topic_filter: str) -> None:

@@ -323,9 +323,7 @@ def mosquitto_supports(option: str) -> bool:
     return option in {"password_file", "acl_file", "max_packet_size", "max_keepalive"}
 
 
-def start_broker_process(
-    kind: str, workdir: Path, certs: LabCerts, **extra: Any
-) -> BrokerProcess:
+def start_broker_process(kind: str, workdir: Path, certs: LabCerts, **extra: Any) -> BrokerProcess:
     """Start a broker and wait until it is ready; raises BrokerStartError otherwise."""
     if kind == "mosquitto":
         unsupported = [k for k in extra if not mosquitto_supports(k)]

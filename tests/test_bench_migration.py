@@ -104,8 +104,13 @@ def test_aggregate_medians_p95_sums_and_pool_positions() -> None:
                                                     "quic-pool-3")} == {
         "quic-pool-1": 2, "quic-pool-2": 2, "quic-pool-3": 1}  # fmt: skip
     # ordered: fastest link first, then variants in the bench's order
-    assert [r["variant"] for r in results[:5]] == ["quic-proactive", "quic-pool-1",
-                                                   "quic-pool-2", "quic-pool-3", "tcp-paho"]
+    assert [r["variant"] for r in results[:5]] == [
+        "quic-proactive",
+        "quic-pool-1",
+        "quic-pool-2",
+        "quic-pool-3",
+        "tcp-paho",
+    ]
 
 
 def test_failed_runs_are_counted_but_kept_out_of_the_statistics() -> None:
@@ -169,8 +174,13 @@ def test_summarize_run_takes_figures_from_run_scenario() -> None:
 
 
 def test_report_directory_holds_json_csv_plots_and_summary(tmp_path: Path) -> None:
-    settings = Settings(links=("100mbit", "10mbit"), losses=(0.0,), states=("idle",),
-                        variants=("quic-proactive", "quic-pool", "tcp-paho"), repeats=5)
+    settings = Settings(
+        links=("100mbit", "10mbit"),
+        losses=(0.0,),
+        states=("idle",),
+        variants=("quic-proactive", "quic-pool", "tcp-paho"),
+        repeats=5,
+    )
     report = build_report(settings, _runs(), elapsed=12.0)
     paths = write_report_dir(report, tmp_path)
     for name in ("results.json", "results.csv", "runs.csv", "summary.md",
@@ -266,8 +276,10 @@ def test_scenario_clients_name_their_library() -> None:
     assert libraries["tcp"] == libraries["quic-proactive"] == "qmig"
     assert {c.name for c in Scenario.load("demo").clients} >= {"tcp", "mptcp"}
     assert set(QUICK_VARIANTS) <= set(libraries)
-    for bad in (ClientSpec("x", "quic", "proactive", "paho"), ClientSpec("x", "tcp",
-                                                                          library="mosq")):
+    for bad in (
+        ClientSpec("x", "quic", "proactive", "paho"),
+        ClientSpec("x", "tcp", library="mosq"),
+    ):
         with pytest.raises(ScenarioError):
             compare.replace(clients=(bad,))
 
@@ -279,9 +291,14 @@ def test_cpu_sampler_counts_a_busy_child_process() -> None:
     ns = os.stat("/proc/self/ns/net").st_ino
     sampler = CpuSampler(LabGroups({ns}, None, None), tick=0.05)
     sampler.start()
-    child = subprocess.Popen([sys.executable, "-c",
-                              "import time\nt = time.process_time()\n"
-                              "while time.process_time() - t < 0.4: pass\ntime.sleep(0.3)"])
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.4: pass\ntime.sleep(0.3)",
+        ]
+    )
     child.wait(10)
     sampler.stop()
     group, seconds = sampler.last[child.pid]

@@ -34,8 +34,17 @@ FIGURES = (
 @pytest.mark.timeout(300)
 def test_quick_bench_against_mosquitto(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "qmig.benchmarks.broker", "--quick", "--brokers", "mosquitto",
-         "--json", "--log-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "qmig.benchmarks.broker",
+            "--quick",
+            "--brokers",
+            "mosquitto",
+            "--json",
+            "--log-dir",
+            str(tmp_path),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -82,9 +91,23 @@ def _aioquic_missing() -> bool:
 def test_quick_bench_qmig_over_quic(tmp_path: Path) -> None:
     """qmig over QUIC: every pub/sub figure comes out and messages flow; never asserts speed."""
     proc = subprocess.run(
-        [sys.executable, "-m", "qmig.benchmarks.broker", "--quick", "--brokers", "qmig-quic",
-         "--only", "qos0,qos1,latency,connect", "--duration", "0.5", "--warmup", "0.2",
-         "--json", "--log-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "qmig.benchmarks.broker",
+            "--quick",
+            "--brokers",
+            "qmig-quic",
+            "--only",
+            "qos0,qos1,latency,connect",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--json",
+            "--log-dir",
+            str(tmp_path),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -145,9 +145,18 @@ def test_idempotent_and_reuses_ca_for_new_hosts(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl binary not installed")
 def test_openssl_verifies_server_purpose(certs: CertPaths) -> None:
     out = subprocess.run(
-        ["openssl", "verify", "-CAfile", str(certs.ca_cert), "-purpose", "sslserver",
-         str(certs.server_cert)],
-        capture_output=True, text=True, check=False,
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(certs.ca_cert),
+            "-purpose",
+            "sslserver",
+            str(certs.server_cert),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -184,9 +193,23 @@ def test_mosquitto_serves_and_clients_verify(certs: CertPaths, tmp_path: Path) -
                 threading.Event().wait(0.05)
         if shutil.which("mosquitto_pub"):
             pub = subprocess.run(
-                ["mosquitto_pub", "-h", "localhost", "-p", str(port), "--cafile",
-                 str(certs.ca_cert), "-t", "t", "-m", "hi"],
-                capture_output=True, text=True, timeout=20, check=False,
+                [
+                    "mosquitto_pub",
+                    "-h",
+                    "localhost",
+                    "-p",
+                    str(port),
+                    "--cafile",
+                    str(certs.ca_cert),
+                    "-t",
+                    "t",
+                    "-m",
+                    "hi",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
             )
             assert pub.returncode == 0, pub.stderr
 

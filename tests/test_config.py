@@ -122,8 +122,18 @@ def test_ranges_validated(argv: list[str]) -> None:
 
 def test_range_limits_accepted() -> None:
     cfg = config_from_args(
-        parse("--tcp-port", "0", "--max-packet-size", "268435460", "--receive-maximum", "65535",
-              "--sys-interval", "0", "--redirect", "198.18.2.2:1883")
+        parse(
+            "--tcp-port",
+            "0",
+            "--max-packet-size",
+            "268435460",
+            "--receive-maximum",
+            "65535",
+            "--sys-interval",
+            "0",
+            "--redirect",
+            "198.18.2.2:1883",
+        )
     )
     assert cfg.tcp_port == 0 and cfg.redirect == "198.18.2.2:1883"
 

@@ -137,7 +137,8 @@ class Paho:
     def __init__(self, port: int) -> None:
         self.port = port
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"ctl-{uuid.uuid4().hex[:8]}",
+            CallbackAPIVersion.VERSION2,
+            client_id=f"ctl-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
         self.connacks: queue.Queue[tuple[int, Any]] = queue.Queue()

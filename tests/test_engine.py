@@ -791,9 +791,7 @@ def test_retained_matching_wildcard_and_qos_mqtt_3_3_1_9() -> None:
     assert got == [("r/a", 1), ("r/b", 0)]
 
 
-@pytest.mark.parametrize(
-    ("handling", "first", "again"), [(0, 1, 1), (1, 1, 0), (2, 0, 0)]
-)
+@pytest.mark.parametrize(("handling", "first", "again"), [(0, 1, 1), (1, 1, 0), (2, 0, 0)])
 def test_retain_handling_mqtt_3_3_1_9_to_11(handling: int, first: int, again: int) -> None:
     """0: on every subscribe; 1: only for a new subscription; 2: never."""
     broker, _ = make_broker()
@@ -1093,9 +1091,7 @@ def test_outbound_alias_not_assigned_by_a_dropped_oversized_publish_mqtt_3_1_2_2
     """A PUBLISH discarded for the client's Maximum Packet Size must not consume an alias
     the client never learnt; the next PUBLISH on that topic carries the full topic name."""
     broker, _ = make_broker()
-    sub = connected(
-        broker, "sub", properties={P.TOPIC_ALIAS_MAXIMUM: 5, P.MAXIMUM_PACKET_SIZE: 64}
-    )
+    sub = connected(broker, "sub", properties={P.TOPIC_ALIAS_MAXIMUM: 5, P.MAXIMUM_PACKET_SIZE: 64})
     sub.subscribe("t/alias")
     pub = connected(broker, "pub")
     pub.publish("t/alias", b"x" * 200)
@@ -1130,9 +1126,7 @@ def test_packet_before_connect_closes_silently_mqtt_3_1_0_1() -> None:
     assert client.packets() == [] and client.closed
 
 
-@pytest.mark.parametrize(
-    "first", [b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00\x01", b"\x30\x10"]
-)
+@pytest.mark.parametrize("first", [b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00\x01", b"\x30\x10"])
 def test_first_byte_not_connect_closes_at_once_mqtt_3_1_0_1(first: bytes) -> None:
     """HTTP, a TLS ClientHello or a PUBLISH header: no need to wait for a whole packet."""
     broker, _ = make_broker()

@@ -365,9 +365,7 @@ def test_tree_match_agrees_with_topic_matches_mqtt_4_7_2_1(
         else:
             validate_topic_name(arg)
             got = tree.match(arg)
-            expected = sorted(
-                (sorted(d.items()) for f, d in live.items() if topic_matches(f, arg))
-            )
+            expected = sorted((sorted(d.items()) for f, d in live.items() if topic_matches(f, arg)))
             assert sorted(sorted(d.items()) for d in got) == expected, arg
     assert len(tree) == sum(len(d) for d in live.values())
     assert sorted(tree.filters()) == sorted(live)

@@ -38,8 +38,12 @@ def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", required=True, metavar="HOST", help="destination edge host")
     parser.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     parser.add_argument("--scenario", default="demo", help=argparse.SUPPRESS)
-    parser.add_argument("--fail-at", choices=("transfer", "restore"), default=None,
-                        help="make that step fail for real, to see the rollback")
+    parser.add_argument(
+        "--fail-at",
+        choices=("transfer", "restore"),
+        default=None,
+        help="make that step fail for real, to see the rollback",
+    )
 
 
 def run_lab(args: argparse.Namespace) -> int:
@@ -70,8 +74,10 @@ def _run_lab(args: argparse.Namespace) -> int:
         image = args.image or _image()
         state = lab.up(image)
         host = lab.scenario.host(state.broker_host)
-        print(f"qmig lab: up; broker on {host.name} at {host.address} (image {image}); "
-              f"clients run in netns qmig-cl; CA {lab.cafile}")
+        print(
+            f"qmig lab: up; broker on {host.name} at {host.address} (image {image}); "
+            f"clients run in netns qmig-cl; CA {lab.cafile}"
+        )
         return 0
     except (LabError, ScenarioError) as exc:
         print(f"qmig lab: error: {exc}", file=sys.stderr)
@@ -101,6 +107,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         if note:
             console.print(f"[dim]{note}[/dim]")
         with console.status("migrating…") as status:
+
             def progress(step: str) -> None:
                 console.log(step)
                 status.update(step)
@@ -146,5 +153,7 @@ def _print_timeline(console: Any, outcome: dict[str, Any]) -> None:
         for c in outcome["clients"]:
             clients.add_row(c["client_id"], c["transport"], f"{c['after_thaw_ms']:.1f}")
         console.print(clients)
-    console.print(f"downtime (freeze to resume): {outcome.get('downtime_ms')} ms; "
-                  f"checkpoint {outcome.get('checkpoint_bytes', 0) / 1e6:.1f} MB")
+    console.print(
+        f"downtime (freeze to resume): {outcome.get('downtime_ms')} ms; "
+        f"checkpoint {outcome.get('checkpoint_bytes', 0) / 1e6:.1f} MB"
+    )

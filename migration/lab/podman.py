@@ -189,8 +189,9 @@ class Podman:
             out.decode(errors="replace")  # fmt: skip
 
     def lab_containers(self) -> list[str]:
-        return [c.name for c in self.client.containers.list(all=True,
-                                                            filters={"label": "qmig=lab"})]
+        return [
+            c.name for c in self.client.containers.list(all=True, filters={"label": "qmig=lab"})
+        ]
 
     # ------------------------------------------------------------------ checkpoint / restore
     def checkpoint(self, name: str, path: Path) -> CheckpointResult:

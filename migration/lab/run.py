@@ -31,8 +31,14 @@ READY_TIMEOUT = 60.0
 def workload_spec(lab: Lab, drain: float = 2.0) -> WorkloadSpec:
     sc = lab.scenario
     target = BrokerTarget(lab.broker_host.address, sc.ports.as_dict(), lab.cafile)
-    return WorkloadSpec(target, sc.clients, rate=sc.rate, qos=sc.qos, drain=drain,
-                        reconnect_delay=sc.reconnect_delay).validate()
+    return WorkloadSpec(
+        target,
+        sc.clients,
+        rate=sc.rate,
+        qos=sc.qos,
+        drain=drain,
+        reconnect_delay=sc.reconnect_delay,
+    ).validate()
 
 
 class WorkloadProcess:

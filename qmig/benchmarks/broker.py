@@ -54,23 +54,50 @@ class Settings:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=None,
-                        help="measured seconds per test (default 5, or 1 with --quick)")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="discarded seconds before each window (default 1, 0.3 with --quick)")
-    parser.add_argument("--brokers", default=",".join(BROKER_NAMES),
-                        help="comma-separated brokers to compare (default: %(default)s)")
-    parser.add_argument("--only", default=",".join(TESTS),
-                        help="comma-separated tests to run (default: %(default)s)")
-    parser.add_argument("--clients", type=int, default=None,
-                        help="connected clients for the RSS test (default 1000, 100 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke mode: 1 s per test and 100 clients for RSS")
-    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                        help="write the JSON report to PATH, or to stdout without PATH")
-    parser.add_argument("--log-dir", default=None,
-                        help="where broker and worker logs go (default: a temporary folder)")
-
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="measured seconds per test (default 5, or 1 with --quick)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="discarded seconds before each window (default 1, 0.3 with --quick)",
+    )
+    parser.add_argument(
+        "--brokers",
+        default=",".join(BROKER_NAMES),
+        help="comma-separated brokers to compare (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(TESTS),
+        help="comma-separated tests to run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="connected clients for the RSS test (default 1000, 100 with --quick)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke mode: 1 s per test and 100 clients for RSS"
+    )
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="write the JSON report to PATH, or to stdout without PATH",
+    )
+    parser.add_argument(
+        "--log-dir",
+        default=None,
+        help="where broker and worker logs go (default: a temporary folder)",
+    )
 
 
 def _settings(args: argparse.Namespace, log_dir: Path) -> Settings:
@@ -135,8 +162,11 @@ def _cpu_window(go: dict[str, Any], procs: dict[str, psutil.Process]) -> dict[st
     ours = sum(v for v in pct.values() if not math.isnan(v))
     machine = {k: 100 * (m1[k] - m0[k]) / wall for k in m0}
     others = max(0.0, round(machine["process"] - ours, 1))
-    extra = {"other_processes": others, "irq_softirq": round(machine["irq_softirq"], 1),
-             "steal": round(machine["steal"], 1)}
+    extra = {
+        "other_processes": others,
+        "irq_softirq": round(machine["irq_softirq"], 1),
+        "steal": round(machine["steal"], 1),
+    }
     busy = ours + sum(extra.values())
     return {**pct, **extra, "saturates": _saturation(pct, others, busy)}
 
@@ -159,9 +189,16 @@ def _saturation(pct: dict[str, float], others: float, busy: float) -> str:
 
 
 def _spec(role: str, b: RunningBroker, s: Settings, **kw: Any) -> dict[str, Any]:
-    return {"role": role, "host": HOST, "port": b.port, "transport": b.transport,
-            "deadline_s": s.deadline_s(),
-            "drain_max_s": s.drain_max_s, "drain_idle_s": 1.0, **kw}
+    return {
+        "role": role,
+        "host": HOST,
+        "port": b.port,
+        "transport": b.transport,
+        "deadline_s": s.deadline_s(),
+        "drain_max_s": s.drain_max_s,
+        "drain_idle_s": 1.0,
+        **kw,
+    }
 
 
 def _split(n: int, parts: int) -> list[int]:
@@ -169,8 +206,15 @@ def _split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if k < n % parts else 0) for k in range(parts)]
 
 
-def _pubsub(b: RunningBroker, s: Settings, *, qos: int, subscribers: int = 1,
-            sub_processes: int = 1, rate: float | None = None) -> dict[str, Any]:
+def _pubsub(
+    b: RunningBroker,
+    s: Settings,
+    *,
+    qos: int,
+    subscribers: int = 1,
+    sub_processes: int = 1,
+    rate: float | None = None,
+) -> dict[str, Any]:
     """One publisher process against subscriber process(es) on one topic."""
     topic = "bench/t"
     latency = rate is not None
@@ -180,8 +224,17 @@ def _pubsub(b: RunningBroker, s: Settings, *, qos: int, subscribers: int = 1,
         for k, n in enumerate(_split(subscribers, sub_processes)):
             # Only QoS 0 floods batch their reads: QoS 1 acks and latency need prompt reads.
             interval = s.flood_read_interval_s if qos == 0 and not latency else 0.0
-            spec = _spec("sub", b, s, topic=topic, qos=qos, connections=n,
-                         client_id=f"bench-sub{k}", latency=latency, read_interval_s=interval)
+            spec = _spec(
+                "sub",
+                b,
+                s,
+                topic=topic,
+                qos=qos,
+                connections=n,
+                client_id=f"bench-sub{k}",
+                latency=latency,
+                read_interval_s=interval,
+            )
             if subscribers > 1:
                 spec["drain_max_s"] = s.fanout_drain_max_s
             subs.append(Worker(f"{b.name}-sub{k}", spec, s.log_dir))
@@ -189,8 +242,21 @@ def _pubsub(b: RunningBroker, s: Settings, *, qos: int, subscribers: int = 1,
         for w in subs:
             w.expect("ready", 30)
         mode = "rate" if latency else ("flood" if qos == 0 else "window")
-        pub = Worker(f"{b.name}-pub", _spec("pub", b, s, topic=topic, qos=qos, mode=mode,
-                     window=s.window, rate=rate, client_id="bench-pub"), s.log_dir)
+        pub = Worker(
+            f"{b.name}-pub",
+            _spec(
+                "pub",
+                b,
+                s,
+                topic=topic,
+                qos=qos,
+                mode=mode,
+                window=s.window,
+                rate=rate,
+                client_id="bench-pub",
+            ),
+            s.log_dir,
+        )
         workers.append(pub)
         pub.expect("ready", 30)
         go = _go(s)
@@ -238,8 +304,12 @@ def _connect_rate(b: RunningBroker, s: Settings) -> dict[str, Any]:
     finally:
         for w in workers:
             w.stop()
-    return {"rate": sum(r["rate"] for r in res), "failures": sum(r["failures"] for r in res),
-            "errors": [e for r in res for e in r["errors"]][:3], "cpu": cpu}
+    return {
+        "rate": sum(r["rate"] for r in res),
+        "failures": sum(r["failures"] for r in res),
+        "errors": [e for r in res for e in r["errors"]][:3],
+        "cpu": cpu,
+    }
 
 
 def _rss(b: RunningBroker, s: Settings) -> dict[str, Any]:
@@ -256,8 +326,13 @@ def _rss(b: RunningBroker, s: Settings) -> dict[str, Any]:
         res = w.expect("result", 30)
     finally:
         w.stop()
-    return {"idle_mb": idle, "loaded_mb": loaded, "connected": ready["connected"],
-            "alive_at_stop": res["alive_at_stop"], "errors": ready["errors"]}
+    return {
+        "idle_mb": idle,
+        "loaded_mb": loaded,
+        "connected": ready["connected"],
+        "alive_at_stop": res["alive_at_stop"],
+        "errors": ready["errors"],
+    }
 
 
 def _log(msg: str) -> None:
@@ -266,8 +341,13 @@ def _log(msg: str) -> None:
 
 def bench_one(name: str, s: Settings, tests: list[str]) -> dict[str, Any]:
     """All requested tests against one broker, each on a fresh broker process."""
-    out: dict[str, Any] = {"available": True, "version": version_of(name), "cpu": {},
-                           "lost": {}, "errors": {}}
+    out: dict[str, Any] = {
+        "available": True,
+        "version": version_of(name),
+        "cpu": {},
+        "lost": {},
+        "errors": {},
+    }
     for test in tests:
         if test == "rss" and name == "qmig-bridge":
             continue  # the bridge's RSS would be the bridge's, not the broker's: skipped
@@ -310,50 +390,66 @@ def _rounded(out: dict[str, Any]) -> dict[str, Any]:
 
 def _run_test(name: str, test: str, b: RunningBroker, s: Settings, out: dict[str, Any]) -> None:
     if test in ("qos0", "qos1", "fanout", "latency"):
-        r = _pubsub(b, s, qos=1 if test == "qos1" else 0,
-                    subscribers=s.fanout_subscribers if test == "fanout" else 1,
-                    sub_processes=s.fanout_processes if test == "fanout" else 1,
-                    rate=s.latency_rate if test == "latency" else None)
+        r = _pubsub(
+            b,
+            s,
+            qos=1 if test == "qos1" else 0,
+            subscribers=s.fanout_subscribers if test == "fanout" else 1,
+            sub_processes=s.fanout_processes if test == "fanout" else 1,
+            rate=s.latency_rate if test == "latency" else None,
+        )
         out.setdefault("messages", {})[test] = {
-            k: r[k] for k in ("sent", "received", "lost", "duplicates")}
+            k: r[k] for k in ("sent", "received", "lost", "duplicates")
+        }
     if test == "qos0":
         out["qos0_msg_s"], out["lost"]["qos0"], out["cpu"]["qos0"] = r["rate"], r["lost"], r["cpu"]
-        _log(f"[{name}] qos0: {r['rate']:,.0f} msg/s, lost {r['lost']}; "
-             f"saturates: {r['cpu']['saturates']}")
+        _log(
+            f"[{name}] qos0: {r['rate']:,.0f} msg/s, lost {r['lost']}; "
+            f"saturates: {r['cpu']['saturates']}"
+        )
     elif test == "qos1":
         out["qos1_msg_s"], out["lost"]["qos1"], out["cpu"]["qos1"] = r["rate"], r["lost"], r["cpu"]
         out["qos1_duplicates"] = r["duplicates"]
-        _log(f"[{name}] qos1: {r['rate']:,.0f} msg/s, lost {r['lost']}; "
-             f"saturates: {r['cpu']['saturates']}")
+        _log(
+            f"[{name}] qos1: {r['rate']:,.0f} msg/s, lost {r['lost']}; "
+            f"saturates: {r['cpu']['saturates']}"
+        )
     elif test == "fanout":
         out["fanout_deliveries_s"], out["cpu"]["fanout"] = r["rate"], r["cpu"]
         # Not "lost": the fan-out drain is capped short, so this may still be queued.
         out["messages"]["fanout"]["undelivered_at_end"] = out["messages"]["fanout"].pop("lost")
-        _log(f"[{name}] fanout: {r['rate']:,.0f} deliveries/s; "
-             f"saturates: {r['cpu']['saturates']}")
+        _log(f"[{name}] fanout: {r['rate']:,.0f} deliveries/s; saturates: {r['cpu']['saturates']}")
     elif test == "latency":
         out["latency_ms"], out["lost"]["latency"] = r["latency_ms"], r["lost"]
         out["cpu"]["latency"] = r["cpu"]
         lat = r["latency_ms"]
-        _log(f"[{name}] latency: p50 {lat['p50']:.3f} p99 {lat['p99']:.3f} "
-             f"max {lat['max']:.3f} ms ({lat['samples']} samples)")
+        _log(
+            f"[{name}] latency: p50 {lat['p50']:.3f} p99 {lat['p99']:.3f} "
+            f"max {lat['max']:.3f} ms ({lat['samples']} samples)"
+        )
     elif test == "connect":
         r = _connect_rate(b, s)
         out["connect_subscribe_s"], out["cpu"]["connect"] = r["rate"], r["cpu"]
         if r["failures"]:
             out["connect_failures"] = {"count": r["failures"], "examples": r["errors"]}
-        _log(f"[{name}] connect+subscribe: {r['rate']:,.0f}/s ({r['failures']} failures); "
-             f"saturates: {r['cpu']['saturates']}")
+        _log(
+            f"[{name}] connect+subscribe: {r['rate']:,.0f}/s ({r['failures']} failures); "
+            f"saturates: {r['cpu']['saturates']}"
+        )
     elif test == "rss":
         r = _rss(b, s)
         out["rss_idle_mb"], out["rss_1000_clients_mb"] = r["idle_mb"], r["loaded_mb"]
         out["rss_delta_mb"] = r["loaded_mb"] - r["idle_mb"]
         out["rss_clients"] = r["connected"]
         if r["connected"] < s.rss_clients or r["alive_at_stop"] < r["connected"]:
-            out["errors"]["rss"] = (f"{r['connected']}/{s.rss_clients} connected, "
-                                    f"{r['alive_at_stop']} alive at the end: {r['errors']}")
-        _log(f"[{name}] rss: idle {r['idle_mb']:.1f} MB, {r['connected']} clients "
-             f"{r['loaded_mb']:.1f} MB")
+            out["errors"]["rss"] = (
+                f"{r['connected']}/{s.rss_clients} connected, "
+                f"{r['alive_at_stop']} alive at the end: {r['errors']}"
+            )
+        _log(
+            f"[{name}] rss: idle {r['idle_mb']:.1f} MB, {r['connected']} clients "
+            f"{r['loaded_mb']:.1f} MB"
+        )
 
 
 # --------------------------------------------------------------------------- reporting
@@ -384,24 +480,40 @@ def _goals(brokers: dict[str, Any]) -> dict[str, Any]:
     for key in _THROUGHPUT:
         qv, av = _figure(q, key), _figure(a, key)
         ratio = round(qv / av, 3) if qv is not None and av else None
-        goals[key] = {"target": f"qmig >= {THROUGHPUT_RATIO:g}x amqtt", "qmig": qv,
-                      "amqtt": av, "ratio": ratio,
-                      "met": None if ratio is None else ratio >= THROUGHPUT_RATIO}
+        goals[key] = {
+            "target": f"qmig >= {THROUGHPUT_RATIO:g}x amqtt",
+            "qmig": qv,
+            "amqtt": av,
+            "ratio": ratio,
+            "met": None if ratio is None else ratio >= THROUGHPUT_RATIO,
+        }
     qos0 = _figure(q, "qos0_msg_s")
-    goals["qos0_floor"] = {"target": f">= {QOS0_FLOOR} msg/s", "qmig": qos0,
-                           "met": None if qos0 is None else qos0 >= QOS0_FLOOR}
+    goals["qos0_floor"] = {
+        "target": f">= {QOS0_FLOOR} msg/s",
+        "qmig": qos0,
+        "met": None if qos0 is None else qos0 >= QOS0_FLOOR,
+    }
     p99 = _figure(q, "latency_p99_ms")
-    goals["latency_p99_ms"] = {"target": f"<= {P99_CEILING_MS} ms", "qmig": p99,
-                               "met": None if p99 is None else p99 <= P99_CEILING_MS}
+    goals["latency_p99_ms"] = {
+        "target": f"<= {P99_CEILING_MS} ms",
+        "qmig": p99,
+        "met": None if p99 is None else p99 <= P99_CEILING_MS,
+    }
     lost = (q.get("lost") or {}).get("qos1")
     goals["qos1_lost"] = {"target": "0", "qmig": lost, "met": None if lost is None else lost == 0}
     qq = brokers.get("qmig-quic", {})
     qos0 = _figure(qq, "qos0_msg_s")
-    goals["quic_qos0_floor"] = {"target": f">= {QUIC_QOS0_FLOOR} msg/s", "qmig-quic": qos0,
-                                "met": None if qos0 is None else qos0 >= QUIC_QOS0_FLOOR}
+    goals["quic_qos0_floor"] = {
+        "target": f">= {QUIC_QOS0_FLOOR} msg/s",
+        "qmig-quic": qos0,
+        "met": None if qos0 is None else qos0 >= QUIC_QOS0_FLOOR,
+    }
     p99 = _figure(qq, "latency_p99_ms")
-    goals["quic_latency_p99_ms"] = {"target": f"<= {QUIC_P99_CEILING_MS} ms", "qmig-quic": p99,
-                                    "met": None if p99 is None else p99 <= QUIC_P99_CEILING_MS}
+    goals["quic_latency_p99_ms"] = {
+        "target": f"<= {QUIC_P99_CEILING_MS} ms",
+        "qmig-quic": p99,
+        "met": None if p99 is None else p99 <= QUIC_P99_CEILING_MS,
+    }
     return goals
 
 
@@ -445,8 +557,10 @@ def render_table(report: dict[str, Any], file: Any) -> None:
     from rich.table import Table
 
     names = list(report["brokers"])
-    table = Table(title=f"qmig bench broker — {report['duration_s']:g} s per test, "
-                        f"{report['machine']['logical_cpus']} CPUs")
+    table = Table(
+        title=f"qmig bench broker — {report['duration_s']:g} s per test, "
+        f"{report['machine']['logical_cpus']} CPUs"
+    )
     table.add_column("figure", no_wrap=True)
     for n in names:
         table.add_column(n, justify="right")
@@ -461,9 +575,14 @@ def render_table(report: dict[str, Any], file: Any) -> None:
         v = _figure(res[n], key)
         return "n/a" if v is None else fmt.format(v)
 
-    table.add_row("status", *[("ok" if res[n].get("available") else
-                               f"unavailable: {res[n].get('reason', '')}") for n in names],
-                  *([""] if show_ratio else []))
+    table.add_row(
+        "status",
+        *[
+            ("ok" if res[n].get("available") else f"unavailable: {res[n].get('reason', '')}")
+            for n in names
+        ],
+        *([""] if show_ratio else []),
+    )
     for label, key, fmt in _ROWS:
         ratio = ""
         if show_ratio:
@@ -473,20 +592,38 @@ def render_table(report: dict[str, Any], file: Any) -> None:
             clients = {res[n].get("rss_clients") for n in names if res[n].get("available")}
             label = f"RSS with {'/'.join(str(c) for c in clients if c) or 'N'} clients MB"
         table.add_row(label, *[cell(n, key, fmt) for n in names], *([ratio] if show_ratio else []))
-    table.add_row("Lost qos0 / qos1 / latency", *[
-        " / ".join(str((res[n].get("lost") or {}).get(t, "-")) for t in ("qos0", "qos1", "latency"))
-        if res[n].get("available") else "—" for n in names], *([""] if show_ratio else []))
+    table.add_row(
+        "Lost qos0 / qos1 / latency",
+        *[
+            " / ".join(
+                str((res[n].get("lost") or {}).get(t, "-")) for t in ("qos0", "qos1", "latency")
+            )
+            if res[n].get("available")
+            else "—"
+            for n in names
+        ],
+        *([""] if show_ratio else []),
+    )
     for test in ("qos0", "qos1", "fanout", "connect"):
         cpus = [(res[n].get("cpu") or {}).get(test) for n in names]
         if not any(cpus):
             continue
-        table.add_row(f"CPU % {test} (broker/loadgen)", *[_cpu_cell(c) for c in cpus],
-                      *([""] if show_ratio else []))
-        table.add_row(f"  {test} saturates", *[(c or {}).get("saturates", "—") for c in cpus],
-                      *([""] if show_ratio else []))
+        table.add_row(
+            f"CPU % {test} (broker/loadgen)",
+            *[_cpu_cell(c) for c in cpus],
+            *([""] if show_ratio else []),
+        )
+        table.add_row(
+            f"  {test} saturates",
+            *[(c or {}).get("saturates", "—") for c in cpus],
+            *([""] if show_ratio else []),
+        )
     Console(file=file, width=max(120, 48 + 30 * len(names))).print(table)
-    print("CPU % is of one core: broker / load-generator processes (publisher first); "
-          "'other' is load from processes outside the benchmark.", file=file)
+    print(
+        "CPU % is of one core: broker / load-generator processes (publisher first); "
+        "'other' is load from processes outside the benchmark.",
+        file=file,
+    )
     errors = {n: r["errors"] for n, r in res.items() if r.get("errors")}
     for n, errs in errors.items():
         for test, msg in errs.items():
@@ -496,8 +633,11 @@ def render_table(report: dict[str, Any], file: Any) -> None:
 def _cpu_cell(cpu: dict[str, Any] | None) -> str:
     if not cpu:
         return "—"
-    loadgen = [f"{v:.0f}" for k, v in cpu.items() if k not in (
-        "broker", "bridge", "saturates", "other_processes", "irq_softirq", "steal")]
+    loadgen = [
+        f"{v:.0f}"
+        for k, v in cpu.items()
+        if k not in ("broker", "bridge", "saturates", "other_processes", "irq_softirq", "steal")
+    ]
     other = cpu.get("other_processes") or 0
     text = f"{cpu['broker']:.0f} / {'+'.join(loadgen)}"
     if "bridge" in cpu:
@@ -513,8 +653,10 @@ def run(args: argparse.Namespace) -> int:
     tests = [t.strip() for t in args.only.split(",") if t.strip()]
     bad = [b for b in brokers if b not in BROKER_NAMES] + [t for t in tests if t not in TESTS]
     if bad or not brokers or not tests:
-        print(f"unknown or missing broker/test names: {bad}; brokers: {BROKER_NAMES}, "
-              f"tests: {TESTS}", file=sys.stderr)
+        print(
+            f"unknown or missing broker/test names: {bad}; brokers: {BROKER_NAMES}, tests: {TESTS}",
+            file=sys.stderr,
+        )
         return 2
     tmp = None
     if args.log_dir:
@@ -539,10 +681,15 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine,
         "duration_s": s.duration,
         "warmup_s": s.warmup,
-        "settings": {"rss_clients": s.rss_clients, "fanout_subscribers": s.fanout_subscribers,
-                     "qos1_window": s.window, "latency_rate_msg_s": s.latency_rate,
-                     "connect_concurrency": s.connect_processes,
-                     "payload_bytes": 64, "protocol": "MQTT 3.1.1"},
+        "settings": {
+            "rss_clients": s.rss_clients,
+            "fanout_subscribers": s.fanout_subscribers,
+            "qos1_window": s.window,
+            "latency_rate_msg_s": s.latency_rate,
+            "connect_concurrency": s.connect_processes,
+            "payload_bytes": 64,
+            "protocol": "MQTT 3.1.1",
+        },
         "brokers": results,
         "goals": _goals(results),
     }
@@ -554,11 +701,17 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(text + "\n")
         render_table(report, sys.stdout)
-    noisy = [f"{n} {t}" for n, r in results.items() for t, c in (r.get("cpu") or {}).items()
-             if (c.get("other_processes") or 0) >= _NOISY_PCT]
+    noisy = [
+        f"{n} {t}"
+        for n, r in results.items()
+        for t, c in (r.get("cpu") or {}).items()
+        if (c.get("other_processes") or 0) >= _NOISY_PCT
+    ]
     if noisy:
-        _log(f"warning: other processes used >= {_NOISY_PCT:.0f}% of a core during: "
-             f"{', '.join(noisy)}; those figures may be low, rerun on a quiet machine")
+        _log(
+            f"warning: other processes used >= {_NOISY_PCT:.0f}% of a core during: "
+            f"{', '.join(noisy)}; those figures may be low, rerun on a quiet machine"
+        )
     return 0 if any(r.get("available") for r in results.values()) else 1
 
 

@@ -156,9 +156,24 @@ def _command(
         raise BrokerUnavailable(f"{name} takes no extra broker options")
     if name in ("qmig", *QUIC_BROKERS):
         cmd = [
-            sys.executable, "-m", "qmig", "broker", "--host", HOST, "--tcp-port", str(port),
-            "--tls-port", "0", "--mptcp-port", "0", "--sys-interval", "0",
-            "--log-level", "WARNING", "--quic-port", str(quic_port),
+            sys.executable,
+            "-m",
+            "qmig",
+            "broker",
+            "--host",
+            HOST,
+            "--tcp-port",
+            str(port),
+            "--tls-port",
+            "0",
+            "--mptcp-port",
+            "0",
+            "--sys-interval",
+            "0",
+            "--log-level",
+            "WARNING",
+            "--quic-port",
+            str(quic_port),
         ]
         if quic_port:
             from broker.certs import make_lab_certs
@@ -169,9 +184,11 @@ def _command(
     if name == "amqtt":
         config = {
             "listeners": {"default": {"type": "tcp", "bind": f"{HOST}:{port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {
-                "allow_anonymous": True,
-            }},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {
+                    "allow_anonymous": True,
+                }
+            },
         }
         return [sys.executable, "-c", _AMQTT_LAUNCHER, json.dumps(config)]
     if name == "mosquitto":
@@ -261,16 +278,31 @@ def start_broker(
         blog = workdir / f"bridge-{bport}.log"
         with open(blog, "wb") as log:
             broker.helpers["bridge"] = subprocess.Popen(
-                [sys.executable, "-m", "qmig", "bridge", "--listen", f"{HOST}:{bport}",
-                 "--to", f"{HOST}:{quic_port}", "--insecure", "--log-level", "WARNING"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=root)
+                [
+                    sys.executable,
+                    "-m",
+                    "qmig",
+                    "bridge",
+                    "--listen",
+                    f"{HOST}:{bport}",
+                    "--to",
+                    f"{HOST}:{quic_port}",
+                    "--insecure",
+                    "--log-level",
+                    "WARNING",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=root,
+            )
         broker.port = bport
         _wait_ready(broker, bport, broker.helpers["bridge"], blog, ready_timeout)
     return broker
 
 
-def _wait_ready(broker: RunningBroker, port: int, proc: subprocess.Popen[bytes], log_path: Path,
-                timeout: float) -> None:
+def _wait_ready(
+    broker: RunningBroker, port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -57,9 +57,7 @@ class DelayLossRelay(asyncio.DatagramProtocol):
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
-        self.transport, _ = await loop.create_datagram_endpoint(
-            lambda: self, local_addr=(HOST, 0)
-        )
+        self.transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(HOST, 0))
         relay = self
 
         class Upstream(asyncio.DatagramProtocol):
@@ -218,20 +216,33 @@ def render_table(report: dict[str, Any], file: Any) -> None:
         table.add_column(col, justify="left" if col == "mode" else "right")
     for r in report["results"]:
         lat = r["probe_latency_ms"]
-        table.add_row(r["mode"], *(str(lat[k]) for k in ("median", "p95", "p99", "max")),
-                      f"{lat['count']}/{r['probes_sent']}",
-                      f"{r['bulk_received']}/{r['bulk_sent']}", str(r["datagrams_dropped"]))
+        table.add_row(
+            r["mode"],
+            *(str(lat[k]) for k in ("median", "p95", "p99", "max")),
+            f"{lat['count']}/{r['probes_sent']}",
+            f"{r['bulk_received']}/{r['bulk_sent']}",
+            str(r["datagrams_dropped"]),
+        )
     Console(file=file).print(table)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Settings()
-    parser.add_argument("--loss", type=float, default=d.loss,
-                        help=f"percent of the broker's datagrams dropped (default {d.loss:g})")
-    parser.add_argument("--delay-ms", type=float, default=d.delay_ms,
-                        help=f"one-way delay added by the relay (default {d.delay_ms:g})")
-    parser.add_argument("--seconds", type=float, default=d.seconds,
-                        help=f"traffic per mode (default {d.seconds:g})")
+    parser.add_argument(
+        "--loss",
+        type=float,
+        default=d.loss,
+        help=f"percent of the broker's datagrams dropped (default {d.loss:g})",
+    )
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=d.delay_ms,
+        help=f"one-way delay added by the relay (default {d.delay_ms:g})",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=d.seconds, help=f"traffic per mode (default {d.seconds:g})"
+    )
     parser.add_argument("--bulk-rate", type=float, default=d.bulk_rate)
     parser.add_argument("--bulk-size", type=int, default=d.bulk_size)
     parser.add_argument("--probe-rate", type=float, default=d.probe_rate)

@@ -129,8 +129,10 @@ class Collector:
         return self.matching(topic)
 
     def _summary(self, limit: int = 12) -> str:
-        shown = [f"{m.topic}={m.payload[:40]!r}(q{m.qos}{',r' if m.retain else ''})" for m in
-                 self._items[-limit:]]
+        shown = [
+            f"{m.topic}={m.payload[:40]!r}(q{m.qos}{',r' if m.retain else ''})"
+            for m in self._items[-limit:]
+        ]
         return ", ".join(shown)
 
 
@@ -242,8 +244,14 @@ class PahoClient:
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         props = _props_dict(msg.properties) if self.version == V5 else {}
         self.collector.add(
-            Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), props,
-                     source=self.client_id)
+            Received(
+                msg.topic,
+                bytes(msg.payload),
+                msg.qos,
+                bool(msg.retain),
+                props,
+                source=self.client_id,
+            )
         )
 
     def _ack(self, mid: int, value: Any) -> None:
@@ -324,9 +332,15 @@ class PahoClient:
                 props = Properties(PacketTypes.SUBSCRIBE)
                 props.SubscriptionIdentifier = sub_id
             opts = [
-                (t, SubscribeOptions(qos=q, noLocal=no_local,
-                                     retainAsPublished=retain_as_published,
-                                     retainHandling=retain_handling))
+                (
+                    t,
+                    SubscribeOptions(
+                        qos=q,
+                        noLocal=no_local,
+                        retainAsPublished=retain_as_published,
+                        retainHandling=retain_handling,
+                    ),
+                )
                 for t, q in filters
             ]
             rc, mid = self.client.subscribe(opts, properties=props)
@@ -410,8 +424,14 @@ def _cli(name: str) -> str:
 def _common_args(
     broker: BrokerLike, *, version: int, tls: bool, client_id: str | None
 ) -> list[str]:
-    args = ["-h", broker.host, "-p", str(broker.tls_port if tls else broker.tcp_port),
-            "-V", "mqttv5" if version == V5 else "mqttv311"]
+    args = [
+        "-h",
+        broker.host,
+        "-p",
+        str(broker.tls_port if tls else broker.tcp_port),
+        "-V",
+        "mqttv5" if version == V5 else "mqttv311",
+    ]
     if tls:
         args += ["--cafile", broker.cafile]
     if client_id:
@@ -434,9 +454,15 @@ def mosquitto_pub(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run mosquitto_pub once (bounded by ``timeout``); raises on non-zero exit."""
     payload = message.encode() if isinstance(message, str) else message
-    argv = [_cli("mosquitto_pub"), *_common_args(broker, version=version, tls=tls,
-                                                  client_id=client_id),
-            "-t", topic, "-q", str(qos), "-s"]
+    argv = [
+        _cli("mosquitto_pub"),
+        *_common_args(broker, version=version, tls=tls, client_id=client_id),
+        "-t",
+        topic,
+        "-q",
+        str(qos),
+        "-s",
+    ]
     if retain:
         argv.append("-r")
     argv += list(extra)
@@ -472,9 +498,17 @@ class MosquittoSub:
         self.collector = Collector(f"mosquitto_sub:{topics}")
         self.suback = threading.Event()
         self.lines: list[str] = []
-        argv = [_cli("mosquitto_sub"), *_common_args(broker, version=version, tls=tls,
-                                                      client_id=client_id or uid("msub")),
-                "-q", str(qos), "-d", "-W", str(wait_seconds), "-F", "MSG %q %r %t %x"]
+        argv = [
+            _cli("mosquitto_sub"),
+            *_common_args(broker, version=version, tls=tls, client_id=client_id or uid("msub")),
+            "-q",
+            str(qos),
+            "-d",
+            "-W",
+            str(wait_seconds),
+            "-F",
+            "MSG %q %r %t %x",
+        ]
         for t in [topics] if isinstance(topics, str) else topics:
             argv += ["-t", t]
         if count is not None:
@@ -484,8 +518,9 @@ class MosquittoSub:
         if stdbuf:  # line-buffer stdout so "-d" SUBACK lines are seen when they happen
             argv = [stdbuf, "-oL", *argv]
         self.argv = argv
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -499,8 +534,15 @@ class MosquittoSub:
             elif line.startswith("MSG "):
                 _, qos, retain, rest = line.split(" ", 3)
                 topic, _, hexpayload = rest.rpartition(" ")
-                self.collector.add(Received(topic, bytes.fromhex(hexpayload), int(qos),
-                                            retain == "1", source="mosquitto_sub"))
+                self.collector.add(
+                    Received(
+                        topic,
+                        bytes.fromhex(hexpayload),
+                        int(qos),
+                        retain == "1",
+                        source="mosquitto_sub",
+                    )
+                )
 
     def wait_subscribed(self, timeout: float = TIMEOUT) -> MosquittoSub:
         if not self.suback.wait(timeout):
@@ -584,13 +626,17 @@ async def amqtt_receive(client: Any, n: int, timeout: float = TIMEOUT) -> list[R
     while len(out) < n:
         msg = await client.deliver_message(timeout_duration=max(0.01, deadline - time.monotonic()))
         assert msg is not None
-        out.append(Received(msg.topic, bytes(msg.data), int(msg.qos or 0), bool(msg.retain),
-                            source="amqtt"))
+        out.append(
+            Received(
+                msg.topic, bytes(msg.data), int(msg.qos or 0), bool(msg.retain), source="amqtt"
+            )
+        )
     return out
 
 
-async def wait_collected(collector: Collector, n: int, timeout: float = TIMEOUT,
-                         topic: str | None = None) -> list[Received]:
+async def wait_collected(
+    collector: Collector, n: int, timeout: float = TIMEOUT, topic: str | None = None
+) -> list[Received]:
     """``Collector.wait_for`` for async tests (does not block the event loop)."""
     return await asyncio.to_thread(collector.wait_for, n, timeout, topic)
 
@@ -612,16 +658,23 @@ class ClientPool:
         assert b is not None, "no broker given"
         return b
 
-    def paho(self, broker: BrokerLike | None = None, *, connect: bool = True,
-             **kwargs: Any) -> PahoClient:
+    def paho(
+        self, broker: BrokerLike | None = None, *, connect: bool = True, **kwargs: Any
+    ) -> PahoClient:
         client = PahoClient(self._broker(broker), **kwargs)
         self._paho.append(client)
         if connect:
             client.connect()
         return client
 
-    def mosquitto_sub(self, topics: str | Sequence[str], broker: BrokerLike | None = None,
-                      *, wait: bool = True, **kwargs: Any) -> MosquittoSub:
+    def mosquitto_sub(
+        self,
+        topics: str | Sequence[str],
+        broker: BrokerLike | None = None,
+        *,
+        wait: bool = True,
+        **kwargs: Any,
+    ) -> MosquittoSub:
         sub = MosquittoSub(self._broker(broker), topics, **kwargs)
         self._subs.append(sub)
         if wait:

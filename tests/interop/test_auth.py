@@ -72,8 +72,9 @@ def test_valid_credentials_accepted_mqtt_3_1_4_2(
     (CONNACK 0) and can exchange messages, over TCP and TLS."""
     sub = clients.paho(auth_broker, version=version, username="bob", password=USERS["bob"])
     assert sub.subscribe("acl/open/#", 1) == [1]
-    pub = clients.paho(auth_broker, version=version, username="alice",
-                       password=USERS["alice"], tls=True)
+    pub = clients.paho(
+        auth_broker, version=version, username="alice", password=USERS["alice"], tls=True
+    )
     pub.publish("acl/open/hello", b"hi", qos=1)
     assert sub.collector.wait_for(1)[0].payload == b"hi"
 
@@ -84,8 +85,9 @@ def test_wrong_password_refused_mqtt_3_1_4_2(
 ) -> None:
     """MQTT-3.1.4-2, MQTT-3.2.2-6 / -7 (v5), MQTT-3.2.2-4 / -5 (v3.1.1): a wrong password is
     refused with a failure CONNACK (session present 0) and the connection is closed."""
-    bad = clients.paho(auth_broker, version=version, username="alice", password="wrong",
-                       connect=False)
+    bad = clients.paho(
+        auth_broker, version=version, username="alice", password="wrong", connect=False
+    )
     connack = bad.connect(expect_success=False)
     # paho 2.x reports v3.1.1 return codes 4 / 5 as reason codes 0x86 / 0x87
     assert connack.reason_code in (0x86, 0x87), connack
@@ -105,8 +107,7 @@ def test_wrong_password_v5_connack_0x86_mqtt_3_2_2_8(
 ) -> None:
     """MQTT 5 §3.2.2.2 / MQTT-3.2.2-8: a wrong password gets CONNACK 0x86 (Bad User Name or
     Password)."""
-    bad = clients.paho(auth_broker, version=V5, username="alice", password="wrong",
-                       connect=False)
+    bad = clients.paho(auth_broker, version=V5, username="alice", password="wrong", connect=False)
     connack = bad.connect(expect_success=False)
     assert connack.reason_code == 0x86, connack
 
@@ -117,8 +118,7 @@ def test_wrong_password_v311_return_code_4_mqtt_3_2_2_5(
 ) -> None:
     """MQTT 3.1.1 §3.2.2.3: a wrong password gets CONNACK return code 4 (bad user name or
     password); checked with paho (mapped name) and amqtt (raw return code)."""
-    bad = clients.paho(auth_broker, version=V311, username="alice", password="wrong",
-                       connect=False)
+    bad = clients.paho(auth_broker, version=V311, username="alice", password="wrong", connect=False)
     connack = bad.connect(expect_success=False)
     # paho 2.x maps v3.1.1 return codes onto v5 reason codes: 4 -> "Bad user name or password"
     assert connack.reason_name == "Bad user name or password", connack
@@ -140,12 +140,10 @@ def test_acl_denied_subscription_gets_nothing_mqtt_3_8_4(
     """A subscription the ACL does not allow never delivers messages, whether the server
     refuses it in SUBACK (MQTT-3.8.4-7 / §3.9.3) or filters at delivery; an allowed
     filter in the same SUBSCRIBE is granted (MQTT-3.8.4-5)."""
-    alice = clients.paho(auth_broker, version=version, username="alice",
-                         password=USERS["alice"])
+    alice = clients.paho(auth_broker, version=version, username="alice", password=USERS["alice"])
     codes = alice.subscribe([("acl/open/#", 1), ("acl/wo/#", 1), ("acl/secret/#", 1)])
     assert codes[0] == 1, codes
-    carol = clients.paho(auth_broker, version=version, username="carol",
-                         password=USERS["carol"])
+    carol = clients.paho(auth_broker, version=version, username="carol", password=USERS["carol"])
     carol.publish("acl/wo/x", b"not for alice", qos=1)
     carol.publish("acl/secret/x", b"not for alice", qos=1)
     carol.publish("acl/open/end", b"marker", qos=1)
@@ -163,8 +161,7 @@ def test_acl_denied_subscribe_refused_in_suback_mqtt_3_9_3(
 ) -> None:
     """MQTT 5 §3.9.3 (0x87 Not authorized) / MQTT 3.1.1 §3.9.3 (0x80 Failure): filters the
     ACL denies are refused in SUBACK, allowed ones are granted (MQTT-3.8.4-5 / -7)."""
-    alice = clients.paho(auth_broker, version=version, username="alice",
-                         password=USERS["alice"])
+    alice = clients.paho(auth_broker, version=version, username="alice", password=USERS["alice"])
     codes = alice.subscribe([("acl/open/#", 1), ("acl/wo/#", 1), ("acl/secret/#", 1)])
     assert codes == ([1, 0x87, 0x87] if version == V5 else [1, 0x80, 0x80]), codes
 
@@ -177,8 +174,7 @@ def test_acl_denies_publish_mqtt_3_3_5_2(
     0x87 Not authorized): a publish the ACL denies is not delivered to anyone."""
     bob = clients.paho(auth_broker, version=version, username="bob", password=USERS["bob"])
     assert bob.subscribe([("acl/open/#", 1), ("acl/ro/#", 1), ("acl/wo/#", 1)]) == [1, 1, 1]
-    alice = clients.paho(auth_broker, version=version, username="alice",
-                         password=USERS["alice"])
+    alice = clients.paho(auth_broker, version=version, username="alice", password=USERS["alice"])
     denied = alice.publish("acl/ro/x", b"denied", qos=1)
     if version == V5:
         assert denied == 0x87, denied

@@ -106,10 +106,14 @@ def test_retain_as_published_mqtt_3_3_1_12_13(broker: BrokerProcess, clients: Cl
     pub.publish(topic, b"plain", qos=1, retain=False)
     pub.publish(topic, b"", qos=1, retain=True)  # clean up the retained message
     assert [(m.payload, m.retain) for m in rap0.collector.wait_for(3)] == [
-        (b"retained", False), (b"plain", False), (b"", False)
+        (b"retained", False),
+        (b"plain", False),
+        (b"", False),
     ]
     assert [(m.payload, m.retain) for m in rap1.collector.wait_for(3)] == [
-        (b"retained", True), (b"plain", False), (b"", True)
+        (b"retained", True),
+        (b"plain", False),
+        (b"", True),
     ]
 
 

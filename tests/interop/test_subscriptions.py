@@ -176,11 +176,16 @@ def test_topic_alias_client_to_server_v5_mqtt_3_3_2_12(
     assert pub.connack is not None
     alias_max = pub.connack.properties.get("TopicAliasMaximum", 0)
     assert alias_max >= 1, pub.connack
-    pub.publish(f"{r}/long/topic/name", b"set", qos=1,
-                properties=v5_props(PacketTypes.PUBLISH, TopicAlias=1))
+    pub.publish(
+        f"{r}/long/topic/name",
+        b"set",
+        qos=1,
+        properties=v5_props(PacketTypes.PUBLISH, TopicAlias=1),
+    )
     pub.publish("", b"via alias", qos=1, properties=v5_props(PacketTypes.PUBLISH, TopicAlias=1))
-    pub.publish(f"{r}/other", b"remap", qos=1,
-                properties=v5_props(PacketTypes.PUBLISH, TopicAlias=1))
+    pub.publish(
+        f"{r}/other", b"remap", qos=1, properties=v5_props(PacketTypes.PUBLISH, TopicAlias=1)
+    )
     pub.publish("", b"remapped", qos=1, properties=v5_props(PacketTypes.PUBLISH, TopicAlias=1))
     got = sub.collector.wait_for(4)
     assert [(m.topic, m.payload) for m in got] == [
@@ -221,8 +226,9 @@ def test_message_expiry_queued_and_retained_v5_mqtt_3_3_2_5_6(
     pub.publish(f"{r}/q/zz-marker", b"m", qos=1)
     back.collector.wait_for(1, topic=f"{r}/q/zz-marker")
     got = {m.topic: m for m in back.collector.messages}
-    assert sorted(got) == sorted([f"{r}/q/forever", f"{r}/q/long", f"{r}/ret/long",
-                                  f"{r}/q/zz-marker"])
+    assert sorted(got) == sorted(
+        [f"{r}/q/forever", f"{r}/q/long", f"{r}/ret/long", f"{r}/q/zz-marker"]
+    )
     waited = time.monotonic() - published
     for topic in (f"{r}/q/long", f"{r}/ret/long"):
         remaining = got[topic].properties.get("MessageExpiryInterval")

@@ -98,8 +98,13 @@ async def test_cross_client_paho_mosquitto_amqtt_mqtt_4_2_0_1(
         # ... and back: amqtt and mosquitto_pub publish, paho receives.
         await asub.publish(f"{root}/back/amqtt", b"from amqtt", qos=1)
         await asyncio.to_thread(
-            mosquitto_pub, broker, f"{root}/back/mosq", "from mosquitto_pub",
-            qos=1, version=V311, tls=tls,
+            mosquitto_pub,
+            broker,
+            f"{root}/back/mosq",
+            "from mosquitto_pub",
+            qos=1,
+            version=V311,
+            tls=tls,
         )
         got = await asyncio.to_thread(paho_sub.collector.wait_for, 2)
     assert sorted((m.topic, m.payload, m.qos) for m in got) == [

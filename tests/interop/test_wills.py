@@ -65,7 +65,9 @@ def test_will_published_when_mosquitto_sub_killed_mqtt_3_1_2_8(
     observer = clients.paho(broker, version=V5)
     assert observer.subscribe(topic, 1) == [1]
     sub = clients.mosquitto_sub(
-        topic_root("willkill") + "/ignored", broker, version=V5,
+        topic_root("willkill") + "/ignored",
+        broker,
+        version=V5,
         extra=["--will-topic", topic, "--will-payload", "killed", "--will-qos", "1"],
     )
     sub.kill()
@@ -100,8 +102,9 @@ def test_will_delay_interval_delays_will_v5_mqtt_3_1_2_8(
     observer = clients.paho(broker, version=V5)
     assert observer.subscribe(topic, 1) == [1]
     raw = clients.raw(broker)
-    raw.connect(uid("delayed"), version=V5, session_expiry=30,
-                will=Will(topic, b"late", qos=1, delay=1))
+    raw.connect(
+        uid("delayed"), version=V5, session_expiry=30, will=Will(topic, b"late", qos=1, delay=1)
+    )
     t0 = time.monotonic()
     raw.abort()
     [msg] = observer.collector.wait_for(1, timeout=5.0)

@@ -105,8 +105,11 @@ def test_image_gets_runtime_deps_only() -> None:
 
 def test_no_registry_host_is_written_down() -> None:
     host_suffix = "." + "debian" + ".org"  # assembled so this file does not contain it either
-    for path in [ROOT / "Makefile", ROOT / "migration" / "image.py",
-                 *(ROOT / "scripts").glob("*.sh")]:
+    for path in [
+        ROOT / "Makefile",
+        ROOT / "migration" / "image.py",
+        *(ROOT / "scripts").glob("*.sh"),
+    ]:
         assert host_suffix not in path.read_text(), path
 
 
@@ -122,8 +125,9 @@ def test_image_runs_the_broker_python() -> None:
         "; import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE)[1])"
         "; import qmig.cli; qmig.cli.main(['--version'])"
     )
-    proc = _run("podman", "run", "--rm", "--network", "none", tag, "python3", "-c", script,
-                timeout=60)
+    proc = _run(
+        "podman", "run", "--rm", "--network", "none", tag, "python3", "-c", script, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr[-500:]
     lines = proc.stdout.splitlines()
     assert lines[:2] == ["ok", "1024"], proc.stdout

@@ -112,7 +112,9 @@ def test_two_migrations_there_and_back_keep_sessions_and_connections(image: str)
             # Same QUIC connection throughout: one handshake, two moves, back home.
             assert len(connects) == 1 and client["reconnects"] == 0, client["name"]
             assert [addr for _, addr in client["moves"]] == [
-                f"{b.address}:{scenario.ports.quic}", f"{a.address}:{scenario.ports.quic}"]
+                f"{b.address}:{scenario.ports.quic}",
+                f"{a.address}:{scenario.ports.quic}",
+            ]
         else:
             # TCP and MPTCP were sent to each destination and resumed their sessions there.
             assert client["reconnects"] == 2, client["name"]

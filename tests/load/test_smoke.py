@@ -92,10 +92,20 @@ def test_a_broker_that_dies_under_load_is_reported_as_failures(tmp_path: Path) -
     """Failures are real: timeouts and undelivered messages count, and locust exits 1."""
     broker = LoopbackBroker(workdir=tmp_path / "dying").start()
     prefix = tmp_path / "dying-run"
-    cmd = locust_cmd(host=broker.host, quic_port=broker.quic_port, tcp_port=broker.tcp_port,
-                     cafile=broker.cafile, users=4, spawn_rate=4, run_time=8, msg_rate=5,
-                     qos=1, transport="both", prefix=prefix,
-                     extra=("--ack-timeout", "1", "--delivery-timeout", "1", "--drain", "1"))
+    cmd = locust_cmd(
+        host=broker.host,
+        quic_port=broker.quic_port,
+        tcp_port=broker.tcp_port,
+        cafile=broker.cafile,
+        users=4,
+        spawn_rate=4,
+        run_time=8,
+        msg_rate=5,
+        qos=1,
+        transport="both",
+        prefix=prefix,
+        extra=("--ack-timeout", "1", "--delivery-timeout", "1", "--drain", "1"),
+    )
     locust = LocustRun(cmd, prefix, trace_file(prefix))
     try:
         locust.wait_ready(20)

@@ -39,14 +39,26 @@ def test_percentiles_are_nearest_rank() -> None:
 
 
 def _trace(users: list[dict], ready: float = 100.0, rate: float = 10.0) -> dict:
-    return {"ready_at": ready, "started_at": ready - 5, "settings": {"msg_rate": rate},
-            "users": users}
+    return {
+        "ready_at": ready,
+        "started_at": ready - 5,
+        "settings": {"msg_rate": rate},
+        "users": users,
+    }
 
 
 def _user(name: str, transport: str, deliveries: list, lost: list | None = None) -> dict:
-    return {"name": name, "transport": transport, "connected_at": 99.0, "duplicates": 0,
-            "failures": [], "lost_messages": lost or [], "lates": [], "acks": [],
-            "deliveries": deliveries}
+    return {
+        "name": name,
+        "transport": transport,
+        "connected_at": 99.0,
+        "duplicates": 0,
+        "failures": [],
+        "lost_messages": lost or [],
+        "lates": [],
+        "acks": [],
+        "deliveries": deliveries,
+    }
 
 
 def test_steady_state_leaves_the_warmup_out() -> None:

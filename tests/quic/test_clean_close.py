@@ -22,8 +22,14 @@ async def test_lost_disconnect_is_resent_and_will_discarded(qbroker: QBroker) ->
     try:
         async with make_client(qbroker, "tcp") as watcher:
             await watcher.subscribe(topic, qos=1)
-            leaver = Client(HOST, relay.port, transport="quic", cafile=qbroker.ca,
-                            will=make_will(topic, b"gone", qos=1), reconnect=False)
+            leaver = Client(
+                HOST,
+                relay.port,
+                transport="quic",
+                cafile=qbroker.ca,
+                will=make_will(topic, b"gone", qos=1),
+                reconnect=False,
+            )
             await leaver.connect()
             await leaver.publish(topic, b"alive", qos=1, timeout=5)
             assert [m.payload for m in await collect(watcher, 1)] == [b"alive"]
@@ -37,4 +43,3 @@ async def test_lost_disconnect_is_resent_and_will_discarded(qbroker: QBroker) ->
             assert took < 2.0, f"disconnect took {took:.2f} s (its bound is 2 s)"
     finally:
         relay.close()
-
