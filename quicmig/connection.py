@@ -19,13 +19,24 @@ aioquic methods and always calls the original (the seams are tested in
 - ``_initialize`` (opt-in, ``client_cafile``): a server that requires client certificates
   makes its TLS context a :class:`ClientCertificateRequired`, since aioquic's server neither
   asks for a client certificate nor verifies one it is sent.
+- ``_replenish_connection_ids``: as many connection IDs as a pool needs, issued by a server
+  only once it sends a migration frame (see the method).
+
+Memory of an established server connection (issue #16, docs/design/quic-memory.md): once
+its handshake is over, a server-side connection drops what only the handshake used
+(:meth:`MigratingQuicConnection._qmig_release_handshake`), and one table of frame handlers
+serves every connection (:class:`_FrameHandlers`).  The private aioquic names these touch are
+listed there; ``tests/quic/test_quic_memory.py`` checks that they still exist.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MethodType
+from typing import Any
 
 from aioquic import tls
 from aioquic._buffer import Buffer  # where it is defined and typed (see quicmig.frames)
@@ -41,6 +52,7 @@ from aioquic.quic.connection import (
     QuicNetworkPath,
     QuicReceiveContext,
 )
+from aioquic.quic.crypto import CryptoContext, CryptoPair, NoCallback
 from aioquic.quic.events import QuicEvent
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
@@ -81,6 +93,11 @@ log = logging.getLogger("qmig.migration")
 # keeps: one per pool address it may probe at once, plus the active path and the one it left.
 # aioquic's own limit is 8 of each.
 ACTIVE_CONNECTION_ID_LIMIT = MAX_POOL_ADDRESSES + 2
+
+# Connection IDs a server issues, and takes from its client, until it sends a migration frame:
+# the one in use and spares for a client that changes address or probes one new server
+# address.  A server's own path changes only when its client's address does.
+SERVER_CONNECTION_IDS = 4
 
 _REQUIRED_BIT = {
     SERVER_MIGRATION: STRATEGY_EXPLICIT,
@@ -166,6 +183,82 @@ class ClientCertificateRequired(tls.Context):
             raise tls.AlertBadCertificate("the certificate is not for client authentication")
 
 
+# ---------------------------------------------------------------------- memory (issue #16)
+# Every connection's discarded Initial and Handshake epochs point at these two instead of
+# their own torn-down keys and packet spaces.  Nothing writes to a discarded epoch's state:
+# aioquic only asks whether its keys are valid (they never are: the shared contexts refuse
+# keys) and skips the space, whose loss recovery was discarded with it.
+class _DiscardedKeys(CryptoContext):
+    def setup(self, *, cipher_suite: Any, secret: bytes, version: int) -> None:
+        raise RuntimeError("keys set up for a discarded epoch")
+
+    def teardown(self) -> None:
+        pass  # nothing to tear down, and the callbacks belong to no connection
+
+
+DISCARDED_KEYS = CryptoPair()
+DISCARDED_KEYS.recv = _DiscardedKeys()
+DISCARDED_KEYS.send = _DiscardedKeys()
+DISCARDED_SPACE = QuicPacketSpace()
+DISCARDED_SPACE.discarded = True
+
+# tls.Context attributes that only the handshake reads (aioquic 1.7): key schedules, offers,
+# ephemeral keys, extensions and callbacks into the connection.  A server context in
+# SERVER_POST_HANDSHAKE reads only ``state`` and ``_receive_buffer`` (any further handshake
+# message is an unexpected_message alert); the connection reads ``alpn_negotiated``,
+# ``early_data_accepted`` and ``session_resumed``, which stay, as does ``_peer_certificate``.
+TLS_HANDSHAKE_ONLY = (
+    "key_schedule", "_key_schedule_psk", "_key_schedule_proxy", "received_extensions",
+    "handshake_extensions", "_certificate_request", "_new_session_ticket",
+    "_peer_certificate_chain", "_ec_private_keys", "_x25519_private_key", "_x448_private_key",
+    "_cipher_suites", "_legacy_compression_methods", "_psk_key_exchange_modes",
+    "_signature_algorithms", "_supported_groups", "_supported_versions", "client_random",
+    "legacy_session_id", "_enc_key", "_dec_key", "alpn_cb", "update_traffic_key_cb",
+    "get_session_ticket_cb", "new_session_ticket_cb", "certificate", "certificate_chain",
+    "certificate_private_key", "session_ticket",
+)  # fmt: skip
+
+Handler = Callable[..., None]
+_FRAME_HANDLERS = "_QuicConnection__frame_handlers"
+
+
+class _FrameHandlers(Mapping[int, tuple[Handler, frozenset[Epoch]]]):
+    """aioquic's ``__frame_handlers`` table for one connection, from a table shared by all.
+
+    aioquic builds a dict of 33 (bound method, frozenset of epochs) pairs in every
+    connection's ``__init__``: about 12 KB each, the epochs sets alone 8 KB.  The
+    functions and epochs are the same for every connection, so one table holds them and
+    this view binds the function to its connection when a frame is looked up (aioquic's
+    only use: ``self.__frame_handlers[frame_type]``, KeyError for an unknown type).
+    """
+
+    __slots__ = ("_connection",)
+    _table: dict[int, tuple[Handler, frozenset[Epoch]]] = {}
+
+    def __init__(self, connection: QuicConnection) -> None:
+        self._connection = connection
+
+    @classmethod
+    def share(cls, handlers: Mapping[int, tuple[Any, frozenset[Epoch]]]) -> None:
+        """Take the functions and epochs of aioquic's table (the first connection's)."""
+        if cls._table:
+            return
+        interned: dict[frozenset[Epoch], frozenset[Epoch]] = {}
+        for frame_type, (method, epochs) in handlers.items():
+            func = method.__func__ if isinstance(method, MethodType) else method
+            cls._table[frame_type] = (func, interned.setdefault(epochs, epochs))
+
+    def __getitem__(self, frame_type: int) -> tuple[Handler, frozenset[Epoch]]:
+        func, epochs = self._table[frame_type]
+        return MethodType(func, self._connection), epochs
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
 class MigratingQuicConnection(QuicConnection):
     """QuicConnection plus qmig's transport parameter, frames and client probing."""
 
@@ -202,13 +295,21 @@ class MigratingQuicConnection(QuicConnection):
         self._qmig_spacing = 0.0
         self.receive_window = None
         self.receive_paused = set()
-        # Room for a connection ID per pool address (see _replenish_connection_ids).
-        self._local_active_connection_id_limit = ACTIVE_CONNECTION_ID_LIMIT
-        # Name-mangled private attribute of QuicConnection (self.__frame_handlers): mypy
-        # knows it only by its unmangled name, which cannot be written here.
-        handlers = self._QuicConnection__frame_handlers  # type: ignore[attr-defined]
+        # Room for a connection ID per pool address (see _replenish_connection_ids); a
+        # server makes room for more once it sends a migration frame.
+        self._qmig_cid_target = (
+            ACTIVE_CONNECTION_ID_LIMIT if self._is_client else SERVER_CONNECTION_IDS
+        )
+        self._local_active_connection_id_limit = self._qmig_cid_target
+        self._qmig_released = False  # see _qmig_release_handshake
+        # Name-mangled private attribute of QuicConnection (self.__frame_handlers), which
+        # mypy knows only by its unmangled name: reached through the instance's __dict__.
+        state = vars(self)
+        handlers = state[_FRAME_HANDLERS]
         for frame_type in FRAME_TYPES:
-            handlers[frame_type] = (self._handle_migration_frame, EPOCHS("1"))
+            handlers[frame_type] = (MigratingQuicConnection._handle_migration_frame, EPOCHS("1"))
+        _FrameHandlers.share(handlers)
+        state[_FRAME_HANDLERS] = _FrameHandlers(self)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -217,15 +318,19 @@ class MigratingQuicConnection(QuicConnection):
 
     # ------------------------------------------------------------------ connection IDs
     def _replenish_connection_ids(self) -> None:
-        """Issue as many connection IDs as the peer takes, up to ACTIVE_CONNECTION_ID_LIMIT.
+        """Issue as many connection IDs as the peer takes, up to ``_qmig_cid_target``.
 
-        aioquic issues at most eight.  A client following a pool probes every pool address
-        at once, and each probed address needs a connection ID of its own (RFC 9000 section
-        9.5 forbids using one towards two addresses), so with eight a pool of more than
-        about seven addresses left the last ones unprobed and the client behind.
+        aioquic issues at most eight (this replaces its loop, which does the same with
+        another limit).  A client following a pool probes every pool address at once, and
+        each probed address needs a connection ID of its own (RFC 9000 section 9.5 forbids
+        using one towards two addresses), so with eight a pool of more than about seven
+        addresses left the last ones unprobed and the client behind.  A server issues
+        SERVER_CONNECTION_IDS until it sends a migration frame (:meth:`send_migration_frame`
+        then raises the target to ACTIVE_CONNECTION_ID_LIMIT): each costs about 550 bytes,
+        and most clients are never told to move.  The new IDs go out in the packets that
+        carry the frame, before a move can freeze the broker.
         """
-        super()._replenish_connection_ids()
-        limit = min(self._remote_active_connection_id_limit, ACTIVE_CONNECTION_ID_LIMIT)
+        limit = min(self._remote_active_connection_id_limit, self._qmig_cid_target)
         while len(self._host_cids) < limit:
             self._host_cids.append(
                 QuicConnectionId(
@@ -269,6 +374,10 @@ class MigratingQuicConnection(QuicConnection):
         if not self.peer_accepts(_REQUIRED_BIT[frame.type]):
             return False
         self.qmig_pending.append(frame)
+        if self._qmig_cid_target < ACTIVE_CONNECTION_ID_LIMIT:
+            self._qmig_cid_target = ACTIVE_CONNECTION_ID_LIMIT  # room to follow a pool
+            if self._handshake_complete:  # else aioquic replenishes when it completes
+                self._replenish_connection_ids()
         return True
 
     def _write_connection_limits(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
@@ -379,6 +488,56 @@ class MigratingQuicConnection(QuicConnection):
         """Client side: ask the broker to move (it forwards this to its orchestrator)."""
         return self.send_migration_frame(MigrationTrigger(reason, hint))
 
+    # ------------------------------------------------------------------ memory
+    def _qmig_release_handshake(self) -> None:
+        """A server connection whose handshake is over drops what only the handshake used.
+
+        Called after each datagram until it has run; it runs once the handshake is complete
+        (the server then has handled the client's Finished and queued its NewSessionTicket
+        on the 1-RTT crypto stream) and the Initial and Handshake epochs are discarded (so
+        their packets no longer decrypt: a late retransmitted CRYPTO frame of theirs is
+        dropped as aioquic drops it).  Private aioquic names it touches:
+
+        - ``_crypto_buffers``: three 16 KB buffers the TLS context writes its handshake
+          messages into.  A server context past its Finished writes nothing (and aioquic
+          copies the buffers of the dict, now empty, after each CRYPTO frame).
+        - ``_crypto_streams``: the Initial and Handshake entries go (with unacknowledged
+          handshake data); aioquic reads them only once those epochs' keys are valid.
+          The 1-RTT one stays (NewSessionTicket, retransmitted until acknowledged).
+        - ``_cryptos``, ``_cryptos_initial``: torn-down keys of discarded epochs, and 0-RTT
+          keys never set up, become the shared DISCARDED_KEYS.  The 1-RTT keys stay (key
+          updates derive from them); without a QuicLogger their logging callbacks do nothing.
+        - ``_spaces``, ``_loss.spaces``: discarded packet spaces become DISCARDED_SPACE,
+          and loss recovery keeps only the 1-RTT space.
+        - ``tls``: the attributes in TLS_HANDSHAKE_ONLY become None.
+        """
+        if self._qmig_released or self._is_client or not self._handshake_complete:
+            return
+        spaces = self._spaces
+        done = (Epoch.INITIAL, Epoch.HANDSHAKE)
+        if not all(spaces[epoch].discarded for epoch in done):
+            return
+        self._qmig_released = True
+        self._crypto_buffers = {}
+        cryptos = self._cryptos
+        for epoch in done:
+            self._crypto_streams.pop(epoch, None)
+            cryptos[epoch] = DISCARDED_KEYS
+            spaces[epoch] = DISCARDED_SPACE
+        zero_rtt = cryptos[Epoch.ZERO_RTT]
+        if not zero_rtt.recv.is_valid() and not zero_rtt.send.is_valid():
+            cryptos[Epoch.ZERO_RTT] = DISCARDED_KEYS
+        self._cryptos_initial = dict.fromkeys(self._cryptos_initial, DISCARDED_KEYS)
+        self._loss.spaces = [spaces[Epoch.ONE_RTT]]
+        if self._quic_logger is None:  # the callbacks only log key updates to it
+            one_rtt = cryptos[Epoch.ONE_RTT]
+            for context in (one_rtt.recv, one_rtt.send):
+                context._setup_cb = context._teardown_cb = NoCallback
+        context_state = vars(self.tls)
+        for name in TLS_HANDSHAKE_ONLY:
+            if name in context_state:
+                context_state[name] = None
+
     # ------------------------------------------------------------------ client probing
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
         follower = self.follower
@@ -391,6 +550,8 @@ class MigratingQuicConnection(QuicConnection):
             if known and addr == self._network_paths[0].addr:
                 self.qmig_last_received = now
         super().receive_datagram(data, addr, now)
+        if not self._qmig_released:
+            self._qmig_release_handshake()
         if follower is not None:
             self._qmig_after_receive(now)
             self._qmig_check_false_alarm(now)

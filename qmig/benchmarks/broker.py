@@ -378,7 +378,7 @@ def _rounded(out: dict[str, Any]) -> dict[str, Any]:
     for key in ("qos0_msg_s", "qos1_msg_s", "fanout_deliveries_s", "connect_subscribe_s"):
         if isinstance(out.get(key), float) and math.isfinite(out[key]):
             out[key] = round(out[key], 1)
-    for key in ("rss_idle_mb", "rss_1000_clients_mb", "rss_delta_mb"):
+    for key in ("rss_idle_mb", "rss_1000_clients_mb", "rss_delta_mb", "rss_per_1000_clients_mb"):
         if isinstance(out.get(key), float):
             out[key] = round(out[key], 2)
     lat = out.get("latency_ms") or {}
@@ -441,6 +441,8 @@ def _run_test(name: str, test: str, b: RunningBroker, s: Settings, out: dict[str
         out["rss_idle_mb"], out["rss_1000_clients_mb"] = r["idle_mb"], r["loaded_mb"]
         out["rss_delta_mb"] = r["loaded_mb"] - r["idle_mb"]
         out["rss_clients"] = r["connected"]
+        if r["connected"]:  # issue #16's figure, whatever --clients was
+            out["rss_per_1000_clients_mb"] = out["rss_delta_mb"] * 1000 / r["connected"]
         if r["connected"] < s.rss_clients or r["alive_at_stop"] < r["connected"]:
             out["errors"]["rss"] = (
                 f"{r['connected']}/{s.rss_clients} connected, "
@@ -549,6 +551,7 @@ _ROWS: list[tuple[str, str, str]] = [
     ("RSS idle MB", "rss_idle_mb", "{:.1f}"),
     ("RSS with N clients MB", "rss_1000_clients_mb", "{:.1f}"),
     ("RSS delta MB", "rss_delta_mb", "{:.1f}"),
+    ("RSS per 1000 idle clients MB", "rss_per_1000_clients_mb", "{:.1f}"),
 ]
 
 
