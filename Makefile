@@ -67,6 +67,12 @@ loadtest: setup
 	@mkdir -p reports
 	$(VENV_PY) -m loadtests.run --users $(USERS) --rate $(RATE) --duration $(DURATION) --out reports
 
+# Coverage-guided fuzzing (atheris): every parser target, 1,000,000 inputs each by default.
+FUZZ_RUNS ?= 1000000
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(VENV_PY) -m fuzz --all --runs $(FUZZ_RUNS)
+
 clean:
 	rm -rf build .pytest_cache .ruff_cache .hypothesis *.egg-info
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -258,23 +258,34 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} is not UTF-8: {exc}") from exc
+    return parse_settings(text, f"config file {p}")
+
+
+def parse_settings(text: str, where: str = "config") -> dict[str, Any]:
+    """The settings of a YAML document: known keys with values of the right types."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {exc}".replace("\n", " ")) from exc
+        raise ConfigError(f"{where} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    except RecursionError:
+        raise ConfigError(f"{where} nests too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         kind = type(data).__name__
-        raise ConfigError(f"config file {p} must be a mapping of settings, not {kind}")
+        raise ConfigError(f"{where} must be a mapping of settings, not {kind}")
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         if key not in _FIELD_NAMES:
-            raise ConfigError(f"unknown setting {raw_key!r} in config file {p}")
+            raise ConfigError(f"unknown setting {raw_key!r} in {where}")
         expected = _FIELD_TYPES[key]
-        _check_type(key, value, expected, f"config file {p}: ")
+        _check_type(key, value, expected, f"{where}: ")
         if expected is float and isinstance(value, int):
             value = float(value)
         out[key] = value

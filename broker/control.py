@@ -73,7 +73,7 @@ class ControlError(Exception):
     """A control request that failed; the text is the server's error or why it was unreachable."""
 
 
-class _BadRequest(Exception):
+class BadRequest(Exception):
     """The request is malformed; answered with an error, the connection stays open."""
 
 
@@ -131,11 +131,44 @@ def _error(text: str) -> dict[str, Any]:
 
 def _address(field: str, value: Any) -> Address:
     if not isinstance(value, str):
-        raise _BadRequest(f"{field} must be a string like 198.18.2.2:14567")
+        raise BadRequest(f"{field} must be a string like 198.18.2.2:14567")
     try:
         return Address.parse(value)
     except ValueError as exc:
-        raise _BadRequest(f"bad {field} {value!r}: {exc}") from exc
+        raise BadRequest(f"bad {field} {value!r}: {exc}") from exc
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """One request line as a JSON object; :class:`BadRequest` says what is wrong with it."""
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"not JSON ({exc})") from None
+    if not isinstance(request, dict):
+        raise BadRequest("expected a JSON object")
+    return request
+
+
+def check_arguments(cmd: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The checked arguments of a known ``cmd`` (addresses parsed), or :class:`BadRequest`."""
+    required, optional = COMMANDS[cmd]
+    args = {k: v for k, v in request.items() if k not in ("token", "cmd")}
+    unknown = sorted(set(args) - set(required) - set(optional))
+    if unknown:
+        raise BadRequest(f"unexpected field(s) {', '.join(unknown)}")
+    missing = [name for name in required if name not in args]
+    if missing:
+        raise BadRequest(f"missing field(s) {', '.join(missing)}")
+    if cmd == "prepare":
+        return {"dest": _address("dest", args["dest"])}
+    if cmd == "pre-checkpoint":
+        reference = args.get("reference")
+        if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+            raise BadRequest("reference must be a non-empty string such as host:port")
+        return {"reference": reference}
+    if cmd in ("restored", "rollback") and "address" in args:
+        return {"address": _address("address", args["address"])}
+    return {}
 
 
 class ControlServer:
@@ -227,11 +260,9 @@ class ControlServer:
     async def _answer(self, line: bytes, peer: str, host: str) -> tuple[dict[str, Any], bool]:
         """The reply to one request line, and whether the connection stays open."""
         try:
-            request = json.loads(line)
-        except (ValueError, RecursionError) as exc:
-            return _error(f"bad request: not JSON ({exc})"), True
-        if not isinstance(request, dict):
-            return _error("bad request: expected a JSON object"), True
+            request = parse_request(line)
+        except BadRequest as exc:
+            return _error(f"bad request: {exc}"), True
         token = request.get("token")
         if not isinstance(token, str) or not hmac.compare_digest(
             token.encode("utf-8"), self._token
@@ -243,10 +274,9 @@ class ControlServer:
         if cmd not in COMMANDS:
             known = ", ".join(COMMANDS)
             return _error(f"unknown command {cmd!r}; known: {known}"), True
-        args = {k: v for k, v in request.items() if k not in ("token", "cmd")}
         try:
-            call = self._command(cmd, args)
-        except _BadRequest as exc:
+            call = self._command(cmd, check_arguments(cmd, request))
+        except BadRequest as exc:
             return _error(f"{cmd}: {exc}"), True
         log.info("control API: %s from %s", cmd, peer)
         async with self._lock:
@@ -275,29 +305,16 @@ class ControlServer:
             await asyncio.sleep(delay)
 
     def _command(self, cmd: str, args: dict[str, Any]) -> Callable[[], Any]:
-        """Check the arguments of ``cmd`` and return the coroutine function that runs it."""
-        required, optional = COMMANDS[cmd]
-        unknown = sorted(set(args) - set(required) - set(optional))
-        if unknown:
-            raise _BadRequest(f"unexpected field(s) {', '.join(unknown)}")
-        missing = [name for name in required if name not in args]
-        if missing:
-            raise _BadRequest(f"missing field(s) {', '.join(missing)}")
+        """The coroutine function that runs ``cmd`` with arguments from check_arguments."""
         api = self.api
         if cmd == "prepare":
-            dest = _address("dest", args["dest"])
-            return lambda: _now(api.prepare, dest)
+            return lambda: _now(api.prepare, args["dest"])
         if cmd == "pre-checkpoint":
-            reference = args.get("reference")
-            if reference is not None and (not isinstance(reference, str) or not reference.strip()):
-                raise _BadRequest("reference must be a non-empty string such as host:port")
-            return lambda: api.pre_checkpoint(reference)
+            return lambda: api.pre_checkpoint(args.get("reference"))
         if cmd == "restored":
-            address = _address("address", args["address"])
-            return lambda: api.restored(address)
+            return lambda: api.restored(args["address"])
         if cmd == "rollback":
-            here = _address("address", args["address"]) if "address" in args else None
-            return lambda: api.rollback(here)
+            return lambda: api.rollback(args.get("address"))
         return lambda: _now(api.status)
 
 

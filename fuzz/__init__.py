@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of qmig's parsers (atheris): ``python -m fuzz``, ``make fuzz``."""
