@@ -44,7 +44,15 @@ from . import criu_images, net, transfer
 from .lab import LINK_NS, LINK_VETH, Lab, container_name, pod_name
 from .net import LabError
 from .podman import restore_cli
-from .postcopy import PAGE_SERVER_PORT, LazyRestore, PageServer, link_bytes, postcopy_support
+from .postcopy import (
+    PAGE_SERVER_PORT,
+    RUNTIME,
+    LazyRestore,
+    PageServer,
+    link_bytes,
+    postcopy_support,
+    runtime_installed,
+)
 
 TRANSFER_PORT = 7999
 FAIL_POINTS = ("transfer", "restore", "lazy-pages")
@@ -175,7 +183,7 @@ class Migration:
                 f"transfer: {sent.bytes / 1e6:.1f} MB in {sent.seconds:.2f} s ({rate})",
             )
             podman.remove_container(container_name(dest))  # a leftover of an earlier run
-            podman.restore(self.moved_ckpt, podman.pod_id(pod_name(dest)), container_name(dest))
+            self._restore(self.moved_ckpt, dest)
             self._mark("restore_done", f"restored in {dest.name}")
             assert lab.state is not None  # a running lab has its state
             lab.state.broker_host = dest.name
@@ -212,6 +220,15 @@ class Migration:
         shipped = self.work / "shipped.tar"
         server: PageServer | None = None
         lazy: LazyRestore | None = None
+        runtime = podman.client.containers.get(container_name(src)).attrs.get("OCIRuntime")
+        if runtime != RUNTIME:
+            receiver.stop()
+            self._rollback_control()
+            raise MigrationFailed(
+                f"post-copy needs the broker to run under the {RUNTIME} runtime, it runs under "
+                f"{runtime} (restart it with `qmig lab up`, or migrate cold)",
+                self.outcome,
+            )
         self._mark("freeze_start")
         link_before = link_bytes(LINK_VETH[0])
         try:
@@ -244,6 +261,8 @@ class Migration:
                 restore_cli(self.moved_ckpt, podman.pod_id(pod_name(dest)), container_name(dest))
             finally:
                 lazy.disarm()
+            if lazy.pid is None:
+                raise LabError(f"the restore did not go through the {RUNTIME} runtime wrapper")
             self._mark("restore_done", f"restored in {dest.name} (pages still at {src.name})")
             assert lab.state is not None  # a running lab has its state
             lab.state.broker_host = dest.name
@@ -302,6 +321,18 @@ class Migration:
 
         os.kill(pid, signal.SIGKILL)
         self._mark("lazy_daemon_killed", f"killed the lazy-pages daemon (pid {pid}) on purpose")
+
+    def _restore(self, path: Path, host: Host) -> None:
+        """Restore ``path`` as the broker of ``host``, keeping the qmig-runc runtime if any.
+
+        podman 4.3's API import-restore drops the container's runtime (the next move could
+        not be post-copy); its CLI keeps it.
+        """
+        podman = self.lab.podman
+        if runtime_installed():
+            restore_cli(path, podman.pod_id(pod_name(host)), container_name(host))
+        else:
+            podman.restore(path, podman.pod_id(pod_name(host)), container_name(host))
 
     def _note_freeze(self, freeze: dict[str, Any] | None) -> None:
         """The broker's own view of its freeze: the true freeze-to-resume downtime."""
@@ -389,7 +420,7 @@ class Migration:
                     raise LabError("no checkpoint to roll back from")
                 podman.remove_container(container_name(src))
                 net.clear_criu_lock(podman.pod_infra_pid(pod_name(src)))
-                podman.restore(self.local_ckpt, podman.pod_id(pod_name(src)), container_name(src))
+                self._restore(self.local_ckpt, src)
                 how = "restored from the same checkpoint"
             assert lab.state is not None  # a running lab has its state
             lab.state.broker_host = src.name
