@@ -40,6 +40,9 @@ LIBRARIES = ("qmig", "paho")  # which MQTT client library a client runs
 PAHO_TRANSPORTS = ("tcp", "tls", "mptcp")  # paho-mqtt has no QUIC
 
 
+METHODS = ("cold", "postcopy", "hybrid")  # how a migration moves memory
+
+
 class ScenarioError(ValueError):
     """A scenario file or override that does not describe a usable lab."""
 
@@ -113,6 +116,7 @@ class Scenario:
     clients: tuple[ClientSpec, ...] = ()
     link_rate: str = "100mbit"
     compress: bool = True  # gzip the checkpoint on the link (pages shrink about 4x)
+    method: str = "cold"  # cold | postcopy | hybrid (here: post-copy, no dirty tracking)
     loss: float = 0.0  # percent, on the clients' access link, both directions
     rate: float = 20.0  # messages per second per client
     qos: int = 1
@@ -176,6 +180,8 @@ class Scenario:
             raise ScenarioError("pool_order names a host twice")
         for name in self.pool_order:
             self.host(name)
+        if self.method not in METHODS:
+            raise ScenarioError(f"method must be one of {', '.join(METHODS)}")
         if not 0 <= self.loss < 100:
             raise ScenarioError("loss is a percentage in [0, 100)")
         if self.qos not in (0, 1, 2) or self.rate <= 0:
@@ -197,6 +203,7 @@ class Scenario:
                 clients=clients,
                 link_rate=str(link.get("rate", "100mbit")),
                 compress=bool(link.get("compress", True)),
+                method=str(data.get("method", "cold")),
                 loss=float(data.get("loss", 0)),
                 rate=float(data.get("rate", 20)),
                 qos=int(data.get("qos", 1)),

@@ -212,10 +212,40 @@ else
     log "memory dirty tracking: not available (pre-copy impossible: no --pre-checkpoint)"
 fi
 if [ "$uffd" = yes ]; then
-    log "uffd (lazy pages): available (post-copy possible with CRIU/runc; podman 4.3 has no option)"
+    log "uffd (lazy pages): available (post-copy through the qmig-runc runtime wrapper)"
 else
     log "uffd (lazy pages): not available (no post-copy)"
 fi
+# --- post-copy: the qmig-runc runtime wrapper and the pipe size CRIU's page server needs ------
+# The wrapper is runc unless a one-shot control file asks for a lazy restore (see its header).
+# Registered as a named runtime; the lab creates the broker with it when it is there.
+RUNTIME_SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/migration/lab/qmig-runc"
+RUNTIME_DEST=/usr/local/libexec/qmig/qmig-runc
+RUNTIME_DROPIN=/etc/containers/containers.conf.d/qmig-runtime.conf
+if ! cmp -s "$RUNTIME_SRC" "$RUNTIME_DEST"; then
+    install -D -m 0755 "$RUNTIME_SRC" "$RUNTIME_DEST"
+    log "installed the runtime wrapper $RUNTIME_DEST"
+fi
+runtime_text="# qmig: written by scripts/setup-containers.sh (post-copy runtime wrapper)
+[engine.runtimes]
+qmig-runc = [\"$RUNTIME_DEST\"]"
+if [ "$(cat "$RUNTIME_DROPIN" 2>/dev/null)" != "$runtime_text" ]; then
+    printf '%s\n' "$runtime_text" >"$RUNTIME_DROPIN"
+    log "wrote $RUNTIME_DROPIN (named runtime qmig-runc)"
+fi
+# CRIU sizes its page-server pipes to ~3.3 MB and ignores the failure under the default 1 MiB
+# limit (without CAP_SYS_RESOURCE every lazy page request then fails): 4 MiB, kept across boots.
+SYSCTL_CONF=/etc/sysctl.d/90-qmig-postcopy.conf
+sysctl_text="# qmig: CRIU lazy-pages page server pipes (scripts/setup-containers.sh)
+fs.pipe-max-size = 4194304"
+if [ "$(cat "$SYSCTL_CONF" 2>/dev/null)" != "$sysctl_text" ]; then
+    printf '%s\n' "$sysctl_text" >"$SYSCTL_CONF"
+    log "wrote $SYSCTL_CONF"
+fi
+if [ "$(sysctl -n fs.pipe-max-size)" -lt 4194304 ]; then
+    sysctl -q -w fs.pipe-max-size=4194304 || log "could not raise fs.pipe-max-size (no post-copy)"
+fi
+
 mkdir -p "$STATE_DIR"
 printf 'criu_version=%s\nmem_dirty_track=%s\nuffd=%s\n' \
     "$(version_of "$(command -v criu)")" "$dirty" "$uffd" >"$STATE_DIR/criu-features"

@@ -39,8 +39,14 @@ def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     parser.add_argument("--scenario", default="demo", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--method",
+        choices=("cold", "postcopy", "hybrid"),
+        default=None,
+        help="cold (default), postcopy (lazy pages), hybrid (here: post-copy)",
+    )
+    parser.add_argument(
         "--fail-at",
-        choices=("transfer", "restore"),
+        choices=("transfer", "restore", "lazy-pages"),
         default=None,
         help="make that step fail for real, to see the rollback",
     )
@@ -97,14 +103,18 @@ def run_migrate(args: argparse.Namespace) -> int:
 
     from .lab import Lab
     from .live import Migration, MigrationFailed, precopy_support
+    from .postcopy import hybrid_note
 
     console = Console(stderr=True)
     try:
         lab = Lab(_scenario(args))
         if lab.state is None:
             raise LabError("the lab is not up (run `qmig lab up`)")
+        method = args.method or lab.scenario.method
         note = precopy_support()
-        if note:
+        if method == "hybrid" and note:
+            console.print(f"[dim]{hybrid_note()}[/dim]")
+        elif note and method == "cold":
             console.print(f"[dim]{note}[/dim]")
         with console.status("migrating…") as status:
 
@@ -112,7 +122,8 @@ def run_migrate(args: argparse.Namespace) -> int:
                 console.log(step)
                 status.update(step)
 
-            migration = Migration(lab, args.to, fail_at=args.fail_at, progress=progress)
+            migration = Migration(lab, args.to, fail_at=args.fail_at, method=method,
+                                  progress=progress)  # fmt: skip
             try:
                 outcome: dict[str, Any] = migration.run()
             except MigrationFailed as exc:
@@ -154,6 +165,8 @@ def _print_timeline(console: Any, outcome: dict[str, Any]) -> None:
             clients.add_row(c["client_id"], c["transport"], f"{c['after_thaw_ms']:.1f}")
         console.print(clients)
     console.print(
-        f"downtime (freeze to resume): {outcome.get('downtime_ms')} ms; "
-        f"checkpoint {outcome.get('checkpoint_bytes', 0) / 1e6:.1f} MB"
+        f"{outcome.get('method', 'cold')}: downtime (freeze to resume): "
+        f"{outcome.get('downtime_ms')} ms; all pages after {outcome.get('total_ms')} ms; "
+        f"checkpoint {outcome.get('checkpoint_bytes', 0) / 1e6:.1f} MB; "
+        f"{outcome.get('link_bytes', 0) / 1e6:.2f} MB on the link"
     )

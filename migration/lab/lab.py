@@ -36,6 +36,7 @@ from migration.scenario import Host, Scenario
 from . import net
 from .net import LabError
 from .podman import Podman, stop_pid
+from .postcopy import RUNTIME, runtime_installed
 
 STATE_DIR = Path(os.environ.get("QMIG_LAB_DIR", "/run/qmig/lab"))
 CLIENT_NS = "qmig-cl"
@@ -220,6 +221,9 @@ class Lab:
             env={"PYTHONUNBUFFERED": "1"},
             mounts=[{"type": "bind", "source": str(self.etc), "target": BROKER_ETC,
                      "read_only": True}],
+            # The post-copy wrapper when it is installed (runc itself unless armed): podman
+            # keeps a container's runtime across checkpoint/restore, so every move can be lazy.
+            runtime=RUNTIME if runtime_installed() else None,
         )  # fmt: skip
         self.state.broker_host = host.name
         self.state.save(self.state_dir)

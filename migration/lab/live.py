@@ -13,29 +13,50 @@ checkpoint, QUIC clients are told to stay, and :class:`MigrationFailed` carries 
 Should even that fail, a fresh broker is started at the source (sessions lost, but the
 broker runs somewhere, never nowhere), and the error says so.
 
-Post-copy (lazy pages) is not offered: podman 4.3 has no lazy-pages option for
-checkpoint/restore.  Pre-copy needs the kernel's memory dirty tracking:
-:func:`precopy_support` detects it and says why not in one line.
+Post-copy (``method="postcopy"``, issue #15) freezes the same way (an ordinary checkpoint
+to local disk) but ships the dump with its lazily restorable pages zeroed; the destination
+restores at once through the ``qmig-runc`` runtime wrapper with ``criu lazy-pages``, which
+pulls the missing pages over the link from ``criu page-server --lazy-pages`` reading the full
+dump at the source.  Until every page has arrived the source keeps that dump: any failure in
+the lazy phase kills the destination and restores the source from it, as a cold rollback does.
+What the destination acknowledged during the lazy phase is not in that dump and is lost by
+such a rollback (see docs/design/postcopy.md).  ``hybrid`` runs as post-copy here: pre-copy
+needs the kernel's memory dirty tracking, which :func:`precopy_support` detects.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
+import shutil
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from migration.control import ControlError
 from migration.scenario import Host
 
-from . import net, transfer
-from .lab import LINK_NS, Lab, container_name, pod_name
+from . import criu_images, net, transfer
+from .lab import LINK_NS, LINK_VETH, Lab, container_name, pod_name
 from .net import LabError
+from .podman import restore_cli
+from .postcopy import (
+    PAGE_SERVER_PORT,
+    RUNTIME,
+    LazyRestore,
+    PageServer,
+    link_bytes,
+    postcopy_support,
+    runtime_installed,
+)
 
 TRANSFER_PORT = 7999
-FAIL_POINTS = ("transfer", "restore")
+FAIL_POINTS = ("transfer", "restore", "lazy-pages")
+METHODS = ("cold", "postcopy", "hybrid")
 
 
 class MigrationFailed(LabError):
@@ -63,9 +84,20 @@ class Migration:
     """One move of the broker from where it runs to ``dest`` (an edge host's name)."""
 
     def __init__(self, lab: Lab, dest: str, *, fail_at: str | None = None,
+                 method: str = "cold",
                  progress: Callable[[str], None] | None = None) -> None:  # fmt: skip
         if fail_at is not None and fail_at not in FAIL_POINTS:
             raise ValueError(f"fail_at must be one of {FAIL_POINTS}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}")
+        # No dirty tracking here (precopy_support), so hybrid's pre-copy rounds are empty.
+        self.method = "postcopy" if method == "hybrid" else method
+        if fail_at == "lazy-pages" and self.method != "postcopy":
+            raise ValueError("fail_at lazy-pages needs method postcopy")
+        if self.method == "postcopy":
+            reason = postcopy_support()
+            if reason:
+                raise LabError(reason)
         self.lab = lab
         self.src = lab.broker_host
         self.dest = lab.scenario.host(dest)
@@ -80,8 +112,12 @@ class Migration:
             "ip_before": self.src.address,
             "ip_after": self.dest.address,
             "timeline": self.timeline,
+            "method": self.method,
         }
+        if method == "hybrid":
+            self.outcome["method_note"] = "hybrid runs as post-copy (no memory dirty tracking)"
         stamp = time.strftime("%H%M%S")
+        self.work = lab.state_dir / f"postcopy-{stamp}"  # post-copy's images and logs
         self.local_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.src.name}.tar"
         suffix = ".tar.gz" if lab.scenario.compress else ".tar"
         self.moved_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.dest.name}{suffix}"
@@ -122,7 +158,10 @@ class Migration:
             raise MigrationFailed(f"migration to {dest.name} did not start: {exc}",
                                   self.outcome) from exc  # fmt: skip
 
+        if self.method == "postcopy":
+            return self._postcopy(receiver, link_ip)
         self._mark("freeze_start")
+        link_before = link_bytes(LINK_VETH[0])
         try:
             ckpt = podman.checkpoint(container_name(src), self.local_ckpt)
         except LabError as exc:
@@ -144,7 +183,7 @@ class Migration:
                 f"transfer: {sent.bytes / 1e6:.1f} MB in {sent.seconds:.2f} s ({rate})",
             )
             podman.remove_container(container_name(dest))  # a leftover of an earlier run
-            podman.restore(self.moved_ckpt, podman.pod_id(pod_name(dest)), container_name(dest))
+            self._restore(self.moved_ckpt, dest)
             self._mark("restore_done", f"restored in {dest.name}")
             assert lab.state is not None  # a running lab has its state
             lab.state.broker_host = dest.name
@@ -164,9 +203,136 @@ class Migration:
             (self.timeline["resumed"] - self.timeline["freeze_start"]) * 1000, 1
         )
         self.outcome.setdefault("downtime_ms", self.outcome["service_gap_ms"])
+        self.outcome["link_bytes"] = link_bytes(LINK_VETH[0]) - link_before
+        self.outcome["total_ms"] = self.outcome["service_gap_ms"]
         self.outcome["ok"] = True
         self._clean_source()
         return self.outcome
+
+    # ------------------------------------------------------------------ post-copy
+    def _postcopy(self, receiver: transfer.Receiver, link_ip: str) -> dict[str, Any]:
+        """Freeze, ship the dump without its lazy pages, resume at once, pull the rest."""
+        lab, src, dest = self.lab, self.src, self.dest
+        podman = lab.podman
+        source_ip = net_address(lab.scenario.link_subnet, 1)  # the machine's end of the link
+        shutil.rmtree(self.work, ignore_errors=True)
+        images = self.work / "source"
+        shipped = self.work / "shipped.tar"
+        server: PageServer | None = None
+        lazy: LazyRestore | None = None
+        runtime = podman.client.containers.get(container_name(src)).attrs.get("OCIRuntime")
+        if runtime != RUNTIME:
+            receiver.stop()
+            self._rollback_control()
+            raise MigrationFailed(
+                f"post-copy needs the broker to run under the {RUNTIME} runtime, it runs under "
+                f"{runtime} (restart it with `qmig lab up`, or migrate cold)",
+                self.outcome,
+            )
+        self._mark("freeze_start")
+        link_before = link_bytes(LINK_VETH[0])
+        try:
+            ckpt = podman.checkpoint(container_name(src), self.local_ckpt)
+        except LabError as exc:
+            receiver.stop()
+            return self._fail("checkpoint", exc)
+        self.outcome["checkpoint_bytes"] = ckpt.bytes
+        self._mark("dump_done", f"checkpoint: {ckpt.bytes / 1e6:.1f} MB in {ckpt.seconds:.2f} s")
+        try:
+            _unpack_checkpoint(self.local_ckpt, images)
+            stripped = criu_images.strip_lazy_pages(self.local_ckpt, images / "checkpoint",
+                                                    shipped)  # fmt: skip
+            self.outcome["lazy_bytes"] = stripped.lazy_bytes
+            self._mark("lazy_stripped", f"{stripped.lazy_bytes / 1e6:.1f} MB of pages left "
+                                        "for the lazy phase")  # fmt: skip
+            rate = net.parse_rate(lab.scenario.link_rate)
+            budget = 2 * ckpt.bytes * 8 / rate + 10  # the whole lazy phase, generously
+            server = PageServer(images / "checkpoint", source_ip, PAGE_SERVER_PORT, budget + 30,
+                                self.work / "page-server.log")  # fmt: skip
+            sent = transfer.send(shipped, link_ip, TRANSFER_PORT, compress=lab.scenario.compress)
+            receiver.result(timeout=30)
+            self.outcome["transfer_bytes"] = sent.bytes
+            self._mark("transfer_done", f"transfer: {sent.bytes / 1e6:.2f} MB in "
+                                        f"{sent.seconds:.2f} s")  # fmt: skip
+            server.wait_listening()
+            podman.remove_container(container_name(dest))  # a leftover of an earlier run
+            lazy = LazyRestore(self.work / "lazy", LINK_NS, source_ip, PAGE_SERVER_PORT, budget)
+            try:
+                restore_cli(self.moved_ckpt, podman.pod_id(pod_name(dest)), container_name(dest))
+            finally:
+                lazy.disarm()
+            if lazy.pid is None:
+                raise LabError(f"the restore did not go through the {RUNTIME} runtime wrapper")
+            self._mark("restore_done", f"restored in {dest.name} (pages still at {src.name})")
+            assert lab.state is not None  # a running lab has its state
+            lab.state.broker_host = dest.name
+            lab.state.save(lab.state_dir)
+            done = lab.control("restored", host=dest, address=self._quic(dest))
+            self.outcome["quic_announced"] = done.get("quic_announced", 0)
+            self._mark("resumed", f"serving at {dest.address}; pulling the remaining pages")
+            self._note_freeze(done.get("freeze"))
+            if self.fail_at == "lazy-pages":
+                self._kill_lazy_daemon(lazy)
+            rc = lazy.wait(time.monotonic() + budget)
+            if rc != 0:
+                raise LabError(f"criu lazy-pages failed (rc {rc}): {lazy.log_tail()}")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.proc.wait(10)
+            if server.finished() != 0:
+                raise LabError(f"criu page-server failed ({server.finished()}): "
+                               f"{server.log.read_text(errors='replace')[-300:]}")  # fmt: skip
+            result = lazy.result()
+            self.outcome["pages_faulted"] = result.faults
+            self.outcome["pages_pulled"] = result.pages
+            self._mark("pages_done", f"every page at {dest.name} ({result.pages} pulled, "
+                                     f"{result.faults} on demand)")  # fmt: skip
+        except (LabError, ControlError, criu_images.ImageFormatError, OSError,
+                tarfile.TarError) as exc:  # fmt: skip
+            receiver.stop()
+            if lazy is not None:
+                lazy.stop()
+            if server is not None:
+                server.stop()
+            step = ("lazy_pages" if "restore_done" in self.timeline else
+                    "restore" if "transfer_done" in self.timeline else "transfer")  # fmt: skip
+            try:
+                return self._fail(step, exc)
+            finally:
+                if not os.environ.get("QMIG_KEEP_POSTCOPY"):  # kept for a post-mortem
+                    shutil.rmtree(self.work, ignore_errors=True)
+        self.outcome["service_gap_ms"] = round(
+            (self.timeline["resumed"] - self.timeline["freeze_start"]) * 1000, 1
+        )
+        self.outcome.setdefault("downtime_ms", self.outcome["service_gap_ms"])
+        self.outcome["total_ms"] = round(
+            (self.timeline["pages_done"] - self.timeline["freeze_start"]) * 1000, 1
+        )
+        self.outcome["link_bytes"] = link_bytes(LINK_VETH[0]) - link_before
+        self.outcome["ok"] = True
+        self._clean_source()
+        return self.outcome
+
+    def _kill_lazy_daemon(self, lazy: LazyRestore) -> None:
+        """The link or the destination "dies" mid-way: SIGKILL the real lazy-pages daemon."""
+        pid = lazy.daemon_pid()
+        if pid is None:
+            raise LabError("fail_at lazy-pages: no lazy-pages daemon to kill (already done?)")
+        import signal
+
+        os.kill(pid, signal.SIGKILL)
+        self._mark("lazy_daemon_killed", f"killed the lazy-pages daemon (pid {pid}) on purpose")
+
+    def _restore(self, path: Path, host: Host) -> None:
+        """Restore ``path`` as the broker of ``host``, keeping the qmig-runc runtime if any.
+
+        podman 4.3's API import-restore drops the container's runtime (the next move could
+        not be post-copy); its CLI keeps it.
+        """
+        podman = self.lab.podman
+        if runtime_installed():
+            restore_cli(path, podman.pod_id(pod_name(host)), container_name(host))
+        else:
+            podman.restore(path, podman.pod_id(pod_name(host)), container_name(host))
 
     def _note_freeze(self, freeze: dict[str, Any] | None) -> None:
         """The broker's own view of its freeze: the true freeze-to-resume downtime."""
@@ -206,6 +372,7 @@ class Migration:
         for path in (self.local_ckpt, self.moved_ckpt):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        shutil.rmtree(self.work, ignore_errors=True)
         self._mark("source_cleaned")
 
     def _block_destination(self) -> str:
@@ -253,7 +420,7 @@ class Migration:
                     raise LabError("no checkpoint to roll back from")
                 podman.remove_container(container_name(src))
                 net.clear_criu_lock(podman.pod_infra_pid(pod_name(src)))
-                podman.restore(self.local_ckpt, podman.pod_id(pod_name(src)), container_name(src))
+                self._restore(self.local_ckpt, src)
                 how = "restored from the same checkpoint"
             assert lab.state is not None  # a running lab has its state
             lab.state.broker_host = src.name
@@ -289,6 +456,19 @@ class Migration:
             f"serves at {src.address} again",
             self.outcome,
         ) from exc
+
+
+def _unpack_checkpoint(export_tar: Path, out: Path) -> None:
+    """The ``checkpoint/`` images of podman's export tar, unpacked under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(export_tar, "r:") as tar:
+        members = []
+        for m in tar:
+            parts = Path(m.name).parts
+            if parts[:1] != ("checkpoint",) or ".." in parts or not (m.isfile() or m.isdir()):
+                continue
+            members.append(m)
+        tar.extractall(out, members=members)
 
 
 def net_address(subnet: str, index: int) -> str:

@@ -140,7 +140,7 @@ def run_scenario(
             time.sleep(scenario.settle)
             for index, dest in enumerate(scenario.migrations):
                 migration = Migration(lab, dest, fail_at=(fail_at or {}).get(index),
-                                      progress=say)  # fmt: skip
+                                      method=scenario.method, progress=say)  # fmt: skip
                 try:
                     outcome = migration.run()
                 except MigrationFailed as exc:
