@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -72,6 +73,10 @@ SYN_RESEND = float(getattr(client_module, "RECONNECT_SYN_TIMEOUT", 0.25))
 PAHO_MAX_INFLIGHT = 1024  # the broker's Receive Maximum (paho's own default is 20)
 SERVER_MOVED_CODES = (0x9C, 0x9D)  # Use another server, Server moved
 CONNECT_TIMEOUT = 10.0
+# Connects in progress at once at start: a fleet of 1,000 QUIC handshakes all at once would
+# run into the broker's half-open limit (quicmig.server) and its Retry threshold.
+CONNECT_CONCURRENCY = 32
+CONNECT_ATTEMPTS = 3  # at start, with a fresh client each time (a handshake may time out)
 DISCONNECT_TIMEOUT = 2.0
 MAX_ERRORS = 100  # per client: the first ones explain; the rest are only counted
 READY = "READY"
@@ -641,9 +646,22 @@ class Workload:
         self.runs = [
             ClientRun(c, self.spec.topic(c), self._make_client(c)) for c in self.spec.clients
         ]
-        results = await asyncio.gather(
-            *(self._connect(run) for run in self.runs), return_exceptions=True
-        )
+        gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def connect(run: ClientRun) -> None:
+            async with gate:
+                for attempt in range(CONNECT_ATTEMPTS):
+                    try:
+                        return await self._connect(run)
+                    except ClientError:
+                        if attempt + 1 == CONNECT_ATTEMPTS:
+                            raise
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(run.client.disconnect(), DISCONNECT_TIMEOUT)
+                    run.client = self._make_client(run.spec)
+
+        results = await asyncio.gather(*(connect(run) for run in self.runs),
+                                       return_exceptions=True)  # fmt: skip
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             await self._disconnect_all()
@@ -834,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stdin-stop", action="store_true", help="also stop at stdin EOF")
     parser.add_argument("--log-level", default="WARNING", help="client log level")
     args = parser.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # the orchestrator asks for stacks before a kill
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="workload: %(levelname)s %(name)s: %(message)s")  # fmt: skip
     try:

@@ -1,0 +1,48 @@
+"""The fleet scenario of issue #16: client counts, processes, and its figures (no lab)."""
+
+from __future__ import annotations
+
+import pytest
+
+from migration.fleet import percentile, recovery, summarize
+from migration.scenario import ClientSpec, Scenario, ScenarioError
+
+
+def test_fleet_scenario_has_1000_quic_clients_of_every_strategy() -> None:
+    sc = Scenario.load("fleet")
+    assert len(sc.clients) == 1000 and sc.processes == 4
+    assert {c.transport for c in sc.clients} == {"quic"}
+    assert {c.strategy for c in sc.clients} == {"proactive", "reactive", "pool", "announce"}
+    assert sc.clients[0].name == "quic-proactive-000" and sc.rate == 1 and sc.qos == 1
+
+
+def test_count_expands_and_processes_are_bounded() -> None:
+    specs = ClientSpec.many({"name": "q", "strategy": "pool", "count": 12})
+    assert [s.name for s in specs][:2] == ["q-00", "q-01"] and len(specs) == 12
+    assert ClientSpec.many({"name": "one"}) == [ClientSpec("one")]
+    with pytest.raises(ScenarioError):
+        ClientSpec.many({"name": "q", "count": 0})
+    with pytest.raises(ScenarioError):
+        Scenario.load("demo").replace(processes=99)
+
+
+def test_percentile_nearest_rank() -> None:
+    assert percentile([], 50) is None
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (
+        50.0, 99.0, 100.0)  # fmt: skip
+
+
+def test_summary_and_recovery_per_strategy() -> None:
+    rows = [
+        {"strategy": "pool", "lost": 2, "duplicates": 0, "reconnects": 1, "extra_ms": 10.0},
+        {"strategy": "pool", "lost": 0, "duplicates": 1, "reconnects": 0, "extra_ms": None},
+    ]
+    fig = summarize({"clients": rows, "timeline": {"trigger": 0.0, "resumed": 1.5}})
+    assert (fig["lost"], fig["lost_clients"], fig["second_handshakes"]) == (2, 1, 1)
+    assert fig["strategies"]["pool"]["no_interruption_figure"] == 1
+    assert fig["timeline_ms"] == {"trigger": 0, "resumed": 1500}
+    client = {"strategy": "pool", "sent": [[1, 9.0], [2, 10.5]], "received": [[1, 9.1], [2, 12.0]]}
+    assert recovery([client], {"freeze_at": 10.0, "resume_at": 11.0}) == {
+        "pool": {"clients": 1, "p50_ms": 1000.0, "p95_ms": 1000.0, "p99_ms": 1000.0,
+                 "max_ms": 1000.0}}  # fmt: skip
