@@ -251,3 +251,25 @@ def test_unreadable_record_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StoreError, match="cannot read"):
         open_broker(tmp_path)
+
+
+def test_config_yaml_key_and_flags() -> None:
+    import argparse
+
+    from broker.config import ConfigError, add_broker_arguments, config_from_args, parse_settings
+
+    assert parse_settings("persistence: /var/lib/qmig\npersistence-sync: strict\n") == {
+        "persistence": "/var/lib/qmig",
+        "persistence_sync": "strict",
+    }
+    parser = argparse.ArgumentParser()
+    add_broker_arguments(parser)
+    args = parser.parse_args(["--persistence", "/tmp/q", "--persistence-interval", "0.5"])
+    config = config_from_args(args)
+    assert (config.persistence, config.persistence_sync, config.persistence_interval) == (
+        "/tmp/q", "batch", 0.5,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="persistence_sync"):
+        BrokerConfig(persistence_sync="sometimes").validate()
+    with pytest.raises(ConfigError, match="persistence_interval"):
+        BrokerConfig(persistence_interval=0).validate()

@@ -218,3 +218,30 @@ async def test_qos2_exactly_once_across_a_restart(make_broker: object, how: str)
         (got,) = await collect(bob, 1)
         assert got.payload == b"once"
         await assert_quiet(bob, 1.0)  # no second "once", no "done-before" again
+
+
+def _broker_exit(directory: Path) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT, subprocess_env
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmig", "broker", "--host", HOST, "--tcp-port", "0",
+         "--tls-port", "0", "--mptcp-port", "0", "--quic-port", "0",
+         "--persistence", str(directory)],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    return proc.returncode, proc.stderr
+
+
+def test_broker_refuses_a_corrupt_or_busy_store(make_broker: object, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "qmig.db").write_bytes(b"\x00garbage, not SQLite" * 500)
+    code, err = _broker_exit(bad)
+    assert code == 1 and "cannot start" in err and "qmig.db" in err, err
+    assert (bad / "qmig.db").read_bytes().startswith(b"\x00garbage")  # left as it was
+    make_broker()  # type: ignore[operator]  # holds tmp_path/store
+    code, err = _broker_exit(tmp_path / "store")
+    assert code == 1 and "in use by another broker" in err, err
