@@ -23,6 +23,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_PACKET_SIZE_LIMIT = 268_435_460  # largest MQTT packet: 1 + 4 length bytes + 268435455
 UINT32_MAX = 4_294_967_295
 QUIC_RETRY_MODES = ("auto", "always", "never")  # quicmig.server.HandshakePolicy
+PERSISTENCE_SYNC_MODES = ("batch", "strict")  # docs/durability.md
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,13 @@ class BrokerConfig:
     max_user_properties_size: int = 65_536
     sys_interval: float = 10.0  # 0 disables $SYS
     redirect: str | None = None  # server reference; new connections are refused with it
+    # Durable store (broker.persist, docs/durability.md): a directory for its SQLite file
+    # (None: state lives in memory only).  batch: changes are committed every
+    # persistence_interval seconds (synchronous=NORMAL); strict: PUBACK/PUBREC/PUBCOMP
+    # of inbound messages are sent only once a commit (synchronous=FULL) made them durable.
+    persistence: str | None = None
+    persistence_sync: str = "batch"
+    persistence_interval: float = 0.1
     redirect_permanent: bool = False
     log_level: str = "INFO"
     # Control API for the edge host's orchestrator (broker.control); port 0 = off.  The
@@ -159,6 +167,17 @@ class BrokerConfig:
         _check_range("max_subscriptions_per_client", self.max_subscriptions_per_client, 1, None)
         _check_range("max_user_properties", self.max_user_properties, 1, None)
         _check_range("max_user_properties_size", self.max_user_properties_size, 1, None)
+        if self.persistence is not None and not self.persistence.strip():
+            raise ConfigError("persistence must name a directory")
+        if self.persistence_sync not in PERSISTENCE_SYNC_MODES:
+            choices = ", ".join(PERSISTENCE_SYNC_MODES)
+            raise ConfigError(
+                f"persistence_sync must be one of {choices}, got {self.persistence_sync!r}"
+            )
+        if not 0 < self.persistence_interval <= 3600:
+            raise ConfigError(
+                f"persistence_interval must be > 0 and <= 3600, got {self.persistence_interval}"
+            )
         if self.sys_interval < 0:
             raise ConfigError(f"sys_interval must be >= 0 (0 disables), got {self.sys_interval}")
         if bool(self.cert) != bool(self.key):
@@ -405,6 +424,27 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-keepalive", type=int, default=None, help="cap on keep-alive seconds, 0 = none")
     add("--sys-interval", type=float, default=None, help="seconds between $SYS updates, 0 disables")
+    add(
+        "--persistence",
+        metavar="DIR",
+        default=None,
+        help="keep sessions, queued messages and retained messages in DIR/qmig.db (SQLite) "
+        "so that they survive a restart or a crash (default: in memory only)",
+    )
+    add(
+        "--persistence-sync",
+        choices=PERSISTENCE_SYNC_MODES,
+        default=None,
+        help="batch: commit changes every --persistence-interval; strict: acknowledge "
+        "inbound QoS 1/2 messages only once they are on disk (default batch)",
+    )
+    add(
+        "--persistence-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between commits in batch mode (default 0.1)",
+    )
     add(
         "--redirect",
         metavar="HOST:PORT",

@@ -526,7 +526,7 @@ class BrokerConnection:
             pid = packet.packet_id
             if pid in session.inbound_qos2:
                 # Duplicate of a message we already routed (method A, section 4.3.3).
-                self.send_bytes(b"\x50\x02" + pid.to_bytes(2, "big"))
+                self.broker.send_ack(self, b"\x50\x02" + pid.to_bytes(2, "big"))
                 return
             if len(session.inbound_qos2) >= self.broker.config.receive_maximum:
                 raise MQTTError("receive maximum exceeded", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
@@ -535,9 +535,9 @@ class BrokerConnection:
             pid = packet.packet_id
             assert pid is not None  # the decoder requires one for QoS > 0
             if reason and self.version == MQTT_5:
-                self.send_bytes(encode(Puback(pid, reason), MQTT_5))
+                self.broker.send_ack(self, encode(Puback(pid, reason), MQTT_5))
             else:
-                self.send_bytes(b"\x40\x02" + pid.to_bytes(2, "big"))
+                self.broker.send_ack(self, b"\x40\x02" + pid.to_bytes(2, "big"))
         elif qos == 2:
             pid = packet.packet_id
             assert pid is not None  # the decoder requires one for QoS > 0
@@ -546,10 +546,12 @@ class BrokerConnection:
                 self.send_bytes(encode(Pubrec(pid, reason), MQTT_5))
                 return
             session.inbound_qos2.add(pid)
+            if self.broker.journal:
+                self.broker.store.note_session(session)
             if reason and self.version == MQTT_5:
-                self.send_bytes(encode(Pubrec(pid, reason), MQTT_5))
+                self.broker.send_ack(self, encode(Pubrec(pid, reason), MQTT_5))
             else:
-                self.send_bytes(b"\x50\x02" + pid.to_bytes(2, "big"))
+                self.broker.send_ack(self, b"\x50\x02" + pid.to_bytes(2, "big"))
 
     def _ack_error(self, packet: Publish, reason: int) -> None:
         pid = packet.packet_id
@@ -570,7 +572,11 @@ class BrokerConnection:
         pid = packet.packet_id
         if pid in session.inbound_qos2:
             session.inbound_qos2.discard(pid)
-            self.send_bytes(b"\x70\x02" + pid.to_bytes(2, "big"))
+            if self.broker.journal:
+                self.broker.store.note_session(session)
+            # Held in strict mode until the discard is durable: else a client reusing the
+            # packet id after a crash would have its new message taken for a duplicate.
+            self.broker.send_ack(self, b"\x70\x02" + pid.to_bytes(2, "big"))
         elif self.version == MQTT_5:
             self.send(Pubcomp(pid, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
         else:
@@ -605,6 +611,8 @@ class BrokerConnection:
             self.pump()
             return
         delivery.state = AWAIT_PUBCOMP
+        if self.broker.journal:
+            self.broker.store.note_delivery(session, delivery)
         self.send_bytes(b"\x62\x02" + pid.to_bytes(2, "big"))
 
     def _on_pubcomp(self, packet: Pubcomp) -> None:
@@ -697,6 +705,8 @@ class BrokerConnection:
                 delivery.packet_id = session.allocate_packet_id()
                 delivery.state = AWAIT_PUBACK if delivery.qos == 1 else AWAIT_PUBREC
                 inflight[delivery.packet_id] = delivery
+                if broker.journal:
+                    broker.store.note_delivery(session, delivery)
                 if not self._transmit(delivery, dup=False):
                     del inflight[delivery.packet_id]
                     broker.release(session, delivery)

@@ -40,7 +40,7 @@ from .session import (
     SubOptions,
     message_size,
 )
-from .store import MemoryStore, Store
+from .store import MemoryStore, Store, WillEntry
 
 log = logging.getLogger("qmig.broker")
 P = PropertyId
@@ -102,7 +102,7 @@ class Broker:
             (self.config.redirect, self.config.redirect_permanent) if self.config.redirect else None
         )
         self._dirty: set[BrokerConnection] = set()
-        self._wills: dict[str, tuple[float, Will, str | None]] = {}
+        self._wills: dict[str, WillEntry] = {}
         self._expiring: dict[str, float] = {}
         self._next_sys = self.started_at
         self.wakeup: Callable[[], None] = lambda: None
@@ -117,6 +117,56 @@ class Broker:
         self._incomplete: dict[BrokerConnection, None] = {}
         # Connections with a retained replay that can make progress, in turn order.
         self._replay_ready: dict[BrokerConnection, None] = {}
+        # A durable store (broker.persist) is told of every change (self.journal).  In
+        # strict mode PUBACK, PUBREC and PUBCOMP for inbound messages wait behind a
+        # durability barrier: held_acks collects them, ack_wakeup asks the I/O layer for a
+        # commit, and release_acks() sends the ones taken before it once it is durable.
+        self.journal = self.store.journaling
+        self.strict = self.journal and self.config.persistence_sync == "strict"
+        self.held_acks: list[tuple[BrokerConnection, bytes]] = []
+        self.ack_wakeup: Callable[[], None] = lambda: None
+
+    # ----------------------------------------------------------------- durability
+    def restore(self, wall: float) -> None:
+        """Load the durable store (``wall``: Unix time now): sessions offline, their
+        queues charged to the byte budgets, expiry timers and delayed wills armed."""
+        now = self.now()
+        for client_id, entry in self.store.restore(now, wall).items():
+            self._wills[client_id] = entry
+        for session in self.store.sessions():
+            if session.expires_at is not None:
+                self._expiring[session.client_id] = session.expires_at
+            for delivery in (*session.pending, *session.inflight.values()):
+                message = delivery.message
+                cost = (message.size or message_size(message)) + DELIVERY_OVERHEAD
+                message.holders += 1
+                delivery.held = cost
+                session.held_bytes += cost
+                self.queued_bytes += cost
+
+    def send_ack(self, conn: BrokerConnection, data: bytes) -> None:
+        """Send an acknowledgement of an inbound message now, or once it is durable."""
+        if not self.strict:
+            conn.send_bytes(data)
+            return
+        if not self.held_acks:
+            self.ack_wakeup()
+        self.held_acks.append((conn, data))
+
+    def take_acks(self) -> list[tuple[BrokerConnection, bytes]]:
+        """The acknowledgements the next commit makes durable (taken before it begins)."""
+        acks, self.held_acks = self.held_acks, []
+        return acks
+
+    def release_acks(self, acks: list[tuple[BrokerConnection, bytes]]) -> None:
+        """The commit after :meth:`take_acks` is durable: send what it covered."""
+        for conn, data in acks:
+            if conn.state is State.CONNECTED and not conn.closing:
+                conn.send_bytes(data)
+
+    def _note_will(self, client_id: str, entry: WillEntry | None) -> None:
+        if self.journal:
+            self.store.note_will(client_id, entry)
 
     # ----------------------------------------------------------------- I/O hooks
     def open_connection(self, transport: str, peer: str) -> BrokerConnection:
@@ -213,6 +263,8 @@ class Broker:
         # resumes the session (MQTT-3.1.3-9); Clean Start ends that session, and a will
         # waits at most until its session ends, so then it is sent now.
         pending_will = self._wills.pop(client_id, None)
+        if pending_will is not None:
+            self._note_will(client_id, None)
         if pending_will is not None and packet.clean_start:
             self._publish_will(client_id, pending_will[1], pending_will[2])
         session = self.store.get_session(client_id)
@@ -241,6 +293,8 @@ class Broker:
         session.expires_at = None
         session.will = packet.will
         session.connection = conn
+        if self.journal:
+            self.store.note_session(session)
         self.stats.connections_total += 1
         log.debug("client %s connected over %s from %s", client_id, conn.transport, conn.peer)
         conn.accept(session, present, connack)
@@ -323,7 +377,8 @@ class Broker:
                 # its will waits for it rather than announcing it gone.
                 delay = max(delay, min(conn.will_grace, session.expiry_interval))
             if delay and not takeover:
-                self._wills[session.client_id] = (now + delay, will, session.username)
+                self._wills[session.client_id] = entry = (now + delay, will, session.username)
+                self._note_will(session.client_id, entry)
             elif not (delay and resumed):
                 self._publish_will(session.client_id, will, session.username)
             # else: taken over by a connection that resumes the session before the will
@@ -335,11 +390,14 @@ class Broker:
         elif session.expiry_interval != NEVER_EXPIRES:
             session.expires_at = now + session.expiry_interval
             self._expiring[session.client_id] = session.expires_at
+        if self.journal:
+            self.store.note_session(session)
 
     def _end_session(self, client_id: str) -> None:
         self._expiring.pop(client_id, None)
         pending = self._wills.pop(client_id, None)
         if pending is not None:
+            self._note_will(client_id, None)
             # MQTT-3.1.3-9: the will is sent when the session ends, if that comes first.
             self._publish_will(client_id, pending[1], pending[2])
         self._remove_session(client_id)
@@ -555,6 +613,8 @@ class Broker:
         self.queued_bytes += added
         session.held_bytes += cost
         delivery.held = cost
+        if self.journal:
+            self.store.note_delivery(session, delivery)
         return True
 
     def release(self, session: Session, delivery: Delivery) -> None:
@@ -563,6 +623,8 @@ class Broker:
         if not held:
             return
         delivery.held = 0
+        if self.journal:
+            self.store.note_delivery(session, delivery)
         session.held_bytes -= held
         message = delivery.message
         message.holders -= 1
@@ -818,6 +880,7 @@ class Broker:
             for client_id, (at, will, username) in list(self._wills.items()):
                 if at <= now:
                     del self._wills[client_id]
+                    self._note_will(client_id, None)
                     self._publish_will(client_id, will, username)
         if self._expiring:
             for client_id, at in list(self._expiring.items()):

@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from .control import (
 from .engine import Broker
 from .migration_api import MigrationAPI
 from .observe import Observer
+from .persist import SqliteStore, StoreError, open_store
 
 log = logging.getLogger("qmig.broker")
 
@@ -161,8 +163,24 @@ class BrokerServer:
 
     def __init__(self, config: BrokerConfig, broker: Broker | None = None) -> None:
         self.config = config
-        self.broker = broker or Broker(config, version=_version())
+        self.store: SqliteStore | None = None
+        if broker is None:
+            if config.persistence:
+                self.store = open_store(config.persistence, config.persistence_sync == "strict")
+            broker = Broker(config, store=self.store, version=_version())
+            if self.store is not None:
+                try:
+                    broker.restore(time.time())
+                except StoreError:
+                    self.store.close()
+                    raise
+        elif isinstance(broker.store, SqliteStore):
+            self.store = broker.store
+        self.broker = broker
         self.broker.wakeup = self._schedule_flush
+        self.broker.ack_wakeup = self._schedule_commit
+        self._commit_scheduled = False
+        self._committer: asyncio.TimerHandle | None = None
         self.listeners: dict[str, Listener] = {}
         self._flush_scheduled = False
         self._replay_scheduled = False
@@ -240,6 +258,38 @@ class BrokerServer:
         """A QUIC connection got stream data this turn: transmit it once, after the flush."""
         self._quic_touched.add(proto)
 
+    # ----------------------------------------------------------------- durability
+    def _schedule_commit(self) -> None:
+        """Strict mode: acks are held; commit at the end of this event-loop turn."""
+        if not self._commit_scheduled and self._loop is not None:
+            self._commit_scheduled = True
+            self._loop.call_soon(self.commit)
+
+    def commit(self) -> None:
+        """Write the store's journal, then send the acks it made durable (strict mode)."""
+        self._commit_scheduled = False
+        store = self.store
+        if store is None:
+            return
+        broker = self.broker
+        acks = broker.take_acks()
+        try:
+            store.commit(broker.now(), time.time())
+        except StoreError as exc:
+            # Nothing is acknowledged that is not on disk: the clients resend them.
+            log.error("%s; closing %d connections with unacknowledged messages", exc, len(acks))
+            for conn in {conn for conn, _ in acks}:
+                conn.close(ReasonCode.UNSPECIFIED_ERROR)
+            return
+        if acks:
+            broker.release_acks(acks)
+
+    def _periodic_commit(self) -> None:
+        self.commit()
+        assert self._loop is not None
+        self._committer = self._loop.call_later(self.config.persistence_interval,
+                                                self._periodic_commit)  # fmt: skip
+
     def _tick(self) -> None:
         self.broker.tick()
         assert self._loop is not None
@@ -272,6 +322,9 @@ class BrokerServer:
             host, port = await self.control.start()
             log.info("control API on %s:%s", host, port)
         self._ticker = self._loop.call_later(TICK_SECONDS, self._tick)
+        if self.store is not None:
+            self._committer = self._loop.call_later(cfg.persistence_interval,
+                                                    self._periodic_commit)  # fmt: skip
 
     def _control_token(self) -> str:
         """The configured token, or one generated into the token file (see BrokerConfig)."""
@@ -380,10 +433,16 @@ class BrokerServer:
             self.control = None
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._committer is not None:
+            self._committer.cancel()
+        self.commit()  # what the clients were told before they are disconnected
         for conn in list(self.broker.connections):
             conn.close(ReasonCode.SERVER_SHUTTING_DOWN)
         self.flush()
         await asyncio.sleep(0.05)
+        if self.store is not None:
+            self.commit()  # the sessions as their connections ended: offline, expiring
+            self.store.close()
 
 
 def _is_loopback(host: str) -> bool:
@@ -425,6 +484,9 @@ def run(config: BrokerConfig) -> int:
     )
     try:
         asyncio.run(serve(config))
+    except StoreError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

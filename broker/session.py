@@ -99,6 +99,7 @@ class Delivery:
     state: int = 0
     channel: int = 0  # see SubOptions.channel
     held: int = 0  # bytes charged to the session's queue budget for it (0: not charged)
+    seq: int = 0  # its row in a durable store (broker.persist), 0: never journaled
 
 
 @dataclass(slots=True, eq=False)

@@ -1,8 +1,9 @@
 """Broker state behind one interface: sessions, the subscription index and retained messages.
 
 :class:`Store` is the interface the engine uses; :class:`MemoryStore` keeps everything in
-process memory, which is what a CRIU checkpoint carries to the next edge host.  A persistent
-store (for a broker that must also survive a crash) would implement the same protocol.
+process memory, which is what a CRIU checkpoint carries to the next edge host.
+:class:`broker.persist.SqliteStore` (``--persistence DIR``) is a MemoryStore that also
+journals its changes to SQLite, so that the broker survives a crash or a restart.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mqttproto.packets import Will
 from mqttproto.topics import SubscriptionTree, parse_shared
 
-from .session import Message, Session, SubOptions
+from .session import Delivery, Message, Session, SubOptions
+
+# A delayed will: when it is due (the broker's clock), the will, its client's user name.
+WillEntry = tuple[float, Will, str | None]
 
 
 @dataclass(slots=True, eq=False)
@@ -43,9 +48,21 @@ class Store(Protocol):
     def retained_count(self) -> int: ...
     def drop_retained(self, topic: str) -> None: ...
 
+    # Journal hooks: the engine reports changes a durable store must write (session
+    # fields, a delivery queued, sent, acknowledged or dropped, a delayed will); with
+    # ``journaling`` False it does not call them.
+    journaling: bool
+
+    def note_session(self, session: Session) -> None: ...
+    def note_delivery(self, session: Session, delivery: Delivery) -> None: ...
+    def note_will(self, client_id: str, will: WillEntry | None) -> None: ...
+    def restore(self, now: float, wall: float) -> dict[str, WillEntry]: ...
+
 
 class MemoryStore:
     """The in-memory :class:`Store`."""
+
+    journaling = False
 
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
@@ -149,3 +166,16 @@ class MemoryStore:
 
     def retained_count(self) -> int:
         return len(self._retained)
+
+    # journal hooks (nothing to journal in memory) --------------------------------------
+    def note_session(self, session: Session) -> None:
+        pass
+
+    def note_delivery(self, session: Session, delivery: Delivery) -> None:
+        pass
+
+    def note_will(self, client_id: str, will: WillEntry | None) -> None:
+        pass
+
+    def restore(self, now: float, wall: float) -> dict[str, WillEntry]:
+        return {}

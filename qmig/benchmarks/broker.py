@@ -22,7 +22,15 @@ from typing import Any
 
 import psutil
 
-from .brokers import BROKER_NAMES, HOST, BrokerUnavailable, RunningBroker, start_broker, version_of
+from .brokers import (
+    ALL_BROKER_NAMES,
+    BROKER_NAMES,
+    HOST,
+    BrokerUnavailable,
+    RunningBroker,
+    start_broker,
+    version_of,
+)
 from .loadgen import Worker, raise_nofile
 
 TESTS = ("qos0", "qos1", "fanout", "latency", "connect", "rss")
@@ -654,10 +662,11 @@ def _cpu_cell(cpu: dict[str, Any] | None) -> str:
 def run(args: argparse.Namespace) -> int:
     brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
     tests = [t.strip() for t in args.only.split(",") if t.strip()]
-    bad = [b for b in brokers if b not in BROKER_NAMES] + [t for t in tests if t not in TESTS]
+    bad = [b for b in brokers if b not in ALL_BROKER_NAMES] + [t for t in tests if t not in TESTS]
     if bad or not brokers or not tests:
         print(
-            f"unknown or missing broker/test names: {bad}; brokers: {BROKER_NAMES}, tests: {TESTS}",
+            f"unknown or missing broker/test names: {bad}; "
+            f"brokers: {ALL_BROKER_NAMES}, tests: {TESTS}",
             file=sys.stderr,
         )
         return 2

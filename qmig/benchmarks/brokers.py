@@ -28,6 +28,13 @@ BROKER_NAMES = ("qmig", "qmig-quic", "qmig-bridge", "amqtt", "mosquitto")
 QUIC_BROKERS = ("qmig-quic", "qmig-bridge")
 """qmig-quic: the load generator speaks MQTT over QUIC to qmig; qmig-bridge: plain TCP
 clients go through ``qmig bridge``, which carries each connection over QUIC to qmig."""
+PERSIST_BROKERS = {
+    "qmig-persist": ("--persistence-sync", "batch"),
+    "qmig-strict": ("--persistence-sync", "strict"),
+}
+"""qmig over TCP with ``--persistence`` in a fresh directory of the run (issue #18): batch
+(the default sync) and strict; not in the default set, name them in ``--brokers``."""
+ALL_BROKER_NAMES = (*BROKER_NAMES, *PERSIST_BROKERS)
 
 # amqtt in a subprocess: quiet logging (a log line per packet would be measured too) and only
 # the anonymous-auth plugin, so its figures are not taxed by the default logging plugins.
@@ -112,7 +119,7 @@ def unavailable_reason(name: str) -> str | None:
         return None if _mosquitto_path() else "mosquitto binary not found"
     if name == "amqtt":
         return None if importlib.util.find_spec("amqtt") else "amqtt is not installed"
-    if name == "qmig":
+    if name == "qmig" or name in PERSIST_BROKERS:
         return None
     if name in QUIC_BROKERS:
         return None if importlib.util.find_spec("aioquic") else "aioquic is not installed"
@@ -140,7 +147,7 @@ def version_of(name: str) -> str | None:
             from importlib.metadata import version
 
             return version("amqtt")
-        if name == "qmig" or name in QUIC_BROKERS:
+        if name == "qmig" or name in QUIC_BROKERS or name in PERSIST_BROKERS:
             from qmig import __version__
 
             return __version__
@@ -152,9 +159,12 @@ def version_of(name: str) -> str | None:
 def _command(
     name: str, port: int, workdir: Path, quic_port: int = 0, extra: Sequence[str] = ()
 ) -> list[str]:
-    if extra and name not in ("qmig", *QUIC_BROKERS):
+    if extra and name not in ("qmig", *QUIC_BROKERS, *PERSIST_BROKERS):
         raise BrokerUnavailable(f"{name} takes no extra broker options")
-    if name in ("qmig", *QUIC_BROKERS):
+    if name in PERSIST_BROKERS:
+        store = workdir / f"store-{port}"
+        extra = ["--persistence", str(store), *PERSIST_BROKERS[name], *extra]
+    if name in ("qmig", *QUIC_BROKERS, *PERSIST_BROKERS):
         cmd = [
             sys.executable,
             "-m",
