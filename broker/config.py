@@ -45,6 +45,12 @@ class BrokerConfig:
     quic_retry: str = "auto"
     quic_max_handshakes: int = 256
     quic_handshake_timeout: float = 10.0
+    # TLS session resumption over QUIC: session tickets kept in memory (at most this many,
+    # 0 disables resumption, and this many bytes), each for this many seconds.  With
+    # require_certificate only tickets of certificate-verified connections are honoured.
+    quic_tickets: int = 65_536
+    quic_ticket_bytes: int = 64 << 20
+    quic_ticket_lifetime: float = 86_400.0
     # Addresses the broker may move to, "host:port,host:port" (also $QMIG_POOL): sent to QUIC
     # clients after the handshake (POOL_MIGRATION_ADDRESS) so pool clients can find it.
     pool: str | None = None
@@ -140,6 +146,13 @@ class BrokerConfig:
             choices = ", ".join(QUIC_RETRY_MODES)
             raise ConfigError(f"quic_retry must be one of {choices}, got {self.quic_retry!r}")
         _check_range("quic_max_handshakes", self.quic_max_handshakes, 1, None)
+        _check_range("quic_tickets", self.quic_tickets, 0, None)
+        _check_range("quic_ticket_bytes", self.quic_ticket_bytes, 0, None)
+        if not 0 < self.quic_ticket_lifetime <= 7 * 86_400:  # RFC 8446 section 4.6.1
+            raise ConfigError(
+                f"quic_ticket_lifetime must be > 0 and at most 7 days, "
+                f"got {self.quic_ticket_lifetime}"
+            )
         if self.quic_handshake_timeout <= 0:
             raise ConfigError(
                 f"quic_handshake_timeout must be > 0, got {self.quic_handshake_timeout}"
@@ -358,6 +371,27 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="seconds a QUIC handshake may take (default 10)",
+    )
+    add(
+        "--quic-tickets",
+        type=int,
+        default=None,
+        metavar="N",
+        help="TLS session tickets kept for QUIC resumption, 0 disables it (default 65536)",
+    )
+    add(
+        "--quic-ticket-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="memory the session tickets may take, oldest dropped first (default 64 MiB)",
+    )
+    add(
+        "--quic-ticket-lifetime",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a session ticket resumes a connection (default 86400)",
     )
     add("--cert", default=None, help="server certificate (PEM); TLS needs it and --key")
     add("--key", default=None, help="server private key (PEM)")

@@ -34,10 +34,12 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
+from aioquic.tls import CipherSuite
 
 from quicmig.connection import MigratingQuicConnection, MigrationFrameReceived
 from quicmig.frames import ALL_STRATEGIES
 from quicmig.server import GuardedProtocol, GuardedQuicServer, HandshakePolicy, serve_guarded
+from quicmig.tickets import TicketStore
 
 from .connection import BrokerConnection, State
 
@@ -61,13 +63,23 @@ ERROR_PROTOCOL = 0x1
 
 
 def server_configuration(cert: str, key: str) -> QuicConfiguration:
-    """TLS 1.3 with ALPN ``mqtt``; flow-control windows sized for bursts of small messages."""
+    """TLS 1.3 with ALPN ``mqtt``; flow-control windows sized for bursts of small messages.
+
+    AES-128-GCM first: its SHA-256 key schedule is a little cheaper than AES-256-GCM's
+    SHA-384 (aioquic's first choice), for the same 128-bit security level as X25519 and
+    the P-256 certificate.
+    """
     config = QuicConfiguration(
         is_client=False,
         alpn_protocols=[ALPN],
         max_data=16 << 20,
         max_stream_data=8 << 20,
         idle_timeout=180.0,
+        cipher_suites=[
+            CipherSuite.AES_128_GCM_SHA256,
+            CipherSuite.AES_256_GCM_SHA384,
+            CipherSuite.CHACHA20_POLY1305_SHA256,
+        ],
     )
     config.load_cert_chain(cert, key)
     return config
@@ -83,6 +95,7 @@ class BrokerQuicProtocol(GuardedProtocol):
         config = broker_server.config
         if config.require_certificate:
             quic.client_cafile = config.cafile  # the TLS listener's rule, on QUIC too
+        quic.ticket_store = broker_server.quic_tickets  # resumption (None: off)
         self.broker_server = broker_server
         broker_server.quic_protocols.add(self)
         self.stream_id: int | None = None  # the control stream
@@ -313,6 +326,12 @@ async def start_quic_listener(
     broker_server: BrokerServer, host: str, port: int, cert: str, key: str
 ) -> GuardedQuicServer:
     config = broker_server.config
+    if config.quic_tickets > 0 and broker_server.quic_tickets is None:
+        broker_server.quic_tickets = TicketStore(
+            max_tickets=config.quic_tickets,
+            max_bytes=config.quic_ticket_bytes,
+            lifetime=config.quic_ticket_lifetime,
+        )
     policy = HandshakePolicy(
         retry=config.quic_retry,
         max_half_open=config.quic_max_handshakes,

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mqttproto.reasons import ReasonCode
 from quicmig.frames import Address
@@ -39,6 +39,9 @@ from .engine import Broker
 from .migration_api import MigrationAPI
 from .observe import Observer
 from .persist import SqliteStore, StoreError, open_store
+
+if TYPE_CHECKING:
+    from quicmig.tickets import TicketStore
 
 log = logging.getLogger("qmig.broker")
 
@@ -189,6 +192,9 @@ class BrokerServer:
         self._ssl: ssl.SSLContext | None = None
         self._quic_touched: set[Any] = set()
         self.quic_protocols: set[Any] = set()  # live BrokerQuicProtocol objects
+        # TLS session tickets of the QUIC listener (broker.quic), in this process's memory:
+        # they move with a migrated broker, so its clients resume there too.
+        self.quic_tickets: TicketStore | None = None
         self.migration = MigrationAPI(
             self, [Address.parse(a) for a in config.pool_addresses_text()]
         )

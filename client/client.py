@@ -22,6 +22,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from aioquic.tls import SessionTicket
+
 from mqttproto.client import (
     ClientProtocol,
     ClientSession,
@@ -113,6 +115,7 @@ class Client:
         properties: Properties | None = None,
         follow: str = "proactive",
         streams: str = "single",
+        session_ticket: SessionTicket | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
@@ -140,6 +143,9 @@ class Client:
         if bool(certfile) != bool(keyfile):
             raise ValueError("certfile and keyfile go together")
         self.client_cert = (certfile, keyfile) if certfile and keyfile else None
+        # QUIC: the broker's latest TLS session ticket, offered on the next connect to resume
+        # the session (no certificate exchange).  Pass one to a new Client to resume too.
+        self.session_ticket = session_ticket
         self.reconnect = reconnect and transport != "quic"
         self.reconnect_delay = reconnect_delay
         self._end_reason = "connection lost"  # what next_message raises once it is over
@@ -201,6 +207,9 @@ class Client:
                 )
         self._ping_task = asyncio.create_task(self._keepalive_loop())
 
+    def _keep_ticket(self, ticket: SessionTicket) -> None:
+        self.session_ticket = ticket
+
     async def _connect_once(
         self,
         timeout: float | None = None,
@@ -230,6 +239,7 @@ class Client:
                 self.transport, self.host, self.port, self._on_data, on_lost,
                 self.cafile, self.insecure, timeout or self.connect_timeout, self.follower,
                 syn_timeout, fallback=fallback, client_cert=self.client_cert,
+                session_ticket=self.session_ticket, on_session_ticket=self._keep_ticket,
             )  # fmt: skip
             reached = getattr(self._stream, "target", None)
             if reached is not None and reached != (self.host, self.port):

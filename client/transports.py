@@ -29,6 +29,7 @@ from aioquic.quic.events import (
     StreamReset,
 )
 from aioquic.quic.packet import QuicErrorCode
+from aioquic.tls import SessionTicket
 
 from quicmig.connection import MigratingQuicConnection, ServerAddressChanged
 from quicmig.follower import Follower
@@ -547,8 +548,13 @@ def quic_configuration(
     insecure: bool = False,
     server_name: str | None = None,
     client_cert: tuple[str, str] | None = None,
+    session_ticket: SessionTicket | None = None,
 ) -> QuicConfiguration:
-    """The client's QUIC settings; ``client_cert`` is (certificate file, key file)."""
+    """The client's QUIC settings; ``client_cert`` is (certificate file, key file).
+
+    ``session_ticket``: a ticket from an earlier connection to the same server name, offered
+    to resume that TLS session (aioquic offers it only while valid and for that name).
+    """
     config = QuicConfiguration(
         is_client=True,
         alpn_protocols=[ALPN],
@@ -563,6 +569,7 @@ def quic_configuration(
         config.load_verify_locations(cafile)
     if client_cert is not None:
         config.load_cert_chain(*client_cert)
+    config.session_ticket = session_ticket
     return config
 
 
@@ -580,6 +587,8 @@ async def open_stream(
     receive_window: int | None = None,
     fallback: tuple[str, int] | None = None,
     client_cert: tuple[str, str] | None = None,
+    session_ticket: SessionTicket | None = None,
+    on_session_ticket: Callable[[SessionTicket], None] | None = None,
 ) -> tuple[ByteStream, Closer | None]:
     """Connect and return (stream, closer); ``closer`` is an async context to exit on close.
 
@@ -590,6 +599,8 @@ async def open_stream(
     ``client_cert`` (TLS, QUIC): (certificate file, key file) to present to the broker.
     ``receive_window`` (QUIC): bound the broker's stream credit to that many bytes beyond
     what was received, so :meth:`QuicStreamProtocol.pause_reading` holds the broker back.
+    ``session_ticket`` (QUIC): offer it to resume a TLS session; ``on_session_ticket`` gets
+    each ticket the broker issues, to offer on the next connect.
     """
     loop = asyncio.get_running_loop()
     if transport in ("tcp", "mptcp", "tls"):
@@ -628,7 +639,10 @@ async def open_stream(
         proto.target = target
         return proto, None
     if transport == "quic":
-        config = quic_configuration(cafile, insecure, server_name=host, client_cert=client_cert)
+        config = quic_configuration(
+            cafile, insecure, server_name=host, client_cert=client_cert,
+            session_ticket=session_ticket,
+        )  # fmt: skip
         if receive_window is not None:
             config.max_stream_data = receive_window  # the initial credit, in the handshake
         made: list[QuicStreamProtocol] = []
@@ -639,7 +653,10 @@ async def open_stream(
                 made[-1].set_receive_window(receive_window)
             return made[-1]
 
-        manager = quic_connect(host, port, configuration=config, create_protocol=create_protocol)
+        manager = quic_connect(
+            host, port, configuration=config, create_protocol=create_protocol,
+            session_ticket_handler=on_session_ticket,
+        )  # fmt: skip
         try:
             quic = await asyncio.wait_for(manager.__aenter__(), timeout)
         except TimeoutError:

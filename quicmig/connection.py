@@ -18,7 +18,11 @@ aioquic methods and always calls the original (the seams are tested in
   that the application can stop from moving, so a slow consumer holds back the sender.
 - ``_initialize`` (opt-in, ``client_cafile``): a server that requires client certificates
   makes its TLS context a :class:`ClientCertificateRequired`, since aioquic's server neither
-  asks for a client certificate nor verifies one it is sent.
+  asks for a client certificate nor verifies one it is sent.  Also in ``_initialize``: a
+  client offers key shares for X25519 and P-256 only (aioquic offers four, and generating
+  the P-384 and X448 ones cost a client ~0.45 ms per handshake), and a server with a
+  ``ticket_store`` (opt-in) issues and honours session tickets through it, 0-RTT refused
+  (:meth:`MigratingQuicConnection._qmig_use_tickets`).
 - ``_replenish_connection_ids``: as many connection IDs as a pool needs, issued by a server
   only once it sends a migration frame (see the method).
 
@@ -87,8 +91,13 @@ from .frames import (
     frame_size,
     pull_frame,
 )
+from .tickets import StoredTicket, TicketStore
 
 log = logging.getLogger("qmig.migration")
+# Key shares a client offers, in order; the server takes the first it supports.  X25519 is
+# the cheapest exchange; P-256 is there for servers without it (aioquic does no
+# HelloRetryRequest, so a server must find one it supports).
+CLIENT_KEY_SHARES = (tls.Group.X25519, tls.Group.SECP256R1)
 # Connection IDs a qmig endpoint takes (client) and issues (broker), and network paths a client
 # keeps: one per pool address it may probe at once, plus the active path and the one it left.
 # aioquic's own limit is 8 of each.
@@ -154,14 +163,33 @@ class ClientCertificateRequired(tls.Context):
     """
 
     client_cafile: str
+    # Set once the client's certificate passed every check (a full handshake only: a PSK
+    # handshake has no certificate, see MigratingQuicConnection._qmig_use_tickets).
+    certificate_verified: bool
 
     @classmethod
     def adopt(cls, context: tls.Context, cafile: str) -> ClientCertificateRequired:
         context.__class__ = cls
         assert isinstance(context, ClientCertificateRequired)
         context.client_cafile = cafile
+        context.certificate_verified = False
         context._request_client_certificate = True
         return context
+
+    def _server_handle_hello(
+        self, input_buf: Buffer, initial_buf: Buffer, handshake_buf: Buffer
+    ) -> None:
+        """A PSK handshake asks for no certificate: expect the client's Finished next.
+
+        aioquic sends no CertificateRequest when it resumes a session, yet still waits for
+        a Certificate, and the client's Finished then ends the handshake with
+        unexpected_message.  A session is resumed here only from a ticket that was issued
+        after a verified client certificate (see MigratingQuicConnection._qmig_use_tickets),
+        so that ticket stands for the certificate.
+        """
+        super()._server_handle_hello(input_buf, initial_buf, handshake_buf)
+        if self._session_resumed and self.state == tls.State.SERVER_EXPECT_CERTIFICATE:
+            self._server_expect_finished()
 
     def _server_handle_certificate(self, input_buf: Buffer) -> None:
         super()._server_handle_certificate(input_buf)
@@ -178,9 +206,10 @@ class ClientCertificateRequired(tls.Context):
         try:
             usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
-            return
-        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+            usage = None
+        if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
             raise tls.AlertBadCertificate("the certificate is not for client authentication")
+        self.certificate_verified = True
 
 
 # ---------------------------------------------------------------------- memory (issue #16)
@@ -270,6 +299,10 @@ class MigratingQuicConnection(QuicConnection):
     receive_paused: set[int]
     # Server side: the CA that client certificates must chain to; None asks for none.
     client_cafile: str | None = None
+    # Server side: where session tickets are kept; None issues none (no resumption).
+    ticket_store: TicketStore | None = None
+    # Server side, resumed connections: the stored ticket this handshake resumed.
+    resumed_ticket: StoredTicket | None = None
 
     @classmethod
     def adopt(
@@ -313,8 +346,77 @@ class MigratingQuicConnection(QuicConnection):
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
-        if self.client_cafile is not None and not self._is_client:
-            ClientCertificateRequired.adopt(self.tls, self.client_cafile)
+        context = self.tls
+        if self._is_client:
+            groups = [group for group in CLIENT_KEY_SHARES if group in context._supported_groups]
+            context._supported_groups = groups or context._supported_groups
+            return
+        if self.client_cafile is not None:
+            ClientCertificateRequired.adopt(context, self.client_cafile)
+        if self.ticket_store is not None:
+            self._qmig_use_tickets(self.ticket_store)
+
+    # ------------------------------------------------------------------ session tickets
+    def _qmig_use_tickets(self, store: TicketStore) -> None:
+        """Issue session tickets into ``store`` and resume handshakes from it; no 0-RTT.
+
+        Per connection (aioquic's server hands every connection the same two callbacks),
+        because a ticket records how its connection was authenticated: with
+        ``client_cafile`` set, only a ticket issued after a verified client certificate (or
+        resumed from such a ticket) is honoured, since aioquic sends no CertificateRequest
+        in a PSK handshake.
+
+        0-RTT is refused: MQTT in early data (CONNECT, PUBLISH) can be replayed by anyone
+        who recorded it.  Tickets announce no early data (``_max_early_data``), and a
+        client that sends early data anyway (aioquic's server would accept it whatever
+        the ticket said) gets no 0-RTT keys: EncryptedExtensions then says early data was
+        rejected, and its 0-RTT packets do not decrypt, so it sends their data again in
+        1-RTT packets.
+        """
+        context = self.tls
+        context._max_early_data = None
+        context.get_session_ticket_cb = self._qmig_fetch_ticket
+        context.new_session_ticket_cb = self._qmig_issue_ticket
+        install_key = context.update_traffic_key_cb
+
+        def update_traffic_key(
+            direction: tls.Direction, epoch: Epoch, cipher_suite: tls.CipherSuite, secret: bytes
+        ) -> None:
+            if epoch == Epoch.ZERO_RTT:
+                context.early_data_accepted = False
+                return
+            install_key(direction, epoch, cipher_suite, secret)
+
+        context.update_traffic_key_cb = update_traffic_key
+
+    def _qmig_fetch_ticket(self, identity: bytes) -> tls.SessionTicket | None:
+        store = self.ticket_store
+        if store is None:
+            return None
+        entry = store.take(identity, certified_only=self.client_cafile is not None)
+        self.resumed_ticket = entry
+        return entry.ticket if entry is not None else None
+
+    def _qmig_issue_ticket(self, ticket: tls.SessionTicket) -> None:
+        store = self.ticket_store
+        if store is None:
+            return
+        context = self.tls
+        resumed = self.resumed_ticket if context.session_resumed else None
+        not_after = None
+        if resumed is not None:  # a ticket for a ticket: the same standing, no longer
+            certified = resumed.certified
+            not_after = resumed.ticket.not_valid_after
+        elif isinstance(context, ClientCertificateRequired):
+            certified = context.certificate_verified
+            peer = context._peer_certificate
+            if peer is not None:
+                not_after = peer.not_valid_after_utc
+        else:
+            certified = False
+        if self.client_cafile is not None and not certified:
+            return  # it could never be honoured
+        store.add(ticket, certified=certified, not_after=not_after)
 
     # ------------------------------------------------------------------ connection IDs
     def _replenish_connection_ids(self) -> None:

@@ -127,3 +127,55 @@ def test_quick_bench_qmig_over_quic(tmp_path: Path) -> None:
         assert counts["sent"] > 0 and counts["received"] > 0, (test, counts)
     assert quic["lost"]["qos1"] == 0
     assert {"quic_qos0_floor", "quic_latency_p99_ms"} <= report["goals"].keys()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.skipif(_aioquic_missing(), reason="aioquic is not installed")
+def test_connect_figures_per_connector_count(tmp_path: Path) -> None:
+    """Issue #16: connect+subscribe at each connector count, with the broker's CPU per
+    connection, in the JSON and the table; over QUIC, resumed reconnects as well."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qmig.benchmarks.broker",
+            "--quick",
+            "--brokers",
+            "qmig,qmig-quic",
+            "--only",
+            "connect",
+            "--connectors",
+            "1,2,3",
+            "--resume",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.3",
+            "--json",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=140,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["settings"]["connect_connectors"] == [1, 2, 3]
+    for name in ("qmig", "qmig-quic"):
+        res = report["brokers"][name]
+        assert res["available"] and not res.get("errors"), res
+        assert set(res["connect"]) == {"1", "2", "3"}, res["connect"]
+        for fig in res["connect"].values():
+            assert fig["rate"] > 0 and fig["connections"] > 0, fig
+            assert fig["broker_cpu_ms_per_connection"] > 0, fig
+        assert res["connect_subscribe_s"] == res["connect"]["1"]["rate"]
+    quic = report["brokers"]["qmig-quic"]
+    assert set(quic["connect_resumed"]) == {"1", "2", "3"}
+    for fig in quic["connect_resumed"].values():
+        assert 0 < fig["resumed"] <= fig["connections"], fig  # every one after the first
+    assert "connect_resumed" not in report["brokers"]["qmig"]  # TCP has nothing to resume
+    for n in (1, 2, 3):
+        assert f"Connect+subscribe /s ({n} connectors)" in proc.stderr
+        assert f"broker CPU ms/conn ({n})" in proc.stderr

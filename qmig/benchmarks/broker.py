@@ -48,7 +48,11 @@ class Settings:
     fanout_processes: int = 2
     window: int = 100
     latency_rate: float = 200.0
-    connect_processes: int = 4
+    connect_processes: int = 4  # load-generator processes at most; connectors share them
+    # Issue #16: connect+subscribe with this many connectors at once (a fleet coming back
+    # after an outage); the first count is also connect_subscribe_s, the historical figure.
+    connectors: tuple[int, ...] = (4, 16, 64)
+    resume: bool = False  # QUIC: also measure connectors resuming their TLS sessions
     flood_read_interval_s: float = 0.001
     # Slow brokers (amqtt) take QoS 0 floods in faster than they deliver and queue the rest;
     # 1-to-1 tests wait for that backlog so "lost" means lost, fan-out only reports it.
@@ -91,6 +95,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="connected clients for the RSS test (default 1000, 100 with --quick)",
     )
     parser.add_argument(
+        "--connectors",
+        default="4,16,64",
+        help="comma-separated counts of concurrent connectors for the connect test "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="connect test over QUIC: also measure reconnects that resume their TLS session "
+        "from the broker's session ticket",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke mode: 1 s per test and 100 clients for RSS"
     )
     parser.add_argument(
@@ -114,8 +130,17 @@ def _settings(args: argparse.Namespace, log_dir: Path) -> Settings:
         duration=args.duration if args.duration is not None else (1.0 if quick else 5.0),
         warmup=args.warmup if args.warmup is not None else (0.3 if quick else 1.0),
         rss_clients=args.clients if args.clients is not None else (100 if quick else 1000),
+        connectors=_counts(args.connectors),
+        resume=bool(args.resume),
         log_dir=log_dir,
     )
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    counts = tuple(int(c) for c in str(text).split(",") if c.strip())
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--connectors wants positive counts, got {text!r}")
+    return counts
 
 
 # --------------------------------------------------------------------------- measuring
@@ -294,12 +319,15 @@ def _pubsub(
     }
 
 
-def _connect_rate(b: RunningBroker, s: Settings) -> dict[str, Any]:
+def _connect_rate(
+    b: RunningBroker, s: Settings, connectors: int, resume: bool = False
+) -> dict[str, Any]:
+    """``connectors`` back-to-back connect+subscribe loops, spread over a few processes."""
     workers = []
     try:
-        for k in range(s.connect_processes):
-            spec = _spec("connsub", b, s, client_id=f"bench-cs{k}")
-            workers.append(Worker(f"{b.name}-connsub{k}", spec, s.log_dir))
+        for k, n in enumerate(_split(connectors, s.connect_processes)):
+            spec = _spec("connsub", b, s, client_id=f"bench-cs{k}", connectors=n, resume=resume)
+            workers.append(Worker(f"{b.name}-connsub{connectors}-{k}", spec, s.log_dir))
         for w in workers:
             w.expect("ready", 30)
         go = _go(s)
@@ -312,12 +340,22 @@ def _connect_rate(b: RunningBroker, s: Settings) -> dict[str, Any]:
     finally:
         for w in workers:
             w.stop()
-    return {
-        "rate": sum(r["rate"] for r in res),
+    rate = sum(r["rate"] for r in res)
+    count = sum(r["count"] for r in res)
+    out = {
+        "rate": rate,
+        "connections": count,
         "failures": sum(r["failures"] for r in res),
         "errors": [e for r in res for e in r["errors"]][:3],
         "cpu": cpu,
+        # Broker CPU seconds over the window / connections in it (issue #16's figure).
+        "broker_cpu_ms_per_connection": (
+            cpu["broker"] / 100 / rate * 1000 if rate > 0 and math.isfinite(cpu["broker"]) else None
+        ),
     }
+    if resume:
+        out["resumed"] = sum(r.get("resumed", 0) for r in res)
+    return out
 
 
 def _rss(b: RunningBroker, s: Settings) -> dict[str, Any]:
@@ -389,6 +427,12 @@ def _rounded(out: dict[str, Any]) -> dict[str, Any]:
     for key in ("rss_idle_mb", "rss_1000_clients_mb", "rss_delta_mb", "rss_per_1000_clients_mb"):
         if isinstance(out.get(key), float):
             out[key] = round(out[key], 2)
+    for key in ("connect", "connect_resumed"):
+        for fig in (out.get(key) or {}).values():
+            if isinstance(fig.get("rate"), float):
+                fig["rate"] = round(fig["rate"], 1)
+            if isinstance(fig.get("broker_cpu_ms_per_connection"), float):
+                fig["broker_cpu_ms_per_connection"] = round(fig["broker_cpu_ms_per_connection"], 3)
     lat = out.get("latency_ms") or {}
     for key in ("p50", "p99", "max"):
         if isinstance(lat.get(key), float) and math.isfinite(lat[key]):
@@ -436,14 +480,35 @@ def _run_test(name: str, test: str, b: RunningBroker, s: Settings, out: dict[str
             f"max {lat['max']:.3f} ms ({lat['samples']} samples)"
         )
     elif test == "connect":
-        r = _connect_rate(b, s)
-        out["connect_subscribe_s"], out["cpu"]["connect"] = r["rate"], r["cpu"]
-        if r["failures"]:
-            out["connect_failures"] = {"count": r["failures"], "examples": r["errors"]}
-        _log(
-            f"[{name}] connect+subscribe: {r['rate']:,.0f}/s ({r['failures']} failures); "
-            f"saturates: {r['cpu']['saturates']}"
-        )
+        kinds = [("connect", False)]
+        if s.resume and b.transport == "quic":
+            kinds.append(("connect_resumed", True))
+        for key, resume in kinds:
+            figures = out.setdefault(key, {})
+            for n in s.connectors:
+                r = _connect_rate(b, s, n, resume)
+                figures[str(n)] = {
+                    k: r[k]
+                    for k in ("rate", "connections", "broker_cpu_ms_per_connection", "resumed")
+                    if k in r
+                }
+                out["cpu"][f"{key}_{n}"] = r["cpu"]
+                if r["failures"]:
+                    out.setdefault("connect_failures", {})[f"{key}_{n}"] = {
+                        "count": r["failures"],
+                        "examples": r["errors"],
+                    }
+                cost = r["broker_cpu_ms_per_connection"]
+                _log(
+                    f"[{name}] {key.replace('_', ' ')} x{n}: {r['rate']:,.0f}/s, broker "
+                    f"{'n/a' if cost is None else f'{cost:.2f}'} ms CPU per connection "
+                    f"({r['failures']} failures"
+                    + (f", {r['resumed']} resumed" if resume else "")
+                    + f"); saturates: {r['cpu']['saturates']}"
+                )
+        first = out["connect"][str(s.connectors[0])]
+        out["connect_subscribe_s"] = first["rate"]
+        out["cpu"]["connect"] = out["cpu"][f"connect_{s.connectors[0]}"]
     elif test == "rss":
         r = _rss(b, s)
         out["rss_idle_mb"], out["rss_1000_clients_mb"] = r["idle_mb"], r["loaded_mb"]
@@ -476,6 +541,10 @@ QUIC_P99_CEILING_MS = 1.5
 
 
 def _figure(res: dict[str, Any], key: str) -> float | None:
+    if key.count(":") == 2:  # "connect:16:rate": one connector count's figure
+        kind, n, field = key.split(":")
+        value = ((res.get(kind) or {}).get(n) or {}).get(field)
+        return value if isinstance(value, int | float) else None
     if key.startswith("latency_"):
         lat = res.get("latency_ms") or {}
         return lat.get(key.removeprefix("latency_").removesuffix("_ms"))
@@ -594,7 +663,10 @@ def render_table(report: dict[str, Any], file: Any) -> None:
         ],
         *([""] if show_ratio else []),
     )
-    for label, key, fmt in _ROWS:
+    rows = list(_ROWS)
+    at = rows.index(("Connect+subscribe /s", "connect_subscribe_s", "{:,.0f}"))
+    rows[at : at + 1] = _connect_rows(report)
+    for label, key, fmt in rows:
         ratio = ""
         if show_ratio:
             qv, av = _figure(res["qmig"], key), _figure(res["amqtt"], key)
@@ -639,6 +711,27 @@ def render_table(report: dict[str, Any], file: Any) -> None:
     for n, errs in errors.items():
         for test, msg in errs.items():
             print(f"{n} {test}: {msg}", file=file)
+
+
+def _connect_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Connect+subscribe rates and broker CPU per connection, per connector count."""
+    counts = report["settings"].get("connect_connectors") or []
+    resumed = any(r.get("connect_resumed") for r in report["brokers"].values())
+    rows = []
+    for kind, label in (("connect", "Connect+subscribe"), ("connect_resumed", "  resumed")):
+        if kind == "connect_resumed" and not resumed:
+            continue
+        for n in counts:
+            rows.append((f"{label} /s ({n} connectors)", f"{kind}:{n}:rate", "{:,.0f}"))
+        for n in counts:
+            rows.append(
+                (
+                    f"{label} broker CPU ms/conn ({n})",
+                    f"{kind}:{n}:broker_cpu_ms_per_connection",
+                    "{:.2f}",
+                )
+            )
+    return rows or [("Connect+subscribe /s", "connect_subscribe_s", "{:,.0f}")]
 
 
 def _cpu_cell(cpu: dict[str, Any] | None) -> str:
@@ -698,7 +791,10 @@ def run(args: argparse.Namespace) -> int:
             "fanout_subscribers": s.fanout_subscribers,
             "qos1_window": s.window,
             "latency_rate_msg_s": s.latency_rate,
-            "connect_concurrency": s.connect_processes,
+            "connect_concurrency": s.connectors[0],
+            "connect_connectors": list(s.connectors),
+            "connect_processes": s.connect_processes,
+            "connect_resume": s.resume,
             "payload_bytes": 64,
             "protocol": "MQTT 3.1.1",
         },

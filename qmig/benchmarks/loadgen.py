@@ -53,6 +53,7 @@ from mqttproto.packets import (
     Subscribe,
     Subscription,
 )
+from quicmig.connection import MigratingQuicConnection
 
 PAYLOAD_SIZE = 64
 """Bytes of application payload per message: sequence (8), send time in ns (8), filler."""
@@ -500,6 +501,11 @@ class QuicClientProtocol(QuicConnectionProtocol):
 
     mqtt: _Conn
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # As qmig's client does: its key shares (X25519, P-256), no migration strategy.
+        MigratingQuicConnection.adopt(self._quic, 0)
+
     def attach(self, conn: _Conn) -> None:
         self.mqtt = conn
         self.stream = QuicStreamTransport(self, self._quic.get_next_available_stream_id())
@@ -534,20 +540,33 @@ class QuicClientProtocol(QuicConnectionProtocol):
             mqtt.connection_lost(exc)
 
 
-def quic_configuration() -> QuicConfiguration:
+def quic_configuration(session_ticket: Any = None) -> QuicConfiguration:
     config = QuicConfiguration(
         is_client=True, alpn_protocols=["mqtt"], max_data=16 << 20, max_stream_data=8 << 20
     )
     config.verify_mode = ssl.CERT_NONE
+    config.session_ticket = session_ticket
     return config
 
 
 async def open_quic(
-    factory: Any, host: str, port: int, timeout: float, stack: contextlib.AsyncExitStack
+    factory: Any,
+    host: str,
+    port: int,
+    timeout: float,
+    stack: contextlib.AsyncExitStack,
+    tickets: list[Any] | None = None,
 ) -> Any:
-    """Connect over QUIC (closed with ``stack``) and hand the stream to ``factory()``."""
+    """Connect over QUIC (closed with ``stack``) and hand the stream to ``factory()``.
+
+    ``tickets``: resume the TLS session from its last ticket, and append each new one.
+    """
     cm = quic_connect(
-        host, port, configuration=quic_configuration(), create_protocol=QuicClientProtocol
+        host,
+        port,
+        configuration=quic_configuration(tickets[-1] if tickets else None),
+        create_protocol=QuicClientProtocol,
+        session_ticket_handler=tickets.append if tickets is not None else None,
     )
     proto = await asyncio.wait_for(stack.enter_async_context(cm), timeout)
     assert isinstance(proto, QuicClientProtocol)  # made by create_protocol
@@ -703,21 +722,40 @@ async def _role_pub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
 
 
 async def _role_connsub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
-    """Sequential CONNECT, CONNACK, SUBSCRIBE, SUBACK, DISCONNECT on blocking sockets.
+    """Back-to-back CONNECT, CONNACK, SUBSCRIBE, SUBACK, DISCONNECT by ``connectors`` at once.
 
-    Blocking calls cost a handful of syscalls per step and no event-loop bookkeeping, so one
-    process per concurrent connection keeps the client side cheaper than the broker's.
+    One connector per process (TCP) uses blocking sockets: a handful of syscalls per step
+    and no event-loop bookkeeping, so the client side stays cheaper than the broker's.
+    More connectors per process (and QUIC always) run as event-loop tasks.  ``resume``
+    (QUIC): each connector offers the session ticket of its previous connection.
     """
     loop = asyncio.get_running_loop()
     emit({"event": "ready"})
     go = await ctl.go
     await asyncio.sleep(max(0.0, go["start"] - loop.time()))
     prefix = spec["client_id"]
+    connectors = int(spec.get("connectors", 1))
+    if _quic_stack is None and connectors == 1:
+        return _connsub_blocking(spec, go, prefix)
+    results = await asyncio.gather(
+        *(_connsub_loop(spec, go, f"{prefix}-{k}") for k in range(connectors))
+    )
+    window = go["stop"] - go["warm_end"]
+    counted = sum(r["count"] for r in results)
+    errors = [e for r in results for e in r["errors"]][:3]
+    return {
+        "rate": counted / window,
+        "count": counted,
+        "failures": sum(r["failures"] for r in results),
+        "errors": errors,
+        "resumed": sum(r["resumed"] for r in results),
+    }
+
+
+def _connsub_blocking(spec: dict[str, Any], go: dict[str, Any], prefix: str) -> dict[str, Any]:
     sub = subscribe_packet(f"bench/cs/{prefix}", 0)
     counted = failures = n = 0
     errors: list[str] = []
-    if _quic_stack is not None:
-        return await _connsub_quic(spec, go, prefix)
     addr = (spec["host"], spec["port"])
     # Blocks the loop on purpose: nothing else runs here, and every step has a timeout.
     while time.monotonic() < go["stop"]:
@@ -736,16 +774,24 @@ async def _role_connsub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
     return {"rate": counted / window, "count": counted, "failures": failures, "errors": errors}
 
 
-async def _connsub_quic(spec: dict[str, Any], go: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """The QUIC flavour of connect+subscribe: a full QUIC handshake per iteration."""
-    counted = failures = n = 0
+async def _connsub_loop(spec: dict[str, Any], go: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """One connector on the event loop: over QUIC a handshake per iteration (resumed from
+    the previous connection's ticket with ``resume``), else a TCP connection."""
+    counted = failures = n = resumed = 0
     errors: list[str] = []
     topic = f"bench/cs/{prefix}"
+    tickets: list[Any] | None = [] if spec.get("resume") else None
+    loop = asyncio.get_running_loop()
     while time.monotonic() < go["stop"]:
         n += 1
         try:
             async with contextlib.AsyncExitStack() as stack:
-                conn = await open_quic(_Conn, spec["host"], spec["port"], 5.0, stack)
+                if _quic_stack is not None:
+                    conn = await open_quic(_Conn, spec["host"], spec["port"], 5.0, stack, tickets)
+                else:
+                    _, conn = await asyncio.wait_for(
+                        loop.create_connection(_Conn, spec["host"], spec["port"]), 5.0
+                    )
                 await conn.handshake(f"{prefix}-{n}", topic, 0, 5.0)
                 await conn.disconnect(1.0)
                 conn.transport.close()
@@ -757,8 +803,12 @@ async def _connsub_quic(spec: dict[str, Any], go: dict[str, Any], prefix: str) -
             continue
         if go["warm_end"] <= time.monotonic() < go["stop"]:
             counted += 1
-    window = go["stop"] - go["warm_end"]
-    return {"rate": counted / window, "count": counted, "failures": failures, "errors": errors}
+            if tickets is not None and len(tickets) > 1:  # offered one: was it taken?
+                proto = conn.transport._proto if _quic_stack is not None else None
+                resumed += bool(proto is not None and proto._quic.tls.session_resumed)
+        if tickets is not None:
+            del tickets[:-1]
+    return {"count": counted, "failures": failures, "errors": errors, "resumed": resumed}
 
 
 def _read_packet(sock: socket.socket, buf: bytearray) -> tuple[int, bytes]:
