@@ -185,13 +185,7 @@ class Migration:
             podman.remove_container(container_name(dest))  # a leftover of an earlier run
             self._restore(self.moved_ckpt, dest)
             self._mark("restore_done", f"restored in {dest.name}")
-            assert lab.state is not None  # a running lab has its state
-            lab.state.broker_host = dest.name
-            lab.state.save(lab.state_dir)
-            done = lab.control("restored", host=dest, address=self._quic(dest))
-            self.outcome["quic_announced"] = done.get("quic_announced", 0)
-            self._mark("resumed", f"serving at {dest.address}")
-            self._note_freeze(done.get("freeze"))
+            self._serving_at_destination(f"serving at {dest.address}")
         except (LabError, ControlError) as exc:
             receiver.stop()
             self._remove_blocker(blocker)
@@ -264,13 +258,7 @@ class Migration:
             if lazy.pid is None:
                 raise LabError(f"the restore did not go through the {RUNTIME} runtime wrapper")
             self._mark("restore_done", f"restored in {dest.name} (pages still at {src.name})")
-            assert lab.state is not None  # a running lab has its state
-            lab.state.broker_host = dest.name
-            lab.state.save(lab.state_dir)
-            done = lab.control("restored", host=dest, address=self._quic(dest))
-            self.outcome["quic_announced"] = done.get("quic_announced", 0)
-            self._mark("resumed", f"serving at {dest.address}; pulling the remaining pages")
-            self._note_freeze(done.get("freeze"))
+            self._serving_at_destination(f"serving at {dest.address}; pulling the remaining pages")
             if self.fail_at == "lazy-pages":
                 self._kill_lazy_daemon(lazy)
             rc = lazy.wait(time.monotonic() + budget)
@@ -333,6 +321,17 @@ class Migration:
             restore_cli(path, podman.pod_id(pod_name(host)), container_name(host))
         else:
             podman.restore(path, podman.pod_id(pod_name(host)), container_name(host))
+
+    def _serving_at_destination(self, message: str) -> None:
+        """The restored broker is the lab's now: record it, tell it (``restored``)."""
+        lab, dest = self.lab, self.dest
+        assert lab.state is not None  # a running lab has its state
+        lab.state.broker_host = dest.name
+        lab.state.save(lab.state_dir)
+        done = lab.control("restored", host=dest, address=self._quic(dest))
+        self.outcome["quic_announced"] = done.get("quic_announced", 0)
+        self._mark("resumed", message)
+        self._note_freeze(done.get("freeze"))
 
     def _note_freeze(self, freeze: dict[str, Any] | None) -> None:
         """The broker's own view of its freeze: the true freeze-to-resume downtime."""
