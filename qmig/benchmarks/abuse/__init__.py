@@ -48,6 +48,34 @@ def probes() -> dict[str, ModuleType]:
     return dict(sorted(found.items()))
 
 
+def mqtt_client(
+    port: int,
+    client_id: str,
+    *,
+    host: str = HOST,
+    timeout: float = 10.0,
+    rcvbuf: int | None = None,
+) -> socket.socket:
+    """A raw TCP MQTT 3.1.1 client (keep alive 0) whose CONNECT was accepted (CONNACK seen).
+
+    ``rcvbuf`` sets SO_RCVBUF before connecting (a client that reads slowly).
+    """
+    sock = socket.socket()
+    try:
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(connect_packet(client_id, keep_alive=0))
+        if sock.recv(4)[:1] != b"\x20":
+            raise ConnectionError(f"{client_id} got no CONNACK")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class StallMeter:
     """A bystander: one TCP client that PINGs every 20 ms and records how late answers come.
 
@@ -56,11 +84,7 @@ class StallMeter:
     """
 
     def __init__(self, port: int, host: str = HOST, client_id: str = "abuse-bystander") -> None:
-        self.sock = socket.create_connection((host, port), timeout=5.0)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(connect_packet(client_id, keep_alive=0))
-        if self.sock.recv(4)[:1] != b"\x20":
-            raise ConnectionError("bystander got no CONNACK")
+        self.sock = mqtt_client(port, client_id, host=host, timeout=5.0)
         self.delays: list[float] = []
         self.unanswered_since: float | None = None
         self.lost = False

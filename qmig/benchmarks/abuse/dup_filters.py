@@ -18,10 +18,9 @@ from typing import Any
 
 from mqttproto.codec import encode, encode_publish
 from mqttproto.packets import MQTT_3_1_1, Subscribe, Subscription
-from qmig.benchmarks.brokers import HOST, RunningBroker
-from qmig.benchmarks.loadgen import connect_packet
+from qmig.benchmarks.brokers import RunningBroker
 
-from . import Context, PeakRss, StallMeter, rss_mb
+from . import Context, PeakRss, StallMeter, mqtt_client, rss_mb
 
 NAME = "dup-filters"
 HELP = "one SUBSCRIBE with '#' repeated over many retained messages: amplification, memory, stall"
@@ -49,15 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest the attacker reads the answer (default 60)")  # fmt: skip
 
 
-def _handshake(client_id: str, port: int) -> socket.socket:
-    sock = socket.create_connection((HOST, port), timeout=10.0)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(connect_packet(client_id, keep_alive=0))
-    if sock.recv(4)[:1] != b"\x20":
-        raise ConnectionError(f"{client_id} got no CONNACK")
-    return sock
-
-
 def _wait_pingresp(sock: socket.socket, timeout: float) -> None:
     """Read until a PINGRESP: the broker has handled everything sent before the PINGREQ."""
     sock.settimeout(timeout)
@@ -72,7 +62,7 @@ def _wait_pingresp(sock: socket.socket, timeout: float) -> None:
 def retain_messages(port: int, count: int, prefix: str = "dup") -> float:
     """Store ``count`` retained messages ``{prefix}/{i}`` through one raw TCP client."""
     started = time.monotonic()
-    sock = _handshake(f"abuse-{prefix}-retainer", port)
+    sock = mqtt_client(port, f"abuse-{prefix}-retainer")
     try:
         batch: list[bytes] = []
         for i in range(count):
@@ -169,7 +159,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:
     before = rss_mb(b)
     cpu_before = _cpu_seconds(b)
     subscribe = encode(Subscribe(1, [Subscription("#", 0) for _ in range(copies)]), MQTT_3_1_1)
-    attacker = _handshake("abuse-dup-filters", b.port)
+    attacker = mqtt_client(b.port, "abuse-dup-filters")
     bystander = StallMeter(b.port)
     peak = PeakRss(b)
     try:

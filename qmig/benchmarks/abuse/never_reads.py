@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
 import time
 from typing import Any
 
-from qmig.benchmarks.loadgen import connect_packet
-
-from . import PINGREQ, Context, StallMeter, rss_mb
+from . import PINGREQ, Context, StallMeter, mqtt_client, rss_mb
 
 NAME = "never-reads"
 HELP = "a client that floods PINGREQs and never reads: output held, RSS, when it is closed"
@@ -52,13 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:
     cap = args.never_reads_max_output
     b = ctx.broker(extra=["--max-output-bytes", str(cap)] if cap else [])
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10.0)
-    sock.connect(("127.0.0.1", b.port))
-    sock.sendall(connect_packet("abuse-never-reads", keep_alive=0))
-    if sock.recv(4)[:1] != b"\x20":
-        raise ConnectionError("no CONNACK")
+    sock = mqtt_client(b.port, "abuse-never-reads", rcvbuf=4096)
     rss_before = peak = rss_mb(b)
     meter = StallMeter(b.port)
     limit = int(args.never_reads_mb * (1 << 20))
