@@ -15,7 +15,11 @@ The rules, and why:
   user sees is the subscriber going quiet.  ``None`` when nothing arrived before the freeze
   or nothing after the resume (the client never recovered: see ``lost``).
 - extra: interruption minus the freeze itself, i.e. what the transport and the follow
-  strategy add to the unavoidable CRIU downtime.
+  strategy add to the unavoidable CRIU downtime.  The broker's own freeze window is known
+  to one tick of its freeze watch at each end (``broker.migration_api.FREEZE_TICK``, 5 ms):
+  a delivery in the last tick before the freeze, or a first tick after the thaw that runs
+  late, makes a client that saw nothing but the freeze come out up to two ticks *below*
+  zero.  Such values are kept as measured (clamping them would bias every median up).
 - lost / duplicates are counted over messages *sent* in a window of time, so that a run
   with several migrations can give each migration its own row without counting a message
   twice: :func:`counting_windows` cuts the run into consecutive windows, one per
