@@ -40,7 +40,7 @@ LIBRARIES = ("qmig", "paho")  # which MQTT client library a client runs
 PAHO_TRANSPORTS = ("tcp", "tls", "mptcp")  # paho-mqtt has no QUIC
 
 
-METHODS = ("cold", "postcopy", "hybrid")  # how a migration moves memory
+METHODS = ("cold", "precopy", "postcopy", "hybrid")  # how a migration moves memory
 
 
 class ScenarioError(ValueError):
@@ -129,7 +129,7 @@ class Scenario:
     clients: tuple[ClientSpec, ...] = ()
     link_rate: str = "100mbit"
     compress: bool = True  # gzip the checkpoint on the link (pages shrink about 4x)
-    method: str = "cold"  # cold | postcopy | hybrid (here: post-copy, no dirty tracking)
+    method: str = "cold"  # cold | precopy | postcopy | hybrid (here: post-copy)
     loss: float = 0.0  # percent, on the clients' access link, both directions
     rate: float = 20.0  # messages per second per client
     qos: int = 1

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from migration.scenario import Scenario, ScenarioError
+from migration.scenario import METHODS, Scenario, ScenarioError
 
 from .net import LabError
 
@@ -40,9 +40,10 @@ def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", default="demo", help=argparse.SUPPRESS)
     parser.add_argument(
         "--method",
-        choices=("cold", "postcopy", "hybrid"),
+        choices=METHODS,
         default=None,
-        help="cold (default), postcopy (lazy pages), hybrid (here: post-copy)",
+        help="cold (default), precopy (live rounds, dirty pages found by content), postcopy "
+        "(lazy pages), hybrid (here: post-copy)",
     )
     parser.add_argument(
         "--fail-at",
@@ -114,7 +115,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         note = precopy_support()
         if method == "hybrid" and note:
             console.print(f"[dim]{hybrid_note()}[/dim]")
-        elif note and method == "cold":
+        elif note and method in ("cold", "precopy"):
             console.print(f"[dim]{note}[/dim]")
         with console.status("migrating…") as status:
 

@@ -20,8 +20,14 @@ pulls the missing pages over the link from ``criu page-server --lazy-pages`` rea
 dump at the source.  Until every page has arrived the source keeps that dump: any failure in
 the lazy phase kills the destination and restores the source from it, as a cold rollback does.
 What the destination acknowledged during the lazy phase is not in that dump and is lost by
-such a rollback (see docs/design/postcopy.md).  ``hybrid`` runs as post-copy here: pre-copy
-needs the kernel's memory dirty tracking, which :func:`precopy_support` detects.
+such a rollback (see docs/design/postcopy.md).  ``hybrid`` runs as post-copy here: CRIU's
+pre-copy needs the kernel's memory dirty tracking, which :func:`precopy_support` detects.
+
+Pre-copy (``method="precopy"``) needs no dirty tracking: :mod:`migration.lab.precopy` reads
+the broker's memory from ``/proc`` in live rounds while it serves, ships it to the
+destination, and at the freeze sends only the dump's pages whose bytes the destination does
+not hold; the destination rebuilds the exact export tar from both and restores it.  The
+source keeps its full local export, so its rollback is the cold one.
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from migration.control import ControlError
-from migration.scenario import Host
+from migration.scenario import METHODS, Host
 
-from . import criu_images, net, transfer
+from . import criu_images, net, precopy, transfer
 from .lab import LINK_NS, LINK_VETH, Lab, container_name, pod_name
 from .net import LabError
 from .podman import restore_cli
@@ -49,14 +55,15 @@ from .postcopy import (
     RUNTIME,
     LazyRestore,
     PageServer,
+    hybrid_note,
     link_bytes,
     postcopy_support,
     runtime_installed,
 )
 
 TRANSFER_PORT = 7999
+ROUND_PORT = 7997  # pre-copy's live rounds, one receiver after the other
 FAIL_POINTS = ("transfer", "restore", "lazy-pages")
-METHODS = ("cold", "postcopy", "hybrid")
 
 
 class MigrationFailed(LabError):
@@ -76,8 +83,9 @@ def precopy_support() -> str | None:
         return f"pre-copy unavailable: criu check failed ({exc})"
     if proc.returncode == 0:
         return None
-    return ("pre-copy unavailable: this kernel has no memory dirty tracking "
-            "(criu check --feature mem_dirty_track fails); migrations are cold")  # fmt: skip
+    return ("CRIU's pre-copy unavailable: this kernel has no memory dirty tracking (criu "
+            "check --feature mem_dirty_track fails); --method precopy finds dirty pages "
+            "by content")  # fmt: skip
 
 
 class Migration:
@@ -115,12 +123,16 @@ class Migration:
             "method": self.method,
         }
         if method == "hybrid":
-            self.outcome["method_note"] = "hybrid runs as post-copy (no memory dirty tracking)"
+            self.outcome["method_note"] = hybrid_note()
         stamp = time.strftime("%H%M%S")
-        self.work = lab.state_dir / f"postcopy-{stamp}"  # post-copy's images and logs
+        self.work = lab.state_dir / f"move-{stamp}"  # pre-/post-copy's images and logs
         self.local_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.src.name}.tar"
         suffix = ".tar.gz" if lab.scenario.compress else ".tar"
         self.moved_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.dest.name}{suffix}"
+        # pre-copy: what the source sends and what the destination holds, kept apart
+        self.held: precopy.Copy = {}
+        self.dest_copy: precopy.Copy = {}
+        self.rounds: list[dict[str, Any]] = []
 
     def _mark(self, event: str, message: str | None = None) -> None:
         self.timeline[event] = time.time()
@@ -143,6 +155,8 @@ class Migration:
         )  # fmt: skip
         blocker = self._block_destination() if self.fail_at == "restore" else None
         try:
+            if self.method == "precopy":
+                self._live_rounds(link_ip, precopy.ROUNDS)
             told = lab.control("prepare", host=src, dest=self._quic(dest))
             self.outcome["quic_notified"] = told.get("quic_notified", 0)
             self._mark("clients_notified", f"told {told.get('quic_notified', 0)} QUIC clients")
@@ -151,10 +165,13 @@ class Migration:
             self.outcome["tcp_sent_away"] = pre.get("disconnected", 0)
             self._mark("pre_checkpoint", f"sent {pre.get('disconnected', 0)} TCP/MPTCP clients "
                                          f"to {dest.address}")  # fmt: skip
-        except ControlError as exc:
+            if self.method == "precopy":
+                self._live_rounds(link_ip, 1)  # what prepare and pre-checkpoint changed
+        except (ControlError, LabError, precopy.PrecopyError) as exc:
             receiver.stop()
             self._remove_blocker(blocker)
             self._rollback_control()
+            shutil.rmtree(self.work, ignore_errors=True)
             raise MigrationFailed(f"migration to {dest.name} did not start: {exc}",
                                   self.outcome) from exc  # fmt: skip
 
@@ -172,7 +189,17 @@ class Migration:
         self._mark("dump_done", f"checkpoint: {ckpt.bytes / 1e6:.1f} MB in {ckpt.seconds:.2f} s")
 
         try:
-            sent = transfer.send(self.local_ckpt, link_ip, TRANSFER_PORT,
+            shipped, restored = self.local_ckpt, self.moved_ckpt
+            if self.method == "precopy":
+                shipped = self.work / "delta.tar"
+                restored = self.work / "rebuilt.tar"
+                delta = precopy.make_delta(self.local_ckpt, self.held, shipped)
+                self.outcome["pages_from_copy"] = delta.from_copy
+                self.outcome["pages_shipped"] = delta.pages - delta.from_copy
+                changed = delta.pages - delta.from_copy
+                self._mark("delta_done", f"delta: {changed} of {delta.pages} pages changed "
+                                         "since the last round")  # fmt: skip
+            sent = transfer.send(shipped, link_ip, TRANSFER_PORT,
                                  compress=lab.scenario.compress)  # fmt: skip
             receiver.result(timeout=30)
             self.outcome["transfer_bytes"] = sent.bytes
@@ -182,11 +209,15 @@ class Migration:
                 "transfer_done",
                 f"transfer: {sent.bytes / 1e6:.1f} MB in {sent.seconds:.2f} s ({rate})",
             )
+            if self.method == "precopy":  # at the destination, from what crossed the link
+                taken = precopy.apply_delta(self.moved_ckpt, self.dest_copy, restored)
+                self._mark("rebuilt", f"rebuilt the checkpoint ({taken} pages from the copy)")
             podman.remove_container(container_name(dest))  # a leftover of an earlier run
-            self._restore(self.moved_ckpt, dest)
+            self._restore(restored, dest)
             self._mark("restore_done", f"restored in {dest.name}")
             self._serving_at_destination(f"serving at {dest.address}")
-        except (LabError, ControlError) as exc:
+        except (LabError, ControlError, precopy.PrecopyError, OSError,
+                tarfile.TarError) as exc:  # fmt: skip
             receiver.stop()
             self._remove_blocker(blocker)
             return self._fail("transfer" if "transfer_done" not in self.timeline
@@ -202,6 +233,39 @@ class Migration:
         self.outcome["ok"] = True
         self._clean_source()
         return self.outcome
+
+    # ------------------------------------------------------------------ pre-copy
+    def _live_rounds(self, link_ip: str, most: int) -> None:
+        """Pre-copy rounds while the broker serves, until one ships little (precopy rule 2)."""
+        podman = self.lab.podman
+        self.work.mkdir(parents=True, exist_ok=True)
+        init_pid = int(podman.client.containers.get(container_name(self.src)).attrs["State"]["Pid"])
+        for _ in range(most):
+            n = len(self.rounds) + 1
+            start = time.monotonic()
+            local, moved = self.work / f"round-{n}", self.work / f"round-{n}-moved"
+            receiver = transfer.Receiver(LINK_NS, link_ip, ROUND_PORT, moved)
+            try:
+                stats = precopy.live_round(precopy.container_processes(init_pid), self.held,
+                                           local)  # fmt: skip
+                sent = transfer.send(
+                    local, link_ip, ROUND_PORT, compress=self.lab.scenario.compress
+                )
+                receiver.result(timeout=30)
+            finally:
+                receiver.stop()
+            precopy.load_round(moved, self.dest_copy)  # the destination's side
+            local.unlink()
+            moved.unlink()
+            self.rounds.append({"pages_read": stats.pages_read, "pages_sent": stats.pages_sent,
+                                "link_bytes": sent.bytes,
+                                "seconds": round(time.monotonic() - start, 3)})  # fmt: skip
+            self.outcome["precopy_rounds"] = self.rounds
+            self._mark(f"round_{n}", f"pre-copy round {n}: {stats.pages_sent} of "
+                                     f"{stats.pages_read} pages ({sent.bytes / 1e6:.2f} MB on "
+                                     f"the link) while serving")  # fmt: skip
+            if stats.bytes_sent < precopy.STOP_BYTES:
+                return
 
     # ------------------------------------------------------------------ post-copy
     def _postcopy(self, receiver: transfer.Receiver, link_ip: str) -> dict[str, Any]:
@@ -450,6 +514,8 @@ class Migration:
             for path in (self.local_ckpt, self.moved_ckpt):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+            if self.method == "precopy":
+                shutil.rmtree(self.work, ignore_errors=True)
         raise MigrationFailed(
             f"migration to {dest.name} failed at {step} ({exc}); rolled back: the broker "
             f"serves at {src.address} again",

@@ -61,8 +61,8 @@ def postcopy_support() -> str | None:
 
 
 def hybrid_note() -> str:
-    return ("hybrid runs as post-copy: this kernel has no memory dirty tracking, so there are "
-            "no pre-copy rounds to do first")  # fmt: skip
+    return ("hybrid runs as post-copy: CRIU's pre-copy rounds need memory dirty tracking, which "
+            "this kernel lacks (qmig's content-based pre-copy is --method precopy)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------- source

@@ -1,0 +1,343 @@
+"""Pre-copy without dirty tracking: live rounds read from ``/proc``, dirty pages found by content.
+
+This kernel has no soft-dirty bits (no ``criu pre-dump``), so qmig finds what changed by
+comparing bytes instead.  The rules, in order:
+
+1. A *round* reads every present page of every private mapping of every process in the
+   broker's container (``/proc/PID/pagemap`` says which pages are present,
+   ``/proc/PID/mem`` gives their bytes) while the broker keeps serving, and ships the pages
+   whose bytes differ from what the destination already holds (the first round: all of them).
+   A page is keyed by the process's pid *inside* the container and its virtual address, which
+   is how CRIU's images name it (``pagemap-<pid>.img``) and what a restore keeps.
+2. Rounds go on while each ships at least :data:`STOP_BYTES` and at most :data:`ROUNDS` ran;
+   a last round just before the freeze catches what the migration's own steps changed.
+3. At the freeze CRIU dumps as for a cold move.  :func:`make_delta` compares the dump with the
+   destination's copy page by page: every page of ``pages-<id>.img`` whose bytes equal the
+   copy's is left out, and a manifest (the tar's last member) says where each such run goes.
+   The rest of the export tar travels unchanged.
+4. The destination (:func:`apply_delta`) rebuilds the exact ``pages-<id>.img`` from its copy
+   and the shipped pages, and checks each against the SHA-256 the source took of the real
+   dump; a missing page or a wrong digest fails the move, and the source rolls back from its
+   full local export exactly as a cold move does.
+
+A page read while the broker was writing it (a torn read) is harmless: a copied page is used
+only where the dump's page is byte-identical to it.  What the destination holds is rebuilt
+only from the files that crossed the link, never from the source's memory.
+
+Round file (``QMIGPGS1``): records ``<IQI`` (pid, vaddr, pages) each followed by that many
+4 KiB pages, ended by a record of 0 pages.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .criu_images import PAGE_SIZE, ImageFormatError, Pagemap, parse_pagemap
+
+MAGIC = b"QMIGPGS1"
+RECORD = struct.Struct("<IQI")
+ROUNDS = 4  # live rounds at most, the last one (just before the freeze) not counted
+STOP_BYTES = 256 * 1024  # a round that ships less than this is the last live one
+MANIFEST = "qmig-precopy.json"
+_PAGEMAP_NAME = re.compile(r"(?:^|/)checkpoint/pagemap-(\d+)\.img$")
+_PAGES_NAME = re.compile(r"(?:^|/)checkpoint/pages-(\d+)\.img$")
+_PRESENT = 1 << 63
+_SKIP = ("[vsyscall]", "[vvar]", "[vdso]")  # not process memory CRIU dumps as pages
+
+PageKey = tuple[int, int]  # (pid inside the container, virtual address)
+Copy = dict[PageKey, bytes]  # what one side holds of the broker's memory
+
+
+class PrecopyError(RuntimeError):
+    """A round, the delta or the rebuild failed; before the freeze nothing was changed."""
+
+
+# ---------------------------------------------------------------------- reading live memory
+def container_processes(init_pid: int) -> list[tuple[int, int]]:
+    """(host pid, pid inside the container) of every process in ``init_pid``'s pid namespace."""
+    try:
+        ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError as exc:
+        raise PrecopyError(f"the broker's process {init_pid} is gone: {exc}") from exc
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/pid") != ns:
+                continue
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        nspid = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:")), [])
+        if nspid:
+            found.append((int(entry), int(nspid[-1])))
+    return sorted(found)
+
+
+def _private_ranges(pid: int) -> Iterator[tuple[int, int]]:
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            perms = fields[1]
+            if perms[3] != "p" or perms[0] != "r" or (len(fields) > 5 and fields[5] in _SKIP):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            yield start, end
+
+
+def _present_runs(pagemap: IO[bytes], start: int, end: int) -> Iterator[tuple[int, int]]:
+    """(vaddr, pages) of the present pages in [start, end)."""
+    count = (end - start) // PAGE_SIZE
+    pagemap.seek(start // PAGE_SIZE * 8)
+    raw = pagemap.read(count * 8)
+    run_start, run_len = 0, 0
+    for i, (bits,) in enumerate(struct.iter_unpack("<Q", raw)):
+        if bits & _PRESENT:
+            if run_len == 0:
+                run_start = start + i * PAGE_SIZE
+            run_len += 1
+        elif run_len:
+            yield run_start, run_len
+            run_len = 0
+    if run_len:
+        yield run_start, run_len
+
+
+def read_process(pid: int, vpid: int) -> Iterator[tuple[PageKey, bytes]]:
+    """Every present page of ``pid``'s private mappings, read while it runs."""
+    try:
+        with open(f"/proc/{pid}/pagemap", "rb") as pm, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+            for start, end in _private_ranges(pid):
+                for vaddr, pages in _present_runs(pm, start, end):
+                    try:
+                        data = os.pread(mem.fileno(), pages * PAGE_SIZE, vaddr)
+                    except OSError:
+                        continue  # unmapped meanwhile, or not readable: it just travels later
+                    view = memoryview(data)
+                    for i in range(len(data) // PAGE_SIZE):
+                        yield (
+                            (vpid, vaddr + i * PAGE_SIZE),
+                            bytes(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]),
+                        )
+    except OSError as exc:
+        raise PrecopyError(f"cannot read the memory of process {pid}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    pages_read: int
+    pages_sent: int
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.pages_sent * PAGE_SIZE
+
+
+def live_round(processes: Iterable[tuple[int, int]], held: Copy, out: Path) -> RoundStats:
+    """Read the container's memory; write to ``out`` the pages the destination lacks.
+
+    ``held`` is what the destination holds once every earlier round arrived; it is updated
+    as if ``out`` arrived too.
+    """
+    read = sent = 0
+    with open(out, "wb") as f:
+        f.write(MAGIC)
+        for pid, vpid in processes:
+            for key, page in read_process(pid, vpid):
+                read += 1
+                if held.get(key) != page:
+                    held[key] = page
+                    f.write(RECORD.pack(key[0], key[1], 1))
+                    f.write(page)
+                    sent += 1
+        f.write(RECORD.pack(0, 0, 0))
+    return RoundStats(read, sent)
+
+
+def _open_maybe_gzip(path: Path) -> IO[bytes]:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"\x1f\x8b":
+        return gzip.open(path, "rb")  # type: ignore[return-value]  # a GzipFile reads bytes
+    return open(path, "rb")
+
+
+def load_round(path: Path, into: Copy) -> int:
+    """Merge a round file (as it crossed the link, gzip'd or not) into ``into``; pages read."""
+    got = 0
+    with _open_maybe_gzip(path) as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            raise PrecopyError(f"{path.name} is not a pre-copy round file")
+        while True:
+            head = f.read(RECORD.size)
+            if len(head) != RECORD.size:
+                raise PrecopyError(f"{path.name} ends early")
+            vpid, vaddr, pages = RECORD.unpack(head)
+            if pages == 0:
+                return got
+            data = f.read(pages * PAGE_SIZE)
+            if len(data) != pages * PAGE_SIZE:
+                raise PrecopyError(f"{path.name} ends early")
+            for i in range(pages):
+                into[(vpid, vaddr + i * PAGE_SIZE)] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            got += pages
+
+
+# ---------------------------------------------------------------------- the freeze: the delta
+@dataclass(frozen=True)
+class DeltaStats:
+    pages: int  # present pages in the dump
+    from_copy: int  # of those, left out: the destination has them
+
+    @property
+    def shipped_bytes(self) -> int:
+        return (self.pages - self.from_copy) * PAGE_SIZE
+
+
+def _pages_of(pagemap: Pagemap) -> Iterator[int]:
+    """The vaddr of each page of the pages file, in file order."""
+    for entry in pagemap.entries:
+        if entry.present:
+            for i in range(entry.nr_pages):
+                yield entry.vaddr + i * PAGE_SIZE
+
+
+def _runs(indices: list[tuple[int, int]]) -> list[list[int]]:
+    """(file page index, vaddr) pairs -> [index, count, vaddr] runs, contiguous in both."""
+    runs: list[list[int]] = []
+    for index, vaddr in indices:
+        last = runs[-1] if runs else None
+        if last and last[0] + last[1] == index and last[2] + last[1] * PAGE_SIZE == vaddr:
+            last[1] += 1
+        else:
+            runs.append([index, 1, vaddr])
+    return runs
+
+
+def _pagemaps_by_pages_id(tar: tarfile.TarFile) -> dict[int, tuple[int, Pagemap]]:
+    found: dict[int, tuple[int, Pagemap]] = {}
+    for member in tar.getmembers():
+        match = _PAGEMAP_NAME.search(member.name)
+        f = tar.extractfile(member) if match and member.isfile() else None
+        if match and f is not None:
+            pm = parse_pagemap(f.read())
+            found[pm.pages_id] = (int(match.group(1)), pm)
+    return found
+
+
+def make_delta(export_tar: Path, held: Copy, out_tar: Path) -> DeltaStats:
+    """Copy podman's export tar leaving out every page the destination holds (rule 3)."""
+    pages = from_copy = 0
+    manifest: dict[str, dict[str, object]] = {}
+    with (
+        tarfile.open(export_tar, "r:") as tin,
+        tarfile.open(out_tar, "w:", format=tin.format) as tout,
+    ):
+        maps = _pagemaps_by_pages_id(tin)
+        for member in tin.getmembers():
+            src = tin.extractfile(member) if member.isfile() else None
+            match = _PAGES_NAME.search(member.name)
+            if not (match and src is not None):
+                tout.addfile(member, src)
+                continue
+            pages_id = int(match.group(1))
+            if pages_id not in maps:
+                raise ImageFormatError(f"no pagemap describes {member.name}")
+            vpid, pm = maps[pages_id]
+            if member.size != pm.present_pages * PAGE_SIZE:
+                raise ImageFormatError(f"{member.name} has {member.size} bytes, its pagemap "
+                                       f"says {pm.present_pages * PAGE_SIZE}")  # fmt: skip
+            digest = hashlib.sha256()
+            kept = io.BytesIO()
+            copied: list[tuple[int, int]] = []
+            for index, vaddr in enumerate(_pages_of(pm)):
+                page = src.read(PAGE_SIZE)
+                digest.update(page)
+                if held.get((vpid, vaddr)) == page:
+                    copied.append((index, vaddr))
+                else:
+                    kept.write(page)
+            pages += pm.present_pages
+            from_copy += len(copied)
+            manifest[member.name] = {
+                "pid": vpid,
+                "size": member.size,
+                "sha256": digest.hexdigest(),
+                "copied": _runs(copied),
+            }
+            shipped = _copy.copy(member)
+            shipped.size = kept.tell()
+            kept.seek(0)
+            tout.addfile(shipped, kept)
+        body = json.dumps({"version": 1, "pages": manifest}).encode()
+        info = tarfile.TarInfo(MANIFEST)
+        info.size = len(body)
+        tout.addfile(info, io.BytesIO(body))
+    return DeltaStats(pages, from_copy)
+
+
+def apply_delta(delta: Path, copy: Copy, out_tar: Path) -> int:
+    """Rebuild podman's export tar from the shipped delta and the destination's copy (rule 4).
+
+    Returns the pages taken from the copy.
+    """
+    with _open_maybe_gzip(delta) as f:
+        data = f.read()  # the delta is small: the memory stayed behind
+    taken = 0
+    with (
+        tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tin,
+        tarfile.open(out_tar, "w:", format=tin.format) as tout,
+    ):
+        try:
+            meta = tin.extractfile(MANIFEST)
+        except KeyError:
+            raise PrecopyError("the shipped checkpoint has no pre-copy manifest") from None
+        assert meta is not None
+        manifest = json.loads(meta.read())["pages"]
+        for member in tin.getmembers():
+            if member.name == MANIFEST:
+                continue
+            src = tin.extractfile(member) if member.isfile() else None
+            spec = manifest.get(member.name)
+            if spec is None or src is None:
+                tout.addfile(member, src)
+                continue
+            rebuilt = io.BytesIO()
+            digest = hashlib.sha256()
+            index = 0
+            for start, count, vaddr in [*spec["copied"], [spec["size"] // PAGE_SIZE, 0, 0]]:
+                if start > index:  # shipped pages up to this run
+                    block = src.read((start - index) * PAGE_SIZE)
+                    if len(block) != (start - index) * PAGE_SIZE:
+                        raise PrecopyError(f"{member.name}: shipped pages end early")
+                    rebuilt.write(block)
+                    digest.update(block)
+                for i in range(count):
+                    page = copy.get((spec["pid"], vaddr + i * PAGE_SIZE))
+                    if page is None:
+                        raise PrecopyError(f"{member.name}: the destination lacks the page at "
+                                           f"{vaddr + i * PAGE_SIZE:#x}")  # fmt: skip
+                    rebuilt.write(page)
+                    digest.update(page)
+                taken += count
+                index = start + count
+            if rebuilt.tell() != spec["size"] or digest.hexdigest() != spec["sha256"]:
+                raise PrecopyError(f"{member.name}: the rebuilt pages do not match the dump")
+            full = _copy.copy(member)
+            full.size = rebuilt.tell()
+            rebuilt.seek(0)
+            tout.addfile(full, rebuilt)
+    return taken
