@@ -260,28 +260,27 @@ def make_delta(export_tar: Path, held: Copy, out_tar: Path) -> DeltaStats:
             if member.size != pm.present_pages * PAGE_SIZE:
                 raise ImageFormatError(f"{member.name} has {member.size} bytes, its pagemap "
                                        f"says {pm.present_pages * PAGE_SIZE}")  # fmt: skip
-            digest = hashlib.sha256()
-            kept = io.BytesIO()
+            data = src.read()  # whole: bytes slices compare with memcmp, page by page
+            kept: list[bytes] = []
             copied: list[tuple[int, int]] = []
             for index, vaddr in enumerate(_pages_of(pm)):
-                page = src.read(PAGE_SIZE)
-                digest.update(page)
+                page = data[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
                 if held.get((vpid, vaddr)) == page:
                     copied.append((index, vaddr))
                 else:
-                    kept.write(page)
+                    kept.append(page)
             pages += pm.present_pages
             from_copy += len(copied)
             manifest[member.name] = {
                 "pid": vpid,
                 "size": member.size,
-                "sha256": digest.hexdigest(),
+                "sha256": hashlib.sha256(data).hexdigest(),
                 "copied": _runs(copied),
             }
             shipped = _copy.copy(member)
-            shipped.size = kept.tell()
-            kept.seek(0)
-            tout.addfile(shipped, kept)
+            body = b"".join(kept)
+            shipped.size = len(body)
+            tout.addfile(shipped, io.BytesIO(body))
         body = json.dumps({"version": 1, "pages": manifest}).encode()
         info = tarfile.TarInfo(MANIFEST)
         info.size = len(body)
@@ -315,29 +314,30 @@ def apply_delta(delta: Path, copy: Copy, out_tar: Path) -> int:
             if spec is None or src is None:
                 tout.addfile(member, src)
                 continue
-            rebuilt = io.BytesIO()
-            digest = hashlib.sha256()
-            index = 0
+            shipped = src.read()
+            pid, parts, index, at = spec["pid"], [], 0, 0
             for start, count, vaddr in [*spec["copied"], [spec["size"] // PAGE_SIZE, 0, 0]]:
                 if start > index:  # shipped pages up to this run
-                    block = src.read((start - index) * PAGE_SIZE)
-                    if len(block) != (start - index) * PAGE_SIZE:
+                    end = at + (start - index) * PAGE_SIZE
+                    if end > len(shipped):
                         raise PrecopyError(f"{member.name}: shipped pages end early")
-                    rebuilt.write(block)
-                    digest.update(block)
+                    parts.append(shipped[at:end])
+                    at = end
                 for i in range(count):
-                    page = copy.get((spec["pid"], vaddr + i * PAGE_SIZE))
+                    page = copy.get((pid, vaddr + i * PAGE_SIZE))
                     if page is None:
                         raise PrecopyError(f"{member.name}: the destination lacks the page at "
                                            f"{vaddr + i * PAGE_SIZE:#x}")  # fmt: skip
-                    rebuilt.write(page)
-                    digest.update(page)
+                    parts.append(page)
                 taken += count
                 index = start + count
-            if rebuilt.tell() != spec["size"] or digest.hexdigest() != spec["sha256"]:
+            rebuilt = b"".join(parts)
+            if (
+                len(rebuilt) != spec["size"]
+                or hashlib.sha256(rebuilt).hexdigest() != spec["sha256"]
+            ):
                 raise PrecopyError(f"{member.name}: the rebuilt pages do not match the dump")
             full = _copy.copy(member)
-            full.size = rebuilt.tell()
-            rebuilt.seek(0)
-            tout.addfile(full, rebuilt)
+            full.size = len(rebuilt)
+            tout.addfile(full, io.BytesIO(rebuilt))
     return taken
