@@ -133,6 +133,7 @@ class Migration:
         self.held: precopy.Copy = {}
         self.dest_copy: precopy.Copy = {}
         self.rounds: list[dict[str, Any]] = []
+        self._link0 = 0  # the link counter at the trigger
 
     def _mark(self, event: str, message: str | None = None) -> None:
         self.timeline[event] = time.time()
@@ -149,6 +150,7 @@ class Migration:
         link_ip = net_address(lab.scenario.link_subnet, 2)
         self._mark("trigger", f"migrating the broker {src.name} ({src.address}) -> "
                               f"{dest.name} ({dest.address})")  # fmt: skip
+        self._link0 = link_bytes(LINK_VETH[0])  # every byte of the move, rounds included
         receiver = transfer.Receiver(
             LINK_NS, link_ip, TRANSFER_PORT, self.moved_ckpt,
             fail_after=64 * 1024 if self.fail_at == "transfer" else None,
@@ -178,13 +180,14 @@ class Migration:
         if self.method == "postcopy":
             return self._postcopy(receiver, link_ip)
         self._mark("freeze_start")
-        link_before = link_bytes(LINK_VETH[0])
         try:
             ckpt = podman.checkpoint(container_name(src), self.local_ckpt)
         except LabError as exc:
             receiver.stop()
-            self._remove_blocker(blocker)
-            return self._fail("checkpoint", exc)
+            try:
+                return self._fail("checkpoint", exc)
+            finally:
+                self._remove_blocker(blocker)  # after the rollback: not on its path
         self.outcome["checkpoint_bytes"] = ckpt.bytes
         self._mark("dump_done", f"checkpoint: {ckpt.bytes / 1e6:.1f} MB in {ckpt.seconds:.2f} s")
 
@@ -219,17 +222,18 @@ class Migration:
         except (LabError, ControlError, precopy.PrecopyError, OSError,
                 tarfile.TarError) as exc:  # fmt: skip
             receiver.stop()
-            self._remove_blocker(blocker)
             return self._fail("transfer" if "transfer_done" not in self.timeline
                               else "restore", exc)  # fmt: skip
         finally:
-            self._remove_blocker(blocker)
+            self._remove_blocker(blocker)  # after any rollback: not on its path
         self.outcome["service_gap_ms"] = round(
             (self.timeline["resumed"] - self.timeline["freeze_start"]) * 1000, 1
         )
         self.outcome.setdefault("downtime_ms", self.outcome["service_gap_ms"])
-        self.outcome["link_bytes"] = link_bytes(LINK_VETH[0]) - link_before
-        self.outcome["total_ms"] = self.outcome["service_gap_ms"]
+        self.outcome["link_bytes"] = link_bytes(LINK_VETH[0]) - self._link0
+        self.outcome["total_ms"] = round(
+            (self.timeline["resumed"] - self.timeline["trigger"]) * 1000, 1
+        )
         self.outcome["ok"] = True
         self._clean_source()
         return self.outcome
@@ -288,7 +292,6 @@ class Migration:
                 self.outcome,
             )
         self._mark("freeze_start")
-        link_before = link_bytes(LINK_VETH[0])
         try:
             ckpt = podman.checkpoint(container_name(src), self.local_ckpt)
         except LabError as exc:
@@ -357,9 +360,9 @@ class Migration:
         )
         self.outcome.setdefault("downtime_ms", self.outcome["service_gap_ms"])
         self.outcome["total_ms"] = round(
-            (self.timeline["pages_done"] - self.timeline["freeze_start"]) * 1000, 1
+            (self.timeline["pages_done"] - self.timeline["trigger"]) * 1000, 1
         )
-        self.outcome["link_bytes"] = link_bytes(LINK_VETH[0]) - link_before
+        self.outcome["link_bytes"] = link_bytes(LINK_VETH[0]) - self._link0
         self.outcome["ok"] = True
         self._clean_source()
         return self.outcome
@@ -442,8 +445,9 @@ class Migration:
         """Make the restore fail for real: something already holds the QUIC port there."""
         name = f"qmig-blocker-{self.dest.name}"
         port = self.lab.scenario.ports.quic
-        script = (f"import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-                  f"s.bind(('0.0.0.0', {port})); time.sleep(600)")  # fmt: skip
+        script = (f"import signal, socket, sys, time; signal.signal(signal.SIGTERM, "
+                  f"lambda *_: sys.exit(0)); s = socket.socket(socket.AF_INET, "
+                  f"socket.SOCK_DGRAM); s.bind(('0.0.0.0', {port})); time.sleep(600)")  # fmt: skip
         assert self.lab.state is not None
         self.lab.podman.run_container(name, self.lab.state.image, ["python3", "-c", script],
                                       pod=pod_name(self.dest), env={}, mounts=[])  # fmt: skip

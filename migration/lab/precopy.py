@@ -3,8 +3,8 @@
 This kernel has no soft-dirty bits (no ``criu pre-dump``), so qmig finds what changed by
 comparing bytes instead.  The rules, in order:
 
-1. A *round* reads every present page of every private mapping of every process in the
-   broker's container (``/proc/PID/pagemap`` says which pages are present,
+1. A *round* reads every present anonymous page (what CRIU dumps) of every private mapping
+   of every process in the broker's container (``/proc/PID/pagemap`` says which pages are present,
    ``/proc/PID/mem`` gives their bytes) while the broker keeps serving, and ships the pages
    whose bytes differ from what the destination already holds (the first round: all of them).
    A page is keyed by the process's pid *inside* the container and its virtual address, which
@@ -54,6 +54,7 @@ MANIFEST = "qmig-precopy.json"
 _PAGEMAP_NAME = re.compile(r"(?:^|/)checkpoint/pagemap-(\d+)\.img$")
 _PAGES_NAME = re.compile(r"(?:^|/)checkpoint/pages-(\d+)\.img$")
 _PRESENT = 1 << 63
+_FILE_PAGE = 1 << 61  # a clean page of a file (or shared): CRIU does not dump it, nor do we
 _SKIP = ("[vsyscall]", "[vvar]", "[vdso]")  # not process memory CRIU dumps as pages
 
 PageKey = tuple[int, int]  # (pid inside the container, virtual address)
@@ -99,13 +100,13 @@ def _private_ranges(pid: int) -> Iterator[tuple[int, int]]:
 
 
 def _present_runs(pagemap: IO[bytes], start: int, end: int) -> Iterator[tuple[int, int]]:
-    """(vaddr, pages) of the present pages in [start, end)."""
+    """(vaddr, pages) of the present anonymous pages in [start, end)."""
     count = (end - start) // PAGE_SIZE
     pagemap.seek(start // PAGE_SIZE * 8)
     raw = pagemap.read(count * 8)
     run_start, run_len = 0, 0
     for i, (bits,) in enumerate(struct.iter_unpack("<Q", raw)):
-        if bits & _PRESENT:
+        if bits & _PRESENT and not bits & _FILE_PAGE:
             if run_len == 0:
                 run_start = start + i * PAGE_SIZE
             run_len += 1
