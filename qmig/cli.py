@@ -75,6 +75,8 @@ BENCH_TARGETS = {
     "abuse": ("adversarial probes: what each attack costs the broker", "qmig.benchmarks.abuse"),
     "migration": ("QUIC vs TCP/TLS/MPTCP through a live container migration",
                   "qmig.benchmarks.migration"),
+    "freeze": ("cold vs pre-copy vs post-copy: downtime, total time, bytes, degradation",
+               "qmig.benchmarks.freeze"),
 }  # fmt: skip
 
 
@@ -194,6 +196,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="demo", help="scenario name or YAML file (default demo)")
     p.add_argument("--link-rate", default=None, help="checkpoint link rate, e.g. 10mbit")
     p.add_argument("--loss", type=float, default=None, help="client access-link loss in %%")
+    p.add_argument("--method", default="best",
+                   help="cold, precopy, postcopy or hybrid; best (default): precopy where this "
+                   "machine can read the broker's memory, else cold")  # fmt: skip
     p.add_argument("--report-dir", default="reports", help="where the JSON and PNG go")
     p.add_argument(
         "--transports",

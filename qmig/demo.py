@@ -363,6 +363,19 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
     from migration.scenario import Scenario
 
     scenario = Scenario.load(getattr(args, "scenario", "demo"))
+    method = getattr(args, "method", None) or "best"
+    if method == "best":
+        from migration.lab.precopy import support
+
+        why_not = support()
+        method = "cold" if why_not else "precopy"
+        how = why_not or "live rounds while the broker serves; only changed pages at the freeze"
+        console.print(f"method: {method} ({how})")
+    try:
+        scenario = scenario.replace(method=method)
+    except ValueError as exc:
+        console.print(f"[red]qmig demo: {exc}[/]")
+        return 2
     if getattr(args, "link_rate", None):
         scenario = scenario.replace(link_rate=args.link_rate)
     if getattr(args, "loss", None) is not None:

@@ -65,6 +65,18 @@ class PrecopyError(RuntimeError):
     """A round, the delta or the rebuild failed; before the freeze nothing was changed."""
 
 
+def support() -> str | None:
+    """None if this machine can pre-copy (read other processes' memory), else why not."""
+    if os.geteuid() != 0:
+        return "pre-copy needs root: it reads the broker's memory through /proc/PID/mem"
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.read(8)
+    except OSError as exc:
+        return f"pre-copy unavailable: /proc/self/pagemap cannot be read ({exc})"
+    return None
+
+
 # ---------------------------------------------------------------------- reading live memory
 def container_processes(init_pid: int) -> list[tuple[int, int]]:
     """(host pid, pid inside the container) of every process in ``init_pid``'s pid namespace."""

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,7 @@ def run_scenario(
     image: str,
     *,
     fail_at: dict[int, str] | None = None,
+    methods: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
     on_ready: Callable[[Lab], None] | None = None,
     on_lab: Callable[[Lab], None] | None = None,
@@ -159,6 +160,7 @@ def run_scenario(
     """Bring the lab up, run the clients, do the scenario's migrations, tear it all down.
 
     ``fail_at`` maps a migration's index to the step made to fail ("transfer"/"restore").
+    ``methods`` gives each migration its own method (default: the scenario's for all).
     ``on_ready`` is called once the clients run, before the first migration, and ``on_lab``
     after the last one, both while the lab is up (tests use them to look at the broker).
     ``workdir`` (an empty directory) keeps the workload's spec, logs and results.
@@ -185,8 +187,9 @@ def run_scenario(
                 on_ready(lab)
             time.sleep(scenario.settle)
             for index, dest in enumerate(scenario.migrations):
+                method = methods[index] if methods else scenario.method
                 migration = Migration(lab, dest, fail_at=(fail_at or {}).get(index),
-                                      method=scenario.method, progress=say)  # fmt: skip
+                                      method=method, progress=say)  # fmt: skip
                 try:
                     outcome = migration.run()
                 except MigrationFailed as exc:
