@@ -128,7 +128,7 @@ class Scenario:
     start: str
     clients: tuple[ClientSpec, ...] = ()
     link_rate: str = "100mbit"
-    compress: bool = True  # gzip the checkpoint on the link (pages shrink about 4x)
+    compress: bool = True  # compress on the link, with the codec measured fastest for it
     method: str = "cold"  # cold | precopy | postcopy | hybrid (here: post-copy)
     loss: float = 0.0  # percent, on the clients' access link, both directions
     rate: float = 20.0  # messages per second per client

@@ -62,6 +62,7 @@ from .postcopy import (
 )
 
 TRANSFER_PORT = 7999
+CODEC_SAMPLE = 2 << 20  # bytes of the broker's memory the codecs are measured on
 ROUND_PORT = 7997  # pre-copy's live rounds, one receiver after the other
 FAIL_POINTS = ("transfer", "restore", "lazy-pages")
 
@@ -127,13 +128,14 @@ class Migration:
         stamp = time.strftime("%H%M%S")
         self.work = lab.state_dir / f"move-{stamp}"  # pre-/post-copy's images and logs
         self.local_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.src.name}.tar"
-        suffix = ".tar.gz" if lab.scenario.compress else ".tar"
-        self.moved_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.dest.name}{suffix}"
+        # the receiver decompresses: the destination always holds a plain tar
+        self.moved_ckpt = lab.state_dir / f"ckpt-{stamp}-{self.dest.name}.tar"
         # pre-copy: what the source sends and what the destination holds, kept apart
         self.held: precopy.Copy = {}
         self.dest_copy: precopy.Copy = {}
         self.rounds: list[dict[str, Any]] = []
         self._link0 = 0  # the link counter at the trigger
+        self.codec = "none"  # the checkpoint link's, chosen at the trigger
 
     def _mark(self, event: str, message: str | None = None) -> None:
         self.timeline[event] = time.time()
@@ -157,6 +159,7 @@ class Migration:
         )  # fmt: skip
         blocker = self._block_destination() if self.fail_at == "restore" else None
         try:
+            self.codec = self._choose_codec()
             if self.method == "precopy":
                 self._live_rounds(link_ip, precopy.ROUNDS)
             told = lab.control("prepare", host=src, dest=self._quic(dest))
@@ -202,8 +205,7 @@ class Migration:
                 changed = delta.pages - delta.from_copy
                 self._mark("delta_done", f"delta: {changed} of {delta.pages} pages changed "
                                          "since the last round")  # fmt: skip
-            sent = transfer.send(shipped, link_ip, TRANSFER_PORT,
-                                 compress=lab.scenario.compress)  # fmt: skip
+            sent = transfer.send(shipped, link_ip, TRANSFER_PORT, codec=self.codec)
             receiver.result(timeout=30)
             self.outcome["transfer_bytes"] = sent.bytes
             self.outcome["transfer_mbit_s"] = round(sent.mbit_per_s, 1)
@@ -238,12 +240,36 @@ class Migration:
         self._clean_source()
         return self.outcome
 
+    def _init_pid(self) -> int:
+        attrs = self.lab.podman.client.containers.get(container_name(self.src)).attrs
+        return int(attrs["State"]["Pid"])
+
+    def _choose_codec(self) -> str:
+        """The checkpoint link's codec, measured on the broker's memory before the freeze."""
+        if not self.lab.scenario.compress:
+            return "none"
+        try:
+            sample = precopy.memory_sample(
+                precopy.container_processes(self._init_pid()), CODEC_SAMPLE
+            )
+        except precopy.PrecopyError as exc:  # cannot read it: the old default
+            self.progress(f"codec: gzip-1 (the broker's memory cannot be sampled: {exc})")
+            return "gzip-1"
+        rate = net.parse_rate(self.lab.scenario.link_rate)
+        choice = transfer.choose_codec(sample, len(sample), rate)
+        self.outcome["codec"] = choice.codec
+        self.outcome["codec_table"] = choice.table
+        ratio = choice.table[choice.codec]["ratio"]
+        self._mark("codec_chosen", f"codec: {choice.codec} (ratio {ratio:.2f} on "
+                                   f"{len(sample) / 1e6:.1f} MB of the broker's memory, link "
+                                   f"{self.lab.scenario.link_rate})")  # fmt: skip
+        return choice.codec
+
     # ------------------------------------------------------------------ pre-copy
     def _live_rounds(self, link_ip: str, most: int) -> None:
         """Pre-copy rounds while the broker serves, until one ships little (precopy rule 2)."""
-        podman = self.lab.podman
         self.work.mkdir(parents=True, exist_ok=True)
-        init_pid = int(podman.client.containers.get(container_name(self.src)).attrs["State"]["Pid"])
+        init_pid = self._init_pid()
         for _ in range(most):
             n = len(self.rounds) + 1
             start = time.monotonic()
@@ -252,9 +278,7 @@ class Migration:
             try:
                 stats = precopy.live_round(precopy.container_processes(init_pid), self.held,
                                            local)  # fmt: skip
-                sent = transfer.send(
-                    local, link_ip, ROUND_PORT, compress=self.lab.scenario.compress
-                )
+                sent = transfer.send(local, link_ip, ROUND_PORT, codec=self.codec)
                 receiver.result(timeout=30)
             finally:
                 receiver.stop()
@@ -310,7 +334,7 @@ class Migration:
             budget = 2 * ckpt.bytes * 8 / rate + 10  # the whole lazy phase, generously
             server = PageServer(images / "checkpoint", source_ip, PAGE_SERVER_PORT, budget + 30,
                                 self.work / "page-server.log")  # fmt: skip
-            sent = transfer.send(shipped, link_ip, TRANSFER_PORT, compress=lab.scenario.compress)
+            sent = transfer.send(shipped, link_ip, TRANSFER_PORT, codec=self.codec)
             receiver.result(timeout=30)
             self.outcome["transfer_bytes"] = sent.bytes
             self._mark("transfer_done", f"transfer: {sent.bytes / 1e6:.2f} MB in "

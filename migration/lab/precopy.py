@@ -31,7 +31,6 @@ Round file (``QMIGPGS1``): records ``<IQI`` (pid, vaddr, pages) each followed by
 from __future__ import annotations
 
 import copy as _copy
-import gzip
 import hashlib
 import io
 import json
@@ -149,6 +148,22 @@ def read_process(pid: int, vpid: int) -> Iterator[tuple[PageKey, bytes]]:
         raise PrecopyError(f"cannot read the memory of process {pid}: {exc}") from exc
 
 
+def memory_sample(processes: Iterable[tuple[int, int]], limit: int, stride: int = 8) -> bytes:
+    """Every ``stride``-th page of the container's memory, ``limit`` bytes at most.
+
+    What :func:`migration.lab.transfer.choose_codec` measures codecs on: the pages a
+    checkpoint is mostly made of, spread over the whole address space.
+    """
+    out: list[bytes] = []
+    for pid, vpid in processes:
+        for n, (_, page) in enumerate(read_process(pid, vpid)):
+            if n % stride == 0:
+                out.append(page)
+                if len(out) * PAGE_SIZE >= limit:
+                    return b"".join(out)
+    return b"".join(out)
+
+
 @dataclass(frozen=True)
 class RoundStats:
     pages_read: int
@@ -180,18 +195,10 @@ def live_round(processes: Iterable[tuple[int, int]], held: Copy, out: Path) -> R
     return RoundStats(read, sent)
 
 
-def _open_maybe_gzip(path: Path) -> IO[bytes]:
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head == b"\x1f\x8b":
-        return gzip.open(path, "rb")  # type: ignore[return-value]  # a GzipFile reads bytes
-    return open(path, "rb")
-
-
 def load_round(path: Path, into: Copy) -> int:
-    """Merge a round file (as it crossed the link, gzip'd or not) into ``into``; pages read."""
+    """Merge a round file (as it crossed the link) into ``into``; pages read."""
     got = 0
-    with _open_maybe_gzip(path) as f:
+    with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             raise PrecopyError(f"{path.name} is not a pre-copy round file")
         while True:
@@ -306,8 +313,7 @@ def apply_delta(delta: Path, copy: Copy, out_tar: Path) -> int:
 
     Returns the pages taken from the copy.
     """
-    with _open_maybe_gzip(delta) as f:
-        data = f.read()  # the delta is small: the memory stayed behind
+    data = delta.read_bytes()  # the delta is small: the memory stayed behind
     taken = 0
     with (
         tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tin,

@@ -1,4 +1,4 @@
-"""The checkpoint link: a real byte stream, gzip on the fly, digest checked, rate shaped."""
+"""The checkpoint link: a real byte stream, compressed on the fly, digest checked, rate shaped."""
 
 from __future__ import annotations
 
@@ -40,9 +40,8 @@ def _checkpoint_like(path: Path, size: int) -> bytes:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("compress", [True, False])
-def test_a_checkpoint_arrives_whole(tmp_path: Path, compress: bool) -> None:
-    import gzip
+@pytest.mark.parametrize("codec", ["none", "gzip-1", "zstd-3"])
+def test_a_checkpoint_arrives_whole(tmp_path: Path, codec: str) -> None:
     import time
 
     src = tmp_path / "ckpt.tar"
@@ -51,14 +50,39 @@ def test_a_checkpoint_arrives_whole(tmp_path: Path, compress: bool) -> None:
     port = _free_port()
     thread, result = _receive_in_thread(port, out)
     time.sleep(0.2)  # let it listen
-    sent = transfer.send(src, "127.0.0.1", port, compress=compress)
+    sent = transfer.send(src, "127.0.0.1", port, codec=codec)
     thread.join(10)
     assert result == [0]
     assert sent.source_bytes == len(data)
-    got = out.read_bytes()
-    assert (gzip.decompress(got) if compress else got) == data
-    if compress:
+    assert out.read_bytes() == data  # the receiver decompressed: a plain copy
+    if codec != "none":
         assert sent.bytes < 0.8 * len(data)  # the repetitive half shrinks
+
+
+def test_the_codec_is_chosen_by_the_link_rate() -> None:
+    sample = os.urandom(200_000) + bytes(range(256)) * 3000  # memory-like: part compressible
+    slow = transfer.choose_codec(sample, 30_000_000, 1_000_000)  # 1 Mbit/s: ratio decides
+    fast = transfer.choose_codec(sample, 30_000_000, 100_000_000_000)  # 100 Gbit/s: CPU does
+    assert fast.codec == "none", fast.table
+    assert slow.codec != "none", slow.table
+    best = min(t["ratio"] for t in slow.table.values())  # within the 3 % that buys no CPU
+    assert slow.table[slow.codec]["ratio"] <= best * 1.03, slow.table
+    noise = transfer.choose_codec(os.urandom(500_000), 30_000_000, 1_000_000)
+    assert noise.codec == "none", noise.table  # incompressible: compressing only costs
+
+
+def test_an_unknown_codec_is_refused_by_the_receiver(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    port = _free_port()
+    thread, result = _receive_in_thread(port, tmp_path / "moved")
+    time.sleep(0.2)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(transfer.MAGIC + b"\x05lzma9")
+        assert sock.makefile("r").readline().startswith("ERR unknown or unavailable codec")
+    thread.join(10)
+    assert result == [1] and not (tmp_path / "moved").exists()
 
 
 @pytest.mark.timeout(30)
@@ -71,7 +95,7 @@ def test_a_link_that_breaks_mid_stream_is_an_error(tmp_path: Path) -> None:
     thread, result = _receive_in_thread(port, tmp_path / "moved", fail_after=100_000)
     time.sleep(0.2)
     with pytest.raises(LabError, match="checkpoint transfer"):
-        transfer.send(src, "127.0.0.1", port, compress=False)
+        transfer.send(src, "127.0.0.1", port)
     thread.join(10)
     assert result == [3]
 
@@ -93,7 +117,7 @@ def test_the_shaped_link_runs_at_its_rate(tmp_path: Path) -> None:
         net.add_netns_link(NS, "qmig-tl0", "qmig-tl1", "198.18.251.0/30")
         net.shape("qmig-tl0", "20mbit")
         receiver = transfer.Receiver(NS, "198.18.251.2", 7998, tmp_path / "moved")
-        sent = transfer.send(src, "198.18.251.2", 7998, compress=False)
+        sent = transfer.send(src, "198.18.251.2", 7998)
         assert receiver.result(timeout=20).startswith("OK ")
     finally:
         net.del_netns(NS)
