@@ -240,6 +240,10 @@ class Migration:
         self._clean_source()
         return self.outcome
 
+    def _link_rate(self) -> int:
+        """The checkpoint link's rate as shaped now (the scenario's if tc shows none)."""
+        return net.shaped_rate(LINK_VETH[0]) or net.parse_rate(self.lab.scenario.link_rate)
+
     def _init_pid(self) -> int:
         attrs = self.lab.podman.client.containers.get(container_name(self.src)).attrs
         return int(attrs["State"]["Pid"])
@@ -255,14 +259,14 @@ class Migration:
         except precopy.PrecopyError as exc:  # cannot read it: the old default
             self.progress(f"codec: gzip-1 (the broker's memory cannot be sampled: {exc})")
             return "gzip-1"
-        rate = net.parse_rate(self.lab.scenario.link_rate)
+        rate = self._link_rate()
         choice = transfer.choose_codec(sample, len(sample), rate)
         self.outcome["codec"] = choice.codec
         self.outcome["codec_table"] = choice.table
         ratio = choice.table[choice.codec]["ratio"]
         self._mark("codec_chosen", f"codec: {choice.codec} (ratio {ratio:.2f} on "
                                    f"{len(sample) / 1e6:.1f} MB of the broker's memory, link "
-                                   f"{self.lab.scenario.link_rate})")  # fmt: skip
+                                   f"{rate / 1e6:g} Mbit/s)")  # fmt: skip
         return choice.codec
 
     # ------------------------------------------------------------------ pre-copy
@@ -330,7 +334,7 @@ class Migration:
             self.outcome["lazy_bytes"] = stripped.lazy_bytes
             self._mark("lazy_stripped", f"{stripped.lazy_bytes / 1e6:.1f} MB of pages left "
                                         "for the lazy phase")  # fmt: skip
-            rate = net.parse_rate(lab.scenario.link_rate)
+            rate = self._link_rate()
             budget = 2 * ckpt.bytes * 8 / rate + 10  # the whole lazy phase, generously
             server = PageServer(images / "checkpoint", source_ip, PAGE_SERVER_PORT, budget + 30,
                                 self.work / "page-server.log")  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -110,6 +111,20 @@ def shape(dev: str, rate: str, ns: str | None = None) -> None:
     cmd = ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
            "burst", str(burst), "latency", "50ms"]  # fmt: skip
     run(netns_exec(ns, *cmd) if ns else cmd)
+
+
+def shaped_rate(dev: str, ns: str | None = None) -> int | None:
+    """The rate (bit/s) ``dev``'s token bucket lets through now, or None if it is not shaped."""
+    cmd = ["tc", "-j", "qdisc", "show", "dev", dev]
+    proc = run(netns_exec(ns, *cmd) if ns else cmd, check=False)
+    try:
+        qdiscs = json.loads(proc.stdout or "[]")
+    except ValueError:
+        return None
+    for q in qdiscs:
+        if q.get("kind") == "tbf" and "rate" in q.get("options", {}):
+            return int(q["options"]["rate"]) * 8  # tc -j gives bytes per second
+    return None
 
 
 def parse_rate(rate: str) -> int:

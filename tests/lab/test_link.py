@@ -115,7 +115,9 @@ def test_the_shaped_link_runs_at_its_rate(tmp_path: Path) -> None:
     src.write_bytes(os.urandom(2_500_000))  # incompressible: the wire carries all of it
     try:
         net.add_netns_link(NS, "qmig-tl0", "qmig-tl1", "198.18.251.0/30")
+        assert net.shaped_rate("qmig-tl0") is None
         net.shape("qmig-tl0", "20mbit")
+        assert net.shaped_rate("qmig-tl0") == 20_000_000  # what the codec choice reads
         receiver = transfer.Receiver(NS, "198.18.251.2", 7998, tmp_path / "moved")
         sent = transfer.send(src, "198.18.251.2", 7998)
         assert receiver.result(timeout=20).startswith("OK ")
