@@ -264,6 +264,10 @@ def test_retry_schedule_is_the_scenarios_and_retry_overrides_it() -> None:
     for bad_text in ("0.5,0.1", "0,0.5", "0.05"):
         with pytest.raises(ValueError):
             settings_from_args(parser.parse_args(["--retry", bad_text]))
+    assert settings_from_args(parser.parse_args([])).method == "cold"
+    assert settings_from_args(parser.parse_args(["--method", "precopy"])).method == "precopy"
+    with pytest.raises(ValueError, match="methods are"):
+        settings_from_args(parser.parse_args(["--method", "warm"]))
     assert build_report(fixed, [], 1.0)["settings"]["reconnect_delay_s"] == [0.05, 0.05]
     assert build_report(Settings(), [], 1.0)["settings"]["reconnect_delay_s"] == [0.05, 0.5]
     assert _retry_text((0.05, 0.05)) == "retry every 50 ms after the loss"

@@ -187,6 +187,8 @@ def run_scenario(
                 on_ready(lab)
             time.sleep(scenario.settle)
             for index, dest in enumerate(scenario.migrations):
+                if dest == lab.broker_host.name and migrations and not migrations[-1].get("ok"):
+                    dest = migrations[-1]["to"]  # the last move rolled back: try it again
                 method = methods[index] if methods else scenario.method
                 migration = Migration(lab, dest, fail_at=(fail_at or {}).get(index),
                                       method=method, progress=say)  # fmt: skip

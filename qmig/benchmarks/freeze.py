@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         links = _csv_arg(args.links, ("100mbit",) if quick else LINKS, LINKS)
         states = _csv_arg(args.states, ("idle",) if quick else STATES, STATES)
         methods = _csv_arg(args.methods, ("cold", "precopy") if quick else METHODS, METHODS)
-        repeats = args.repeats or (1 if quick else REPEATS)
+        repeats = args.repeats if args.repeats is not None else (1 if quick else REPEATS)
         if repeats < 1:
             raise ValueError("--repeats must be at least 1")
     except ValueError as exc:

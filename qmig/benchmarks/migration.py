@@ -76,6 +76,7 @@ class Settings:
     reconnect_delay: tuple[float, float] | None = None
     scenario: str = SCENARIO
     quick: bool = False
+    method: str = "cold"  # how the broker's memory moves (qmig bench freeze compares them)
 
     def cells(self) -> list[tuple[str, float, str]]:
         return [(link, loss, state) for state in self.states for link in self.links
@@ -142,6 +143,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds of traffic before and after the move (default 2)",
     )
+    parser.add_argument(
+        "--method",
+        default="cold",
+        help="how the broker's memory moves: cold (default), precopy, postcopy, hybrid "
+        "(`qmig bench freeze` compares the methods themselves)",
+    )
 
 
 def _csv(text: str | None, default: Sequence[Any], kind: Callable[[str], Any] = str) -> tuple:
@@ -163,7 +170,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         repeats=args.repeats if args.repeats is not None else (1 if quick else REPEATS),
         pool_positions=_csv(args.pool_positions, (1,) if quick else POOL_POSITIONS, int),
         sessions=args.sessions, rate=args.rate, settle=args.settle, quick=quick,
+        method=args.method,
     )  # fmt: skip
+    from migration.scenario import METHODS
+
+    if s.method not in METHODS:
+        raise ValueError(f"methods are {', '.join(METHODS)}")
     if args.retry is not None:
         delays = _csv(args.retry, (), float)
         if len(delays) != 2 or not 0 < delays[0] <= delays[1]:
@@ -404,7 +416,7 @@ def run_cell_once(settings: Settings, link: str, loss: float, state: str, repeat
     if "quic-pool" in settings.variants:
         position = settings.pool_positions[repeat % len(settings.pool_positions)]
     changes: dict[str, Any] = {"link_rate": link, "loss": loss, "clients": clients,
-                               "migrations": (DESTINATION,)}  # fmt: skip
+                               "migrations": (DESTINATION,), "method": settings.method}  # fmt: skip
     if position is not None:
         changes["pool_order"] = pool_order([h.name for h in base.hosts], DESTINATION, position)
     if settings.rate is not None:
@@ -419,6 +431,7 @@ def run_cell_once(settings: Settings, link: str, loss: float, state: str, repeat
         "link": link, "link_mbit": _mbit(link), "loss": loss,
         "state": settings.state_label(state), "repeat": repeat, "pool_position": position,
         "rate": scenario.rate, "reconnect_delay_s": list(scenario.reconnect_delay),
+        "method": settings.method,
         "started": time.time(),
     }  # fmt: skip
     try:
