@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from qmig.benchmarks import freeze
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _client(sent: list[tuple[int, float]], latency: dict[int, float]) -> dict:
@@ -66,3 +72,32 @@ def test_bad_lists_are_refused_with_the_choices() -> None:
         freeze._csv_arg("cold,warm", freeze.METHODS, freeze.METHODS)
     assert freeze._csv_arg(None, ("idle",), freeze.STATES) == ("idle",)
     assert freeze.run(parser.parse_args(["--repeats", "0"])) == 2
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_moves_the_broker_cold_and_precopied(tmp_path: Path) -> None:
+    from migration.lab.lab import containers_unavailable
+
+    reason = containers_unavailable()
+    if reason:
+        pytest.skip(f"containers unavailable: {reason}")
+    out = tmp_path / "freeze.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmig", "bench", "freeze", "--quick", "--json", str(out),
+         "--report-dir", str(tmp_path / "report")],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert out.exists(), proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {r["method"]: r for r in data["results"]}
+    assert set(rows) == {"cold", "precopy"}, rows
+    for r in rows.values():
+        assert (r["link"], r["state"], r["moves"], r["failed"], r["lost"]) == (
+            "100mbit", "idle", 1, 0, 0), r  # fmt: skip
+        assert r["downtime_ms"] and r["total_ms"] and r["link_mb"], r
+    # pre-copy sends its memory ahead of the freeze, cold within it
+    (pre,) = [m for m in data["moves"] if m["method"] == "precopy"]
+    assert pre["precopy_rounds"] >= 1
+    assert (tmp_path / "report" / "summary.md").exists()
+    assert (tmp_path / "report" / "downtime.png").stat().st_size > 1000
+    assert proc.returncode == 0, proc.stderr[-3000:]
