@@ -65,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help=f"default {REPEATS}")
     parser.add_argument("--sessions", type=int, default=1000, help="the loaded state's sessions")
     parser.add_argument(
+        "--qos",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="the clients' QoS (2: duplicates would be errors)",
+    )
+    parser.add_argument(
         "--json", default=None, metavar="FILE", help="write the results (- for stdout)"
     )
     parser.add_argument(
@@ -181,6 +188,7 @@ def run_lab(
     sessions: int,
     image: str,
     say: Callable[[str], None],
+    qos: int = 1,
 ) -> list[dict[str, Any]]:
     """One lab: every method ``repeats`` times, interleaved; one row per move."""
     from migration.lab.run import run_scenario
@@ -191,6 +199,7 @@ def run_lab(
     scenario = Scenario.load("demo").replace(
         link_rate=link,
         settle=SETTLE,
+        qos=qos,
         clients=(
             ClientSpec("quic-proactive", "quic", "proactive"),
             ClientSpec("quic-reactive", "quic", "reactive"),
@@ -321,7 +330,9 @@ def run(args: argparse.Namespace) -> int:
         for link in links:
             _log(f"{link}, {state}: {', '.join(methods)} x {repeats}")
             try:
-                moves += run_lab(link, state, methods, repeats, args.sessions, image, _log)
+                moves += run_lab(
+                    link, state, methods, repeats, args.sessions, image, _log, qos=args.qos
+                )
             except Exception as exc:  # one failed lab must not lose the others' numbers
                 _log(f"{link}, {state}: the lab run failed: {type(exc).__name__}: {exc}")
                 notes.append(f"{link}, {state}: the lab run failed: {exc}")
