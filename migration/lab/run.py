@@ -187,8 +187,11 @@ def run_scenario(
                 on_ready(lab)
             time.sleep(scenario.settle)
             for index, dest in enumerate(scenario.migrations):
-                if dest == lab.broker_host.name and migrations and not migrations[-1].get("ok"):
-                    dest = migrations[-1]["to"]  # the last move rolled back: try it again
+                if dest == lab.broker_host.name and migrations:
+                    # An earlier move rolled back, so the list is off by one: retry the move
+                    # that failed, or go back where the broker came from.
+                    last = migrations[-1]
+                    dest = last["from"] if last.get("ok") else last["to"]
                 method = methods[index] if methods else scenario.method
                 migration = Migration(lab, dest, fail_at=(fail_at or {}).get(index),
                                       method=method, progress=say)  # fmt: skip
