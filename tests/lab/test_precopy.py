@@ -76,10 +76,13 @@ def test_a_precopy_move_there_and_back_ships_only_changed_pages_and_loses_nothin
             assert client["reconnects"] == 0, client["name"]
 
 
-def test_a_failed_precopy_restore_rolls_back_to_the_source(image: str) -> None:
+def test_a_failed_precopy_restore_rolls_back_and_the_next_moves_go_on(image: str) -> None:
+    # A -> B fails and rolls back; the scenario's "A" then means "B again", and its last "B"
+    # means "back to A": a rollback does not stop a sequence of moves.
     scenario = Scenario.load("demo").replace(
-        method="precopy", migrations=("edge-b",), settle=2.0, clients=CLIENTS[:1]
-    )
+        method="precopy", migrations=("edge-b", "edge-a", "edge-b"), settle=2.0,
+        clients=CLIENTS[:1],
+    )  # fmt: skip
     a = scenario.host("edge-a")
     seen: dict[str, Any] = {}
 
@@ -89,7 +92,9 @@ def test_a_failed_precopy_restore_rolls_back_to_the_source(image: str) -> None:
 
     result = run_scenario(scenario, image, fail_at={0: "restore"}, on_lab=after)
 
-    (m,) = result["migrations"]
+    m, again, back = result["migrations"]
+    assert (again["ok"], again["from"], again["to"]) == (True, "edge-a", "edge-b"), again
+    assert (back["ok"], back["from"], back["to"]) == (True, "edge-b", "edge-a"), back
     assert m["ok"] is False and m["failed_at"] == "restore", m
     assert m["rollback"] == "restored from the same checkpoint"
     t = m["timeline"]
