@@ -6,10 +6,19 @@
         async for message in client.messages():
             print(message.topic, message.payload)
 
-Over TCP, TLS and MPTCP the client reconnects by itself when the connection drops and resumes
-its session (clean start off, session expiry > 0); a DISCONNECT or CONNACK carrying a Server
-Reference (0x9C/0x9D) sends it to the named server.  Unacknowledged QoS 1/2 messages are
-resent after reconnecting, so none is lost.
+The client reconnects by itself when the connection drops and resumes its session (clean
+start off, session expiry > 0); a DISCONNECT or CONNACK carrying a Server Reference
+(0x9C/0x9D) sends it to the named server.  Unacknowledged QoS 1/2 messages are resent after
+reconnecting, so none is lost.  Over QUIC the connection follows a migrating broker without
+reconnecting; it reconnects (resuming its TLS session) only when the connection is really
+gone: the broker restarted, or it stayed silent for a whole keep alive interval.
+
+A connection is dead when nothing at all came from the broker for ``keep_alive`` seconds:
+the client sends PINGREQ once it has heard nothing for half the interval (also while it is
+publishing, since a broker that takes PUBLISHes but answers nothing is not serving), and the
+PINGRESP, like any packet, proves the broker alive.  A QUIC connection whose state diverged
+from the broker's (a migration rolled back after the destination had served) hears nothing,
+and is replaced by a fresh one instead of hanging on.
 """
 
 from __future__ import annotations
@@ -146,7 +155,7 @@ class Client:
         # QUIC: the broker's latest TLS session ticket, offered on the next connect to resume
         # the session (no certificate exchange).  Pass one to a new Client to resume too.
         self.session_ticket = session_ticket
-        self.reconnect = reconnect and transport != "quic"
+        self.reconnect = reconnect
         self.reconnect_delay = reconnect_delay
         self._end_reason = "connection lost"  # what next_message raises once it is over
         self.connect_timeout = connect_timeout
@@ -165,6 +174,7 @@ class Client:
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_sent = time.monotonic()
+        self._last_heard = time.monotonic()  # anything from the broker (keep alive, above)
         self._ping_task: asyncio.Task[None] | None = None
         self._first_connect = True
         # One stream generation per connection attempt: a loss reported by an older stream
@@ -324,6 +334,7 @@ class Client:
         proto = self.protocol
         if proto is None:
             return
+        self._last_heard = time.monotonic()
         for event in proto.receive_data(data, channel):
             self._dispatch(event)
         self._flush()
@@ -426,6 +437,9 @@ class Client:
             except ClientError as exc:
                 log.debug("reconnect failed: %s", exc)
                 delay = min(delay * 2, max_delay)
+                if racing and self.transport == "quic" and self._previous:
+                    # QUIC has no connect race here: alternate between the two instead.
+                    (self.host, self.port), self._previous = self._previous, (self.host, self.port)
                 if self._previous and not racing and loop.time() - failing_since >= FALLBACK_AFTER:
                     # From now on every attempt races the two: the move may still be under
                     # way (a long freeze) or have been rolled back.
@@ -462,18 +476,28 @@ class Client:
             keep_alive = proto.keep_alive if proto else self.keep_alive
             if not keep_alive:
                 return
-            await asyncio.sleep(max(0.05, keep_alive * 0.5))
-            if (
-                proto is not None
-                and proto.connected
-                and time.monotonic() - self._last_sent >= keep_alive * 0.5
-            ):
+            await asyncio.sleep(max(0.05, keep_alive * 0.25))
+            if proto is None or not proto.connected or proto is not self.protocol:
+                continue
+            now = time.monotonic()
+            if now - self._last_heard >= keep_alive:
+                log.warning("%s:%s silent for %.0f s (keep alive %d s): the connection is dead",
+                            self.host, self.port, now - self._last_heard, keep_alive)  # fmt: skip
+                self._last_heard = now  # one verdict per connection
+                self._generation += 1  # the aborted stream's own loss report is stale now
+                self._abort_stream()
+                self._on_lost(TimeoutError(f"no packet from the broker in {keep_alive} s"))
+            elif (now - self._last_sent >= keep_alive * 0.5
+                  or now - self._last_heard >= keep_alive * 0.5):  # fmt: skip
                 proto.ping()
                 self._flush()
 
     def _on_migrated(self, address: Address) -> None:
         log.info("QUIC connection follows the broker to %s", address)
         self.moves.append((time.monotonic(), address))
+        if (address.host, address.port) != (self.host, self.port):
+            # where a reconnect falls back to if the new address falls silent (a rollback)
+            self._previous = (self.host, self.port)
         self.host, self.port = address.host, address.port
 
     @property
