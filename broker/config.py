@@ -15,8 +15,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from quicmig.frames import MAX_POOL_ADDRESSES, Address
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -300,6 +298,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def parse_settings(text: str, where: str = "config") -> dict[str, Any]:
     """The settings of a YAML document: known keys with values of the right types."""
+    import yaml  # only a broker started from a file needs it (1.2 MB in every process)
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

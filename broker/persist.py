@@ -33,7 +33,7 @@ from mqttproto.packets import MQTT_5, Publish, Will
 from mqttproto.properties import PropertyId
 
 from .session import NEVER_EXPIRES, Delivery, Message, Session, SubOptions
-from .store import MemoryStore, WillEntry
+from .store import MemoryStore, StoreError, WillEntry
 
 log = logging.getLogger("qmig.broker")
 
@@ -63,10 +63,6 @@ CREATE TABLE IF NOT EXISTS wills (
     qos INTEGER NOT NULL, retain INTEGER NOT NULL, props BLOB, username TEXT
 );
 """
-
-
-class StoreError(RuntimeError):
-    """The store cannot be opened or read: the broker refuses to start rather than lose it."""
 
 
 def _encode_props(props: dict[int, Any]) -> bytes | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import ipaddress
 import logging
 import signal
@@ -22,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mqttproto.reasons import ReasonCode
 from quicmig.frames import Address
@@ -38,10 +37,12 @@ from .control import (
 from .engine import Broker
 from .migration_api import MigrationAPI
 from .observe import Observer
-from .persist import SqliteStore, StoreError, open_store
+from .store import StoreError
 
 if TYPE_CHECKING:
     from quicmig.tickets import TicketStore
+
+    from .persist import SqliteStore
 
 log = logging.getLogger("qmig.broker")
 
@@ -169,6 +170,8 @@ class BrokerServer:
         self.store: SqliteStore | None = None
         if broker is None:
             if config.persistence:
+                from .persist import open_store  # sqlite3 only where persistence is on
+
                 self.store = open_store(config.persistence, config.persistence_sync == "strict")
             broker = Broker(config, store=self.store, version=_version())
             if self.store is not None:
@@ -177,8 +180,8 @@ class BrokerServer:
                 except StoreError:
                     self.store.close()
                     raise
-        elif isinstance(broker.store, SqliteStore):
-            self.store = broker.store
+        elif broker.store.journaling:  # a durable store: this server commits it
+            self.store = cast("SqliteStore", broker.store)
         self.broker = broker
         self.broker.wakeup = self._schedule_flush
         self.broker.ack_wakeup = self._schedule_commit
@@ -461,11 +464,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def _version() -> str:
-    """The installed distribution's version (the broker does not import the qmig CLI)."""
-    try:
-        return f"qmig {importlib.metadata.version('qmig')}"
-    except importlib.metadata.PackageNotFoundError:
-        return "qmig (not installed)"
+    """qmig's version, from the package (importlib.metadata would cost the broker 2.3 MB)."""
+    from . import __version__
+
+    return f"qmig {__version__}"
 
 
 async def serve(config: BrokerConfig) -> None:

@@ -59,6 +59,10 @@ class Store(Protocol):
     def restore(self, now: float, wall: float) -> dict[str, WillEntry]: ...
 
 
+class StoreError(RuntimeError):
+    """The store cannot be opened or read: the broker refuses to start rather than lose it."""
+
+
 class MemoryStore:
     """The in-memory :class:`Store`."""
 

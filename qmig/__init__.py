@@ -1,3 +1,5 @@
 """The `qmig` command line and benchmarks."""
 
-__version__ = "0.1.0"
+from broker import __version__  # one copy: the broker reports it in $SYS too
+
+__all__ = ["__version__"]
