@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,6 +250,7 @@ class Lab:
         """``STATE_DIR/inventory.yaml``: ``qmig orchestrate --inventory`` it."""
         import yaml
 
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / "inventory.yaml"
         head = "# The lab's edge hosts, written by `qmig lab up` for `qmig orchestrate`.\n"
         path.write_text(head + yaml.safe_dump(self.inventory(), sort_keys=False))
@@ -344,6 +346,8 @@ class Lab:
         for leftover in ("state.json", "podman.sock", "inventory.yaml"):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / leftover).unlink()
+        # The default state of an orchestrator of this lab: its queue was about this lab.
+        shutil.rmtree(self.state_dir / "orchestrator", ignore_errors=True)
         self.state = None
         self._podman = None
         if not quiet:
