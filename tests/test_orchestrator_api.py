@@ -186,10 +186,11 @@ def test_status_hosts_and_one_migration_per_broker(orch: Orchestrator) -> None:
     job = orch.wait_job(1)
     assert job["state"] == "failed" and "the lab is not up" in job["outcome"]["error"]
     assert not orch.get("/v1/status")["brokers"]["lab"]["busy"]
-    kinds = [e["kind"] for e in orch.get("/v1/history?limit=20")["history"]]
-    assert kinds[-9:] == ["pause", "queued", "refused", "refused", "refused", "refused", "drain",
-                          "resume", "started", "failed"][-9:] or kinds[-3:] == [
-        "resume", "started", "failed"]  # fmt: skip
+    history = orch.get("/v1/history?limit=20")["history"]
+    kinds = [e["kind"] for e in history if "kind" in e]
+    assert kinds[-3:] == ["resume", "started", "failed"]
+    (outcome,) = [e["outcome"] for e in history if "outcome" in e]  # the figures, logged
+    assert outcome["ok"] is False and "the lab is not up" in outcome["error"]
 
 
 def test_the_queue_survives_a_crash_and_a_second_instance_is_refused(
@@ -216,13 +217,13 @@ def test_the_queue_survives_a_crash_and_a_second_instance_is_refused(
     assert status["paused"] and status["brokers"]["lab"]["busy"]
     assert again.call("POST", "/v1/migrate", {"to": "edge-b"})[0] == 409  # still one per broker
     history = again.get("/v1/history?limit=50")["history"]
-    assert ("reloaded", 1) in [(e["kind"], e.get("job")) for e in history]
+    assert ("reloaded", 1) in [(e.get("kind"), e.get("job")) for e in history]
     again.call("POST", "/v1/resume")
     assert again.wait_job(1)["state"] == "failed"  # ran after the restart (no lab to move)
     # The audit log is append-only JSON lines: both lives of the orchestrator are in it.
     lines = (state / "audit.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert [r["kind"] for r in records].count("start") == 2
+    assert [r.get("kind") for r in records].count("start") == 2
     assert records[-1]["kind"] == "failed"
 
 

@@ -26,7 +26,7 @@ from .queue import StateFile
 log = logging.getLogger("qmig.orchestrator")
 
 IDLE_WAIT = 1.0  # seconds the worker sleeps when nothing is due
-STOP_WAIT = 5.0  # seconds stop() waits for the worker (a running move is not cut short)
+STOP_WAIT = 900.0  # seconds stop() waits for a running move: never cut one short
 HISTORY_MAX = 1000  # audit records one history request returns at most
 
 
@@ -70,9 +70,15 @@ class Service:
         self._worker.start()
 
     def stop(self) -> None:
+        """Stop taking jobs; a move that runs is let finish (a cut one could leave the broker
+        checkpointed and nowhere), bounded by :data:`STOP_WAIT`."""
         with self.lock:
             self._stopping = True
             self._wake.notify_all()
+            running = self.core.running
+        if running is not None:
+            log.info("stopping once job %d (%s to %s) has finished", running.id,
+                     running.broker, running.dest)  # fmt: skip
         if self._worker is not None:
             self._worker.join(STOP_WAIT)
         if self.audit is not None:
@@ -201,10 +207,13 @@ class Service:
             outcome = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         where = self._locate(job.broker)
         now = time.time()
+        summary = _summary(outcome)
         with self.lock:
             ok = bool(outcome.get("ok"))
-            decisions = self.core.finished(job.id, ok, where, now, _summary(outcome))
+            decisions = self.core.finished(job.id, ok, where, now, summary)
             self._note_figures(job, outcome)
+            figures = {k: v for k, v in summary.items() if k not in ("timeline", "clients")}
+            self.audit_extra({"job": job.id, "outcome": figures}, now)
             self._record(decisions, now)
 
     def _note_figures(self, job: Job, outcome: dict[str, Any]) -> None:
