@@ -37,7 +37,7 @@ from .test_live import REASON, ROOT, image, nothing_left_behind  # noqa: F401 - 
 pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"containers unavailable: {REASON}"),
               pytest.mark.timeout(300)]  # fmt: skip
 
-MESSAGES = 160  # at 20 msg/s: 8 s of publishing, the move in the middle
+MESSAGES = 300  # at 20 msg/s: 15 s of publishing, the move (2-6 s here) in the middle
 RATE = 20.0
 
 
