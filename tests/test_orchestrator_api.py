@@ -273,3 +273,53 @@ async def test_a_clients_trigger_reaches_the_orchestrator_through_its_broker(
     status, body = orch.call("POST", "/v1/triggers", {"broker": "lab", "hint": "edge-b"},
                              token="trigger", base=orch.trigger_url)  # fmt: skip
     assert status == 200 and body["decision"]["reason"] == "cooldown"
+
+
+def test_a_flood_of_idle_connections_costs_bounded_threads(orch: Orchestrator) -> None:
+    from migration.orchestrator.api import MAX_REQUESTS
+
+    host, port = orch.trigger_url.removeprefix("http://").rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(MAX_REQUESTS)]
+    ask = {"broker": "lab", "hint": "nowhere"}
+    try:
+        time.sleep(0.3)
+        # The trigger listener is full: one more request is closed without an answer ...
+        with pytest.raises(OSError):
+            orch.call("POST", "/v1/triggers", ask, token="trigger", base=orch.trigger_url)
+        # ... and the operator's listener, another one, is not held up by it.
+        assert orch.call("GET", "/v1/status")[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while True:  # the slots come back as the idle connections end
+        try:
+            status, body = orch.call("POST", "/v1/triggers", ask, token="trigger",
+                                     base=orch.trigger_url)  # fmt: skip
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the trigger listener never recovered"
+            time.sleep(0.1)
+    assert status == 200 and body["decision"]["reason"] == "no_match"
+    assert "requests in progress; closing new connections" in orch.log()
+
+
+def test_a_schedule_moves_the_broker_on_time(
+    inventory: Path, tmp_path: Path, orchestrators: list[Orchestrator]
+) -> None:
+    data = yaml.safe_load(inventory.read_text())
+    data["policies"] = {"schedule": [{"broker": "lab", "every": 0.5,
+                                      "hosts": ["edge-a", "edge-b"]}]}  # fmt: skip
+    inventory.write_text(yaml.safe_dump(data))
+    orch = Orchestrator(inventory, tmp_path / "state")
+    orchestrators.append(orch)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        history = orch.get("/v1/history?limit=50")["history"]
+        kinds = [(e.get("kind"), e.get("reason")) for e in history]
+        if ("failed", "schedule") in kinds:
+            break
+        time.sleep(0.1)
+    assert ("queued", "schedule") in kinds and ("started", "schedule") in kinds, kinds
+    (job,) = [e for e in history if e.get("kind") == "queued"][:1]
+    assert job["host"] == "edge-b" and job["by"] == "schedule"

@@ -21,7 +21,10 @@ taken over can ask for moves (which the policies still judge), never drain or re
 Wrong or missing tokens get 401, answered later with every failure of that address (up to
 3 s, one at a time: :class:`broker.throttle.FailureBackoff`) and logged once a minute.
 Bodies are at most :data:`MAX_BODY` bytes; a connection gets :data:`REQUEST_TIMEOUT`
-seconds; every answer closes the connection (HTTP/1.0).
+seconds; every answer closes the connection (HTTP/1.0); each listener serves at most
+:data:`MAX_REQUESTS` at once and closes further connections at once, so a flood of one
+listener (the trigger listener faces the edge network) costs bounded threads and never
+starves the other.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ log = logging.getLogger("qmig.orchestrator")
 
 MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 10.0
+MAX_REQUESTS = 32  # requests in progress per listener (a thread each); more are closed
 MAX_HINT = 1024
 METHODS = ("cold", "postcopy", "hybrid")
 REFUSAL_STATUS = {"busy": HTTPStatus.CONFLICT, "unknown_broker": HTTPStatus.NOT_FOUND,
@@ -79,8 +83,7 @@ class Api:
             owner = api
             only_triggers = triggers_only
 
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
+        server = _BoundedServer((host, port), Handler)
         self.servers.append(server)
         threading.Thread(target=server.serve_forever, name=f"qmig-api-{port}",
                          daemon=True).start()  # fmt: skip
@@ -114,6 +117,36 @@ class Api:
 
     def metrics(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per request, at most :data:`MAX_REQUESTS` at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_REQUESTS)
+        self._full = LogWindow(60.0)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            if self._full.hit(time.monotonic()) is not None:
+                log.warning("API: %d requests in progress; closing new connections",
+                            MAX_REQUESTS)  # fmt: skip
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Handler(BaseHTTPRequestHandler):
