@@ -34,6 +34,7 @@ class LabExecutor:
     """Moves the lab's broker between the pods of the lab's one Podman."""
 
     def __init__(self, inventory: Inventory) -> None:
+        import migration.lab.live  # noqa: F401 - imported now, not in a move's first 30 ms
         from migration.scenario import Scenario
 
         self.state_dir = Path(inventory.lab["state_dir"])

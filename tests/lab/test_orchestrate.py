@@ -220,4 +220,10 @@ def test_a_client_trigger_moves_the_broker_and_quic_clients_follow(
           f"ms = orchestration {overhead_ms:.1f} ms + the move {move_ms:.0f} ms (downtime "
           f"{outcome['downtime_ms']} ms); before that, the asking client's start, handshake "
           f"and CONNECT: {client_ms:.0f} ms")  # fmt: skip
+    forward_ms = (job["created_at"] - job["requested_at"]) * 1000
+    queue_ms = (job["started_at"] - job["created_at"]) * 1000
+    setup_ms = (timeline["trigger"] - job["started_at"]) * 1000
+    print(f"orchestration: broker -> orchestrator (POST, decide, audit, fsync) "
+          f"{forward_ms:.1f} ms, queue to worker {queue_ms:.1f} ms, the executor's setup "
+          f"{setup_ms:.1f} ms")  # fmt: skip
     assert 0 <= overhead_ms < 1000
