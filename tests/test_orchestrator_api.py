@@ -323,3 +323,18 @@ def test_a_schedule_moves_the_broker_on_time(
     assert ("queued", "schedule") in kinds and ("started", "schedule") in kinds, kinds
     (job,) = [e for e in history if e.get("kind") == "queued"][:1]
     assert job["host"] == "edge-b" and job["by"] == "schedule"
+
+
+def test_a_bad_inventory_or_state_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "inv.yaml"
+    bad.write_text("hosts: {edge-a: {podman: 'http://x', address: 1.2.3.4, link: l}}\n"
+                   "brokers: {}\n")  # fmt: skip
+    for inventory in (bad, tmp_path / "missing.yaml"):
+        run = subprocess.run(
+            [sys.executable, "-m", "qmig", "orchestrate", "--inventory", str(inventory),
+             "--state-dir", str(tmp_path / "state")],
+            capture_output=True, text=True, timeout=30, cwd=ROOT,
+        )  # fmt: skip
+        assert run.returncode == 2
+        (line,) = run.stderr.strip().splitlines()
+        assert line.startswith("qmig orchestrate: error: ") and str(inventory) in line
