@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from broker.throttle import FailureBackoff, LogWindow
+from migration.scenario import METHODS
 
 from .core import Decision, Job
 from .metrics import OrchestratorCollector
@@ -54,7 +55,6 @@ MAX_BODY = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 MAX_REQUESTS = 32  # requests in progress per listener (a thread each); more are closed
 MAX_HINT = 1024
-METHODS = ("cold", "postcopy", "hybrid")
 REFUSAL_STATUS = {"busy": HTTPStatus.CONFLICT, "unknown_broker": HTTPStatus.NOT_FOUND,
                   "unknown_host": HTTPStatus.NOT_FOUND}  # fmt: skip
 
