@@ -338,3 +338,61 @@ def test_a_bad_inventory_or_state_is_one_line_and_exit_2(tmp_path: Path) -> None
         assert run.returncode == 2
         (line,) = run.stderr.strip().splitlines()
         assert line.startswith("qmig orchestrate: error: ") and str(inventory) in line
+
+
+async def test_pre_checkpoint_waits_for_a_trigger_on_its_way_to_the_orchestrator(
+    tmp_path: Path,
+) -> None:
+    """No connection to the orchestrator may be open when CRIU dumps the broker: an
+    orchestrator that takes 0.5 s to answer holds pre-checkpoint back until it has."""
+    import http.server
+    import threading
+
+    answered: list[float] = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(0.5)
+            answered.append(time.monotonic())
+            self.send_response(202)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    slow = http.server.ThreadingHTTPServer((HOST, 0), Slow)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    token = tmp_path / "trigger.token"
+    token.write_text("abcdefghijklmnopqrstuvwxyz0123456789\n")
+    certs = make_lab_certs(tmp_path / "certs")
+    config = BrokerConfig(
+        host=HOST, tcp_port=0, tls_port=0, mptcp_port=0, quic_port=_free_udp_port(),
+        cert=str(certs.server_cert), key=str(certs.server_key), sys_interval=0,
+        orchestrator_url=f"http://{HOST}:{slow.server_address[1]}",
+        orchestrator_token_file=str(token),
+    ).validate()  # fmt: skip
+    server = BrokerServer(config)
+    await server.start()
+    try:
+        client = Client(HOST, config.quic_port, transport="quic", cafile=str(certs.ca_cert),
+                        client_id="asker", reconnect=False)  # fmt: skip
+        async with client:
+            await client.request_migration("edge-b")
+            forwarder = server.migration.forwarder
+            assert forwarder is not None
+            for _ in range(100):  # the broker has accepted it and started the POST
+                if server.migration.trigger_counts["accepted"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert not answered
+            await server.migration.pre_checkpoint(None, grace=2.0)
+            done = time.monotonic()
+            assert answered and answered[0] <= done, (answered, forwarder.counts)
+            assert forwarder.counts["sent"] == 1, forwarder.counts
+            await server.migration.rollback(None)
+    finally:
+        await server.stop()
+        slow.shutdown()
+        slow.server_close()
