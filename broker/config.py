@@ -107,6 +107,16 @@ class BrokerConfig:
     control_port: int = 0
     control_token: str | None = field(default=None, repr=False)
     control_token_file: str | None = None
+    # Prometheus metrics (broker.metrics): port 0 = off; loopback unless told otherwise.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    # Where accepted MIGRATION_TRIGGERs go (broker.forward): the orchestrator's base URL, its
+    # trigger token (orchestrator_token_file or $QMIG_ORCHESTRATOR_TOKEN, never a flag), and
+    # the name the orchestrator's inventory gives this broker.
+    orchestrator_url: str | None = None
+    orchestrator_token: str | None = field(default=None, repr=False)
+    orchestrator_token_file: str | None = None
+    name: str = "broker"
 
     @property
     def tls_enabled(self) -> bool:
@@ -199,6 +209,10 @@ class BrokerConfig:
         if self.control_port and not self.control_host:
             raise ConfigError("control_host must not be empty (0.0.0.0 if every address is meant)")
         self._check_control_token()
+        _check_range("metrics_port", self.metrics_port, 0, 65535)
+        if self.metrics_port and not self.metrics_host:
+            raise ConfigError("metrics_host must not be empty (0.0.0.0 if every address is meant)")
+        self._check_orchestrator()
         if self.redirect is not None and not self.redirect.strip():
             raise ConfigError("redirect must be a non-empty server reference such as host:port")
         level = self.log_level.upper()
@@ -242,6 +256,35 @@ class BrokerConfig:
                 "secrets; print(secrets.token_urlsafe(32))'`, or give none and the broker "
                 "generates one into its control token file"
             )
+
+    def _check_orchestrator(self) -> None:
+        """An orchestrator URL needs http(s) and a token that is hard to guess."""
+        if not self.name.strip():
+            raise ConfigError("name must not be empty")
+        if self.orchestrator_url is None:
+            return
+        url = self.orchestrator_url.strip()
+        if not url.startswith(("http://", "https://")) or len(url) <= len("https://"):
+            raise ConfigError(f"orchestrator_url must be an http:// or https:// URL, got {url!r}")
+        from .control import ControlError, read_token_file, token_weakness
+
+        source = "$QMIG_ORCHESTRATOR_TOKEN / orchestrator_token"
+        if self.orchestrator_token_file:
+            try:
+                self.orchestrator_token = read_token_file(
+                    self.orchestrator_token_file, "orchestrator token"
+                )
+            except ControlError as exc:
+                raise ConfigError(str(exc)) from exc
+            source = self.orchestrator_token_file
+        if not self.orchestrator_token:
+            raise ConfigError(
+                "orchestrator_url needs the orchestrator's trigger token: "
+                "orchestrator_token_file or $QMIG_ORCHESTRATOR_TOKEN"
+            )
+        weakness = token_weakness(self.orchestrator_token)
+        if weakness:
+            raise ConfigError(f"orchestrator token from {source} {weakness}")
 
 
 _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(BrokerConfig)
@@ -504,6 +547,30 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
         "$QMIG_CONTROL_TOKEN); generated (mode 0600) if missing; default "
         "~/.qmig/control-PORT.token, or under $XDG_RUNTIME_DIR/qmig",
     )
+    add(
+        "--metrics-host",
+        default=None,
+        help="address of the Prometheus metrics endpoint (default 127.0.0.1)",
+    )
+    add(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="port of the Prometheus metrics endpoint (/metrics), 0 disables (default 0)",
+    )
+    add(
+        "--orchestrator-url",
+        metavar="URL",
+        default=None,
+        help="send accepted MIGRATION_TRIGGERs to this orchestrator (http://HOST:PORT)",
+    )
+    add(
+        "--orchestrator-token-file",
+        metavar="FILE",
+        default=None,
+        help="file holding the orchestrator's trigger token (or $QMIG_ORCHESTRATOR_TOKEN)",
+    )
+    add("--name", default=None, help="this broker's name in the orchestrator's inventory")
     add("--log-level", type=_log_level, default=None, help="DEBUG, INFO, WARNING or ERROR")
 
 
@@ -517,6 +584,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         values["pool"] = os.environ["QMIG_POOL"]  # the container's environment
     if os.environ.get("QMIG_CONTROL_TOKEN", "").strip():
         values["control_token"] = os.environ["QMIG_CONTROL_TOKEN"].strip()
+    if os.environ.get("QMIG_ORCHESTRATOR_TOKEN", "").strip():
+        values["orchestrator_token"] = os.environ["QMIG_ORCHESTRATOR_TOKEN"].strip()
     for name in _FIELD_NAMES:
         flag = getattr(args, name, None)
         if flag is not None:

@@ -77,15 +77,15 @@ class BadRequest(Exception):
     """The request is malformed; answered with an error, the connection stays open."""
 
 
-def read_token_file(path: str | Path) -> str:
+def read_token_file(path: str | Path, what: str = "control token") -> str:
     """The token in ``path``, surrounding whitespace (a trailing newline) removed."""
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or exc
-        raise ControlError(f"cannot read control token file {path}: {reason}") from exc
+        raise ControlError(f"cannot read {what} file {path}: {reason}") from exc
     if not token:
-        raise ControlError(f"control token file {path} is empty")
+        raise ControlError(f"{what} file {path} is empty")
     return token
 
 

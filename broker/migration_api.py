@@ -10,7 +10,8 @@
    clients that wait for it, and resend what the freeze swallowed without PTO backoff.
 
 ``status()`` reports where things stand; MIGRATION_TRIGGER frames from clients are kept in
-``triggers`` for the orchestrator to read.  Everything lives in the broker's memory, so it
+``triggers`` for the orchestrator to read, and sent to it at once when the broker has an
+``--orchestrator-url`` (:mod:`broker.forward`).  Everything lives in the broker's memory, so it
 survives the checkpoint/restore it orchestrates.
 
 A trigger is a request from the network, so it counts only from a client whose MQTT CONNECT
@@ -48,6 +49,7 @@ from .throttle import LogWindow, TokenBucket, log_safe
 
 if TYPE_CHECKING:
     from .connection import BrokerConnection
+    from .forward import TriggerForwarder
     from .quic import BrokerQuicProtocol
     from .server import BrokerServer
 
@@ -88,6 +90,8 @@ class MigrationAPI:
         self._freeze_watch: asyncio.Task[None] | None = None
         # After the thaw: who came back when (the I/O layer's observer, see broker.observe).
         self.returns: ReturnWatch | None = None
+        # Where accepted triggers go besides ``triggers`` (--orchestrator-url, broker.forward).
+        self.forwarder: TriggerForwarder | None = None
 
     def _quic(self, proto: BrokerQuicProtocol) -> MigratingQuicConnection:
         quic = proto._quic
@@ -139,6 +143,8 @@ class MigrationAPI:
         del self.triggers[:-MAX_TRIGGERS]  # bounded: the orchestrator reads them via status
         log.info("migration trigger from %s: reason %d, hint %s", who, frame.reason,
                  entry["hint"] or "-")  # fmt: skip
+        if self.forwarder is not None:
+            self.forwarder.forward(entry)
 
     def _drop_trigger(self, kind: str, who: str, why: str, now: float) -> None:
         self.trigger_counts[kind] += 1
@@ -210,6 +216,8 @@ class MigrationAPI:
         for kind in RECONNECTING_TRANSPORTS:
             await self.server.close_listener(kind)
         aborted = await self._drain_stream_connections(grace)
+        if self.forwarder is not None:  # no connection to the orchestrator into the dump
+            await self.forwarder.drain(grace)
         self._start_freeze_watch()
         self.state = "checkpoint-ready"
         log.info("pre-checkpoint: %d TCP/TLS/MPTCP clients sent to %s", sent_away, reference)

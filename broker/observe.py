@@ -31,7 +31,9 @@ class ReturnWatch:
         self.thawed_at = thawed_at
         self.first_packet_at: float | None = None
         self.first_packet_from: str | None = None
-        self._returns: dict[int, tuple[float, Any]] = {}
+        # id(io) -> (when, io, client id, transport): who it was is noted when it is first
+        # heard, as the connection may have ended (and left its io) by the time of a report.
+        self._returns: dict[int, tuple[float, Any, str, str]] = {}
         self._done = done
 
     def datagram(self, io: Any, addr: Any) -> None:
@@ -42,18 +44,27 @@ class ReturnWatch:
 
     def connection(self, io: Any) -> None:
         now = time.time()
-        self._returns.setdefault(id(io), (now, io))
+        if id(io) not in self._returns:
+            conn = getattr(io, "conn", None)
+            if conn is not None:
+                self._returns[id(io)] = (now, io, conn.client_id, conn.transport)
+            else:
+                self._returns[id(io)] = (now, io, "", "?")
         if now - self.thawed_at > RETURN_WATCH:
             self._done(self)  # bounded: nobody is watched for long
 
     def returned(self) -> list[dict[str, Any]]:
         """Per client, how long after the thaw it was heard again: the broker's view."""
         out = []
-        for at, io in sorted(self._returns.values(), key=lambda item: item[0]):
+        for at, io, noted_id, noted_transport in sorted(self._returns.values(),
+                                                        key=lambda r: r[0]):  # fmt: skip
+            # A new TCP connection has no client id until its CONNECT: ask it again now.
             conn = getattr(io, "conn", None)
+            client_id = (conn.client_id if conn is not None else "") or noted_id
+            transport = conn.transport if conn is not None else noted_transport
             out.append({
-                "client_id": conn.client_id if conn is not None else "",
-                "transport": conn.transport if conn is not None else "?",
+                "client_id": client_id,
+                "transport": transport,
                 "after_thaw_ms": round((at - self.thawed_at) * 1000, 1),
             })  # fmt: skip
         return out

@@ -42,6 +42,7 @@ from .store import StoreError
 if TYPE_CHECKING:
     from quicmig.tickets import TicketStore
 
+    from .metrics import MetricsServer
     from .persist import SqliteStore
 
 log = logging.getLogger("qmig.broker")
@@ -203,6 +204,7 @@ class BrokerServer:
         )
         self.observer: Observer | None = None  # measurement's hook (broker.observe)
         self.control: ControlServer | None = None  # not a listener: CRIU keeps it open
+        self.metrics: MetricsServer | None = None  # --metrics-port (broker.metrics)
 
     # ----------------------------------------------------------------- output
     def _schedule_flush(self) -> None:
@@ -330,6 +332,19 @@ class BrokerServer:
             )
             host, port = await self.control.start()
             log.info("control API on %s:%s", host, port)
+        if cfg.orchestrator_url and cfg.orchestrator_token:
+            from .forward import TriggerForwarder
+
+            self.migration.forwarder = TriggerForwarder(
+                cfg.orchestrator_url, cfg.orchestrator_token, cfg.name
+            )
+            log.info("migration triggers go to %s", self.migration.forwarder.url)
+        if cfg.metrics_port:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(self, cfg.metrics_host, cfg.metrics_port)
+            host, port = self.metrics.start()
+            log.info("Prometheus metrics on http://%s:%s/metrics", host, port)
         self._ticker = self._loop.call_later(TICK_SECONDS, self._tick)
         if self.store is not None:
             self._committer = self._loop.call_later(cfg.persistence_interval,
@@ -440,6 +455,9 @@ class BrokerServer:
         if self.control is not None:
             await self.control.stop()
             self.control = None
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)  # waits for its thread's poll
+            self.metrics = None
         if self._ticker is not None:
             self._ticker.cancel()
         if self._committer is not None:

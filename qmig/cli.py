@@ -141,6 +141,19 @@ def _add_lab_commands(sub: argparse._SubParsersAction, wanted: str | None) -> No
     migrate.set_defaults(handler=run_migrate)
 
 
+def _add_orchestrate(sub: argparse._SubParsersAction, wanted: str | None) -> None:
+    p = sub.add_parser("orchestrate", help="move brokers between edge hosts when asked (service)")
+    if wanted not in ("orchestrate", "*"):
+        return
+    try:
+        from migration.orchestrator.cli import add_arguments, run
+    except ImportError as exc:
+        p.set_defaults(handler=_unavailable("orchestrate", str(exc)), accepts_extra=True)
+        return
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
 def _words(argv: Sequence[str]) -> list[str]:
     return [a for a in argv if not a.startswith("-")]
 
@@ -191,6 +204,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         p.set_defaults(handler=run_ctl)
 
     _add_lab_commands(sub, wanted)
+    _add_orchestrate(sub, wanted)
 
     p = sub.add_parser("demo", help="live-migrate the broker container under traffic (the demo)")
     p.add_argument("--scenario", default="demo", help="scenario name or YAML file (default demo)")

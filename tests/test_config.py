@@ -174,3 +174,38 @@ def test_pool_size_is_bounded_by_connection_ids() -> None:
     with pytest.raises(ConfigError, match=f"at most {MAX_POOL_ADDRESSES}"):
         BrokerConfig(pool=pool).validate()
     BrokerConfig(pool=pool.rsplit(",", 1)[0]).validate()  # one fewer is fine
+
+
+def test_metrics_are_off_by_default_and_on_loopback_when_asked(tmp_path: Path) -> None:
+    cfg = config_from_args(parse())
+    assert (cfg.metrics_port, cfg.metrics_host) == (0, "127.0.0.1")
+    cfg = config_from_args(parse("--config", str(write(tmp_path, "metrics-port: 9883\n"))))
+    assert (cfg.metrics_port, cfg.metrics_host) == (9883, "127.0.0.1")
+    cfg = config_from_args(parse("--metrics-port", "9884", "--metrics-host", "0.0.0.0"))
+    assert (cfg.metrics_port, cfg.metrics_host) == (9884, "0.0.0.0")
+    with pytest.raises(ConfigError, match=r"metrics_port must be 0\.\.65535"):
+        config_from_args(parse("--metrics-port", "70000"))
+
+
+def test_an_orchestrator_url_needs_http_and_a_strong_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("QMIG_ORCHESTRATOR_TOKEN", raising=False)
+    token = tmp_path / "orchestrator.token"
+    token.write_text("k" * 40 + "\n")
+    url = ("--orchestrator-url", "http://127.0.0.1:7891")
+    with pytest.raises(ConfigError, match="needs the orchestrator's trigger token"):
+        config_from_args(parse(*url))
+    with pytest.raises(ConfigError, match="must be an http:// or https:// URL"):
+        config_from_args(parse("--orchestrator-url", "ftp://x", "--orchestrator-token-file",
+                               str(token)))  # fmt: skip
+    with pytest.raises(ConfigError, match="uses fewer than 8 different characters"):
+        config_from_args(parse(*url, "--orchestrator-token-file", str(token)))
+    with pytest.raises(ConfigError, match="cannot read orchestrator token file"):
+        config_from_args(parse(*url, "--orchestrator-token-file", str(tmp_path / "none")))
+    token.write_text("0123456789abcdefghijklmnopqrstuvwxyz\n")
+    cfg = config_from_args(parse(*url, "--orchestrator-token-file", str(token), "--name", "e1"))
+    assert cfg.orchestrator_token == "0123456789abcdefghijklmnopqrstuvwxyz" and cfg.name == "e1"
+    assert "0123456789" not in repr(cfg)  # never in a log line
+    monkeypatch.setenv("QMIG_ORCHESTRATOR_TOKEN", "zyxwvutsrqponmlkjihgfedcba9876543210")
+    assert config_from_args(parse(*url)).orchestrator_token.startswith("zyxw")  # type: ignore[union-attr]

@@ -83,7 +83,8 @@ def _run_lab(args: argparse.Namespace) -> int:
         host = lab.scenario.host(state.broker_host)
         print(
             f"qmig lab: up; broker on {host.name} at {host.address} (image {image}); "
-            f"clients run in netns qmig-cl; CA {lab.cafile}"
+            f"clients run in netns qmig-cl; CA {lab.cafile}; inventory "
+            f"{lab.state_dir / 'inventory.yaml'} (qmig orchestrate --inventory)"
         )
         return 0
     except (LabError, ScenarioError) as exc:

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,13 @@ CLIENT_VETH = ("qmig-cl0", "qmig-cl1")
 LINK_VETH = ("qmig-lk0", "qmig-lk1")
 BROKER_ETC = "/etc/qmig"  # where the broker container sees certificates and token
 READY_TIMEOUT = 30.0
+# The orchestrator (migration.orchestrator) of the lab: its operator API on the machine's
+# loopback, and the listener where the broker, wherever it runs, posts its clients'
+# MIGRATION_TRIGGERs (the machine at the start host's gateway, routed from every pod).
+BROKER_NAME = "lab"
+ORCHESTRATOR_PORT = 7890
+TRIGGER_PORT = 7891
+METRICS_PORT = 9883  # the broker's Prometheus metrics, on its lab address
 
 
 def pod_name(host: Host | str) -> str:
@@ -197,12 +205,56 @@ class Lab:
             token_file = self.etc / "control.token"
             token_file.write_text(token + "\n")
             token_file.chmod(0o644)  # read inside the container; the directory is root's
+            trigger_token = self.etc / "orchestrator.token"
+            trigger_token.write_text(secrets.token_urlsafe(32) + "\n")
+            trigger_token.chmod(0o644)  # the broker's, to post triggers with
             self.etc.chmod(0o755)
+            self.write_inventory()
             self.start_broker(sc.host(sc.start))
         except BaseException:
             self.down(quiet=True)
             raise
         return self.state
+
+    @property
+    def trigger_url(self) -> str:
+        return f"http://{self.scenario.host(self.scenario.start).gateway}:{TRIGGER_PORT}"
+
+    def inventory(self) -> dict[str, Any]:
+        """The orchestrator's inventory of this lab (migration.orchestrator.inventory)."""
+        from .live import TRANSFER_PORT, net_address
+
+        sc = self.scenario
+        link = {"address": net_address(sc.link_subnet, 2), "port": TRANSFER_PORT,
+                "rate": sc.link_rate}  # fmt: skip
+        podman = f"unix://{self.state_dir / 'podman.sock'}"
+        hosts = {h.name: {"podman": podman, "address": h.address, "link": dict(link)}
+                 for h in sc.hosts}  # fmt: skip
+        control = {"port": sc.ports.control, "token_file": str(self.etc / "control.token")}
+        broker = {"host": sc.start, "control": control,
+                  "ports": {"quic": sc.ports.quic, "tcp": sc.ports.tcp}}  # fmt: skip
+        return {
+            "driver": "lab",
+            "lab": {"state_dir": str(self.state_dir), "scenario": sc.name},
+            "orchestrator": {
+                "api": f"127.0.0.1:{ORCHESTRATOR_PORT}",
+                "triggers": self.trigger_url.removeprefix("http://"),
+                "trigger_token_file": str(self.etc / "orchestrator.token"),
+                "state_dir": str(self.state_dir / "orchestrator"),
+            },
+            "hosts": hosts,
+            "brokers": {BROKER_NAME: broker},
+        }
+
+    def write_inventory(self) -> Path:
+        """``STATE_DIR/inventory.yaml``: ``qmig orchestrate --inventory`` it."""
+        import yaml
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / "inventory.yaml"
+        head = "# The lab's edge hosts, written by `qmig lab up` for `qmig orchestrate`.\n"
+        path.write_text(head + yaml.safe_dump(self.inventory(), sort_keys=False))
+        return path
 
     def broker_command(self) -> list[str]:
         p = self.scenario.ports
@@ -212,7 +264,10 @@ class Lab:
                 "--cert", f"{BROKER_ETC}/server.crt", "--key", f"{BROKER_ETC}/server.key",
                 "--control-host", "0.0.0.0", "--control-port", str(p.control),
                 "--control-token-file", f"{BROKER_ETC}/control.token",
-                "--pool", ",".join(self.scenario.pool), "--sys-interval", "0"]  # fmt: skip
+                "--pool", ",".join(self.scenario.pool), "--sys-interval", "0",
+                "--name", BROKER_NAME, "--orchestrator-url", self.trigger_url,
+                "--orchestrator-token-file", f"{BROKER_ETC}/orchestrator.token",
+                "--metrics-host", "0.0.0.0", "--metrics-port", str(METRICS_PORT)]  # fmt: skip
 
     def start_broker(self, host: Host) -> None:
         assert self.state is not None
@@ -288,9 +343,11 @@ class Lab:
             removed.append("podman API service")
         if self.state is not None and self.state.service_pid:
             stop_pid(self.state.service_pid, grace=2.0)
-        for leftover in ("state.json", "podman.sock"):
+        for leftover in ("state.json", "podman.sock", "inventory.yaml"):
             with contextlib.suppress(FileNotFoundError):
                 (self.state_dir / leftover).unlink()
+        # The default state of an orchestrator of this lab: its queue was about this lab.
+        shutil.rmtree(self.state_dir / "orchestrator", ignore_errors=True)
         self.state = None
         self._podman = None
         if not quiet:
