@@ -130,6 +130,9 @@ class Scenario:
     link_rate: str = "100mbit"
     compress: bool = True  # compress on the link, with the codec measured fastest for it
     method: str = "cold"  # cold | precopy | postcopy | hybrid (here: post-copy)
+    # The broker's durable store (--persistence) inside its container's own filesystem, so
+    # that it moves with the container in every method (podman exports the rootfs changes).
+    persistence: bool = False
     loss: float = 0.0  # percent, on the clients' access link, both directions
     rate: float = 20.0  # messages per second per client
     qos: int = 1
@@ -222,6 +225,7 @@ class Scenario:
                 link_rate=str(link.get("rate", "100mbit")),
                 compress=bool(link.get("compress", True)),
                 method=str(data.get("method", "cold")),
+                persistence=bool(data.get("persistence", False)),
                 loss=float(data.get("loss", 0)),
                 rate=float(data.get("rate", 20)),
                 qos=int(data.get("qos", 1)),

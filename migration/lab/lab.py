@@ -45,6 +45,7 @@ LINK_NS = "qmig-link"
 CLIENT_VETH = ("qmig-cl0", "qmig-cl1")
 LINK_VETH = ("qmig-lk0", "qmig-lk1")
 BROKER_ETC = "/etc/qmig"  # where the broker container sees certificates and token
+BROKER_STORE = "/var/lib/qmig"  # in the container's rootfs: it travels with the checkpoint
 READY_TIMEOUT = 30.0
 # The orchestrator (migration.orchestrator) of the lab: its operator API on the machine's
 # loopback, and the listener where the broker, wherever it runs, posts its clients'
@@ -267,7 +268,9 @@ class Lab:
                 "--pool", ",".join(self.scenario.pool), "--sys-interval", "0",
                 "--name", BROKER_NAME, "--orchestrator-url", self.trigger_url,
                 "--orchestrator-token-file", f"{BROKER_ETC}/orchestrator.token",
-                "--metrics-host", "0.0.0.0", "--metrics-port", str(METRICS_PORT)]  # fmt: skip
+                "--metrics-host", "0.0.0.0", "--metrics-port", str(METRICS_PORT),
+                *(["--persistence", BROKER_STORE] if self.scenario.persistence else []),
+                ]  # fmt: skip
 
     def start_broker(self, host: Host) -> None:
         assert self.state is not None

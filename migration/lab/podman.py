@@ -211,7 +211,8 @@ class Podman:
         start = time.monotonic()
         resp = self.client.api.post(
             f"/containers/{name}/checkpoint",
-            params={"export": "true", "ignoreVolumes": "true"},
+            # fileLocks: the durable store's SQLite file is locked (one broker per store)
+            params={"export": "true", "ignoreVolumes": "true", "fileLocks": "true"},
             stream=True,
         )
         _raise_for(resp, f"checkpoint of {name}")
@@ -230,7 +231,7 @@ class Podman:
         with open(path, "rb") as body:
             resp = self.client.api.post(
                 "/containers/import/restore",
-                params={"import": "true", "pod": pod_id, "name": name},
+                params={"import": "true", "pod": pod_id, "name": name, "fileLocks": "true"},
                 data=body,
                 headers={"Content-Type": "application/x-tar"},
             )
@@ -268,7 +269,7 @@ def restore_cli(path: Path, pod_id: str, name: str, timeout: float = 120.0) -> f
     """
     start = time.monotonic()
     cmd = ["podman", "container", "restore", "--import", str(path), "--pod", pod_id,
-           "--name", name, "--ignore-volumes"]  # fmt: skip
+           "--name", name, "--ignore-volumes", "--file-locks"]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
