@@ -72,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the clients' QoS (2: duplicates would be errors)",
     )
     parser.add_argument(
+        "--persistence",
+        action="store_true",
+        help="the broker keeps a durable store, which moves with it",
+    )
+    parser.add_argument(
         "--json", default=None, metavar="FILE", help="write the results (- for stdout)"
     )
     parser.add_argument(
@@ -189,6 +194,7 @@ def run_lab(
     image: str,
     say: Callable[[str], None],
     qos: int = 1,
+    persistence: bool = False,
 ) -> list[dict[str, Any]]:
     """One lab: every method ``repeats`` times, interleaved; one row per move."""
     from migration.lab.run import run_scenario
@@ -200,6 +206,7 @@ def run_lab(
         link_rate=link,
         settle=SETTLE,
         qos=qos,
+        persistence=persistence,
         clients=(
             ClientSpec("quic-proactive", "quic", "proactive"),
             ClientSpec("quic-reactive", "quic", "reactive"),
@@ -331,7 +338,15 @@ def run(args: argparse.Namespace) -> int:
             _log(f"{link}, {state}: {', '.join(methods)} x {repeats}")
             try:
                 moves += run_lab(
-                    link, state, methods, repeats, args.sessions, image, _log, qos=args.qos
+                    link,
+                    state,
+                    methods,
+                    repeats,
+                    args.sessions,
+                    image,
+                    _log,
+                    qos=args.qos,
+                    persistence=args.persistence,
                 )
             except Exception as exc:  # one failed lab must not lose the others' numbers
                 _log(f"{link}, {state}: the lab run failed: {type(exc).__name__}: {exc}")
