@@ -123,6 +123,9 @@ class BrokerQuicProtocol(GuardedProtocol):
             self._lost()
         elif isinstance(event, HandshakeCompleted):
             self.handshake_done()  # no longer half-open for the listener
+            trimmer = self.broker_server.trimmer
+            if trimmer is not None:  # give back what the handshake allocated and freed
+                trimmer.note()
             if self.stream_id is None:
                 self._stream_timer = self._loop.call_later(STREAM_TIMEOUT, self._no_stream)
             self.broker_server.migration.connection_ready(self)
