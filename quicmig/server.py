@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
@@ -48,6 +48,8 @@ from aioquic.quic.packet import (
     QuicPacketType,
     pull_quic_header,
 )
+
+from .connection import short_queue
 
 log = logging.getLogger("qmig.broker")
 
@@ -148,11 +150,49 @@ class GuardedProtocol(QuicConnectionProtocol):
 
     A subclass calls ``self.handshake_done()`` on ``HandshakeCompleted``; until then the
     connection counts as half-open.
+
+    Per connection it keeps little: the listener and the connection IDs it is registered
+    under (a list), and bound methods for aioquic's three connection-table callbacks (which
+    aioquic makes per connection as ``partial`` objects with a keyword dict, 330 bytes
+    each); the ``asyncio.Event`` aioquic sets on termination waits with a list instead of
+    a deque (nothing waits on it in the broker: 760 bytes saved).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.handshake_done: Callable[[], None] = lambda: None
+        self._listener: GuardedQuicServer | None = None
+        self._table_keys: list[bytes] = []  # its keys in the listener's connection table
+        waiters = vars(self._closed)
+        if type(waiters.get("_waiters")) is deque:
+            waiters["_waiters"] = short_queue(waiters["_waiters"])
+
+    def handshake_done(self) -> None:
+        """No longer half-open for the listener."""
+        if self._listener is not None:
+            self._listener.half_open.discard(self)
+
+    def _listen(self, listener: GuardedQuicServer, keys: list[bytes]) -> None:
+        """Attach to ``listener``, registered under ``keys``."""
+        self._listener = listener
+        self._table_keys = keys
+
+    def _take_callbacks(self) -> None:
+        """Replace the callbacks aioquic's server just gave this connection by methods."""
+        self._connection_id_issued_handler = self._cid_issued
+        self._connection_id_retired_handler = self._cid_retired
+        self._connection_terminated_handler = self._terminated
+
+    def _cid_issued(self, cid: bytes) -> None:
+        if self._listener is not None:
+            self._listener._connection_id_issued(cid, self)
+
+    def _cid_retired(self, cid: bytes) -> None:
+        if self._listener is not None:
+            self._listener._connection_id_retired(cid, self)
+
+    def _terminated(self) -> None:
+        if self._listener is not None:
+            self._listener._connection_terminated(self)
 
 
 class GuardedQuicServer(QuicServer):
@@ -180,8 +220,8 @@ class GuardedQuicServer(QuicServer):
         self.half_open: HalfOpen[GuardedProtocol] = HalfOpen(
             policy.max_half_open, policy.handshake_timeout
         )
-        self._cids: dict[QuicConnectionProtocol, set[bytes]] = {}  # each one's table keys
         self._opening: tuple[bytes, bool] | None = None  # the Initial being admitted
+        self._created: GuardedProtocol | None = None  # the connection that Initial opened
         self._expiry: asyncio.TimerHandle | None = None
         self.counts = {"undecryptable": 0, "retry": 0, "timed_out": 0, "evicted": 0}
         self._reported = dict(self.counts)
@@ -198,6 +238,9 @@ class GuardedQuicServer(QuicServer):
             super().datagram_received(data, addr)
         finally:
             self._opening = None
+            created, self._created = self._created, None
+            if created is not None:  # aioquic has set its callbacks: ours replace them
+                created._take_callbacks()
 
     def _admit(self, data: bytes) -> bool:
         """Decide on a datagram that may open a connection; False drops it."""
@@ -236,8 +279,8 @@ class GuardedQuicServer(QuicServer):
         assert self._opening is not None
         dcid, validated = self._opening
         # aioquic registers the connection under these two; _connection_id_issued adds more.
-        self._cids[protocol] = {dcid, connection.host_cid}
-        protocol.handshake_done = lambda: self.half_open.discard(protocol)
+        protocol._listen(self, [dcid, connection.host_cid])
+        self._created = protocol
         now = self._clock.time()
         for old in self.half_open.add(protocol, validated, now):
             self._count("evicted")
@@ -280,19 +323,24 @@ class GuardedQuicServer(QuicServer):
     # ------------------------------------------------------------------ connection table
     def _connection_id_issued(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
         super()._connection_id_issued(cid, protocol)
-        self._cids.setdefault(protocol, set()).add(cid)
+        if isinstance(protocol, GuardedProtocol) and cid not in protocol._table_keys:
+            protocol._table_keys.append(cid)
 
     def _connection_id_retired(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
         super()._connection_id_retired(cid, protocol)
-        self._cids.get(protocol, set()).discard(cid)
+        if isinstance(protocol, GuardedProtocol) and cid in protocol._table_keys:
+            protocol._table_keys.remove(cid)
 
     def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
         """Remove the connection by its own IDs (aioquic scans the whole table)."""
-        for cid in self._cids.pop(protocol, ()):
+        if not isinstance(protocol, GuardedProtocol):  # never: _new_protocol makes only these
+            return
+        keys, protocol._table_keys = protocol._table_keys, []
+        for cid in keys:
             if self._protocols.get(cid) is protocol:
                 del self._protocols[cid]
-        if isinstance(protocol, GuardedProtocol):  # always: _new_protocol makes only these
-            self.half_open.discard(protocol)
+        self.half_open.discard(protocol)
+        protocol._listener = None
 
     def close(self) -> None:
         if self._expiry is not None:
@@ -302,7 +350,6 @@ class GuardedQuicServer(QuicServer):
             self._report.cancel()
             self._report = None
         self.half_open.clear()
-        self._cids.clear()
         super().close()
 
     # ------------------------------------------------------------------ reporting
