@@ -104,7 +104,7 @@ class BrokerQuicProtocol(GuardedProtocol):
         self.channels: dict[int, int] = {}
         self.channel_streams: dict[int, int] = {}
         self._early: dict[int, bytearray] = {}  # data sent before CONNECT was accepted
-        self._early_ended: set[int] = set()
+        self._early_ended: frozenset[int] = frozenset()  # shared while empty
         self.paused = False
         self._closing = False
         self._stream_timer: asyncio.TimerHandle | None = None
@@ -177,7 +177,7 @@ class BrokerQuicProtocol(GuardedProtocol):
             early = self._early.setdefault(sid, bytearray())
             early += event.data
             if event.end_stream:
-                self._early_ended.add(sid)
+                self._early_ended = self._early_ended | {sid}
             if sum(len(b) for b in self._early.values()) > EARLY_DATA_LIMIT:
                 self._reject(f"over {EARLY_DATA_LIMIT} bytes on data streams before CONNECT")
             return
@@ -194,7 +194,7 @@ class BrokerQuicProtocol(GuardedProtocol):
                 conn.receive_data(bytes(data), self.channels[sid])
             if sid in self._early_ended:
                 self._end_data_stream(sid)
-        self._early_ended.clear()
+        self._early_ended = frozenset()
 
     def _end_data_stream(self, sid: int, reset: bool = False) -> None:
         """The client ended a data stream: end ours too; the connection carries on."""

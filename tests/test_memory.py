@@ -78,3 +78,18 @@ def test_trimmer_without_malloc_trim_does_nothing() -> None:
         assert not trimmer.available and trimmer._handle is None
     finally:
         loop.close()
+
+
+def test_sessions_share_only_their_empty_queues() -> None:
+    from broker.session import Session
+
+    a, b = Session("a", 5), Session("b", 5)
+    assert a.pending is b.pending and a.inbound_qos2 is b.inbound_qos2  # one empty each
+    with pytest.raises(TypeError):
+        a.pending.append(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        a.inbound_qos2.add(1)
+    a.qos2_ids().add(1)
+    a.queue_replays()
+    assert a.queue() is a.pending is not b.pending
+    assert a.inbound_qos2 == {1} and not b.inbound_qos2 and not b.replays
