@@ -74,6 +74,9 @@ class ConnectionIO(Protocol):
     def abort(self) -> None: ...
 
 
+NO_WARNINGS: frozenset[str] = frozenset()  # frozenset() is not a singleton: one for all
+
+
 class State(Enum):
     AWAIT_CONNECT = "await-connect"
     CONNECTED = "connected"
@@ -124,7 +127,7 @@ class BrokerConnection:
         # long for the client to reconnect before it is published.
         self.will_grace = 0.0
         self.io: ConnectionIO | None = None  # the I/O layer's handle for this connection
-        self._warned: frozenset[str] = frozenset()  # one shared empty until a warning
+        self._warned = NO_WARNINGS  # shared until the first warning
         self._out: list[bytes | bytearray] = []
         self._out_bytes = 0  # in _out and _side: held here while the transport is paused
         # Multi-stream QUIC: data channels' readers and output (channel 0 uses the above).

@@ -57,6 +57,9 @@ CLOSE_LINGER = 3.0  # seconds to let a final DISCONNECT be acknowledged before c
 STREAM_TIMEOUT = 10.0
 # Bytes a client may send on data streams before its CONNECT is accepted (they wait).
 EARLY_DATA_LIMIT = 64 << 10
+# The empty set of data streams ended before CONNECT: one for all (frozenset() is not a
+# singleton, and a set is 216 bytes a connection).
+NO_STREAMS: frozenset[int] = frozenset()
 # Application error codes in CONNECTION_CLOSE (RFC 9000 section 20.2: ours to define).
 ERROR_NONE = 0x0
 ERROR_PROTOCOL = 0x1
@@ -104,7 +107,7 @@ class BrokerQuicProtocol(GuardedProtocol):
         self.channels: dict[int, int] = {}
         self.channel_streams: dict[int, int] = {}
         self._early: dict[int, bytearray] = {}  # data sent before CONNECT was accepted
-        self._early_ended: frozenset[int] = frozenset()  # shared while empty
+        self._early_ended = NO_STREAMS
         self.paused = False
         self._closing = False
         self._stream_timer: asyncio.TimerHandle | None = None
@@ -194,7 +197,7 @@ class BrokerQuicProtocol(GuardedProtocol):
                 conn.receive_data(bytes(data), self.channels[sid])
             if sid in self._early_ended:
                 self._end_data_stream(sid)
-        self._early_ended = frozenset()
+        self._early_ended = NO_STREAMS
 
     def _end_data_stream(self, sid: int, reset: bool = False) -> None:
         """The client ended a data stream: end ours too; the connection carries on."""

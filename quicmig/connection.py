@@ -718,6 +718,7 @@ class MigratingQuicConnection(QuicConnection):
             self._qmig_release_handshake()
         if self._qmig_released and self._qmig_release_crypto_stream():
             self._qmig_release_pending = False
+            ReleasedServerConnection.compact(self)
 
     def _qmig_release_handshake(self) -> None:
         """A server connection whose handshake is over drops what only the handshake used.
@@ -995,3 +996,64 @@ class MigratingQuicConnection(QuicConnection):
         if window is not None:
             self._qmig_spacing_window, self._qmig_spacing = window, spacing
         return spacing
+
+
+class ReleasedServerConnection(MigratingQuicConnection):
+    """A released server connection: attributes that hold the same value in every one of
+    them (:data:`RELEASED_DEFAULTS`) are read from this class instead of its instance dict.
+
+    aioquic's connection has about 100 attributes; past 85 a dict takes a 256-slot table
+    (3.3 KB), below it a 128-slot one (1.5 KB).  These are settled once the handshake and
+    the release are over (set during the handshake, or never by a server: no logger, no
+    retry token handler, no follower); should aioquic set one again, it simply goes back
+    into the instance dict.
+    """
+
+    @classmethod
+    def compact(cls, connection: MigratingQuicConnection) -> None:
+        """Make ``connection`` one, dropping its instance entries that equal the defaults."""
+        state = vars(connection)
+        connection.__class__ = cls
+        connection.__dict__ = {
+            name: value
+            for name, value in state.items()
+            if not (
+                name in RELEASED_DEFAULTS
+                and type(value) is type(RELEASED_DEFAULTS[name])
+                and value == RELEASED_DEFAULTS[name]
+            )
+        }
+
+
+# Values every released server connection has (aioquic 1.7 names, then the adapter's).
+RELEASED_DEFAULTS: dict[str, object] = {
+    "_is_client": False,
+    "_handshake_complete": True,
+    "_handshake_confirmed": True,
+    "_connect_called": False,
+    "_crypto_frame_type": int(QuicFrameType.CRYPTO),
+    "_crypto_packet_version": 1,
+    "_version": 1,
+    "_quic_logger": None,
+    "_session_ticket_fetcher": None,
+    "_session_ticket_handler": None,
+    "_token_handler": None,
+    "_remote_preferred_address": None,
+    "_retry_count": 0,
+    "_retry_source_connection_id": None,
+    "_peer_token": b"",
+    "_version_negotiated_compatible": True,
+    "_version_negotiated_incompatible": False,
+    "_remote_max_datagram_frame_size": None,
+    "follower": None,
+    "qmig_last_received": None,
+    "_qmig_silence_handled": None,
+    "_qmig_active_addr": None,
+    "_qmig_spacing_window": None,
+    "_qmig_spacing": 0.0,
+    "_qmig_released": True,
+    "_qmig_release_pending": False,
+    "receive_window": None,
+}
+for _name, _value in RELEASED_DEFAULTS.items():
+    setattr(ReleasedServerConnection, _name, _value)

@@ -162,9 +162,9 @@ class GuardedProtocol(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         self._listener: GuardedQuicServer | None = None
         self._table_keys: list[bytes] = []  # its keys in the listener's connection table
-        waiters = vars(self._closed)
-        if type(waiters.get("_waiters")) is deque:
-            waiters["_waiters"] = short_queue(waiters["_waiters"])
+        closed: Any = self._closed  # asyncio's private name, unknown to typeshed
+        if type(getattr(closed, "_waiters", None)) is deque:
+            closed._waiters = short_queue(closed._waiters)
 
     def handshake_done(self) -> None:
         """No longer half-open for the listener."""
