@@ -26,6 +26,7 @@ from quicmig.connection import (
     SPENT_CRYPTO_STREAM,
     TLS_HANDSHAKE_ONLY,
     MigratingQuicConnection,
+    ReleasedServerConnection,
     ShortQueue,
     ShortRing,
 )
@@ -114,6 +115,14 @@ def test_released_connection_keeps_its_state_small(certs: CertPaths, tickets: bo
     assert not set(TLS_HANDSHAKE_ONLY) & set(vars(context))
     assert context.key_schedule is None and context.alpn_negotiated == "mqtt"
     assert not isinstance(server.receive_paused, set)
+    # Settled attributes come from the class: the instance dict stays in a small table.
+    assert isinstance(server, ReleasedServerConnection)
+    assert len(vars(server)) <= 85 and "_handshake_complete" not in vars(server)
+    assert server._handshake_complete and not server._is_client
+    pair.exchange(b"2")
+    server.close(error_code=0x0, reason_phrase="bye")
+    pair.run(0.1)
+    assert pair.closed and pair.closed[0].reason_phrase == "bye"
 
 
 def test_client_address_change_is_validated(certs: CertPaths) -> None:
