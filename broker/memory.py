@@ -68,9 +68,10 @@ def rss_bytes() -> int:
 def release_memory() -> dict[str, int]:
     """Collect garbage, then give the allocator's free pages back to the system.
 
-    Returns ``rss_before`` and ``rss_after`` in bytes.  Takes a few to tens of milliseconds
-    with thousands of connections (the collection walks every object): call it when a
-    pause does not matter, such as just before a checkpoint.
+    Returns ``rss_before`` and ``rss_after`` in bytes.  The collection walks every object:
+    about 80 ms with 1,000 QUIC connections on this 2-core machine (``malloc_trim`` itself
+    is well under a millisecond), so call it when a pause does not matter, such as just
+    before a checkpoint.
     """
     before = rss_bytes()
     gc.collect()
