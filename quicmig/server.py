@@ -50,6 +50,7 @@ from aioquic.quic.packet import (
 )
 
 from .connection import short_queue
+from .udp import BATCH, BatchingDatagramTransport, open_udp
 
 log = logging.getLogger("qmig.broker")
 
@@ -166,6 +167,26 @@ class GuardedProtocol(QuicConnectionProtocol):
         if type(getattr(closed, "_waiters", None)) is deque:
             closed._waiters = short_queue(closed._waiters)
 
+    def transmit(self) -> None:
+        """Send what the connection has; while the listener reads a batch, at its end."""
+        listener = self._listener
+        if listener is not None and listener.batching:
+            listener.defer(self)
+            return
+        self.transmit_now()
+
+    def transmit_now(self) -> None:
+        """aioquic's transmit, with this connection's datagrams sent in GSO runs."""
+        transport = self._transport
+        if not isinstance(transport, BatchingDatagramTransport):
+            super().transmit()
+            return
+        transport.cork()
+        try:
+            super().transmit()
+        finally:
+            transport.uncork()
+
     def handshake_done(self) -> None:
         """No longer half-open for the listener."""
         if self._listener is not None:
@@ -222,11 +243,42 @@ class GuardedQuicServer(QuicServer):
         )
         self._opening: tuple[bytes, bool] | None = None  # the Initial being admitted
         self._created: GuardedProtocol | None = None  # the connection that Initial opened
+        # While a batch of datagrams is read (BatchingDatagramTransport), connections
+        # transmit once, at its end.
+        self.batching = False
+        self._deferred: dict[GuardedProtocol, None] = {}
         self._expiry: asyncio.TimerHandle | None = None
         self.counts = {"undecryptable": 0, "retry": 0, "timed_out": 0, "evicted": 0}
         self._reported = dict(self.counts)
         self._report: asyncio.Handle | None = None
         self._last_report = -REPORT_INTERVAL
+
+    # ------------------------------------------------------------------ batches
+    def batch_started(self) -> None:
+        self.batching = True
+
+    def defer(self, protocol: GuardedProtocol) -> None:
+        self._deferred[protocol] = None
+
+    def batch_ended(self) -> None:
+        """Transmit every connection the batch touched, once, datagrams to a peer in GSO runs."""
+        self.batching = False
+        transport = self._transport
+        corked = transport if isinstance(transport, BatchingDatagramTransport) else None
+        if corked is not None:
+            corked.cork()
+        try:
+            while self._deferred:
+                deferred, self._deferred = self._deferred, {}
+                for protocol in deferred:
+                    try:
+                        protocol.transmit_now()
+                    except Exception as exc:
+                        context = {"message": "QUIC transmit failed", "exception": exc}
+                        self._clock.call_exception_handler(context)
+        finally:
+            if corked is not None:
+                corked.uncork()
 
     # ------------------------------------------------------------------ admission
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
@@ -316,9 +368,9 @@ class GuardedQuicServer(QuicServer):
             frame_type=QuicFrameType.PADDING,
             reason_phrase=reason,
         )
-        protocol.transmit()  # the CONNECTION_CLOSE
+        protocol.transmit_now()  # the CONNECTION_CLOSE (not at the end of a batch)
         quic._close_at = self._clock.time()
-        protocol.transmit()  # re-arms aioquic's timer for now
+        protocol.transmit_now()  # re-arms aioquic's timer for now
 
     # ------------------------------------------------------------------ connection table
     def _connection_id_issued(self, cid: bytes, protocol: QuicConnectionProtocol) -> None:
@@ -387,13 +439,14 @@ async def serve_guarded(
     configuration: QuicConfiguration,
     create_protocol: Callable[..., GuardedProtocol],
     policy: HandshakePolicy,
+    batch: int = BATCH,
 ) -> GuardedQuicServer:
-    """aioquic's ``serve()`` with a :class:`GuardedQuicServer`."""
-    loop = asyncio.get_running_loop()
-    _, server = await loop.create_datagram_endpoint(
-        lambda: GuardedQuicServer(
-            configuration=configuration, create_protocol=create_protocol, policy=policy
-        ),
-        local_addr=(host, port),
+    """aioquic's ``serve()`` with a :class:`GuardedQuicServer` on a batching UDP transport.
+
+    ``batch``: datagrams read per wake-up (1: one, as asyncio's own transport does).
+    """
+    server = GuardedQuicServer(
+        configuration=configuration, create_protocol=create_protocol, policy=policy
     )
+    await open_udp(host, port, server, batch)
     return server
