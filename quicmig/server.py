@@ -20,7 +20,11 @@ subclassing, never edited), and the one place the broker touches QuicServer's pr
   not validated by a Retry token first; each gets ``handshake_timeout`` seconds to finish
   (the idle timeout, 180 s, is for established connections).  Either way the connection is
   closed with CONNECTION_REFUSED and its state dropped at once, without a closing period.
-- A terminated connection is removed from the table by its own connection IDs.
+- A terminated connection is removed from the table by its own connection IDs, which it
+  keeps itself (with bound methods for aioquic's per-connection callbacks: issue #16).
+- It listens on :class:`~quicmig.udp.BatchingDatagramTransport`: datagrams are read in
+  batches, and every connection a batch touched transmits once at its end, its datagrams
+  to one peer in UDP GSO runs (``GuardedProtocol.transmit``, ``batch_ended``).
 
 The policy (:class:`HalfOpen`) is sans-I/O; the server class is the thin asyncio layer.
 """
