@@ -31,7 +31,7 @@ import logging
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger("qmig.broker")
@@ -259,7 +259,11 @@ async def open_udp(
 ) -> BatchingDatagramTransport:
     """Bind a UDP socket to ``host``:``port`` (the first address that binds) for ``protocol``."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    infos: Sequence[tuple[Any, ...]]
+    try:  # an address needs no resolver (whose thread pool would stay in the process)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     error: OSError | None = None
     for family, kind, proto, _, address in infos:
         sock = socket.socket(family, kind, proto)

@@ -160,3 +160,15 @@ async def test_datagram_the_socket_cannot_take_yet_is_sent_later() -> None:
     finally:
         transport.close()
         receiver.close()
+
+
+async def test_binding_an_address_starts_no_resolver_thread() -> None:
+    """asyncio's default executor (the resolver's) would stay in the broker for good."""
+    import threading
+
+    before = threading.active_count()
+    transport = await open_udp(HOST, 0, Recorder())
+    try:
+        assert threading.active_count() == before
+    finally:
+        transport.close()
