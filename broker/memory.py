@@ -15,30 +15,34 @@ broker held tens of MB it no longer used.  ``malloc_trim(0)`` hands the free pag
   QUIC listener tells it about each completed handshake.
 
 ``malloc_trim`` is glibc's: where the C library is not glibc (musl, macOS) both do only what
-Python can do (the collection), and :data:`MALLOC_TRIM` is None.
+Python can do (the collection), and :func:`malloc_trim` returns None.  ctypes is imported
+on first use, and the RSS read from ``/proc`` (psutil, 2.7 MB of RSS once imported, only
+where there is no ``/proc``): a broker that never trims pays for neither.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import functools
 import gc
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
-
-import psutil
 
 log = logging.getLogger("qmig.broker")
 
 TRIM_INTERVAL = 1.0  # seconds: at most one malloc_trim per interval
 
 
-def _find_malloc_trim() -> Callable[[int], int] | None:
+@functools.cache
+def malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library is not glibc."""
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None)  # the process's own symbols: the C library it runs on
     except OSError:
@@ -51,18 +55,21 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
 
-    def malloc_trim(pad: int) -> int:
+    def call(pad: int) -> int:
         return int(trim(pad))
 
-    return malloc_trim
-
-
-MALLOC_TRIM = _find_malloc_trim()
+    return call
 
 
 def rss_bytes() -> int:
     """The process's resident set size."""
-    return int(psutil.Process().memory_info().rss)
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
 
 
 def release_memory() -> dict[str, int]:
@@ -75,8 +82,9 @@ def release_memory() -> dict[str, int]:
     """
     before = rss_bytes()
     gc.collect()
-    if MALLOC_TRIM is not None:
-        MALLOC_TRIM(0)
+    trim = malloc_trim()
+    if trim is not None:
+        trim(0)
     return {"rss_before": before, "rss_after": rss_bytes()}
 
 
@@ -93,8 +101,9 @@ class Trimmer:
         self,
         loop: asyncio.AbstractEventLoop,
         interval: float = TRIM_INTERVAL,
-        trim: Callable[[int], int] | None = MALLOC_TRIM,
+        trim: Callable[[int], int] | bool | None = True,
     ) -> None:
+        """``trim``: the function to call (True: glibc's, found on the first handshake)."""
         self._loop = loop
         self.interval = interval
         self._trim = trim
@@ -105,11 +114,17 @@ class Trimmer:
 
     @property
     def available(self) -> bool:
-        return self._trim is not None
+        """Whether it can trim (finding glibc's function first: ctypes comes in)."""
+        return self._function() is not None
+
+    def _function(self) -> Callable[[int], int] | None:
+        if self._trim is True:
+            self._trim = malloc_trim()
+        return self._trim if callable(self._trim) else None
 
     def note(self) -> None:
         """A handshake completed: trim within ``interval``."""
-        if self._trim is None or self._handle is not None:
+        if self._handle is not None or self._function() is None:
             return
         when = max(self._loop.time(), self._last + self.interval)
         self._handle = self._loop.call_at(when, self._run)
@@ -117,9 +132,10 @@ class Trimmer:
     def _run(self) -> None:
         self._handle = None
         self._last = self._loop.time()
-        assert self._trim is not None
+        trim = self._function()
+        assert trim is not None
         start = time.perf_counter()
-        self._trim(0)
+        trim(0)
         self.trim_seconds += time.perf_counter() - start
         self.trims += 1
 

@@ -338,6 +338,8 @@ async def start_quic_listener(
             max_bytes=config.quic_ticket_bytes,
             lifetime=config.quic_ticket_lifetime,
         )
+    if broker_server.trimmer is not None and broker_server.trimmer.available:
+        log.debug("malloc_trim after QUIC handshakes, at most once a second")
     policy = HandshakePolicy(
         retry=config.quic_retry,
         max_half_open=config.quic_max_handshakes,
