@@ -74,6 +74,9 @@ class ConnectionIO(Protocol):
     def abort(self) -> None: ...
 
 
+NO_WARNINGS: frozenset[str] = frozenset()  # frozenset() is not a singleton: one for all
+
+
 class State(Enum):
     AWAIT_CONNECT = "await-connect"
     CONNECTED = "connected"
@@ -82,6 +85,16 @@ class State(Enum):
 
 class BrokerConnection:
     """Protocol state of one network connection; the session it serves outlives it."""
+
+    # Slots: an instance dict of its 32 attributes is 1.6 KB per connection (issue #16).
+    __slots__ = (
+        "__weakref__", "_out", "_out_bytes", "_readers", "_side", "_warned", "abort",
+        "broker", "client_alias_max", "client_id", "client_max_packet", "close_reason",
+        "closing", "disconnected_cleanly", "in_aliases", "incomplete_since", "input_held",
+        "io", "keep_alive", "last_received", "opened_at", "out_aliases", "peer", "reader",
+        "rx_channel", "send_quota", "session", "state", "transport", "username", "version",
+        "will_grace", "writable",
+    )  # fmt: skip
 
     def __init__(self, broker: Broker, transport: str, peer: str) -> None:
         self.broker = broker
@@ -114,7 +127,7 @@ class BrokerConnection:
         # long for the client to reconnect before it is published.
         self.will_grace = 0.0
         self.io: ConnectionIO | None = None  # the I/O layer's handle for this connection
-        self._warned: set[str] = set()
+        self._warned = NO_WARNINGS  # shared until the first warning
         self._out: list[bytes | bytearray] = []
         self._out_bytes = 0  # in _out and _side: held here while the transport is paused
         # Multi-stream QUIC: data channels' readers and output (channel 0 uses the above).
@@ -380,9 +393,11 @@ class BrokerConnection:
 
     def warn_once(self, key: str, message: str, *args: Any) -> None:
         """Log a condition at INFO the first time on this connection, at DEBUG after that."""
-        level = logging.DEBUG if key in self._warned else logging.INFO
-        self._warned.add(key)
-        log.log(level, message, *args)
+        if key in self._warned:
+            log.debug(message, *args)
+            return
+        self._warned = self._warned | {key}
+        log.info(message, *args)
 
     def protocol_violation(self, exc: MQTTError) -> None:
         log.info(
@@ -545,7 +560,7 @@ class BrokerConnection:
                 # An error PUBREC ends the exchange: nothing to remember (section 4.3.3).
                 self.send_bytes(encode(Pubrec(pid, reason), MQTT_5))
                 return
-            session.inbound_qos2.add(pid)
+            session.qos2_ids().add(pid)
             if self.broker.journal:
                 self.broker.store.note_session(session)
             if reason and self.version == MQTT_5:

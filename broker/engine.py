@@ -567,7 +567,7 @@ class Broker:
             return False
         if not self.hold(session, delivery):
             return False
-        session.pending.append(delivery)
+        session.queue().append(delivery)
         return True
 
     # ----------------------------------------------------------------- queue byte budgets
@@ -699,7 +699,7 @@ class Broker:
             )
         conn.send_suback(packet.packet_id, codes)
         if replays:
-            queue = session.replays
+            queue = session.queue_replays()
             if any(r.topic_filter in replays for r in queue):
                 # Subscribing again restarts that filter's replay (RH 0 resends them all).
                 queue = session.replays = deque(r for r in queue if r.topic_filter not in replays)

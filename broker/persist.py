@@ -347,7 +347,7 @@ class SqliteStore(MemoryStore):
                     s.inflight[packet_id] = d
                     top_pid[cid] = max(top_pid.get(cid, 0), packet_id)
                 else:
-                    s.pending.append(d)
+                    s.queue().append(d)
             for cid, pid in top_pid.items():
                 self._sessions[cid].next_packet_id = pid + 1 if pid < 65535 else 1
             for cid, when, topic, payload, qos, retain, props, username in db.execute(

@@ -57,6 +57,9 @@ CLOSE_LINGER = 3.0  # seconds to let a final DISCONNECT be acknowledged before c
 STREAM_TIMEOUT = 10.0
 # Bytes a client may send on data streams before its CONNECT is accepted (they wait).
 EARLY_DATA_LIMIT = 64 << 10
+# The empty set of data streams ended before CONNECT: one for all (frozenset() is not a
+# singleton, and a set is 216 bytes a connection).
+NO_STREAMS: frozenset[int] = frozenset()
 # Application error codes in CONNECTION_CLOSE (RFC 9000 section 20.2: ours to define).
 ERROR_NONE = 0x0
 ERROR_PROTOCOL = 0x1
@@ -104,7 +107,7 @@ class BrokerQuicProtocol(GuardedProtocol):
         self.channels: dict[int, int] = {}
         self.channel_streams: dict[int, int] = {}
         self._early: dict[int, bytearray] = {}  # data sent before CONNECT was accepted
-        self._early_ended: set[int] = set()
+        self._early_ended = NO_STREAMS
         self.paused = False
         self._closing = False
         self._stream_timer: asyncio.TimerHandle | None = None
@@ -123,6 +126,9 @@ class BrokerQuicProtocol(GuardedProtocol):
             self._lost()
         elif isinstance(event, HandshakeCompleted):
             self.handshake_done()  # no longer half-open for the listener
+            trimmer = self.broker_server.trimmer
+            if trimmer is not None:  # give back what the handshake allocated and freed
+                trimmer.note()
             if self.stream_id is None:
                 self._stream_timer = self._loop.call_later(STREAM_TIMEOUT, self._no_stream)
             self.broker_server.migration.connection_ready(self)
@@ -174,7 +180,7 @@ class BrokerQuicProtocol(GuardedProtocol):
             early = self._early.setdefault(sid, bytearray())
             early += event.data
             if event.end_stream:
-                self._early_ended.add(sid)
+                self._early_ended = self._early_ended | {sid}
             if sum(len(b) for b in self._early.values()) > EARLY_DATA_LIMIT:
                 self._reject(f"over {EARLY_DATA_LIMIT} bytes on data streams before CONNECT")
             return
@@ -191,7 +197,7 @@ class BrokerQuicProtocol(GuardedProtocol):
                 conn.receive_data(bytes(data), self.channels[sid])
             if sid in self._early_ended:
                 self._end_data_stream(sid)
-        self._early_ended.clear()
+        self._early_ended = NO_STREAMS
 
     def _end_data_stream(self, sid: int, reset: bool = False) -> None:
         """The client ended a data stream: end ours too; the connection carries on."""
@@ -332,6 +338,8 @@ async def start_quic_listener(
             max_bytes=config.quic_ticket_bytes,
             lifetime=config.quic_ticket_lifetime,
         )
+    if broker_server.trimmer is not None and broker_server.trimmer.available:
+        log.debug("malloc_trim after QUIC handshakes, at most once a second")
     policy = HandshakePolicy(
         retry=config.quic_retry,
         max_half_open=config.quic_max_handshakes,

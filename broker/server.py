@@ -35,6 +35,7 @@ from .control import (
     generate_token_file,
 )
 from .engine import Broker
+from .memory import Trimmer
 from .migration_api import MigrationAPI
 from .observe import Observer
 from .store import StoreError
@@ -205,6 +206,8 @@ class BrokerServer:
         self.observer: Observer | None = None  # measurement's hook (broker.observe)
         self.control: ControlServer | None = None  # not a listener: CRIU keeps it open
         self.metrics: MetricsServer | None = None  # --metrics-port (broker.metrics)
+        # malloc_trim after QUIC handshakes (broker.memory); made with the loop in start().
+        self.trimmer: Trimmer | None = None
 
     # ----------------------------------------------------------------- output
     def _schedule_flush(self) -> None:
@@ -309,6 +312,7 @@ class BrokerServer:
     # ----------------------------------------------------------------- listeners
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.trimmer = Trimmer(self._loop)
         cfg = self.config
         if cfg.tcp_port:
             self.listeners["tcp"] = Listener("tcp", cfg.host, cfg.tcp_port)
@@ -460,6 +464,8 @@ class BrokerServer:
             self.metrics = None
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.trimmer is not None:
+            self.trimmer.cancel()
         if self._committer is not None:
             self._committer.cancel()
         self.commit()  # what the clients were told before they are disconnected

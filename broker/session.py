@@ -20,6 +20,45 @@ if TYPE_CHECKING:
 NEVER_EXPIRES = 0xFFFFFFFF
 
 
+class _NoDeliveries(deque[Any]):
+    """The one empty queue every session starts with; it refuses items (Session.queue()).
+
+    A deque allocates a 64-slot block when it is made: two per session were 1.5 KB for
+    every idle client (issue #16).  Reading, iterating, ``clear`` and ``popleft`` (empty:
+    IndexError) behave as on any empty deque; adding raises, so a writer that forgot to
+    take its own queue fails loudly instead of sharing its items with every session.
+    """
+
+    def append(self, item: Any) -> None:
+        raise TypeError(
+            "the shared empty queue takes no items: use Session.queue()/.queue_replays()"
+        )
+
+    appendleft = append
+
+    def extend(self, items: Any) -> None:
+        self.append(None)
+
+    extendleft = extend
+
+    def insert(self, index: int, item: Any) -> None:
+        self.append(item)
+
+
+class _NoPacketIds(set[int]):
+    """The one empty set of QoS 2 packet ids every session starts with; it refuses ids."""
+
+    def add(self, item: int) -> None:
+        raise TypeError("the shared empty set takes no ids: use Session.qos2_ids()")
+
+    def update(self, *items: Any) -> None:
+        self.add(0)
+
+
+NO_DELIVERIES: deque[Any] = _NoDeliveries()
+NO_PACKET_IDS: set[int] = _NoPacketIds()
+
+
 @dataclass(slots=True, eq=False)
 class Message:
     """An application message as routed: immutable once published."""
@@ -130,10 +169,12 @@ class Session:
     expiry_interval: int = 0
     subscriptions: dict[str, SubOptions] = field(default_factory=dict)
     inflight: dict[int, Delivery] = field(default_factory=dict)
-    pending: deque[Delivery] = field(default_factory=deque)
-    inbound_qos2: set[int] = field(default_factory=set)
+    # The three start as shared empties that refuse items: add through queue(),
+    # qos2_ids() and queue_replays(), which give the session its own on first use.
+    pending: deque[Delivery] = field(default_factory=lambda: NO_DELIVERIES)
+    inbound_qos2: set[int] = field(default_factory=lambda: NO_PACKET_IDS)
     # Retained messages owed to new subscriptions, oldest first (one per topic filter).
-    replays: deque[RetainedReplay] = field(default_factory=deque)
+    replays: deque[RetainedReplay] = field(default_factory=lambda: NO_DELIVERIES)
     next_packet_id: int = 1
     connection: BrokerConnection | None = None
     expires_at: float | None = None
@@ -143,6 +184,24 @@ class Session:
     # whether reaching max_queued_bytes was logged (again once it fell below half).
     held_bytes: int = 0
     over_budget: bool = False
+
+    def queue(self) -> deque[Delivery]:
+        """``pending``, to append to (its own deque from the first message on)."""
+        if self.pending is NO_DELIVERIES:
+            self.pending = deque()
+        return self.pending
+
+    def queue_replays(self) -> deque[RetainedReplay]:
+        """``replays``, to append to."""
+        if self.replays is NO_DELIVERIES:
+            self.replays = deque()
+        return self.replays
+
+    def qos2_ids(self) -> set[int]:
+        """``inbound_qos2``, to add to."""
+        if self.inbound_qos2 is NO_PACKET_IDS:
+            self.inbound_qos2 = set()
+        return self.inbound_qos2
 
     def allocate_packet_id(self) -> int:
         """The next packet identifier not in use by an in-flight delivery (MQTT-2.2.1-3)."""

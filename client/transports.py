@@ -399,12 +399,12 @@ class QuicStreamProtocol(QuicConnectionProtocol):
         """Grant the broker no more credit on the MQTT stream: it blocks once the window
         is used.  Data channels (multi-stream mode) are not paused: the bridge has none."""
         if self.stream_id is not None:
-            self._migrating().receive_paused.add(self.stream_id)
+            self._migrating().pause_receiving(self.stream_id)
 
     def resume_reading(self) -> None:
         """Grant credit again, at once: the broker may be waiting for it with data queued."""
         if self.stream_id is not None:
-            self._migrating().receive_paused.discard(self.stream_id)
+            self._migrating().resume_receiving(self.stream_id)
         if not self._lost:
             self.transmit()
 

@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MethodType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from aioquic import tls
 from aioquic._buffer import Buffer  # where it is defined and typed (see quicmig.frames)
@@ -58,10 +59,10 @@ from aioquic.quic.connection import (
 )
 from aioquic.quic.crypto import CryptoContext, CryptoPair, NoCallback
 from aioquic.quic.events import QuicEvent
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType, QuicStreamFrame
 from aioquic.quic.packet_builder import QuicDeliveryState, QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
-from aioquic.quic.stream import QuicStream
+from aioquic.quic.stream import QuicStream, QuicStreamReceiver
 from aioquic.tls import Epoch
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -244,8 +245,114 @@ TLS_HANDSHAKE_ONLY = (
     "_signature_algorithms", "_supported_groups", "_supported_versions", "client_random",
     "legacy_session_id", "_enc_key", "_dec_key", "alpn_cb", "update_traffic_key_cb",
     "get_session_ticket_cb", "new_session_ticket_cb", "certificate", "certificate_chain",
-    "certificate_private_key", "session_ticket",
+    "certificate_private_key", "session_ticket", "server_random", "_expected_verify_data",
 )  # fmt: skip
+
+T = TypeVar("T")
+
+
+class _RefusingReceiver(QuicStreamReceiver):
+    """Takes no CRYPTO frame: a server expects no TLS message from its client any more."""
+
+    def handle_frame(self, frame: QuicStreamFrame) -> None:
+        # What the TLS context in SERVER_POST_HANDSHAKE answers to any message (RFC 9001
+        # section 4.1.3 leaves the client none to send: KeyUpdate is forbidden, section 6,
+        # and post-handshake authentication is never requested), before any state changes.
+        raise QuicConnectionError(
+            error_code=QuicErrorCode.CRYPTO_ERROR + int(tls.AlertDescription.unexpected_message),
+            frame_type=QuicFrameType.CRYPTO,
+            reason_phrase="no TLS message is expected after the handshake",
+        )
+
+
+# A released server connection's 1-RTT crypto stream once everything it sent (the
+# NewSessionTicket) is acknowledged: one for all, since nothing changes its state.  The
+# receiver refuses every frame before touching it; the sender is never written to (the TLS
+# context's crypto buffers are gone) and, with nothing in flight, never told of a loss.
+SPENT_CRYPTO_STREAM = QuicStream(stream_id=None, readable=True, writable=True)
+SPENT_CRYPTO_STREAM.receiver = _RefusingReceiver(stream_id=None, readable=True)
+
+
+class ShortQueue(list[T]):
+    """A FIFO for aioquic's queues that are empty nearly all the time, at 1/10th the size.
+
+    A ``deque`` allocates a 64-slot block when it is created: 760 bytes for a queue that
+    holds nothing between two datagrams (a connection's events), or nothing ever (DATAGRAM
+    frames, which MQTT does not use; path challenges once a path is validated).  A list is
+    56 bytes.  aioquic uses only ``append``, ``popleft``, ``[0]``, ``len``, truth, ``in``
+    and ``clear`` on them; ``popleft`` is O(n), for n that stays a handful.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> T:
+        return self.pop(0)
+
+
+class ShortRing(ShortQueue[T]):
+    """A :class:`ShortQueue` that keeps only its last ``maxlen`` items, as a bounded deque."""
+
+    __slots__ = ("maxlen",)
+
+    def __init__(self, maxlen: int) -> None:
+        super().__init__()
+        self.maxlen = maxlen
+
+    def append(self, item: T) -> None:
+        super().append(item)
+        if len(self) > self.maxlen:
+            del self[0]
+
+
+def short_queue(queue: deque[T]) -> deque[T]:
+    """``queue``'s items in a :class:`ShortQueue` (a :class:`ShortRing` if it is bounded).
+
+    Typed as the deque it replaces: aioquic's attributes are declared ``deque``.
+    """
+    short: ShortQueue[T] = ShortQueue() if queue.maxlen is None else ShortRing(queue.maxlen)
+    short.extend(queue)
+    return cast("deque[T]", short)
+
+
+def _shorten_path_queues(path: QuicNetworkPath) -> None:
+    if type(path.local_challenges) is deque:
+        path.local_challenges = short_queue(path.local_challenges)
+        path.remote_challenges = short_queue(path.remote_challenges)
+
+
+_RELEASED_TLS: dict[type, type] = {}
+
+
+def _released_tls_class(cls: type[tls.Context]) -> type[tls.Context]:
+    """``cls`` with TLS_HANDSHAKE_ONLY as class attributes, all None (one per context class).
+
+    A released context's instance dict drops those names and reads them from here, so the
+    dict shrinks from about 45 entries (1.6 KB) to 15 (0.4 KB) and every name still reads
+    None, as before the release.
+    """
+    released = _RELEASED_TLS.get(cls)
+    if released is None:
+        namespace: dict[str, Any] = dict.fromkeys(TLS_HANDSHAKE_ONLY)
+        namespace["__module__"] = __name__
+        released = _RELEASED_TLS[cls] = type(f"Released{cls.__name__}", (cls,), namespace)
+    return released
+
+
+_DISCARDED_INITIAL: dict[tuple[int, ...], dict[int, CryptoPair]] = {}
+
+
+def _discarded_initial(versions: Iterable[int]) -> dict[int, CryptoPair]:
+    """A released connection's ``_cryptos_initial``: DISCARDED_KEYS per version, shared.
+
+    aioquic only reads it after the Initial epoch is discarded (a late Initial, which then
+    does not decrypt), so one read-only table serves every connection of the same versions.
+    """
+    key = tuple(versions)
+    table = _DISCARDED_INITIAL.get(key)
+    if table is None:
+        table = _DISCARDED_INITIAL[key] = dict.fromkeys(key, DISCARDED_KEYS)
+    return table
+
 
 Handler = Callable[..., None]
 _FRAME_HANDLERS = "_QuicConnection__frame_handlers"
@@ -296,7 +403,9 @@ class MigratingQuicConnection(QuicConnection):
     follower: Follower | None
     # Bounded receive window (see _write_stream_limits); None keeps aioquic's doubling.
     receive_window: int | None = None
-    receive_paused: set[int]
+    # Streams whose receive window stands still (pause_receiving, _write_stream_limits):
+    # immutable, so that the empty one is shared by every connection (a set is 216 bytes).
+    receive_paused: frozenset[int] = frozenset()
     # Server side: the CA that client certificates must chain to; None asks for none.
     client_cafile: str | None = None
     # Server side: where session tickets are kept; None issues none (no resumption).
@@ -327,14 +436,15 @@ class MigratingQuicConnection(QuicConnection):
         self._qmig_spacing_window: float | None = None  # see _probe_spacing
         self._qmig_spacing = 0.0
         self.receive_window = None
-        self.receive_paused = set()
         # Room for a connection ID per pool address (see _replenish_connection_ids); a
         # server makes room for more once it sends a migration frame.
         self._qmig_cid_target = (
             ACTIVE_CONNECTION_ID_LIMIT if self._is_client else SERVER_CONNECTION_IDS
         )
         self._local_active_connection_id_limit = self._qmig_cid_target
-        self._qmig_released = False  # see _qmig_release_handshake
+        # Server side: what the handshake left is dropped in two steps (see _qmig_release).
+        self._qmig_released = False
+        self._qmig_release_pending = not self._is_client
         # Name-mangled private attribute of QuicConnection (self.__frame_handlers), which
         # mypy knows only by its unmangled name: reached through the instance's __dict__.
         state = vars(self)
@@ -343,6 +453,8 @@ class MigratingQuicConnection(QuicConnection):
             handlers[frame_type] = (MigratingQuicConnection._handle_migration_frame, EPOCHS("1"))
         _FrameHandlers.share(handlers)
         state[_FRAME_HANDLERS] = _FrameHandlers(self)
+        self._events = short_queue(self._events)
+        self._datagrams_pending = short_queue(self._datagrams_pending)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -450,6 +562,7 @@ class MigratingQuicConnection(QuicConnection):
         ID: a client probing a larger pool would evict its own probes, and while the broker
         is frozen no retired ID is replaced, so the probing starves.
         """
+        _shorten_path_queues(network_path)
         if MAX_NETWORK_PATHS <= len(self._network_paths) < ACTIVE_CONNECTION_ID_LIMIT:
             self._network_paths.append(network_path)
         else:
@@ -510,7 +623,7 @@ class MigratingQuicConnection(QuicConnection):
         whenever half of it is used, so a peer never feels a consumer that cannot keep up
         (the bridge's slow local TCP client).  With ``receive_window`` set the limit is
         ``highest_offset + receive_window``: at most one window is in flight beyond what
-        was handed over, and while the stream id is in ``receive_paused`` no credit is
+        was handed over, and while the stream is paused (:meth:`pause_receiving`) no credit is
         granted at all, so the peer's sender blocks on flow control.  It is raised only
         once half a window is used, to batch MAX_STREAM_DATA frames as aioquic does.  A
         frame that was lost (``max_stream_data_local_sent`` reset by aioquic's delivery
@@ -556,6 +669,14 @@ class MigratingQuicConnection(QuicConnection):
                     )
                 )
 
+    def pause_receiving(self, stream_id: int) -> None:
+        """With ``receive_window`` set: grant the peer no more credit on ``stream_id``."""
+        self.receive_paused = self.receive_paused | {stream_id}
+
+    def resume_receiving(self, stream_id: int) -> None:
+        """Grant credit on ``stream_id`` again (sent with the next packet)."""
+        self.receive_paused = self.receive_paused - {stream_id}
+
     # ------------------------------------------------------------------ receiving frames
     def _handle_migration_frame(
         self, context: QuicReceiveContext, frame_type: int, buf: Buffer
@@ -591,10 +712,18 @@ class MigratingQuicConnection(QuicConnection):
         return self.send_migration_frame(MigrationTrigger(reason, hint))
 
     # ------------------------------------------------------------------ memory
+    def _qmig_release(self) -> None:
+        """Called after each datagram of a server connection until both steps have run."""
+        if not self._qmig_released:
+            self._qmig_release_handshake()
+        if self._qmig_released and self._qmig_release_crypto_stream():
+            self._qmig_release_pending = False
+            ReleasedServerConnection.compact(self)
+
     def _qmig_release_handshake(self) -> None:
         """A server connection whose handshake is over drops what only the handshake used.
 
-        Called after each datagram until it has run; it runs once the handshake is complete
+        The first step (:meth:`_qmig_release`); it runs once the handshake is complete
         (the server then has handled the client's Finished and queued its NewSessionTicket
         on the 1-RTT crypto stream) and the Initial and Handshake epochs are discarded (so
         their packets no longer decrypt: a late retransmitted CRYPTO frame of theirs is
@@ -611,7 +740,10 @@ class MigratingQuicConnection(QuicConnection):
           updates derive from them); without a QuicLogger their logging callbacks do nothing.
         - ``_spaces``, ``_loss.spaces``: discarded packet spaces become DISCARDED_SPACE,
           and loss recovery keeps only the 1-RTT space.
-        - ``tls``: the attributes in TLS_HANDSHAKE_ONLY become None.
+        - ``tls``: the attributes in TLS_HANDSHAKE_ONLY leave its instance dict and read
+          None from its class (:func:`_released_tls_class`).
+        - ``_network_paths``: a path's two challenge deques become :class:`ShortQueue`s
+          (paths added later get them in ``_add_network_path``).
         """
         if self._qmig_released or self._is_client or not self._handshake_complete:
             return
@@ -629,16 +761,37 @@ class MigratingQuicConnection(QuicConnection):
         zero_rtt = cryptos[Epoch.ZERO_RTT]
         if not zero_rtt.recv.is_valid() and not zero_rtt.send.is_valid():
             cryptos[Epoch.ZERO_RTT] = DISCARDED_KEYS
-        self._cryptos_initial = dict.fromkeys(self._cryptos_initial, DISCARDED_KEYS)
+        self._cryptos_initial = _discarded_initial(self._cryptos_initial)
         self._loss.spaces = [spaces[Epoch.ONE_RTT]]
         if self._quic_logger is None:  # the callbacks only log key updates to it
             one_rtt = cryptos[Epoch.ONE_RTT]
-            for context in (one_rtt.recv, one_rtt.send):
-                context._setup_cb = context._teardown_cb = NoCallback
-        context_state = vars(self.tls)
-        for name in TLS_HANDSHAKE_ONLY:
-            if name in context_state:
-                context_state[name] = None
+            for keys in (one_rtt.recv, one_rtt.send):
+                keys._setup_cb = keys._teardown_cb = NoCallback
+        context = self.tls
+        context.__class__ = _released_tls_class(type(context))
+        state = vars(context)
+        context.__dict__ = {k: v for k, v in state.items() if k not in TLS_HANDSHAKE_ONLY}
+        for path in self._network_paths:
+            _shorten_path_queues(path)
+
+    def _qmig_release_crypto_stream(self) -> bool:
+        """The 1-RTT crypto stream becomes SPENT_CRYPTO_STREAM once all it sent is acked.
+
+        Called after each datagram from the release on (the acknowledgement of the
+        NewSessionTicket comes in one).  Until then the stream may have to retransmit;
+        after, its sender holds nothing and aioquic only asks ``buffer_is_empty`` (True)
+        and hands a CRYPTO frame from the client to the receiver, which refuses it as the
+        TLS context did.  A stale loss report for an old packet goes to the old stream,
+        which the packet's handler still holds.  About 3 KB per connection.
+        """
+        stream = self._crypto_streams.get(Epoch.ONE_RTT)
+        if stream is None:
+            return True
+        sender = stream.sender
+        if sender._buffer_start != sender._buffer_stop or len(sender._pending):
+            return False
+        self._crypto_streams[Epoch.ONE_RTT] = SPENT_CRYPTO_STREAM
+        return True
 
     # ------------------------------------------------------------------ client probing
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
@@ -652,8 +805,8 @@ class MigratingQuicConnection(QuicConnection):
             if known and addr == self._network_paths[0].addr:
                 self.qmig_last_received = now
         super().receive_datagram(data, addr, now)
-        if not self._qmig_released:
-            self._qmig_release_handshake()
+        if self._qmig_release_pending:
+            self._qmig_release()
         if follower is not None:
             self._qmig_after_receive(now)
             self._qmig_check_false_alarm(now)
@@ -843,3 +996,64 @@ class MigratingQuicConnection(QuicConnection):
         if window is not None:
             self._qmig_spacing_window, self._qmig_spacing = window, spacing
         return spacing
+
+
+class ReleasedServerConnection(MigratingQuicConnection):
+    """A released server connection: attributes that hold the same value in every one of
+    them (:data:`RELEASED_DEFAULTS`) are read from this class instead of its instance dict.
+
+    aioquic's connection has about 100 attributes; past 85 a dict takes a 256-slot table
+    (3.3 KB), below it a 128-slot one (1.5 KB).  These are settled once the handshake and
+    the release are over (set during the handshake, or never by a server: no logger, no
+    retry token handler, no follower); should aioquic set one again, it simply goes back
+    into the instance dict.
+    """
+
+    @classmethod
+    def compact(cls, connection: MigratingQuicConnection) -> None:
+        """Make ``connection`` one, dropping its instance entries that equal the defaults."""
+        state = vars(connection)
+        connection.__class__ = cls
+        connection.__dict__ = {
+            name: value
+            for name, value in state.items()
+            if not (
+                name in RELEASED_DEFAULTS
+                and type(value) is type(RELEASED_DEFAULTS[name])
+                and value == RELEASED_DEFAULTS[name]
+            )
+        }
+
+
+# Values every released server connection has (aioquic 1.7 names, then the adapter's).
+RELEASED_DEFAULTS: dict[str, object] = {
+    "_is_client": False,
+    "_handshake_complete": True,
+    "_handshake_confirmed": True,
+    "_connect_called": False,
+    "_crypto_frame_type": int(QuicFrameType.CRYPTO),
+    "_crypto_packet_version": 1,
+    "_version": 1,
+    "_quic_logger": None,
+    "_session_ticket_fetcher": None,
+    "_session_ticket_handler": None,
+    "_token_handler": None,
+    "_remote_preferred_address": None,
+    "_retry_count": 0,
+    "_retry_source_connection_id": None,
+    "_peer_token": b"",
+    "_version_negotiated_compatible": True,
+    "_version_negotiated_incompatible": False,
+    "_remote_max_datagram_frame_size": None,
+    "follower": None,
+    "qmig_last_received": None,
+    "_qmig_silence_handled": None,
+    "_qmig_active_addr": None,
+    "_qmig_spacing_window": None,
+    "_qmig_spacing": 0.0,
+    "_qmig_released": True,
+    "_qmig_release_pending": False,
+    "receive_window": None,
+}
+for _name, _value in RELEASED_DEFAULTS.items():
+    setattr(ReleasedServerConnection, _name, _value)

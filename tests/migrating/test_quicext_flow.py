@@ -93,7 +93,7 @@ def test_paused_stream_holds_the_sender_to_one_window(certs: CertPaths) -> None:
     assert pair.received == 512 << 10  # not paused: the window keeps moving
     assert pair.client_limit() <= pair.received + WINDOW  # bounded, not doubled
 
-    pair.client.receive_paused.add(pair.sid)
+    pair.client.pause_receiving(pair.sid)
     before = pair.received
     pair.server.send_stream_data(pair.sid, b"b" * (1 << 20))
     pair.run(0.5)
@@ -103,7 +103,7 @@ def test_paused_stream_holds_the_sender_to_one_window(certs: CertPaths) -> None:
     assert pair.received == stalled  # and nothing more, however long it waits
     assert pair.server_backlog() >= (1 << 20) - WINDOW  # the broker would pause the client
 
-    pair.client.receive_paused.discard(pair.sid)
+    pair.client.resume_receiving(pair.sid)
     pair.run(1.0)
     assert pair.received == (512 << 10) + (1 << 20)
     assert pair.server_backlog() == 0
@@ -113,11 +113,11 @@ def test_lost_credit_is_sent_again(certs: CertPaths) -> None:
     """The MAX_STREAM_DATA that resumes a paused stream is lost: it goes again, the
     transfer completes (it would stall for good otherwise)."""
     pair = Pair(certs, WINDOW)
-    pair.client.receive_paused.add(pair.sid)
+    pair.client.pause_receiving(pair.sid)
     pair.server.send_stream_data(pair.sid, b"c" * (256 << 10))
     pair.run(0.3)
     assert pair.received <= WINDOW
-    pair.client.receive_paused.discard(pair.sid)
+    pair.client.resume_receiving(pair.sid)
     pair.drop_from_client = 1
     pair.run(2.0)
     assert pair.drop_from_client == 0
@@ -127,7 +127,7 @@ def test_lost_credit_is_sent_again(certs: CertPaths) -> None:
 def test_default_keeps_aioquic_windows(certs: CertPaths) -> None:
     """Without ``receive_window`` (broker, qmig's clients) pausing changes nothing."""
     pair = Pair(certs, None)
-    pair.client.receive_paused.add(pair.sid)
+    pair.client.pause_receiving(pair.sid)
     pair.server.send_stream_data(pair.sid, b"d" * (1 << 20))
     pair.run(0.5)
     assert pair.received == 1 << 20

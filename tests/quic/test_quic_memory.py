@@ -11,11 +11,13 @@ either side, several streams, and a pool client given room to follow the pool.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import Epoch
@@ -167,7 +169,32 @@ async def test_pool_raises_the_connection_ids(broker: Any) -> None:
     assert all(cid.cid in table for cid in quic._host_cids)
 
 
-def test_private_names_exist() -> None:
+async def test_listener_table_empties_as_clients_leave(broker: Any) -> None:
+    """Each connection knows its own keys in the listener's table (no per-connection
+    ``partial`` callbacks, no table of sets): all of them go when it ends."""
+    server, make = await broker(pool="127.0.0.1:1,127.0.0.1:2")
+    clients = [make(client_id=uid("leave-")), make(client_id=uid("leave-"), follow="pool")]
+    for c in clients:
+        await c.connect()
+    listener = server.listeners["quic"].server
+    for c in clients:
+        proto = next(
+            p for p in server.quic_protocols if p._quic is broker_side(server, c.client_id)
+        )
+        assert sorted(proto._table_keys) == sorted(
+            k for k, v in listener._protocols.items() if v is proto
+        )
+        assert proto._connection_terminated_handler == proto._terminated
+    for c in clients:
+        await c.disconnect()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while listener._protocols:
+        assert loop.time() < deadline, f"{len(listener._protocols)} table entries left"
+        await asyncio.sleep(0.05)
+
+
+async def test_private_names_exist() -> None:
     """The aioquic names the release touches are still there (aioquic 1.7's layout)."""
     quic = QuicConnection(configuration=QuicConfiguration(is_client=True))
     quic.connect(("127.0.0.1", 4433), now=0.0)  # builds the TLS context and epochs
@@ -178,3 +205,16 @@ def test_private_names_exist() -> None:
     assert quic._loss.spaces == list(quic._spaces.values())
     for name in ("key_schedule", "_signature_algorithms", "alpn_cb", "_receive_buffer"):
         assert name in vars(quic.tls), name
+    # The queues the adapter shortens are deques, of the methods it provides.
+    path = quic._network_paths[0]
+    for queue in (quic._events, quic._datagrams_pending, path.remote_challenges):
+        assert type(queue) is deque and queue.maxlen is None
+    assert type(path.local_challenges) is deque and path.local_challenges.maxlen
+    sender = quic._crypto_streams[Epoch.ONE_RTT].sender
+    for name in ("_buffer_start", "_buffer_stop", "_pending"):
+        assert name in vars(sender), name
+    assert type(vars(asyncio.Event())["_waiters"]) is deque
+    protocol = QuicConnectionProtocol(quic)
+    for name in ("_connection_id_issued_handler", "_connection_id_retired_handler",
+                 "_connection_terminated_handler", "_closed"):  # fmt: skip
+        assert name in vars(protocol), name
