@@ -18,14 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0..100), nearest rank; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))  # ceil
-    return ordered[int(rank) - 1]
+from measure import percentile
 
 
 def summarize(migration: dict[str, Any]) -> dict[str, Any]:
@@ -107,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=None)
     parser.add_argument("--settle", type=float, default=None)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--method", default=None, help="cold, precopy, postcopy, hybrid")
     parser.add_argument("--json", type=Path, default=None, help="write figures and detail")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the workload files")
     args = parser.parse_args(argv)
@@ -124,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         scenario = scenario.replace(clients=clients)
     if args.settle is not None:
         scenario = scenario.replace(settle=args.settle)
+    if args.method is not None:
+        scenario = scenario.replace(method=args.method)
     if args.processes is not None:
         scenario = scenario.replace(processes=args.processes)
     image = ensure_image(Path(__file__).resolve().parents[1])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from migration.fleet import percentile, recovery, summarize
+from measure import percentile
+from migration.fleet import recovery, summarize
 from migration.scenario import ClientSpec, Scenario, ScenarioError
 
 
