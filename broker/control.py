@@ -3,7 +3,6 @@
 A TCP listener speaking newline-delimited JSON, one request per line, several per
 connection::
 
-    {"token": "...", "cmd": "precopy"}
     {"token": "...", "cmd": "prepare", "dest": "198.18.2.2:14567"}
     {"token": "...", "cmd": "pre-checkpoint", "reference": "198.18.2.2:1883"}
     {"token": "...", "cmd": "restored", "address": "198.18.2.2:14567"}
@@ -62,7 +61,6 @@ REFUSAL_LOG_WINDOW = 60.0  # seconds: refused requests make one log line per win
 
 # cmd -> (required fields, optional fields), besides "token" and "cmd".
 COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "precopy": ((), ()),
     "prepare": (("dest",), ()),
     "pre-checkpoint": ((), ("reference",)),
     "restored": (("address",), ()),
@@ -309,8 +307,6 @@ class ControlServer:
     def _command(self, cmd: str, args: dict[str, Any]) -> Callable[[], Any]:
         """The coroutine function that runs ``cmd`` with arguments from check_arguments."""
         api = self.api
-        if cmd == "precopy":
-            return lambda: _now(api.precopy)
         if cmd == "prepare":
             return lambda: _now(api.prepare, args["dest"])
         if cmd == "pre-checkpoint":

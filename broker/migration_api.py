@@ -26,7 +26,6 @@ logged or kept (docs/protocol.md section 9).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 import weakref
@@ -72,7 +71,6 @@ TRIGGER_LOG_WINDOW = 60.0  # seconds: drops make one log line per window and kin
 
 class MigrationAPI:
     def __init__(self, server: BrokerServer, pool: list[Address] | None = None) -> None:
-        self._gc_frozen = False  # gc.freeze() of a pre-copied move (precopy)
         self.server = server
         self.pool = list(pool or [])
         self.sequence = 0
@@ -187,25 +185,6 @@ class MigrationAPI:
         self.server.broker.set_redirect(cfg.redirect, cfg.redirect_permanent)
 
     # ------------------------------------------------------------------ steps
-    def precopy(self) -> dict[str, Any]:
-        """Step 0 of a pre-copied move: keep the collector off the memory being copied.
-
-        Pre-copy finds changed pages by content (``migration.lab.precopy``).  A collection
-        of an old generation writes to the header of every object it traverses, so every
-        page of the heap looks changed to the next round: ``gc.freeze()`` moves what exists
-        now out of the collector's reach until ``restored`` or ``rollback`` (young objects
-        are still collected; the frozen ones are only those that lived through the rounds).
-        """
-        gc.freeze()
-        self._gc_frozen = True
-        log.info("precopy: %d objects kept out of the collector", gc.get_freeze_count())
-        return {"gc_frozen": gc.get_freeze_count()}
-
-    def _gc_thaw(self) -> None:
-        if self._gc_frozen:
-            self._gc_frozen = False
-            gc.unfreeze()
-
     def prepare(self, dest: Address) -> dict[str, Any]:
         """Step 1: announce ``dest`` (the broker's QUIC address after the move)."""
         self.sequence += 1
@@ -314,7 +293,6 @@ class MigrationAPI:
 
     async def restored(self, new_addr: Address) -> dict[str, Any]:
         """Step 4: serve again at ``new_addr``."""
-        self._gc_thaw()
         self._stop_freeze_watch()
         self._restore_configured_redirect()
         for kind in self.server.listeners:
@@ -349,7 +327,6 @@ class MigrationAPI:
         probing a destination that will never answer.  Packets swallowed by the freeze are
         resent at once, as after a successful move.
         """
-        self._gc_thaw()
         self._stop_freeze_watch()
         self._restore_configured_redirect()
         for kind in self.server.listeners:

@@ -162,7 +162,6 @@ class Migration:
         try:
             self.codec = self._choose_codec()
             if self.method == "precopy":
-                lab.control("precopy", host=src)  # no collector sweeping what is copied
                 self._live_rounds(link_ip, precopy.ROUNDS)
                 # The last round runs between pre-checkpoint and the freeze, while the TCP
                 # clients are away: its receiver is listening before they are sent off.
