@@ -38,7 +38,7 @@ PE_PARENT = 1 << 0  # the pages are in the parent snapshot
 PE_LAZY = 1 << 1  # the pages can be restored lazily
 PE_PRESENT = 1 << 2  # the pages are in pages-<id>.img
 
-_PAGES_NAME = re.compile(r"pages-(\d+)\.img$")
+_PAGES_NAME = re.compile(r"(?:^|/)checkpoint/pages-(\d+)\.img$")
 _COPY_CHUNK = 1 << 20
 
 
@@ -199,6 +199,12 @@ def pagemaps(images: Path) -> dict[int, Pagemap]:
     return found
 
 
+def pages_member_id(member: tarfile.TarInfo) -> int | None:
+    """The pages_id of an export tar's ``checkpoint/pages-<id>.img``, else None."""
+    match = _PAGES_NAME.search(member.name) if member.isfile() else None
+    return int(match.group(1)) if match else None
+
+
 # ---------------------------------------------------------------------- zeroing lazy pages
 def _zeroed_chunks(pagemap: Pagemap, src: IO[bytes], size: int) -> Iterator[bytes]:
     """The bytes of a pages file with every PE_LAZY page replaced by zeros."""
@@ -275,10 +281,10 @@ def strip_lazy_pages(export_tar: Path, images: Path, out_tar: Path) -> StrippedC
         tarfile.open(out_tar, "w:", format=tin.format) as tout,
     ):
         for member in tin:
-            match = _PAGES_NAME.search(member.name)
+            pages_id = pages_member_id(member)
             src = tin.extractfile(member) if member.isfile() else None
-            if match and src is not None and member.name.split("/")[-2:-1] == ["checkpoint"]:
-                pm = maps.get(int(match.group(1)))
+            if pages_id is not None and src is not None:
+                pm = maps.get(pages_id)
                 if pm is None:
                     raise ImageFormatError(f"no pagemap describes {member.name}")
                 zeroed = _ChunkReader(_zeroed_chunks(pm, src, member.size))

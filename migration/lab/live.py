@@ -208,10 +208,9 @@ class Migration:
                 restored = self.work / "rebuilt.tar"
                 delta = precopy.make_delta(self.local_ckpt, self.held, shipped)
                 self.outcome["pages_from_copy"] = delta.from_copy
-                self.outcome["pages_shipped"] = delta.pages - delta.from_copy
-                changed = delta.pages - delta.from_copy
-                self._mark("delta_done", f"delta: {changed} of {delta.pages} pages changed "
-                                         "since the last round")  # fmt: skip
+                self.outcome["pages_shipped"] = delta.shipped
+                self._mark("delta_done", f"delta: {delta.shipped} of {delta.pages} pages "
+                                         "changed since the last round")  # fmt: skip
             sent = transfer.send(shipped, link_ip, TRANSFER_PORT, codec=self.codec)
             receiver.result(timeout=30)
             self.outcome["transfer_bytes"] = sent.bytes

@@ -30,7 +30,7 @@ Round file (``QMIGPGS1``): records ``<IQI`` (pid, vaddr, pages) each followed by
 
 from __future__ import annotations
 
-import copy as _copy
+import copy
 import hashlib
 import io
 import json
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .criu_images import PAGE_SIZE, ImageFormatError, Pagemap, parse_pagemap
+from .criu_images import PAGE_SIZE, ImageFormatError, Pagemap, pages_member_id, parse_pagemap
 
 MAGIC = b"QMIGPGS1"
 RECORD = struct.Struct("<IQI")
@@ -51,7 +51,6 @@ ROUNDS = 4  # live rounds at most, the last one (just before the freeze) not cou
 STOP_BYTES = 256 * 1024  # a round that ships less than this is the last live one
 MANIFEST = "qmig-precopy.json"
 _PAGEMAP_NAME = re.compile(r"(?:^|/)checkpoint/pagemap-(\d+)\.img$")
-_PAGES_NAME = re.compile(r"(?:^|/)checkpoint/pages-(\d+)\.img$")
 _PRESENT = 1 << 63
 _FILE_PAGE = 1 << 61  # a clean page of a file (or shared): CRIU does not dump it, nor do we
 _SKIP = ("[vsyscall]", "[vvar]", "[vdso]")  # not process memory CRIU dumps as pages
@@ -138,11 +137,10 @@ def read_process(pid: int, vpid: int) -> Iterator[tuple[PageKey, bytes]]:
                         data = os.pread(mem.fileno(), pages * PAGE_SIZE, vaddr)
                     except OSError:
                         continue  # unmapped meanwhile, or not readable: it just travels later
-                    view = memoryview(data)
                     for i in range(len(data) // PAGE_SIZE):
                         yield (
                             (vpid, vaddr + i * PAGE_SIZE),
-                            bytes(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]),
+                            data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE],
                         )
     except OSError as exc:
         raise PrecopyError(f"cannot read the memory of process {pid}: {exc}") from exc
@@ -223,8 +221,9 @@ class DeltaStats:
     from_copy: int  # of those, left out: the destination has them
 
     @property
-    def shipped_bytes(self) -> int:
-        return (self.pages - self.from_copy) * PAGE_SIZE
+    def shipped(self) -> int:
+        """Pages that cross in the freeze."""
+        return self.pages - self.from_copy
 
 
 def _pages_of(pagemap: Pagemap) -> Iterator[int]:
@@ -245,6 +244,13 @@ def _runs(indices: list[tuple[int, int]]) -> list[list[int]]:
         else:
             runs.append([index, 1, vaddr])
     return runs
+
+
+def _add(tout: tarfile.TarFile, member: tarfile.TarInfo, body: bytes) -> None:
+    """``member`` with another body (its name, mode, owner and times kept)."""
+    info = copy.copy(member)
+    info.size = len(body)
+    tout.addfile(info, io.BytesIO(body))
 
 
 def _pagemaps_by_pages_id(tar: tarfile.TarFile) -> dict[int, tuple[int, Pagemap]]:
@@ -269,11 +275,10 @@ def make_delta(export_tar: Path, held: Copy, out_tar: Path) -> DeltaStats:
         maps = _pagemaps_by_pages_id(tin)
         for member in tin.getmembers():
             src = tin.extractfile(member) if member.isfile() else None
-            match = _PAGES_NAME.search(member.name)
-            if not (match and src is not None):
+            pages_id = pages_member_id(member)
+            if pages_id is None or src is None:
                 tout.addfile(member, src)
                 continue
-            pages_id = int(match.group(1))
             if pages_id not in maps:
                 raise ImageFormatError(f"no pagemap describes {member.name}")
             vpid, pm = maps[pages_id]
@@ -297,19 +302,16 @@ def make_delta(export_tar: Path, held: Copy, out_tar: Path) -> DeltaStats:
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "copied": _runs(copied),
             }
-            shipped = _copy.copy(member)
-            body = b"".join(kept)
-            shipped.size = len(body)
-            tout.addfile(shipped, io.BytesIO(body))
-        body = json.dumps({"version": 1, "pages": manifest}).encode()
-        info = tarfile.TarInfo(MANIFEST)
-        info.size = len(body)
-        tout.addfile(info, io.BytesIO(body))
+            _add(tout, member, b"".join(kept))
+        _add(
+            tout, tarfile.TarInfo(MANIFEST), json.dumps({"version": 1, "pages": manifest}).encode()
+        )
     return DeltaStats(pages, from_copy)
 
 
-def apply_delta(delta: Path, copy: Copy, out_tar: Path) -> int:
-    """Rebuild podman's export tar from the shipped delta and the destination's copy (rule 4).
+def apply_delta(delta: Path, have: Copy, out_tar: Path) -> int:
+    """Rebuild podman's export tar from the shipped delta and ``have``, the destination's copy
+    (rule 4).
 
     Returns the pages taken from the copy.
     """
@@ -343,7 +345,7 @@ def apply_delta(delta: Path, copy: Copy, out_tar: Path) -> int:
                     parts.append(shipped[at:end])
                     at = end
                 for i in range(count):
-                    page = copy.get((pid, vaddr + i * PAGE_SIZE))
+                    page = have.get((pid, vaddr + i * PAGE_SIZE))
                     if page is None:
                         raise PrecopyError(f"{member.name}: the destination lacks the page at "
                                            f"{vaddr + i * PAGE_SIZE:#x}")  # fmt: skip
@@ -356,7 +358,5 @@ def apply_delta(delta: Path, copy: Copy, out_tar: Path) -> int:
                 or hashlib.sha256(rebuilt).hexdigest() != spec["sha256"]
             ):
                 raise PrecopyError(f"{member.name}: the rebuilt pages do not match the dump")
-            full = _copy.copy(member)
-            full.size = len(rebuilt)
-            tout.addfile(full, io.BytesIO(rebuilt))
+            _add(tout, member, rebuilt)
     return taken

@@ -31,6 +31,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
 from .net import LabError, netns_exec
@@ -61,7 +62,7 @@ class _Same:
         return b""
 
 
-def _zstd() -> object | None:
+def _zstd() -> ModuleType | None:
     try:
         import zstandard
     except ImportError:
@@ -77,29 +78,27 @@ def codecs() -> tuple[str, ...]:
     return tuple(names)
 
 
-def compressor(codec: str) -> _Stream:
+def _codec(codec: str) -> tuple[Callable[[], _Stream], Callable[[], _Unstream]]:
+    """The (compressor, decompressor) factories of one of :func:`codecs`."""
+    if codec not in codecs():
+        raise LabError(f"unknown or unavailable codec {codec!r} (have: {', '.join(codecs())})")
     if codec == "none":
-        return _Same()
-    if codec == "gzip-1":
-        return zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: gzip framing
+        return _Same, _Same
+    if codec == "gzip-1":  # 31: gzip framing
+        return lambda: zlib.compressobj(1, zlib.DEFLATED, 31), lambda: zlib.decompressobj(31)
     zstandard = _zstd()
-    if codec.startswith("zstd-") and zstandard is not None:
-        level = int(codec.split("-", 1)[1])
-        stream: _Stream = zstandard.ZstdCompressor(level=level).compressobj()  # type: ignore[attr-defined]
-        return stream
-    raise LabError(f"unknown or unavailable codec {codec!r} (have: {', '.join(codecs())})")
+    assert zstandard is not None  # codecs() lists zstd only then
+    level = int(codec.split("-", 1)[1])
+    return (lambda: zstandard.ZstdCompressor(level=level).compressobj(),
+            lambda: zstandard.ZstdDecompressor().decompressobj())  # fmt: skip
+
+
+def compressor(codec: str) -> _Stream:
+    return _codec(codec)[0]()
 
 
 def decompressor(codec: str) -> _Unstream:
-    if codec == "none":
-        return _Same()
-    if codec == "gzip-1":
-        return zlib.decompressobj(31)
-    zstandard = _zstd()
-    if codec.startswith("zstd-") and zstandard is not None:
-        stream: _Unstream = zstandard.ZstdDecompressor().decompressobj()  # type: ignore[attr-defined]
-        return stream
-    raise LabError(f"unknown or unavailable codec {codec!r} (have: {', '.join(codecs())})")
+    return _codec(codec)[1]()
 
 
 @dataclass(frozen=True)

@@ -97,22 +97,20 @@ def _csv_arg(text: str | None, default: Sequence[str], allowed: Sequence[str]) -
 
 
 # --------------------------------------------------------------------------- figures
-def _latencies(client: dict[str, Any], since: float, until: float) -> list[float]:
-    """Delivery latency (s) of the client's own messages sent in [since, until)."""
+def _latencies(client: dict[str, Any]) -> list[tuple[float, float]]:
+    """(sent at, delivery latency) in s of each of the client's own messages that arrived."""
     received = {int(seq): t for seq, t in client.get("received", [])}
-    return [
-        received[int(seq)] - t
-        for seq, t in client.get("sent", [])
-        if since <= t < until and int(seq) in received
-    ]
+    return [(t, received[int(seq)] - t) for seq, t in client.get("sent", [])
+            if int(seq) in received]  # fmt: skip
 
 
 def degradation(
     clients: Sequence[dict[str, Any]], trigger: float, resume: float
 ) -> tuple[float | None, float | None]:
     """p99 latency (ms) of messages sent WINDOW s before the trigger, and after the resume."""
-    before = [x for c in clients for x in _latencies(c, trigger - WINDOW, trigger)]
-    after = [x for c in clients for x in _latencies(c, resume, resume + WINDOW)]
+    sent = [x for c in clients for x in _latencies(c)]
+    before = [lat for t, lat in sent if trigger - WINDOW <= t < trigger]
+    after = [lat for t, lat in sent if resume <= t < resume + WINDOW]
     p_before, p_after = percentile(before, 99), percentile(after, 99)
     return (
         None if p_before is None else round(p_before * 1000, 1),
@@ -123,8 +121,8 @@ def degradation(
 def move_figures(migration: dict[str, Any], clients: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One move's row (``migration`` as from migration.report.figures_by_migration)."""
     t = migration.get("timeline", {})
-    resume = t.get("pages_done", t.get("resumed", t.get("rolled_back", 0.0)))
-    before, after = degradation(clients, t.get("trigger", 0.0), t.get("resumed", resume))
+    resume = t.get("resumed", t.get("rolled_back", 0.0))  # serving again, either side
+    before, after = degradation(clients, t.get("trigger", 0.0), resume)
     rows = migration.get("clients", [])
     link = migration.get("link_bytes")
     return {
@@ -218,11 +216,12 @@ def run_lab(
         scenario, image, methods=order, progress=say, on_ready=hooks.ready, on_lab=hooks.done
     )
     label = "idle" if state == "idle" else f"{sessions} sessions"
+    reconnects = sum(c.get("reconnects", 0) for c in result["clients"])  # the whole run's
     moves = []
     for index, migration in enumerate(result["migrations"]):
         row = move_figures(migration, result["clients"])
         row["method"] = order[index]
-        row["quic_reconnects_in_run"] = sum(c.get("reconnects", 0) for c in result["clients"])
+        row["quic_reconnects_in_run"] = reconnects
         moves.append({"link": link, "state": label, "index": index, **row})
     return moves
 

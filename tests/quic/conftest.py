@@ -16,13 +16,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from broker.certs import make_lab_certs
+from broker.certs import CertPaths, make_lab_certs
+from broker.config import BrokerConfig
+from broker.server import BrokerServer
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 15.0
@@ -40,6 +43,33 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    """A lab CA and server certificate for the module's in-process brokers."""
+    return make_lab_certs(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+async def make_broker(pki: CertPaths) -> AsyncIterator[Callable[..., Any]]:
+    """Start in-process QUIC brokers (``quic_port`` default: a free one); all stopped after."""
+    started: list[BrokerServer] = []
+
+    async def start(quic_port: int | None = None, **options: Any) -> BrokerServer:
+        config = BrokerConfig(
+            host=HOST, tcp_port=0, tls_port=0, mptcp_port=0,
+            quic_port=quic_port or free_udp_port(), cert=str(pki.server_cert),
+            key=str(pki.server_key), sys_interval=0, **options,
+        ).validate()  # fmt: skip
+        server = BrokerServer(config)
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop()
 
 
 def subprocess_env() -> dict[str, str]:

@@ -12,43 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from broker.certs import CertPaths, make_lab_certs
-from broker.config import BrokerConfig
-from broker.server import BrokerServer
+from broker.certs import CertPaths
 from client.client import Client
 
 from .conftest import HOST, free_udp_port
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
-    return make_lab_certs(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-async def make_broker(pki: CertPaths) -> AsyncIterator[Callable[..., Any]]:
-    started: list[BrokerServer] = []
-
-    async def start(port: int) -> BrokerServer:
-        config = BrokerConfig(
-            host=HOST, tcp_port=0, tls_port=0, mptcp_port=0, quic_port=port,
-            cert=str(pki.server_cert), key=str(pki.server_key), sys_interval=0,
-        ).validate()  # fmt: skip
-        server = BrokerServer(config)
-        await server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.stop()
 
 
 async def _until(condition: Callable[[], bool], timeout: float) -> float:
@@ -70,7 +44,7 @@ async def test_a_silent_broker_is_given_up_after_one_keep_alive_and_rejoined(
     make_broker: Callable[..., Any], pki: CertPaths
 ) -> None:
     port = free_udp_port()
-    server = await make_broker(port)
+    server = await make_broker(quic_port=port)
     client = _client(port, pki, "silent")
     try:
         await client.connect()
@@ -95,14 +69,14 @@ async def test_a_restarted_broker_gets_its_quic_client_back(
     make_broker: Callable[..., Any], pki: CertPaths
 ) -> None:
     port = free_udp_port()
-    first = await make_broker(port)
+    first = await make_broker(quic_port=port)
     client = _client(port, pki, "restart")
     try:
         await client.connect()
         await client.subscribe("t/restart", qos=1)
         await first.stop()
         await _until(lambda: not client.connected, 6.0)
-        await make_broker(port)  # the same address, a new process state
+        await make_broker(quic_port=port)  # the same address, a new process state
         await asyncio.wait_for(client.wait_connected(), 10)
         assert client.reconnects == 1
         await client.subscribe("t/restart", qos=1)  # a new broker: no session kept

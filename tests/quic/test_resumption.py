@@ -10,7 +10,7 @@ asks for no certificate in a PSK handshake), and MQTT CONNECT still authenticate
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,39 +18,15 @@ import pytest
 from aioquic.tls import CipherSuite, SessionTicket
 
 from broker.auth import add_user
-from broker.certs import CertPaths, issue_client_cert, make_lab_certs
+from broker.certs import CertPaths, issue_client_cert
 from broker.config import BrokerConfig, ConfigError
 from broker.server import BrokerServer
 from client.client import Client, ClientError
 from quicmig.tickets import ENTRY_OVERHEAD, TicketStore
 
-from .conftest import HOST, free_udp_port
+from .conftest import HOST
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
-    return make_lab_certs(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-async def make_broker(pki: CertPaths) -> AsyncIterator[Callable[..., Any]]:
-    started: list[BrokerServer] = []
-
-    async def start(**options: Any) -> BrokerServer:
-        config = BrokerConfig(
-            host=HOST, tcp_port=0, tls_port=0, mptcp_port=0, quic_port=free_udp_port(),
-            cert=str(pki.server_cert), key=str(pki.server_key), sys_interval=0, **options,
-        ).validate()  # fmt: skip
-        server = BrokerServer(config)
-        await server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.stop()
 
 
 def _client(server: BrokerServer, pki: CertPaths, **kwargs: Any) -> Client:
