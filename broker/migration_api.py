@@ -4,7 +4,11 @@
    SERVER_MIGRATION frame; proactive clients start probing it.
 2. ``pre_checkpoint(reference)``: CRIU cannot dump MPTCP sockets and TCP connections cannot
    follow a new IP, so TCP/TLS/MPTCP clients get DISCONNECT 0x9D "Server moved" with the
-   destination as Server Reference (MQTT 5) and the MPTCP listener closes.
+   destination as Server Reference (MQTT 5) and the MPTCP listener closes.  Meanwhile it
+   waits (within the same grace) until every QUIC client told in step 1 has acknowledged its
+   SERVER_MIGRATION: one whose frame is still in flight at the freeze could never learn the
+   destination (a client drops datagrams from server addresses it does not know), and
+   would be deaf until its keep-alive made it reconnect.
 3. (the container is checkpointed, moved and restored: memory, sessions, QUIC state intact)
 4. ``restored(new_addr)``: reopen listeners, announce the new address (SERVER_MIGRATED) to
    clients that wait for it, and resend what the freeze swallowed without PTO backoff.
@@ -26,13 +30,18 @@ logged or kept (docs/protocol.md section 9).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from mqttproto.reasons import ReasonCode
-from quicmig.connection import MigratingQuicConnection, MigrationFrameReceived
+from quicmig.connection import (
+    MigratingQuicConnection,
+    MigrationFrameAcknowledged,
+    MigrationFrameReceived,
+)
 from quicmig.frames import (
     STRATEGY_ANNOUNCE,
     STRATEGY_EXPLICIT,
@@ -92,6 +101,11 @@ class MigrationAPI:
         self.returns: ReturnWatch | None = None
         # Where accepted triggers go besides ``triggers`` (--orchestrator-url, broker.forward).
         self.forwarder: TriggerForwarder | None = None
+        # QUIC clients told of the current destination that have not acknowledged it yet,
+        # and what is set once none is left (see announcement_acknowledged).
+        self._unacknowledged: weakref.WeakSet[BrokerQuicProtocol] = weakref.WeakSet()
+        self._acknowledged = asyncio.Event()
+        self._acknowledged.set()
 
     def _quic(self, proto: BrokerQuicProtocol) -> MigratingQuicConnection:
         quic = proto._quic
@@ -109,6 +123,35 @@ class MigrationAPI:
     def frame_received(self, proto: BrokerQuicProtocol, event: MigrationFrameReceived) -> None:
         if isinstance(event.frame, MigrationTrigger):
             self._trigger(proto.conn, event.frame, event.source)
+
+    def frame_acknowledged(
+        self, proto: BrokerQuicProtocol, event: MigrationFrameAcknowledged
+    ) -> None:
+        frame = event.frame
+        if isinstance(frame, ServerMigration) and frame.sequence == self.sequence:
+            self._settle(proto)
+
+    def connection_gone(self, proto: BrokerQuicProtocol) -> None:
+        """A QUIC connection ended: nothing to wait for from it."""
+        self._settle(proto)
+
+    def _settle(self, proto: BrokerQuicProtocol) -> None:
+        self._unacknowledged.discard(proto)
+        if not self._unacknowledged:
+            self._acknowledged.set()
+
+    def _settle_all(self) -> None:
+        """The freeze is over: no announcement is worth waiting for any more."""
+        self._unacknowledged = weakref.WeakSet()
+        self._acknowledged.set()
+
+    async def announcement_acknowledged(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s until every QUIC client told of the destination has
+        acknowledged it; returns how many have not (0: all have)."""
+        if self._unacknowledged:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acknowledged.wait(), timeout)
+        return len(self._unacknowledged)
 
     def _trigger(
         self, conn: BrokerConnection | None, frame: MigrationTrigger, source: Address | None
@@ -192,10 +235,16 @@ class MigrationAPI:
         self.state = "prepared"
         frame = ServerMigration(self.sequence, dest)
         told = 0
+        self._unacknowledged = weakref.WeakSet()
         for proto in list(self.server.quic_protocols):
             if self._quic(proto).send_migration_frame(frame):
+                self._unacknowledged.add(proto)
                 proto.transmit()
                 told += 1
+        if self._unacknowledged:
+            self._acknowledged.clear()
+        else:
+            self._acknowledged.set()
         log.info("prepare: told %d QUIC clients about %s (sequence %d)", told, dest, frame.sequence)
         return {"sequence": self.sequence, "destination": str(dest), "quic_notified": told}
 
@@ -215,13 +264,19 @@ class MigrationAPI:
         self.server.flush()
         for kind in RECONNECTING_TRANSPORTS:
             await self.server.close_listener(kind)
-        aborted = await self._drain_stream_connections(grace)
+        aborted, unacknowledged = await asyncio.gather(
+            self._drain_stream_connections(grace), self.announcement_acknowledged(grace)
+        )
+        if unacknowledged:
+            log.warning("pre-checkpoint: %d QUIC clients have not acknowledged the "
+                        "destination within %g s", unacknowledged, grace)  # fmt: skip
         if self.forwarder is not None:  # no connection to the orchestrator into the dump
             await self.forwarder.drain(grace)
         self._start_freeze_watch()
         self.state = "checkpoint-ready"
         log.info("pre-checkpoint: %d TCP/TLS/MPTCP clients sent to %s", sent_away, reference)
-        return {"disconnected": sent_away, "aborted": aborted, "reference": reference}
+        return {"disconnected": sent_away, "aborted": aborted, "reference": reference,
+                "quic_unacknowledged": unacknowledged}  # fmt: skip
 
     def _start_freeze_watch(self) -> None:
         if self._freeze_watch is None or self._freeze_watch.done():
@@ -295,6 +350,7 @@ class MigrationAPI:
         """Step 4: serve again at ``new_addr``."""
         self._stop_freeze_watch()
         self._restore_configured_redirect()
+        self._settle_all()
         for kind in self.server.listeners:
             await self.server.open_listener(kind)
         frame = ServerMigrated(self.sequence, new_addr)
@@ -329,6 +385,7 @@ class MigrationAPI:
         """
         self._stop_freeze_watch()
         self._restore_configured_redirect()
+        self._settle_all()
         for kind in self.server.listeners:
             await self.server.open_listener(kind)
         told = 0

@@ -36,7 +36,11 @@ from aioquic.quic.events import (
 )
 from aioquic.tls import CipherSuite
 
-from quicmig.connection import MigratingQuicConnection, MigrationFrameReceived
+from quicmig.connection import (
+    MigratingQuicConnection,
+    MigrationFrameAcknowledged,
+    MigrationFrameReceived,
+)
 from quicmig.frames import ALL_STRATEGIES
 from quicmig.server import GuardedProtocol, GuardedQuicServer, HandshakePolicy, serve_guarded
 from quicmig.tickets import TicketStore
@@ -134,6 +138,8 @@ class BrokerQuicProtocol(GuardedProtocol):
             self.broker_server.migration.connection_ready(self)
         elif isinstance(event, MigrationFrameReceived):
             self.broker_server.migration.frame_received(self, event)
+        elif isinstance(event, MigrationFrameAcknowledged):
+            self.broker_server.migration.frame_acknowledged(self, event)
 
     def _no_stream(self) -> None:
         self._stream_timer = None
@@ -227,6 +233,7 @@ class BrokerQuicProtocol(GuardedProtocol):
 
     def _lost(self) -> None:
         self.broker_server.quic_protocols.discard(self)
+        self.broker_server.migration.connection_gone(self)
         self._cancel_stream_timer()
         conn, self.conn = self.conn, None
         if conn is not None:

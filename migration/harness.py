@@ -2,13 +2,15 @@
 
 A real broker (:class:`~broker.server.BrokerServer`) serves QUIC on one loopback address
 (127.0.0.2 by default).  :meth:`Harness.migrate` does what a live container migration looks
-like from the network: ``prepare`` (SERVER_MIGRATION to clients), then a **freeze** (the
+like from the network: ``prepare`` (SERVER_MIGRATION to clients, each acknowledged, as the
+broker's pre-checkpoint step waits for), then a **freeze** (the
 broker's UDP endpoint goes silent: nothing in, nothing out, while its timers keep running
 into a black hole, as a frozen process's would on restore), then the endpoint comes back on
 **another address** (127.0.0.3) with every connection's state intact, and ``restored``
 announces it.  :meth:`Harness.rollback` is a move that fails: the endpoint comes back on the
 same address and ``rollback`` tells clients to stay.  A loss relay drops a chosen fraction
-of datagrams both ways.
+of datagrams both ways (also with ``loss=0``: the broker's own batching UDP transport, under
+a relay that can black out what it sends, :meth:`Harness.blackout`).
 
 The workload: N qmig clients over QUIC, each following the broker with one strategy,
 publishing to their own topic at a steady rate (QoS 1 and 2 alternately) and subscribed to it,
@@ -37,6 +39,7 @@ from broker.config import BrokerConfig
 from broker.server import BrokerServer
 from client.client import Client
 from quicmig.frames import Address
+from quicmig.udp import open_udp
 
 log = logging.getLogger("qmig.harness")
 
@@ -58,12 +61,14 @@ class _Blackhole:
 
 
 class _LossyTransport:
-    """Wraps the UDP transport: drops each outgoing datagram with probability ``loss``."""
+    """Wraps the UDP transport: drops each outgoing datagram with probability ``loss``, and
+    every one while ``blackout_until`` (monotonic s) is ahead."""
 
     def __init__(self, inner: asyncio.DatagramTransport, loss: float, rng: random.Random):
         self.inner = inner
         self.loss = loss
         self.rng = rng
+        self.blackout_until = 0.0
 
     def sendto(self, data: bytes, addr: Any = None) -> None:
         if self.inner.is_closing():
@@ -71,6 +76,8 @@ class _LossyTransport:
             # one lingers for its last acknowledgements): asyncio would crash on it.
             return
         if self.loss and self.rng.random() < self.loss:
+            return
+        if self.blackout_until and time.monotonic() < self.blackout_until:
             return
         self.inner.sendto(data, addr)
 
@@ -85,13 +92,11 @@ class _LossyEndpoint(asyncio.DatagramProtocol):
         self.quic_server = quic_server
         self.loss = loss
         self.rng = rng
+        self.transport: _LossyTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-
-        # A datagram endpoint's transport; asyncio's selector one does not subclass
-        # DatagramTransport on Python 3.11, so isinstance cannot narrow it.
-        udp = cast(asyncio.DatagramTransport, transport)
-        lossy = _LossyTransport(udp, self.loss, self.rng)
+        lossy = _LossyTransport(cast(asyncio.DatagramTransport, transport), self.loss, self.rng)
+        self.transport = lossy
         self.quic_server.connection_made(lossy)
         for proto in set(self.quic_server._protocols.values()):
             proto._transport = lossy  # every connection sends through the new endpoint
@@ -103,6 +108,13 @@ class _LossyEndpoint(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         pass
+
+    # The listener's batches (quicmig.udp.BatchingDatagramTransport), passed through.
+    def batch_started(self) -> None:
+        self.quic_server.batch_started()
+
+    def batch_ended(self) -> None:
+        self.quic_server.batch_ended()
 
 
 @dataclass
@@ -189,6 +201,10 @@ class Harness:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
         self.host = source
+        self._endpoint: _LossyEndpoint | None = None
+        # How long migrate() waits for every client to acknowledge the destination, as the
+        # broker's pre-checkpoint step does (its grace).
+        self.announce_grace = 1.0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -209,8 +225,7 @@ class Harness:
         self.port = port
         self.server = BrokerServer(config)
         await self.server.start()
-        if self.loss:
-            await self._rebind(self.source)  # put the loss relay in from the start
+        await self._rebind(self.source)  # the relay is in from the start
 
     async def stop(self) -> None:
         self._stop.set()
@@ -293,13 +308,11 @@ class Harness:
         assert self.server is not None
         listener = self.server.listeners["quic"]
         quic_server = listener.server
-        loop = asyncio.get_running_loop()
         for attempt in range(50):
+            endpoint = _LossyEndpoint(quic_server, self.loss, self.rng)
             try:
-                await loop.create_datagram_endpoint(
-                    lambda: _LossyEndpoint(quic_server, self.loss, self.rng),
-                    local_addr=(host, self.port),
-                )
+                await open_udp(host, self.port, endpoint)  # the listener's own transport
+                self._endpoint = endpoint
                 break
             except OSError:
                 # asyncio closes the old socket on a later loop turn: give it that turn.
@@ -308,18 +321,34 @@ class Harness:
                 await asyncio.sleep(0.01)
         listener.host = host
 
+    def blackout(self, seconds: float) -> None:
+        """Drop every datagram the broker sends for the next ``seconds``."""
+        assert self._endpoint is not None and self._endpoint.transport is not None
+        self._endpoint.transport.blackout_until = time.monotonic() + seconds
+
+    async def _announce(self, dest: Address, notice: float) -> None:
+        """prepare, then what pre-checkpoint waits for: every client acknowledged ``dest``
+        (at most ``announce_grace`` s), and at least ``notice`` s."""
+        assert self.server is not None
+        started = time.monotonic()
+        self.server.migration.prepare(dest)
+        missing = await self.server.migration.announcement_acknowledged(self.announce_grace)
+        if missing:
+            log.warning("%d clients did not acknowledge %s before the freeze", missing, dest)
+        await asyncio.sleep(max(0.0, started + notice - time.monotonic()))
+
     async def _rebind(self, host: str) -> None:
         self._go_dark()
         await self._come_back(host)
 
     async def migrate(self, freeze: float = 0.3, notice: float = 0.1,
                       strategy: str = "") -> MigrationResult:  # fmt: skip
-        """prepare -> (notice) -> freeze -> endpoint back on the destination -> restored."""
+        """prepare -> (notice, acknowledged) -> freeze -> endpoint back on the destination ->
+        restored."""
         assert self.server is not None
         dest = Address(self.destination, self.port)
         prepare_at = time.monotonic()
-        self.server.migration.prepare(dest)
-        await asyncio.sleep(notice)
+        await self._announce(dest, notice)
         self._go_dark()  # as the container does during checkpoint, transfer and restore
         freeze_at = time.monotonic()
         await asyncio.sleep(freeze)
@@ -336,8 +365,7 @@ class Harness:
         assert self.server is not None
         dest = Address(self.destination, self.port)
         prepare_at = time.monotonic()
-        self.server.migration.prepare(dest)
-        await asyncio.sleep(notice)
+        await self._announce(dest, notice)
         self._go_dark()
         freeze_at = time.monotonic()
         await asyncio.sleep(freeze)

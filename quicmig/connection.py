@@ -127,6 +127,19 @@ class MigrationFrameReceived(QuicEvent):
 
 
 @dataclass
+class MigrationFrameAcknowledged(QuicEvent):
+    """The peer acknowledged a migration frame this endpoint sent (the packet carrying it).
+
+    The broker waits for these before it freezes (``MigrationAPI.pre_checkpoint``): a client
+    whose SERVER_MIGRATION is still in flight when the broker goes silent cannot learn the
+    destination afterwards, as it must drop datagrams from a server address it does not know
+    (RFC 9000 section 9).
+    """
+
+    frame: Frame
+
+
+@dataclass
 class ServerAddressChanged(QuicEvent):
     """A client's connection moved to a validated new server address."""
 
@@ -612,6 +625,8 @@ class MigratingQuicConnection(QuicConnection):
     def _on_frame_delivery(self, delivery: QuicDeliveryState, frame: Frame) -> None:
         if delivery == QuicDeliveryState.LOST:
             self.qmig_pending.append(frame)  # retransmit in a new packet
+        elif delivery == QuicDeliveryState.ACKED:
+            self._events.append(MigrationFrameAcknowledged(frame))
 
     # ------------------------------------------------------------------ receive window
     def _write_stream_limits(
@@ -700,7 +715,7 @@ class MigratingQuicConnection(QuicConnection):
         if follower is not None:
             now = context.time
             if isinstance(frame, ServerMigration):
-                follower.on_server_migration(frame, now)
+                follower.on_server_migration(frame, now, source)
             elif isinstance(frame, PoolMigrationAddress):
                 follower.on_pool(frame, now)
             elif isinstance(frame, ServerMigrated):

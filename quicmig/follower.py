@@ -13,6 +13,9 @@ validates; RFC 9000's rules (validate before use, anti-amplification) stay with 
   speaks first, and a datagram from a probed address is challenged at once (``heard_from``),
   so the backoff costs no time.
 - reactive: keep the old address until silence suggests loss, then probe the announced one.
+  A notice that comes *from* the address it names (its first copy was lost before the
+  freeze; the thawed broker resent it from there) is proof enough: both explicit strategies
+  probe that address at once, as the silence that would start it has passed already.
 - pool: ignore announcements; on silence probe every pool address at once, take the first
   that validates (the literature tried them one after another).
 - announce: wait for the broker to speak first from its new address (SERVER_MIGRATED) and
@@ -101,7 +104,10 @@ class Follower:
     _sequence: int = -1
 
     # ------------------------------------------------------------------ what we learn
-    def on_server_migration(self, frame: ServerMigration, now: float) -> None:
+    def on_server_migration(
+        self, frame: ServerMigration, now: float, source: Address | None = None
+    ) -> None:
+        """SERVER_MIGRATION arrived, from ``source`` (None: not known)."""
         if self.strategy is Strategy.POOL or self.strategy is Strategy.NONE:
             return
         if frame.sequence <= self._sequence:
@@ -115,7 +121,7 @@ class Follower:
             return
         record = MigrationRecord(frame.sequence, frame.address, "explicit", now)
         self.records.append(record)
-        if self.strategy is Strategy.PROACTIVE:
+        if self.strategy is Strategy.PROACTIVE or source == frame.address:
             self._start(record, [frame.address], now)
 
     def on_pool(self, frame: PoolMigrationAddress, now: float) -> None:

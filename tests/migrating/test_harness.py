@@ -137,3 +137,41 @@ async def test_a_rolled_back_move_leaves_every_client_where_it_was() -> None:
                 client.publish(f"harness/{client.client_id}", b"after", qos=1), 3
             )
             assert reason < 0x80, name
+
+
+async def test_the_freeze_waits_until_every_client_has_acknowledged_the_destination() -> None:
+    """Everything the broker sends after prepare is lost for 0.3 s, longer than the notice.
+
+    A client whose SERVER_MIGRATION is still in flight at the freeze can never learn the
+    destination (it drops datagrams from server addresses it does not know): it went deaf
+    until its keep-alive.  The move now waits, as pre-checkpoint does, until every told
+    client has acknowledged the frame, and each one follows.
+    """
+    async with Harness(seed=5) as harness:
+        await harness.add_clients(["proactive", "reactive"] * 3, rate=20)
+        await asyncio.sleep(0.3)
+        harness.blackout(0.3)
+        result = await harness.settle(await harness.migrate(freeze=0.2, notice=0.1), 1.0)
+        assert result.freeze_at - result.prepare_at >= 0.3  # it waited out the blackout
+        for client in result.clients:
+            assert client["moved"], f"{client['name']} did not follow the broker: {client}"
+            assert client["reconnects"] == 0, client
+
+
+async def test_pre_checkpoint_counts_clients_that_never_acknowledged() -> None:
+    """A client that cannot be reached delays the freeze by the grace at most, and is named
+    in the step's result rather than waited for."""
+    from quicmig.frames import Address
+
+    async with Harness(seed=6) as harness:
+        await harness.add_clients(["proactive", "none"], rate=5)
+        migration = harness.server.migration  # type: ignore[union-attr]
+        harness.blackout(10)
+        told = migration.prepare(Address(harness.destination, harness.port))
+        assert told["quic_notified"] == 1  # the client without the extension is not told
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await migration.pre_checkpoint(None, grace=0.3)
+        assert 0.3 <= loop.time() - started < 1.0
+        assert result["quic_unacknowledged"] == 1
+        await migration.rollback()

@@ -51,6 +51,22 @@ def test_announce_from_where_the_connection_already_is_starts_no_probing() -> No
     assert follower.probing and follower.due_probes(5.0) == [HERE]
 
 
+def test_a_late_notice_from_the_destination_itself_starts_probing_at_once() -> None:
+    """The broker's SERVER_MIGRATION was lost before the freeze; the thawed broker resends
+    it from the destination, over a path the client knows from an earlier move.  The
+    silence that makes a reactive client probe is over by then (it was handled while the
+    client knew no destination), so waiting for another one left it deaf for good."""
+    follower = Follower(Strategy.REACTIVE, current=HERE)
+    follower.on_silence(now=0.1)  # the freeze: nothing announced, nothing to probe
+    assert not follower.probing
+    follower.on_server_migration(ServerMigration(1, THERE), now=0.5, source=THERE)
+    assert follower.probing and follower.due_probes(0.5) == [THERE]
+    # From the current address it is a notice like any other: wait for silence.
+    other = Follower(Strategy.REACTIVE, current=HERE)
+    other.on_server_migration(ServerMigration(1, THERE), now=0.5, source=HERE)
+    assert not other.probing
+
+
 def test_probes_are_spaced_by_the_quic_layers_floor() -> None:
     """A path with a long round trip: challenges go no faster than the floor allows."""
     follower = Follower(Strategy.PROACTIVE, current=HERE, probe_interval=0.02)
