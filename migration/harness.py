@@ -200,6 +200,7 @@ class Harness:
         self.cafile = ""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self._quiet = False  # drain(): publishers stop
         self.host = source
         self._endpoint: _LossyEndpoint | None = None
         # How long migrate() waits for every client to acknowledge the destination, as the
@@ -276,12 +277,22 @@ class Harness:
         await asyncio.sleep(offset / rate)
         seq = 0
         start = time.monotonic()
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._quiet:
             seq += 1
             stats.sent[seq] = time.monotonic()
             qos = 1 if seq % 2 else 2
             self._spawn(self._publish_one(client, stats, seq, qos))
             await asyncio.sleep(max(0.0, start + seq / rate - time.monotonic()))
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Stop publishing and wait up to ``timeout`` s until every message published so far
+        has arrived at its subscriber: what is missing afterwards was lost, not late."""
+        self._quiet = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(set(st.sent) <= {seq for seq, _ in st.received} for st in self.stats):
+                return
+            await asyncio.sleep(0.05)
 
     async def _publish_one(self, client: Client, stats: ClientStats, seq: int, qos: int) -> None:
         with contextlib.suppress(Exception):
