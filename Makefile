@@ -67,6 +67,15 @@ loadtest: setup
 	@mkdir -p reports
 	$(VENV_PY) -m loadtests.run --users $(USERS) --rate $(RATE) --duration $(DURATION) --out reports
 
+# Endurance: live migrations every minute under 1,000 msg/s of QUIC and TCP traffic, RSS
+# sampled; fails on loss, QoS 2 duplicates, QUIC re-handshakes or RSS growth. Not in CI.
+# `make soak DURATION=5m`; DURATION defaults to 1h here (loadtest's 30 is seconds).
+SOAK_DURATION = $(if $(filter command line environment,$(origin DURATION)),$(DURATION),1h)
+.PHONY: soak
+soak: setup image
+	@mkdir -p reports
+	$(VENV_PY) -m migration.soak --duration $(SOAK_DURATION) --json reports/soak.json
+
 # Coverage-guided fuzzing (atheris): every parser target, 1,000,000 inputs each by default.
 FUZZ_RUNS ?= 1000000
 .PHONY: fuzz

@@ -134,26 +134,18 @@ class BrokerCollector:
         for name in MIGRATION_STATES:
             state.add_metric([name], 1 if api.state == name else 0)
         yield state
-        outcomes = {"restored": 0, "rolled_back": 0}
-        freeze_count, freeze_sum = 0, 0.0
-        for entry in api.history:
-            outcomes["rolled_back" if "rolled_back_to" in entry else "restored"] += 1
-            freeze = entry.get("freeze")
-            if freeze:
-                freeze_count += 1
-                freeze_sum += freeze["thawed_at"] - freeze["frozen_at"]
         migrations = CounterMetricFamily(
             "qmig_migrations", "Migrations this broker went through, by outcome.",
             labels=["outcome"],
         )  # fmt: skip
-        for outcome, count in outcomes.items():
+        for outcome, count in api.outcomes.items():
             migrations.add_metric([outcome], count)
         yield migrations
         yield SummaryMetricFamily(
             "qmig_migration_freeze_seconds",
             "Freezes as the broker's own clock saw them (checkpoint to thaw).",
-            count_value=freeze_count,
-            sum_value=freeze_sum,
+            count_value=api.freezes,
+            sum_value=api.frozen_seconds,
         )
         last = api.last_freeze
         yield GaugeMetricFamily(

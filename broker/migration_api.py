@@ -75,6 +75,7 @@ TRIGGER_BURST = 3
 TRIGGER_RATE_ALL = 1.0
 TRIGGER_BURST_ALL = 10
 MAX_TRIGGERS = 100
+MAX_HISTORY = 100  # migrations kept for status (the counters count them all)
 TRIGGER_LOG_WINDOW = 60.0  # seconds: drops make one log line per window and kind of drop
 
 
@@ -93,7 +94,11 @@ class MigrationAPI:
         self._trigger_bucket = TokenBucket(TRIGGER_RATE_ALL, TRIGGER_BURST_ALL, server.broker.now())
         self._dropped_log = {kind: LogWindow(TRIGGER_LOG_WINDOW)
                              for kind in ("not_authorized", "rate_limited")}  # fmt: skip
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # the latest MAX_HISTORY migrations
+        # Every migration since the start, for the metrics: outcome counts, frozen seconds.
+        self.outcomes = {"restored": 0, "rolled_back": 0}
+        self.freezes = 0
+        self.frozen_seconds = 0.0
         # The process's own view of its freeze (see _watch_freeze): wall-clock from/to.
         self.last_freeze: dict[str, Any] | None = None
         self._freeze_watch: asyncio.Task[None] | None = None
@@ -363,10 +368,8 @@ class MigrationAPI:
             # Packets sent before the freeze are gone: resend now, not after PTO backoff.
             quic._retransmit_in_flight(now)
             proto.transmit()
-        self.history.append(
-            {"sequence": self.sequence, "to": str(new_addr), "announced": announced,
-             "at": time.time(), "freeze": self.freeze_report()}
-        )  # fmt: skip
+        self._remember("restored", {"sequence": self.sequence, "to": str(new_addr),
+                                    "announced": announced, "at": time.time()})  # fmt: skip
         self.state = "serving"
         log.info("restored at %s: announced to %d QUIC clients", new_addr, announced)
         return {
@@ -399,13 +402,23 @@ class MigrationAPI:
                     told += 1
                 quic._retransmit_in_flight(now)
                 proto.transmit()
-        self.history.append({"sequence": self.sequence, "rolled_back_to": str(address),
-                             "told": told, "at": time.time(),
-                             "freeze": self.freeze_report()})  # fmt: skip
+        self._remember("rolled_back", {"sequence": self.sequence,
+                                       "rolled_back_to": str(address), "told": told,
+                                       "at": time.time()})  # fmt: skip
         self.state = "serving"
         self.destination = None
         log.info("rollback: serving at %s again, told %d QUIC clients to stay", address, told)
         return {"state": self.state, "quic_told": told, "freeze": self.freeze_report()}
+
+    def _remember(self, outcome: str, entry: dict[str, Any]) -> None:
+        """Count a migration's outcome and freeze; keep its entry among the latest."""
+        freeze = entry["freeze"] = self.freeze_report()
+        self.outcomes[outcome] += 1
+        if freeze:
+            self.freezes += 1
+            self.frozen_seconds += freeze["thawed_at"] - freeze["frozen_at"]
+        self.history.append(entry)
+        del self.history[:-MAX_HISTORY]
 
     def status(self) -> dict[str, Any]:
         by_transport: dict[str, int] = {}

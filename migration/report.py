@@ -41,6 +41,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from migration.ledger import segments_interruption
+
 DRAIN_MARGIN = 0.5  # seconds before ``end`` during which an unreceived message is not "lost"
 REPORT_CLIENT_KEYS = ("name", "transport", "strategy", "interruption_ms", "lost", "duplicates")
 
@@ -86,6 +88,8 @@ def client_figures(
     ``end=None`` every sent message counts (the workload drains before it stops, so any
     message it did not receive was lost).
     """
+    if client.get("ledger"):
+        return _ledger_figures(client, freeze_at, resume_at, end, window, margin)
     received = [(int(s), float(t)) for s, t in client.get("received", ())]
     gap = interruption((t for _, t in received), freeze_at, resume_at)
     cutoff = None if end is None else end - margin
@@ -102,6 +106,35 @@ def client_figures(
         "extra_ms": _ms(None if gap is None else gap - (resume_at - freeze_at)),
         "lost": len(sent - got),
         "duplicates": sum(counts.values()) - len(counts),
+        "reconnects": _reconnects(client, window),
+    }
+    figures.update(_path_figures(client, window, resume_at))
+    return figures
+
+
+def _ledger_figures(
+    client: dict[str, Any],
+    freeze_at: float,
+    resume_at: float,
+    end: float | None,
+    window: Window,
+    margin: float,
+) -> dict[str, Any]:
+    """client_figures for a client that kept a ledger (migration.ledger): the same rules,
+    with duplicates charged to the window they *arrived* in (a ledger keeps no send time
+    for a message that arrived)."""
+    gap = segments_interruption(client["segments"], client["gap"], freeze_at, resume_at)
+    cutoff = None if end is None else end - margin
+    lost = sum(1 for _, t in client["unreceived"]
+               if _in(t, window) and (cutoff is None or t < cutoff))  # fmt: skip
+    figures: dict[str, Any] = {
+        "name": client.get("name"),
+        "transport": client.get("transport"),
+        "strategy": client.get("strategy"),
+        "interruption_ms": _ms(gap),
+        "extra_ms": _ms(None if gap is None else gap - (resume_at - freeze_at)),
+        "lost": lost,
+        "duplicates": sum(1 for _, t in client["duplicates"] if _in(t, window)),
         "reconnects": _reconnects(client, window),
     }
     figures.update(_path_figures(client, window, resume_at))

@@ -70,12 +70,14 @@ class Host:
 
 @dataclass(frozen=True)
 class ClientSpec:
-    """One client of a scenario; ``library`` is "qmig" (qmig's Client) or "paho" (paho-mqtt)."""
+    """One client of a scenario; ``library`` is "qmig" (qmig's Client) or "paho" (paho-mqtt);
+    ``qos`` its own (None: the scenario's)."""
 
     name: str
     transport: str = "quic"
     strategy: str = "none"
     library: str = "qmig"
+    qos: int | None = None
 
     def check(self) -> None:
         """Raise ValueError (ScenarioError) if this client cannot run as described."""
@@ -89,6 +91,8 @@ class ClientSpec:
             raise ScenarioError(f"client {self.name}: library must be one of {LIBRARIES}")
         if self.library == "paho" and self.transport not in PAHO_TRANSPORTS:
             raise ScenarioError(f"client {self.name}: paho-mqtt runs over {PAHO_TRANSPORTS} only")
+        if self.qos not in (None, 0, 1, 2):
+            raise ScenarioError(f"client {self.name}: qos must be 0, 1 or 2")
 
     @classmethod
     def many(cls, data: dict[str, Any]) -> list[ClientSpec]:
@@ -105,8 +109,10 @@ class ClientSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClientSpec:
+        qos = data.get("qos")
         return cls(str(data["name"]), str(data.get("transport", "quic")),
-                   str(data.get("strategy", "none")), str(data.get("library", "qmig")))  # fmt: skip
+                   str(data.get("strategy", "none")), str(data.get("library", "qmig")),
+                   None if qos is None else int(qos))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from client.client import (
     parse_reference,
 )
 from client.transports import TRANSPORTS, Target, race_connect_blocking
+from migration.ledger import Ledger
 from migration.scenario import (
     LIBRARIES,
     PAHO_TRANSPORTS,
@@ -119,6 +120,11 @@ class WorkloadSpec:
     drain: float = 2.0  # seconds to wait for in-flight messages after publishing stops
     topic_prefix: str = "qmig/lab"
     reconnect_delay: tuple[float, float] = RECONNECT_DELAY  # first retry, cap (seconds)
+    # Bounded accounting (migration.ledger) instead of every message's trace: a soak.
+    ledger: bool = False
+
+    def qos_of(self, client: ClientSpec) -> int:
+        return self.qos if client.qos is None else client.qos
 
     def topic(self, client: ClientSpec) -> str:
         return f"{self.topic_prefix}/{client.name}"
@@ -143,6 +149,8 @@ class WorkloadSpec:
                 raise SpecError(f"client {c.name}: paho-mqtt runs over {PAHO_TRANSPORTS} only")
             if c.transport not in self.broker.ports:
                 raise SpecError(f"client {c.name}: no broker port for {c.transport}")
+            if c.qos not in (None, 0, 1, 2):
+                raise SpecError(f"client {c.name}: qos must be 0, 1 or 2")
         if self.qos not in (0, 1, 2):
             raise SpecError("qos must be 0, 1 or 2")
         if not self.rate > 0:
@@ -183,6 +191,7 @@ class WorkloadSpec:
                 drain=float(data.get("drain", 2.0)),
                 topic_prefix=str(data.get("topic_prefix", "qmig/lab")),
                 reconnect_delay=_delay_pair(data.get("reconnect_delay", RECONNECT_DELAY)),
+                ledger=bool(data.get("ledger", False)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, SpecError):
@@ -216,6 +225,9 @@ class WallClock:
 
 
 # ---------------------------------------------------------------------- one client
+TRACED_MIGRATIONS = 10_000  # migration records a traced client keeps (a week at one an hour)
+
+
 class TracedClient(Client):
     """A :class:`Client` that also notes when its connection went and came back.
 
@@ -229,6 +241,8 @@ class TracedClient(Client):
         self.clock = clock
         self.events: list[list[Any]] = []  # [event, wall time, detail]
         self.on_connection = self._note
+        if self.follower is not None:  # the report wants every move of a long run (soak)
+            self.follower.max_records = TRACED_MIGRATIONS
 
     def _note(self, event: str, detail: str) -> None:
         self.events.append([event, self.clock.now(), detail])
@@ -537,11 +551,14 @@ WorkloadClient = TracedClient | PahoClient
 
 @dataclass
 class ClientRun:
-    """What one client did; ``sent``/``acked``/``received`` are ``[seq, wall time]``."""
+    """What one client did; ``sent``/``acked``/``received`` are ``[seq, wall time]``, or,
+    with a ``ledger``, empty (the ledger accounts for them in bounded memory)."""
 
     spec: ClientSpec
     topic: str
     client: WorkloadClient
+    qos: int = 1
+    ledger: Ledger | None = None
     sent: list[list[float]] = field(default_factory=list)
     acked: list[list[float]] = field(default_factory=list)
     received: list[list[float]] = field(default_factory=list)
@@ -551,6 +568,30 @@ class ClientRun:
     pending: set[asyncio.Task[None]] = field(default_factory=set)
     receiver: asyncio.Task[None] | None = None
     publisher: asyncio.Task[None] | None = None
+
+    def note_sent(self, seq: int, at: float) -> None:
+        if self.ledger is not None:
+            self.ledger.sent(seq, at)
+        else:
+            self.sent.append([seq, at])
+
+    def note_acked(self, seq: int, at: float) -> None:
+        if self.ledger is not None:
+            self.ledger.acknowledged(seq, at)
+        else:
+            self.acked.append([seq, at])
+
+    def note_received(self, seq: int, at: float) -> None:
+        if self.ledger is not None:
+            self.ledger.received(seq, at)
+        else:
+            self.received.append([seq, at])
+
+    def unreceived(self) -> bool:
+        """Whether a message sent is still to arrive."""
+        if self.ledger is not None:
+            return bool(self.ledger.outstanding)
+        return bool({s for s, _ in self.sent} - {s for s, _ in self.received})
 
     def error(self, text: str) -> None:
         if len(self.errors) < MAX_ERRORS:
@@ -576,10 +617,17 @@ class ClientRun:
             "transport": self.spec.transport,
             "strategy": self.spec.strategy,
             "library": self.spec.library,
+            "qos": self.qos,
             "topic": self.topic,
-            "sent": [[s, round(t, 6)] for s, t in self.sent],
-            "acked": [[s, round(t, 6)] for s, t in self.acked],
-            "received": [[s, round(t, 6)] for s, t in self.received],
+            **(
+                self.ledger.result()
+                if self.ledger is not None
+                else {
+                    "sent": [[s, round(t, 6)] for s, t in self.sent],
+                    "acked": [[s, round(t, 6)] for s, t in self.acked],
+                    "received": [[s, round(t, 6)] for s, t in self.received],
+                }
+            ),
             "reconnects": client.reconnects,
             "migrations": migrations,
             "moves": [[clock.wall(t), str(a)] for t, a in client.moves],
@@ -611,6 +659,10 @@ class Workload:
             self.stop_reason = reason
             self.stop.set()
 
+    def _ledger_gap(self) -> float:
+        """A silence that starts a new delivery segment: five intervals, at least 0.25 s."""
+        return max(0.25, 5 / self.spec.rate)
+
     # ------------------------------------------------------------------ start
     def _make_client(self, c: ClientSpec) -> WorkloadClient:
         b = self.spec.broker
@@ -634,7 +686,7 @@ class Workload:
         where = f"{self.spec.broker.host}:{self.spec.broker.ports[c.transport]}"
         try:
             await asyncio.wait_for(run.client.connect(), CONNECT_TIMEOUT + 1)
-            await run.client.subscribe(run.topic, self.spec.qos, timeout=CONNECT_TIMEOUT)
+            await run.client.subscribe(run.topic, run.qos, timeout=CONNECT_TIMEOUT)
         except Exception as exc:  # whatever it was, the orchestrator gets one clear line
             why = str(exc) or type(exc).__name__
             raise ClientError(
@@ -644,7 +696,14 @@ class Workload:
     async def start(self) -> None:
         """Connect and subscribe every client (concurrently); all or nothing."""
         self.runs = [
-            ClientRun(c, self.spec.topic(c), self._make_client(c)) for c in self.spec.clients
+            ClientRun(
+                c,
+                self.spec.topic(c),
+                self._make_client(c),
+                qos=self.spec.qos_of(c),
+                ledger=Ledger(self._ledger_gap()) if self.spec.ledger else None,
+            )
+            for c in self.spec.clients
         ]
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
@@ -681,7 +740,7 @@ class Workload:
                 except ValueError:
                     run.error(f"unexpected payload {message.payload[:32]!r} on {message.topic}")
                     continue
-                run.received.append([seq, now])
+                run.note_received(seq, now)
         except Exception as exc:  # a bug here must not take the workload down
             run.error(f"receiver failed: {type(exc).__name__}: {exc}")
             return
@@ -697,7 +756,7 @@ class Workload:
             seq = 0
             while not self.stop.is_set():
                 seq += 1
-                run.sent.append([seq, self.clock.now()])
+                run.note_sent(seq, self.clock.now())
                 task = asyncio.create_task(self._publish_one(run, seq))
                 run.pending.add(task)
                 task.add_done_callback(run.pending.discard)
@@ -710,14 +769,14 @@ class Workload:
 
     async def _publish_one(self, run: ClientRun, seq: int) -> None:
         try:
-            await run.client.publish(run.topic, str(seq).encode(), self.spec.qos)
+            await run.client.publish(run.topic, str(seq).encode(), run.qos)
         except asyncio.CancelledError:
             return
         except Exception as exc:  # recorded, never fatal: the run goes on
             if not self.finishing:  # at the end, finish() sums up what was never acked
                 run.error(f"publish {seq}: {type(exc).__name__}: {exc}")
             return
-        run.acked.append([seq, self.clock.now()])
+        run.note_acked(seq, self.clock.now())
 
     async def run(self) -> None:
         """Publish until stopped, then drain; the clients stay connected (see finish)."""
@@ -742,7 +801,7 @@ class Workload:
             run.connected_at_end = run.client.connected
             if run.pending:
                 return False
-            if self.spec.qos and {s for s, _ in run.sent} - {s for s, _ in run.received}:
+            if run.qos and run.unreceived():
                 return False
         return True
 

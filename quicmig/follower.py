@@ -98,7 +98,8 @@ class Follower:
     window_until: float | None = None
     next_probe_at: float | None = None
     last_probe_at: float | None = None
-    records: list[MigrationRecord] = field(default_factory=list)
+    records: list[MigrationRecord] = field(default_factory=list)  # the latest max_records
+    max_records: int = 64  # a client that lives through a move a minute stays bounded
     interval: float = 0.02  # the current probing interval (see probe_backoff_after)
     _probing_since: float = 0.0
     _sequence: int = -1
@@ -120,7 +121,7 @@ class Follower:
         if self.strategy is Strategy.ANNOUNCE:
             return
         record = MigrationRecord(frame.sequence, frame.address, "explicit", now)
-        self.records.append(record)
+        self._record(record)
         if self.strategy is Strategy.PROACTIVE or source == frame.address:
             self._start(record, [frame.address], now)
 
@@ -135,7 +136,7 @@ class Follower:
         if not self.acceptable(source) or source == self.current:
             return  # unknown, or already there (the restored broker's first packets moved us)
         record = MigrationRecord(frame.sequence, source, "announce", now)
-        self.records.append(record)
+        self._record(record)
         self._start(record, [source], now)
 
     def on_silence(self, now: float) -> None:
@@ -151,14 +152,14 @@ class Follower:
                 self._sequence, self.announced, "loss", now
             )
             if record not in self.records:
-                self.records.append(record)
+                self._record(record)
             record.trigger = "loss"
             self._start(record, [self.announced], now)
         elif self.strategy is Strategy.POOL and self.pool:
             candidates = [a for a in self.pool if a != self.current]
             if candidates:
                 record = MigrationRecord(len(self.records), None, "pool", now)
-                self.records.append(record)
+                self._record(record)
                 self._start(record, candidates, now)
 
     def on_validated(self, address: Address, now: float) -> None:
@@ -244,6 +245,10 @@ class Follower:
         self.next_probe_at = now
         self.interval = self.probe_interval
         self._probing_since = now
+
+    def _record(self, record: MigrationRecord) -> None:
+        self.records.append(record)
+        del self.records[: -self.max_records]
 
     def _pending_record(self) -> MigrationRecord | None:
         if self.records and self.records[-1].validated_at is None:

@@ -172,6 +172,8 @@ class Migration:
             # A bare host: TCP, TLS and MPTCP clients each keep their own port.
             pre = lab.control("pre-checkpoint", host=src, reference=dest.address)
             self.outcome["tcp_sent_away"] = pre.get("disconnected", 0)
+            # QUIC clients that had not acknowledged the destination within the grace.
+            self.outcome["quic_unacknowledged"] = pre.get("quic_unacknowledged", 0)
             self._mark("pre_checkpoint", f"sent {pre.get('disconnected', 0)} TCP/MPTCP clients "
                                          f"to {dest.address}")  # fmt: skip
             if self.method == "precopy":

@@ -29,7 +29,7 @@ from .net import LabError, netns_exec
 READY_TIMEOUT = 60.0
 
 
-def workload_spec(lab: Lab, drain: float = 2.0) -> WorkloadSpec:
+def workload_spec(lab: Lab, drain: float = 2.0, ledger: bool = False) -> WorkloadSpec:
     sc = lab.scenario
     target = BrokerTarget(lab.broker_host.address, sc.ports.as_dict(), lab.cafile)
     return WorkloadSpec(
@@ -39,6 +39,7 @@ def workload_spec(lab: Lab, drain: float = 2.0) -> WorkloadSpec:
         qos=sc.qos,
         drain=drain,
         reconnect_delay=sc.reconnect_delay,
+        ledger=ledger,
     ).validate()
 
 
@@ -156,6 +157,7 @@ def run_scenario(
     on_ready: Callable[[Lab], None] | None = None,
     on_lab: Callable[[Lab], None] | None = None,
     workdir: Path | None = None,
+    ledger: bool = False,
 ) -> dict[str, Any]:
     """Bring the lab up, run the clients, do the scenario's migrations, tear it all down.
 
@@ -164,6 +166,8 @@ def run_scenario(
     ``on_ready`` is called once the clients run, before the first migration, and ``on_lab``
     after the last one, both while the lab is up (tests use them to look at the broker).
     ``workdir`` (an empty directory) keeps the workload's spec, logs and results.
+    ``ledger``: the clients account in bounded memory (:mod:`migration.ledger`), for runs
+    of hours.
     Returns ``{"scenario", "migrations": [...with per-client figures...], "clients": [raw
     workload traces]}``.
     """
@@ -180,7 +184,8 @@ def run_scenario(
             lab.up(image)
             # Under loss, retransmissions (paho's especially) need longer to settle.
             drain = 6.0 if scenario.loss else 2.0
-            workload = WorkloadGroup(workload_spec(lab, drain), Path(tmp), scenario.processes)
+            spec = workload_spec(lab, drain, ledger)
+            workload = WorkloadGroup(spec, Path(tmp), scenario.processes)
             say(f"{len(scenario.clients)} clients publishing {scenario.rate:g} msg/s each at "
                 f"QoS {scenario.qos}")  # fmt: skip
             if on_ready is not None:

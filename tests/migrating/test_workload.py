@@ -324,11 +324,12 @@ def test_spec_round_trips_through_json_and_rejects_nonsense() -> None:
     }  # fmt: skip
     parsed = WorkloadSpec.from_dict(issue_example)
     assert parsed.topic(parsed.clients[0]) == "qmig/lab/quic-proactive"
-    # Every client gains its library ("qmig" unless the spec says "paho").
-    clients = [{**c, "library": "qmig"} for c in issue_example["clients"]]
-    # ...and the default retry schedule of the reconnecting clients.
+    # Every client gains its library ("qmig" unless the spec says "paho") and its own QoS
+    # (None: the spec's)...
+    clients = [{**c, "library": "qmig", "qos": None} for c in issue_example["clients"]]
+    # ...and the default retry schedule of the reconnecting clients, full traces.
     assert parsed.to_dict() == {**issue_example, "clients": clients,
-                                "reconnect_delay": (0.05, 0.5)}  # fmt: skip
+                                "reconnect_delay": (0.05, 0.5), "ledger": False}  # fmt: skip
     fixed = WorkloadSpec.from_dict({**issue_example, "reconnect_delay": [0.02, 0.02]})
     assert fixed.reconnect_delay == (0.02, 0.02)
     assert WorkloadSpec.from_json(fixed.to_json()) == fixed
