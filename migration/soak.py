@@ -8,9 +8,9 @@ broker is live-migrated to the next edge host in turn (A to B to C to A...), wit
 method the machine has (pre-copy where the kernel lets it, else cold).  The clients account
 in bounded memory (:mod:`migration.ledger`), so an hour costs them what a minute does.
 
-It prints, per migration, the method, the downtime, lost and duplicated messages and the
-QUIC clients that handshook again; the broker's RSS over time (sampled from ``/proc`` every
-``--sample`` seconds); and a verdict.  It fails (exit status 1) on any lost message, any
+It prints, per migration, the method, the broker's freeze (its own view), lost and
+duplicated messages and the QUIC clients that handshook again; the broker's RSS over time
+(sampled from ``/proc`` every ``--sample`` seconds); and a verdict.  It fails (exit status 1) on any lost message, any
 QoS 2 duplicate, any QUIC re-handshake, a migration that rolled back, or RSS growth of more
 than ``--max-growth`` (10 %) from the end of the warm-up (the first ``--warmup`` migrations)
 to the end of the run.  ``--json FILE`` keeps every figure.  Not part of ``make test``.
@@ -32,7 +32,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from measure import percentile
 from migration.scenario import ClientSpec, Scenario
 
 STRATEGIES = ("proactive", "reactive", "pool", "announce")
@@ -146,13 +145,18 @@ def rss_growth(
 
 # ---------------------------------------------------------------------- figures
 def migration_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per migration: where, how, downtime, and what the clients saw, by transport/QoS."""
+    """Per migration: where, how, the broker's freeze, and what the clients saw.
+
+    No interruption figures: at 1,000 msg/s on a small machine the clients' processes fall
+    behind while a move takes the CPU, so their delivery times lag the network by up to a
+    second; ``make demo`` and ``qmig bench migration`` measure interruption with light
+    clients.
+    """
     qos = {c["name"]: c.get("qos") for c in result["clients"]}
     rows = []
     for index, migration in enumerate(result["migrations"], 1):
         clients = migration["clients"]
         quic = [c for c in clients if c["transport"] == "quic"]
-        extra = [float(c["extra_ms"]) for c in quic if c.get("extra_ms") is not None]
         rows.append({
             "move": index,
             "to": migration.get("to"),
@@ -165,8 +169,6 @@ def migration_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             "duplicates_qos2": sum(c["duplicates"] for c in clients if qos[c["name"]] == 2),
             "quic_rehandshakes": sum(c["reconnects"] for c in quic),
             "tcp_reconnects": sum(c["reconnects"] for c in clients if c["transport"] != "quic"),
-            "quic_extra_p50_ms": percentile(extra, 50),
-            "quic_extra_max_ms": max(extra) if extra else None,
             "resume_at": migration.get("resume_at"),
         })  # fmt: skip
     return rows
@@ -194,16 +196,14 @@ def verdict(rows: Sequence[dict[str, Any]], rss: dict[str, Any], max_growth: flo
 def print_report(console: Console, rows: list[dict[str, Any]], rss: dict[str, Any],
                  samples: list[tuple[float, float]], failures: list[str]) -> None:  # fmt: skip
     table = Table(title="qmig soak: one row per live migration")
-    for column in ("#", "to", "method", "downtime ms", "lost", "dup QoS1", "dup QoS2",
-                   "QUIC re-handshakes", "TCP reconnects", "QUIC extra p50 / max ms"):  # fmt: skip
+    for column in ("#", "to", "method", "frozen ms", "lost", "dup QoS 1", "dup QoS 2",
+                   "QUIC re-handshakes", "TCP reconnects"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in rows:
-        extra = f"{_num(r['quic_extra_p50_ms'])} / {_num(r['quic_extra_max_ms'])}"
         method = str(r["method"]) + ("" if r["ok"] else " (rolled back)")
-        table.add_row(str(r["move"]), str(r["to"]), method,
-                      _num(r["downtime_ms"]), str(r["lost"]), str(r["duplicates_qos1"]),
-                      str(r["duplicates_qos2"]), str(r["quic_rehandshakes"]),
-                      str(r["tcp_reconnects"]), extra)  # fmt: skip
+        table.add_row(str(r["move"]), str(r["to"]), method, _num(r["downtime_ms"]),
+                      str(r["lost"]), str(r["duplicates_qos1"]), str(r["duplicates_qos2"]),
+                      str(r["quic_rehandshakes"]), str(r["tcp_reconnects"]))  # fmt: skip
     console.print(table)
     if samples:
         start = samples[0][0]
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-growth", type=float, default=0.10)
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 110)
 
     from migration.image import ensure_image
     from migration.lab.lab import BROKER_ETC

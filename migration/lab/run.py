@@ -186,8 +186,9 @@ def run_scenario(
             drain = 6.0 if scenario.loss else 2.0
             spec = workload_spec(lab, drain, ledger)
             workload = WorkloadGroup(spec, Path(tmp), scenario.processes)
+            levels = "/".join(str(q) for q in sorted({spec.qos_of(c) for c in spec.clients}))
             say(f"{len(scenario.clients)} clients publishing {scenario.rate:g} msg/s each at "
-                f"QoS {scenario.qos}")  # fmt: skip
+                f"QoS {levels}")  # fmt: skip
             if on_ready is not None:
                 on_ready(lab)
             time.sleep(scenario.settle)
