@@ -215,7 +215,7 @@ def print_report(console: Console, rows: list[dict[str, Any]], rss: dict[str, An
                   f"{_num(rss.get('end_mb'), 1)} MB, growth {growth}")  # fmt: skip
     downtimes = [r["downtime_ms"] for r in rows if r["downtime_ms"] is not None]
     if downtimes:
-        console.print(f"downtime median {statistics.median(downtimes):.0f} ms, "
+        console.print(f"frozen: median {statistics.median(downtimes):.0f} ms, "
                       f"max {max(downtimes):.0f} ms over {len(rows)} migrations")  # fmt: skip
     if failures:
         console.print("[red]soak FAILED: " + "; ".join(failures) + "[/]")
