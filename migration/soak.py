@@ -10,10 +10,11 @@ in bounded memory (:mod:`migration.ledger`), so an hour costs them what a minute
 
 It prints, per migration, the method, the broker's freeze (its own view), lost and
 duplicated messages and the QUIC clients that handshook again; the broker's RSS over time
-(sampled from ``/proc`` every ``--sample`` seconds); and a verdict.  It fails (exit status 1) on any lost message, any
-QoS 2 duplicate, any QUIC re-handshake, a migration that rolled back, or RSS growth of more
-than ``--max-growth`` (10 %) from the end of the warm-up (the first ``--warmup`` migrations)
-to the end of the run.  ``--json FILE`` keeps every figure.  Not part of ``make test``.
+(sampled from ``/proc`` every ``--sample`` seconds); and a verdict.  It fails (exit
+status 1) on any lost message, any QoS 2 duplicate, any QUIC re-handshake, a migration
+that rolled back, or RSS growth of more than ``--max-growth`` (10 %) from the end of the
+warm-up (the first ``--warmup`` migrations) to the end of the run.  ``--json FILE`` keeps
+every figure.  Not part of ``make test``.
 """
 
 from __future__ import annotations
