@@ -186,7 +186,8 @@ class Client:
         self._previous: tuple[str, int] | None = None
         # How a QUIC connection follows a migrating broker (see quicmig.follower).
         self.follower = Follower(Strategy(follow)) if transport == "quic" else None
-        self.moves: list[tuple[float, Address]] = []
+        self.moves: list[tuple[float, Address]] = []  # the latest max_moves moves
+        self.max_moves = 64  # bounded for a client that lives through a move a minute
         # Observers' hook (measurement, logs): called with ("connected", "host:port") when a
         # CONNACK accepts a connection and ("lost", reason) when one is lost unasked.
         self.on_connection: Callable[[str, str], None] | None = None
@@ -495,6 +496,7 @@ class Client:
     def _on_migrated(self, address: Address) -> None:
         log.info("QUIC connection follows the broker to %s", address)
         self.moves.append((time.monotonic(), address))
+        del self.moves[: -self.max_moves]
         if (address.host, address.port) != (self.host, self.port):
             # where a reconnect falls back to if the new address falls silent (a rollback)
             self._previous = (self.host, self.port)

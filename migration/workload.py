@@ -241,7 +241,8 @@ class TracedClient(Client):
         self.clock = clock
         self.events: list[list[Any]] = []  # [event, wall time, detail]
         self.on_connection = self._note
-        if self.follower is not None:  # the report wants every move of a long run (soak)
+        self.max_moves = TRACED_MIGRATIONS  # the report wants every move of a long run
+        if self.follower is not None:
             self.follower.max_records = TRACED_MIGRATIONS
 
     def _note(self, event: str, detail: str) -> None:

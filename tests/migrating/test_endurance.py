@@ -104,6 +104,7 @@ async def test_over_a_hundred_consecutive_migrations_keep_every_client_and_every
         assert last_server["max_paths"] <= first_server["max_paths"] + 1
         assert last_server["max_sent_packets"] < 200, last_server
         assert all(after["records"] <= 64 for after in last_client)  # follower.max_records
+        assert all(len(client.moves) <= 64 for client in harness.clients)  # client.max_moves
         migration = harness.server.migration  # type: ignore[union-attr]
         assert migration.outcomes["restored"] == MOVES  # counted, every one of them...
         assert len(migration.history) <= 100  # ...but only the latest are kept
