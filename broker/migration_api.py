@@ -146,7 +146,7 @@ class MigrationAPI:
             self._acknowledged.set()
 
     def _settle_all(self) -> None:
-        """The freeze is over: no announcement is worth waiting for any more."""
+        """Nothing to wait for any more (a new notice, or the freeze is over)."""
         self._unacknowledged = weakref.WeakSet()
         self._acknowledged.set()
 
@@ -240,7 +240,7 @@ class MigrationAPI:
         self.state = "prepared"
         frame = ServerMigration(self.sequence, dest)
         told = 0
-        self._unacknowledged = weakref.WeakSet()
+        self._settle_all()  # an earlier notice is superseded
         for proto in list(self.server.quic_protocols):
             if self._quic(proto).send_migration_frame(frame):
                 self._unacknowledged.add(proto)
@@ -248,8 +248,6 @@ class MigrationAPI:
                 told += 1
         if self._unacknowledged:
             self._acknowledged.clear()
-        else:
-            self._acknowledged.set()
         log.info("prepare: told %d QUIC clients about %s (sequence %d)", told, dest, frame.sequence)
         return {"sequence": self.sequence, "destination": str(dest), "quic_notified": told}
 

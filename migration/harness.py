@@ -30,6 +30,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -117,6 +118,11 @@ class _LossyEndpoint(asyncio.DatagramProtocol):
         self.quic_server.batch_ended()
 
 
+def qos_of(seq: int) -> int:
+    """The QoS a harness client publishes message ``seq`` at: 1 and 2 in turn."""
+    return 1 if seq % 2 else 2
+
+
 @dataclass
 class ClientStats:
     name: str
@@ -124,6 +130,15 @@ class ClientStats:
     sent: dict[int, float] = field(default_factory=dict)  # seq -> publish time
     received: list[tuple[int, float]] = field(default_factory=list)  # (seq, time)
     acked: int = 0
+
+    def missing(self) -> list[int]:
+        """Messages published that never arrived (after :meth:`Harness.drain`: lost)."""
+        return sorted(set(self.sent) - {seq for seq, _ in self.received})
+
+    def qos2_duplicates(self) -> list[int]:
+        """QoS 2 messages that arrived more than once."""
+        counts = Counter(seq for seq, _ in self.received if qos_of(seq) == 2)
+        return sorted(seq for seq, n in counts.items() if n > 1)
 
     def interruption(self, start: float, end: float) -> float | None:
         """Largest gap between deliveries that spans [start, end] (seconds)."""
@@ -280,8 +295,7 @@ class Harness:
         while not self._stop.is_set() and not self._quiet:
             seq += 1
             stats.sent[seq] = time.monotonic()
-            qos = 1 if seq % 2 else 2
-            self._spawn(self._publish_one(client, stats, seq, qos))
+            self._spawn(self._publish_one(client, stats, seq, qos_of(seq)))
             await asyncio.sleep(max(0.0, start + seq / rate - time.monotonic()))
 
     async def drain(self, timeout: float = 5.0) -> None:
@@ -290,7 +304,7 @@ class Harness:
         self._quiet = True
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(set(st.sent) <= {seq for seq, _ in st.received} for st in self.stats):
+            if not any(st.missing() for st in self.stats):
                 return
             await asyncio.sleep(0.05)
 

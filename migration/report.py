@@ -88,45 +88,9 @@ def client_figures(
     ``end=None`` every sent message counts (the workload drains before it stops, so any
     message it did not receive was lost).
     """
-    if client.get("ledger"):
-        return _ledger_figures(client, freeze_at, resume_at, end, window, margin)
-    received = [(int(s), float(t)) for s, t in client.get("received", ())]
-    gap = interruption((t for _, t in received), freeze_at, resume_at)
     cutoff = None if end is None else end - margin
-    sent = {int(s) for s, t in client.get("sent", ())
-            if _in(t, window) and (cutoff is None or t < cutoff)}  # fmt: skip
-    in_window = {int(s) for s, t in client.get("sent", ()) if _in(t, window)}
-    got = {s for s, _ in received}
-    counts = Counter(s for s, _ in received if s in in_window)
-    figures: dict[str, Any] = {
-        "name": client.get("name"),
-        "transport": client.get("transport"),
-        "strategy": client.get("strategy"),
-        "interruption_ms": _ms(gap),
-        "extra_ms": _ms(None if gap is None else gap - (resume_at - freeze_at)),
-        "lost": len(sent - got),
-        "duplicates": sum(counts.values()) - len(counts),
-        "reconnects": _reconnects(client, window),
-    }
-    figures.update(_path_figures(client, window, resume_at))
-    return figures
-
-
-def _ledger_figures(
-    client: dict[str, Any],
-    freeze_at: float,
-    resume_at: float,
-    end: float | None,
-    window: Window,
-    margin: float,
-) -> dict[str, Any]:
-    """client_figures for a client that kept a ledger (migration.ledger): the same rules,
-    with duplicates charged to the window they *arrived* in (a ledger keeps no send time
-    for a message that arrived)."""
-    gap = segments_interruption(client["segments"], client["gap"], freeze_at, resume_at)
-    cutoff = None if end is None else end - margin
-    lost = sum(1 for _, t in client["unreceived"]
-               if _in(t, window) and (cutoff is None or t < cutoff))  # fmt: skip
+    counts = _ledger_counts if client.get("ledger") else _trace_counts
+    gap, lost, duplicates = counts(client, freeze_at, resume_at, window, cutoff)
     figures: dict[str, Any] = {
         "name": client.get("name"),
         "transport": client.get("transport"),
@@ -134,11 +98,39 @@ def _ledger_figures(
         "interruption_ms": _ms(gap),
         "extra_ms": _ms(None if gap is None else gap - (resume_at - freeze_at)),
         "lost": lost,
-        "duplicates": sum(1 for _, t in client["duplicates"] if _in(t, window)),
+        "duplicates": duplicates,
         "reconnects": _reconnects(client, window),
     }
     figures.update(_path_figures(client, window, resume_at))
     return figures
+
+
+def _trace_counts(
+    client: dict[str, Any], freeze_at: float, resume_at: float, window: Window,
+    cutoff: float | None,
+) -> tuple[float | None, int, int]:  # fmt: skip
+    """(interruption, lost, duplicates) from a client's full traces."""
+    received = [(int(s), float(t)) for s, t in client.get("received", ())]
+    gap = interruption((t for _, t in received), freeze_at, resume_at)
+    sent = {int(s) for s, t in client.get("sent", ())
+            if _in(t, window) and (cutoff is None or t < cutoff)}  # fmt: skip
+    in_window = {int(s) for s, t in client.get("sent", ()) if _in(t, window)}
+    got = {s for s, _ in received}
+    counts = Counter(s for s, _ in received if s in in_window)
+    return gap, len(sent - got), sum(counts.values()) - len(counts)
+
+
+def _ledger_counts(
+    client: dict[str, Any], freeze_at: float, resume_at: float, window: Window,
+    cutoff: float | None,
+) -> tuple[float | None, int, int]:  # fmt: skip
+    """The same from a client that kept a ledger (migration.ledger), with duplicates
+    charged to the window they *arrived* in (a ledger keeps no send time for a message
+    that arrived)."""
+    gap = segments_interruption(client["segments"], client["gap"], freeze_at, resume_at)
+    lost = sum(1 for _, t in client["unreceived"]
+               if _in(t, window) and (cutoff is None or t < cutoff))  # fmt: skip
+    return gap, lost, sum(1 for _, t in client["duplicates"] if _in(t, window))
 
 
 def _reconnects(client: dict[str, Any], window: Window) -> int:

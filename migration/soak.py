@@ -259,11 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     moves = max(2, int(args.duration // args.interval))
     method = args.method
     if method == "best":
-        from migration.lab.precopy import support
+        from migration.lab.precopy import best_method
 
-        why_not = support()
-        method = "cold" if why_not else "precopy"
-        console.print(f"method: {method}" + (f" ({why_not})" if why_not else ""))
+        method, how = best_method()
+        console.print(f"method: {method} ({how})")
     base = Scenario.load("demo")
     scenario = base.replace(
         name="soak",

@@ -365,11 +365,9 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
     scenario = Scenario.load(getattr(args, "scenario", "demo"))
     method = getattr(args, "method", None) or "best"
     if method == "best":
-        from migration.lab.precopy import support
+        from migration.lab.precopy import best_method
 
-        why_not = support()
-        method = "cold" if why_not else "precopy"
-        how = why_not or "live rounds while the broker serves; only changed pages at the freeze"
+        method, how = best_method()
         console.print(f"method: {method} ({how})")
     try:
         scenario = scenario.replace(method=method)

@@ -75,6 +75,15 @@ def support() -> str | None:
     return None
 
 
+def best_method() -> tuple[str, str]:
+    """The method that freezes the broker least here, and why: pre-copy where it can run,
+    else cold (``make demo`` and ``make soak`` use it)."""
+    why_not = support()
+    if why_not:
+        return "cold", why_not
+    return "precopy", "live rounds while the broker serves; only changed pages at the freeze"
+
+
 # ---------------------------------------------------------------------- reading live memory
 def container_processes(init_pid: int) -> list[tuple[int, int]]:
     """(host pid, pid inside the container) of every process in ``init_pid``'s pid namespace."""

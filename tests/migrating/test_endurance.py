@@ -86,11 +86,8 @@ async def test_over_a_hundred_consecutive_migrations_keep_every_client_and_every
         await harness.drain(timeout=10.0)
         assert [client._stream for client in harness.clients] == streams  # no new handshake
         for stats in harness.stats:
-            got = [seq for seq, _ in stats.received]
-            missing = set(stats.sent) - set(got)
-            assert not missing, f"{stats.name} lost {sorted(missing)}"
-            qos2 = [seq for seq in got if seq % 2 == 0]
-            assert len(qos2) == len(set(qos2)), f"{stats.name}: a QoS 2 message arrived twice"
+            assert not stats.missing(), f"{stats.name} lost {stats.missing()}"
+            assert not stats.qos2_duplicates(), f"{stats.name}: a QoS 2 message arrived twice"
         # Nothing kept per move grows with the number of moves.
         last_client, last_server = _client_state(harness), _server_state(harness)
         for before, after, client in zip(first_client, last_client, harness.clients, strict=True):
