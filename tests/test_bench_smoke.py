@@ -179,3 +179,49 @@ def test_connect_figures_per_connector_count(tmp_path: Path) -> None:
     for n in (1, 2, 3):
         assert f"Connect+subscribe /s ({n} connectors)" in proc.stderr
         assert f"broker CPU ms/conn ({n})" in proc.stderr
+
+
+@pytest.mark.timeout(150)
+def test_persistent_session_figure_journals_its_sessions(tmp_path: Path) -> None:
+    """Issue #18: QoS 1 with persistent sessions against the durable broker, beside the plain
+    one, with the persistence cost as a goal; the store really held those sessions."""
+    import sqlite3
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qmig.benchmarks.broker",
+            "--quick",
+            "--brokers",
+            "qmig,qmig-persist",
+            "--only",
+            "qos1,qos1-persistent",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--json",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=140,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    for name in ("qmig", "qmig-persist"):
+        res = report["brokers"][name]
+        assert res["available"] and not res.get("errors"), res
+        assert res["qos1_persistent_msg_s"] > 0 and res["lost"]["qos1-persistent"] == 0, res
+    for key in ("qos1_msg_s", "qos1_persistent_msg_s"):
+        goal = report["goals"][f"persistence_cost_{key}"]
+        assert goal["ratio"] is not None and goal["ratio"] > 0, goal
+    assert "persistent sessions" in proc.stderr
+    sessions = []  # per durable broker (one per test), after it stopped
+    for db in sorted(tmp_path.rglob("qmig.db")):
+        with sqlite3.connect(db) as conn:
+            sessions.append({row[0] for row in conn.execute("SELECT client_id FROM sessions")})
+    assert sorted(sessions, key=len) == [set(), {"bench-pub", "bench-sub0-0"}], sessions

@@ -33,7 +33,9 @@ from .brokers import (
 )
 from .loadgen import Worker, raise_nofile
 
-TESTS = ("qos0", "qos1", "fanout", "latency", "connect", "rss")
+TESTS = ("qos0", "qos1", "qos1-persistent", "fanout", "latency", "connect", "rss")
+"""qos1-persistent: the QoS 1 test with persistent sessions (clean session 0), so a durable
+broker journals every message queued or in flight to the subscriber (issue #18)."""
 _SATURATED_PCT = 85.0
 _NOISY_PCT = 20.0
 _GO_LEAD_S = 0.3
@@ -247,8 +249,10 @@ def _pubsub(
     subscribers: int = 1,
     sub_processes: int = 1,
     rate: float | None = None,
+    persistent: bool = False,
 ) -> dict[str, Any]:
-    """One publisher process against subscriber process(es) on one topic."""
+    """One publisher process against subscriber process(es) on one topic; ``persistent``:
+    every client's session outlives its connection (clean session 0)."""
     topic = "bench/t"
     latency = rate is not None
     workers: list[Worker] = []
@@ -267,6 +271,7 @@ def _pubsub(
                 client_id=f"bench-sub{k}",
                 latency=latency,
                 read_interval_s=interval,
+                persistent=persistent,
             )
             if subscribers > 1:
                 spec["drain_max_s"] = s.fanout_drain_max_s
@@ -287,6 +292,7 @@ def _pubsub(
                 window=s.window,
                 rate=rate,
                 client_id="bench-pub",
+                persistent=persistent,
             ),
             s.log_dir,
         )
@@ -441,14 +447,15 @@ def _rounded(out: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_test(name: str, test: str, b: RunningBroker, s: Settings, out: dict[str, Any]) -> None:
-    if test in ("qos0", "qos1", "fanout", "latency"):
+    if test in ("qos0", "qos1", "qos1-persistent", "fanout", "latency"):
         r = _pubsub(
             b,
             s,
-            qos=1 if test == "qos1" else 0,
+            qos=1 if test.startswith("qos1") else 0,
             subscribers=s.fanout_subscribers if test == "fanout" else 1,
             sub_processes=s.fanout_processes if test == "fanout" else 1,
             rate=s.latency_rate if test == "latency" else None,
+            persistent=test == "qos1-persistent",
         )
         out.setdefault("messages", {})[test] = {
             k: r[k] for k in ("sent", "received", "lost", "duplicates")
@@ -464,6 +471,13 @@ def _run_test(name: str, test: str, b: RunningBroker, s: Settings, out: dict[str
         out["qos1_duplicates"] = r["duplicates"]
         _log(
             f"[{name}] qos1: {r['rate']:,.0f} msg/s, lost {r['lost']}; "
+            f"saturates: {r['cpu']['saturates']}"
+        )
+    elif test == "qos1-persistent":
+        out["qos1_persistent_msg_s"], out["lost"][test] = r["rate"], r["lost"]
+        out["cpu"][test] = r["cpu"]
+        _log(
+            f"[{name}] qos1, persistent sessions: {r['rate']:,.0f} msg/s, lost {r['lost']}; "
             f"saturates: {r['cpu']['saturates']}"
         )
     elif test == "fanout":
@@ -538,6 +552,7 @@ P99_CEILING_MS = 1.5
 # Issue #3: the same over QUIC (load generator speaking MQTT over QUIC to qmig).
 QUIC_QOS0_FLOOR = 15_000
 QUIC_P99_CEILING_MS = 1.5
+PERSISTENCE_COST = 0.30  # issue #18
 
 
 def _figure(res: dict[str, Any], key: str) -> float | None:
@@ -593,6 +608,18 @@ def _goals(brokers: dict[str, Any]) -> dict[str, Any]:
         "qmig-quic": p99,
         "met": None if p99 is None else p99 <= QUIC_P99_CEILING_MS,
     }
+    # Issue #18: the durable store in its default (batch) mode costs at most 30 % of QoS 1.
+    plain, durable = brokers.get("qmig", {}), brokers.get("qmig-persist", {})
+    for key in ("qos1_msg_s", "qos1_persistent_msg_s"):
+        pv, dv = _figure(plain, key), _figure(durable, key)
+        kept = round(dv / pv, 3) if pv and dv is not None else None
+        goals[f"persistence_cost_{key}"] = {
+            "target": f"qmig-persist >= {1 - PERSISTENCE_COST:.0%} of qmig",
+            "qmig": pv,
+            "qmig-persist": dv,
+            "ratio": kept,
+            "met": None if kept is None else kept >= 1 - PERSISTENCE_COST,
+        }
     return goals
 
 
@@ -620,6 +647,7 @@ _ROWS: list[tuple[str, str, str]] = [
     # label, figure key, format
     ("QoS 0 msg/s (1→1)", "qos0_msg_s", "{:,.0f}"),
     ("QoS 1 msg/s (1→1, window 100)", "qos1_msg_s", "{:,.0f}"),
+    ("  persistent sessions", "qos1_persistent_msg_s", "{:,.0f}"),
     ("Fan-out deliveries/s (1→10)", "fanout_deliveries_s", "{:,.0f}"),
     ("Latency p50 ms (200 msg/s)", "latency_p50_ms", "{:.3f}"),
     ("Latency p99 ms", "latency_p99_ms", "{:.3f}"),
@@ -676,10 +704,11 @@ def render_table(report: dict[str, Any], file: Any) -> None:
             label = f"RSS with {'/'.join(str(c) for c in clients if c) or 'N'} clients MB"
         table.add_row(label, *[cell(n, key, fmt) for n in names], *([ratio] if show_ratio else []))
     table.add_row(
-        "Lost qos0 / qos1 / latency",
+        "Lost qos0 / qos1 / persistent / latency",
         *[
             " / ".join(
-                str((res[n].get("lost") or {}).get(t, "-")) for t in ("qos0", "qos1", "latency")
+                str((res[n].get("lost") or {}).get(t, "-"))
+                for t in ("qos0", "qos1", "qos1-persistent", "latency")
             )
             if res[n].get("available")
             else "—"

@@ -71,10 +71,16 @@ _CONNECT_PARALLEL = 50
 DISCONNECT = encode(Disconnect(), MQTT_3_1_1)
 
 
-def connect_packet(client_id: str, keep_alive: int = 60) -> bytes:
-    """CONNECT with a clean session: benchmark clients never resume state."""
+def connect_packet(client_id: str, keep_alive: int = 60, persistent: bool = False) -> bytes:
+    """CONNECT, with a clean session unless ``persistent`` (the broker then keeps, and a
+    durable broker journals, every message queued or in flight to it)."""
     return encode(
-        Connect(client_id=client_id, protocol_version=MQTT_3_1_1, keep_alive=keep_alive),
+        Connect(
+            client_id=client_id,
+            protocol_version=MQTT_3_1_1,
+            keep_alive=keep_alive,
+            clean_start=not persistent,
+        ),
         MQTT_3_1_1,
     )
 
@@ -170,10 +176,12 @@ class _Conn(asyncio.Protocol):
         elif isinstance(packet, Suback) and not self.suback.done():
             self.suback.set_result(packet)
 
-    async def handshake(self, client_id: str, topic: str | None, qos: int, timeout: float) -> None:
+    async def handshake(
+        self, client_id: str, topic: str | None, qos: int, timeout: float, persistent: bool = False
+    ) -> None:
         """CONNECT (+ SUBSCRIBE) and wait for the acks; raises if the broker refuses."""
         assert self.transport is not None
-        self.transport.write(connect_packet(client_id))
+        self.transport.write(connect_packet(client_id, persistent=persistent))
         connack = await asyncio.wait_for(self.connack, timeout)
         if connack.reason_code:
             raise ConnectionError(f"CONNACK refused: {connack.reason_code}")
@@ -641,7 +649,8 @@ async def _role_sub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
     conns: list[SubConn] = []
     for k in range(spec.get("connections", 1)):
         conn = await _open(lambda: SubConn(latency, interval), spec["host"], spec["port"], 10)
-        await conn.handshake(f"{spec['client_id']}-{k}", spec["topic"], spec["qos"], 10)
+        await conn.handshake(f"{spec['client_id']}-{k}", spec["topic"], spec["qos"], 10,
+                             spec.get("persistent", False))  # fmt: skip
         conns.append(conn)
     emit({"event": "ready"})
     go = await ctl.go
@@ -698,7 +707,7 @@ async def _role_pub(spec: dict[str, Any], ctl: _Control) -> dict[str, Any]:
     conn: PubConn = await _open(
         lambda: PubConn(spec["topic"], qos, spec.get("window", 100)), spec["host"], spec["port"], 10
     )
-    await conn.handshake(spec["client_id"], None, 0, 10)
+    await conn.handshake(spec["client_id"], None, 0, 10, spec.get("persistent", False))
     emit({"event": "ready"})
     go = await ctl.go
     await asyncio.sleep(max(0.0, go["start"] - loop.time()))
