@@ -157,3 +157,77 @@ def test_a_truncated_round_file_is_refused(tmp_path: Path, child) -> None:
     (tmp_path / "cut").write_bytes(data[: len(data) // 2])
     with pytest.raises(precopy.PrecopyError, match="ends early"):
         precopy.load_round(tmp_path / "cut", {})
+
+
+# ---------------------------------------------------------------------- the store's files
+STORE = "var/lib/qmig"
+
+
+def _store(root: Path, files: dict[str, bytes]) -> precopy.StoreFiles:
+    for name, body in files.items():
+        (root / STORE).mkdir(parents=True, exist_ok=True)
+        (root / STORE / name).write_bytes(body)
+    return precopy.StoreFiles(root, ("/" + STORE,))
+
+
+def test_rounds_ship_a_store_file_once_then_only_its_changed_tail(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    db, wal = os.urandom(10 * precopy.BLOCK), os.urandom(3 * precopy.BLOCK + 100)
+    files = _store(root, {"qmig.db": db, "qmig.db-wal": wal})
+    held: precopy.Copy = {}
+    blocks: precopy.Blocks = {}
+    first = precopy.live_round([], held, tmp_path / "r1", files, blocks)
+    assert first.file_bytes_sent == len(db) + len(wal) == first.bytes_sent
+    assert precopy.live_round([], held, tmp_path / "r2", files, blocks).file_bytes_sent == 0
+    with open(root / STORE / "qmig.db-wal", "ab") as f:  # a commit appends to the WAL
+        f.write(os.urandom(precopy.BLOCK))
+    third = precopy.live_round([], held, tmp_path / "r3", files, blocks)
+    assert third.file_bytes_sent == precopy.BLOCK + 100  # the partial block and the new one
+    dest: precopy.Blocks = {}
+    for name in ("r1", "r2", "r3"):
+        precopy.load_round(tmp_path / name, {}, dest)
+    assert dest == blocks
+    assert dest[(f"{STORE}/qmig.db", 9 * precopy.BLOCK)] == db[-precopy.BLOCK :]
+
+
+def _rootfs_diff(files: dict[str, bytes]) -> bytes:
+    """podman's rootfs-diff.tar: the container's changed files, paths without a leading /."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return out.getvalue()
+
+
+def test_the_delta_leaves_out_held_store_blocks_and_the_rebuild_is_exact(tmp_path: Path) -> None:
+    base = 0x7F0000000000
+    plist = [os.urandom(PAGE_SIZE) for _ in range(4)]
+    _export_tar(tmp_path / "export.tar", {1: plist}, base)
+    db, wal = os.urandom(64 * precopy.BLOCK), os.urandom(8 * precopy.BLOCK + 24)
+    blocks: precopy.Blocks = {}
+    precopy.live_round([], {}, tmp_path / "r1", _store(tmp_path / "root", {
+        "qmig.db": db, "qmig.db-wal": wal[: 5 * precopy.BLOCK]}), blocks)  # fmt: skip
+    blocks[(f"{STORE}/qmig.db", 7 * precopy.BLOCK)] = os.urandom(precopy.BLOCK)  # changed since
+    diff = _rootfs_diff({"etc/hostname": b"edge-a\n", f"{STORE}/qmig.db": db,
+                         f"{STORE}/qmig.db-wal": wal})  # fmt: skip
+    with tarfile.open(tmp_path / "export.tar", "a:") as tar:
+        info = tarfile.TarInfo(precopy.ROOTFS_DIFF)
+        info.size = len(diff)
+        tar.addfile(info, io.BytesIO(diff))
+    original = _members(tmp_path / "export.tar")
+    held = {(1, a): p for a, p in zip(_vaddrs(4, base), plist, strict=True)}
+    stats = precopy.make_delta(tmp_path / "export.tar", held, tmp_path / "delta.tar", blocks)
+    assert stats.file_bytes == len(db) + len(wal)
+    assert stats.file_bytes_from_copy == 63 * precopy.BLOCK + 5 * precopy.BLOCK
+    shipped = _members(tmp_path / "delta.tar")[precopy.ROOTFS_DIFF]
+    assert len(shipped) == len(diff) - stats.file_bytes_from_copy  # the WAL's tail and the rest
+    assert precopy.apply_delta(tmp_path / "delta.tar", held, tmp_path / "rebuilt.tar", blocks) == 4
+    assert _members(tmp_path / "rebuilt.tar") == original
+    wrong = dict(blocks)
+    wrong[(f"{STORE}/qmig.db-wal", 0)] = bytes(precopy.BLOCK)
+    with pytest.raises(precopy.PrecopyError, match="does not match"):
+        precopy.apply_delta(tmp_path / "delta.tar", held, tmp_path / "out.tar", wrong)
+    with pytest.raises(precopy.PrecopyError, match="lacks"):
+        precopy.apply_delta(tmp_path / "delta.tar", held, tmp_path / "out.tar", {})

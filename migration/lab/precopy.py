@@ -24,8 +24,19 @@ A page read while the broker was writing it (a torn read) is harmless: a copied 
 only where the dump's page is byte-identical to it.  What the destination holds is rebuilt
 only from the files that crossed the link, never from the source's memory.
 
-Round file (``QMIGPGS1``): records ``<IQI`` (pid, vaddr, pages) each followed by that many
-4 KiB pages, ended by a record of 0 pages.
+The durable store (issue #18) is pre-copied the same way, as blocks of files: a round also
+reads every regular file under the store's directories through ``/proc/PID/root`` and ships
+the 4 KiB blocks (keyed by the file's path in the container and the block's offset) whose
+bytes the destination lacks.  At the freeze the store is inside podman's ``rootfs-diff.tar``
+member; :func:`make_delta` leaves out each block of a file in it that the destination holds,
+so only what changed since the last round (an SQLite WAL's tail) crosses in the freeze, and
+:func:`apply_delta` rebuilds that member byte for byte, checked against its SHA-256 as pages
+are.
+
+Round file (``QMIGPGS2``): records ``<IQI`` (pid, vaddr, pages) each followed by that many
+4 KiB pages, ended by a record of 0 pages; then records ``<HQI`` (path length, offset, size)
+each followed by the path (UTF-8) and that many bytes of the file, ended by a record of
+path length 0.
 """
 
 from __future__ import annotations
@@ -41,12 +52,15 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .criu_images import PAGE_SIZE, ImageFormatError, Pagemap, pages_member_id, parse_pagemap
 
-MAGIC = b"QMIGPGS1"
+MAGIC = b"QMIGPGS2"
 RECORD = struct.Struct("<IQI")
+FILE_RECORD = struct.Struct("<HQI")
+BLOCK = 4096  # the unit a store file is compared and shipped in (SQLite's page size)
+ROOTFS_DIFF = "rootfs-diff.tar"  # podman's member with the container's changed files
 ROUNDS = 4  # live rounds at most, the last one (just before the freeze) not counted
 STOP_BYTES = 256 * 1024  # a round that ships less than this is the last live one
 MANIFEST = "qmig-precopy.json"
@@ -57,6 +71,8 @@ _SKIP = ("[vsyscall]", "[vvar]", "[vdso]")  # not process memory CRIU dumps as p
 
 PageKey = tuple[int, int]  # (pid inside the container, virtual address)
 Copy = dict[PageKey, bytes]  # what one side holds of the broker's memory
+BlockKey = tuple[str, int]  # (path in the container without the leading /, byte offset)
+Blocks = dict[BlockKey, bytes]  # what one side holds of the store's files
 
 
 class PrecopyError(RuntimeError):
@@ -172,22 +188,60 @@ def memory_sample(processes: Iterable[tuple[int, int]], limit: int, stride: int 
 
 
 @dataclass(frozen=True)
+class StoreFiles:
+    """The files a round pre-copies: every regular file under ``dirs`` (paths in the
+    container) as seen through ``root`` (``/proc/PID/root`` of a process in it)."""
+
+    root: Path
+    dirs: tuple[str, ...]
+
+    def blocks(self) -> Iterator[tuple[BlockKey, bytes]]:
+        """Every block of every file, read while the broker writes them (a torn block is
+        harmless: it is used only where the dump's bytes equal it)."""
+        for d in self.dirs:
+            top = self.root / d.strip("/")
+            for dirpath, _dirs, names in os.walk(top):
+                for name in sorted(names):
+                    path = Path(dirpath) / name
+                    rel = path.relative_to(self.root).as_posix()
+                    try:
+                        if not path.is_file() or path.is_symlink():
+                            continue
+                        with open(path, "rb") as f:
+                            offset = 0
+                            while block := f.read(BLOCK):
+                                yield (rel, offset), block
+                                offset += len(block)
+                    except OSError:
+                        continue  # gone meanwhile: it travels in the freeze
+
+
+@dataclass(frozen=True)
 class RoundStats:
     pages_read: int
     pages_sent: int
+    blocks_read: int = 0
+    file_bytes_sent: int = 0
 
     @property
     def bytes_sent(self) -> int:
-        return self.pages_sent * PAGE_SIZE
+        return self.pages_sent * PAGE_SIZE + self.file_bytes_sent
 
 
-def live_round(processes: Iterable[tuple[int, int]], held: Copy, out: Path) -> RoundStats:
-    """Read the container's memory; write to ``out`` the pages the destination lacks.
+def live_round(
+    processes: Iterable[tuple[int, int]],
+    held: Copy,
+    out: Path,
+    files: StoreFiles | None = None,
+    held_blocks: Blocks | None = None,
+) -> RoundStats:
+    """Read the container's memory (and ``files``); write to ``out`` what the destination
+    lacks.
 
-    ``held`` is what the destination holds once every earlier round arrived; it is updated
-    as if ``out`` arrived too.
+    ``held`` (and ``held_blocks``) is what the destination holds once every earlier round
+    arrived; it is updated as if ``out`` arrived too.
     """
-    read = sent = 0
+    read = sent = blocks_read = file_sent = 0
     with open(out, "wb") as f:
         f.write(MAGIC)
         for pid, vpid in processes:
@@ -199,28 +253,54 @@ def live_round(processes: Iterable[tuple[int, int]], held: Copy, out: Path) -> R
                     f.write(page)
                     sent += 1
         f.write(RECORD.pack(0, 0, 0))
-    return RoundStats(read, sent)
+        if files is not None:
+            if held_blocks is None:
+                raise ValueError("pre-copying files needs held_blocks")
+            for (path, offset), block in files.blocks():
+                blocks_read += 1
+                if held_blocks.get((path, offset)) != block:
+                    held_blocks[(path, offset)] = block
+                    name = path.encode()
+                    f.write(FILE_RECORD.pack(len(name), offset, len(block)))
+                    f.write(name)
+                    f.write(block)
+                    file_sent += len(block)
+        f.write(FILE_RECORD.pack(0, 0, 0))
+    return RoundStats(read, sent, blocks_read, file_sent)
 
 
-def load_round(path: Path, into: Copy) -> int:
-    """Merge a round file (as it crossed the link) into ``into``; pages read."""
+def _read_exact(f: IO[bytes], n: int, name: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise PrecopyError(f"{name} ends early")
+    return data
+
+
+def load_round(path: Path, into: Copy, blocks: Blocks | None = None) -> int:
+    """Merge a round file (as it crossed the link) into ``into`` (pages) and ``blocks``
+    (store files); pages read."""
     got = 0
     with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             raise PrecopyError(f"{path.name} is not a pre-copy round file")
         while True:
-            head = f.read(RECORD.size)
-            if len(head) != RECORD.size:
-                raise PrecopyError(f"{path.name} ends early")
-            vpid, vaddr, pages = RECORD.unpack(head)
+            vpid, vaddr, pages = RECORD.unpack(_read_exact(f, RECORD.size, path.name))
             if pages == 0:
-                return got
-            data = f.read(pages * PAGE_SIZE)
-            if len(data) != pages * PAGE_SIZE:
-                raise PrecopyError(f"{path.name} ends early")
+                break
+            data = _read_exact(f, pages * PAGE_SIZE, path.name)
             for i in range(pages):
                 into[(vpid, vaddr + i * PAGE_SIZE)] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
             got += pages
+        while True:
+            size_name, offset, size = FILE_RECORD.unpack(
+                _read_exact(f, FILE_RECORD.size, path.name)
+            )
+            if size_name == 0:
+                return got
+            name = _read_exact(f, size_name, path.name).decode()
+            block = _read_exact(f, size, path.name)
+            if blocks is not None:
+                blocks[(name, offset)] = block
 
 
 # ---------------------------------------------------------------------- the freeze: the delta
@@ -228,6 +308,8 @@ def load_round(path: Path, into: Copy) -> int:
 class DeltaStats:
     pages: int  # present pages in the dump
     from_copy: int  # of those, left out: the destination has them
+    file_bytes: int = 0  # bytes of pre-copied files in the dump's rootfs archive
+    file_bytes_from_copy: int = 0  # of those, left out: the destination has them
 
     @property
     def shipped(self) -> int:
@@ -273,10 +355,48 @@ def _pagemaps_by_pages_id(tar: tarfile.TarFile) -> dict[int, tuple[int, Pagemap]
     return found
 
 
-def make_delta(export_tar: Path, held: Copy, out_tar: Path) -> DeltaStats:
-    """Copy podman's export tar leaving out every page the destination holds (rule 3)."""
-    pages = from_copy = 0
+@dataclass
+class _Span:
+    """Bytes of a rootfs archive the destination holds: ``length`` bytes at ``at`` in the
+    archive are the bytes of ``path`` from ``offset`` on."""
+
+    at: int
+    length: int
+    path: str
+    offset: int
+
+
+def _held_spans(archive: bytes, blocks: Blocks) -> tuple[int, list[_Span]]:
+    """(bytes of pre-copied files in ``archive``, the spans of them the destination holds)."""
+    known = 0
+    spans: list[_Span] = []
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as inner:
+        for info in inner:
+            path = info.name.removeprefix("./").lstrip("/")
+            if not info.isfile() or (path, 0) not in blocks:
+                continue
+            known += info.size
+            for offset in range(0, info.size, BLOCK):
+                at = info.offset_data + offset
+                body = archive[at : at + min(BLOCK, info.size - offset)]
+                if blocks.get((path, offset)) != body:
+                    continue
+                last = spans[-1] if spans else None
+                if last and last.path == path and last.at + last.length == at:
+                    last.length += len(body)  # contiguous in the archive and in the file
+                else:
+                    spans.append(_Span(at, len(body), path, offset))
+    return known, spans
+
+
+def make_delta(
+    export_tar: Path, held: Copy, out_tar: Path, blocks: Blocks | None = None
+) -> DeltaStats:
+    """Copy podman's export tar leaving out every page the destination holds (rule 3), and
+    every block of a pre-copied file in its rootfs archive that it holds (``blocks``)."""
+    pages = from_copy = file_bytes = file_from_copy = 0
     manifest: dict[str, dict[str, object]] = {}
+    file_manifest: dict[str, dict[str, object]] = {}
     with (
         tarfile.open(export_tar, "r:") as tin,
         tarfile.open(out_tar, "w:", format=tin.format) as tout,
@@ -284,6 +404,23 @@ def make_delta(export_tar: Path, held: Copy, out_tar: Path) -> DeltaStats:
         maps = _pagemaps_by_pages_id(tin)
         for member in tin.getmembers():
             src = tin.extractfile(member) if member.isfile() else None
+            if src is not None and blocks and member.name == ROOTFS_DIFF:
+                archive = src.read()
+                known, spans = _held_spans(archive, blocks)
+                file_bytes += known
+                file_from_copy += sum(span.length for span in spans)
+                file_manifest[member.name] = {
+                    "size": member.size,
+                    "sha256": hashlib.sha256(archive).hexdigest(),
+                    "copied": [[x.at, x.length, x.path, x.offset] for x in spans],
+                }
+                kept, at = [], 0
+                for span in spans:
+                    kept.append(archive[at : span.at])
+                    at = span.at + span.length
+                kept.append(archive[at:])
+                _add(tout, member, b"".join(kept))
+                continue
             pages_id = pages_member_id(member)
             if pages_id is None or src is None:
                 tout.addfile(member, src)
@@ -295,14 +432,14 @@ def make_delta(export_tar: Path, held: Copy, out_tar: Path) -> DeltaStats:
                 raise ImageFormatError(f"{member.name} has {member.size} bytes, its pagemap "
                                        f"says {pm.present_pages * PAGE_SIZE}")  # fmt: skip
             data = src.read()  # whole: bytes slices compare with memcmp, page by page
-            kept: list[bytes] = []
+            kept_pages: list[bytes] = []
             copied: list[tuple[int, int]] = []
             for index, vaddr in enumerate(_pages_of(pm)):
                 page = data[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
                 if held.get((vpid, vaddr)) == page:
                     copied.append((index, vaddr))
                 else:
-                    kept.append(page)
+                    kept_pages.append(page)
             pages += pm.present_pages
             from_copy += len(copied)
             manifest[member.name] = {
@@ -311,16 +448,40 @@ def make_delta(export_tar: Path, held: Copy, out_tar: Path) -> DeltaStats:
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "copied": _runs(copied),
             }
-            _add(tout, member, b"".join(kept))
-        _add(
-            tout, tarfile.TarInfo(MANIFEST), json.dumps({"version": 1, "pages": manifest}).encode()
-        )
-    return DeltaStats(pages, from_copy)
+            _add(tout, member, b"".join(kept_pages))
+        meta = {"version": 2, "pages": manifest, "files": file_manifest}
+        _add(tout, tarfile.TarInfo(MANIFEST), json.dumps(meta).encode())
+    return DeltaStats(pages, from_copy, file_bytes, file_from_copy)
 
 
-def apply_delta(delta: Path, have: Copy, out_tar: Path) -> int:
+def _rebuild_archive(name: str, shipped: bytes, spec: dict[str, Any], blocks: Blocks) -> bytes:
+    """A rootfs archive from its shipped bytes and the destination's blocks of files."""
+    parts: list[bytes] = []
+    at = pos = 0  # where we are in the shipped bytes and in the rebuilt archive
+    for start, length, path, offset in spec["copied"]:
+        gap = start - pos  # shipped bytes up to this span
+        if gap < 0 or at + gap > len(shipped):
+            raise PrecopyError(f"{name}: shipped bytes end early")
+        parts.append(shipped[at : at + gap])
+        at, pos = at + gap, pos + gap
+        got = 0
+        while got < length:
+            block = blocks.get((path, offset + got))
+            if not block:
+                raise PrecopyError(f"{name}: the destination lacks {path} at {offset + got}")
+            parts.append(block[: length - got])
+            got += min(len(block), length - got)
+        pos += length
+    parts.append(shipped[at:])
+    rebuilt = b"".join(parts)
+    if len(rebuilt) != spec["size"] or hashlib.sha256(rebuilt).hexdigest() != spec["sha256"]:
+        raise PrecopyError(f"{name}: the rebuilt archive does not match the dump")
+    return rebuilt
+
+
+def apply_delta(delta: Path, have: Copy, out_tar: Path, blocks: Blocks | None = None) -> int:
     """Rebuild podman's export tar from the shipped delta and ``have``, the destination's copy
-    (rule 4).
+    of the memory, and ``blocks``, its copy of the store's files (rule 4).
 
     Returns the pages taken from the copy.
     """
@@ -335,11 +496,18 @@ def apply_delta(delta: Path, have: Copy, out_tar: Path) -> int:
         except KeyError:
             raise PrecopyError("the shipped checkpoint has no pre-copy manifest") from None
         assert meta is not None
-        manifest = json.loads(meta.read())["pages"]
+        meta_json = json.loads(meta.read())
+        manifest, file_manifest = meta_json["pages"], meta_json.get("files", {})
         for member in tin.getmembers():
             if member.name == MANIFEST:
                 continue
             src = tin.extractfile(member) if member.isfile() else None
+            if src is not None and member.name in file_manifest:
+                archive = _rebuild_archive(
+                    member.name, src.read(), file_manifest[member.name], blocks or {}
+                )
+                _add(tout, member, archive)
+                continue
             spec = manifest.get(member.name)
             if spec is None or src is None:
                 tout.addfile(member, src)

@@ -45,6 +45,8 @@ FIGURES = (
     "downtime_ms",
     "total_ms",
     "link_mb",
+    "freeze_mb",
+    "store_freeze_mb",
     "pages_faulted",
     "p99_before_ms",
     "p99_after_ms",
@@ -125,6 +127,8 @@ def move_figures(migration: dict[str, Any], clients: Sequence[dict[str, Any]]) -
     before, after = degradation(clients, t.get("trigger", 0.0), resume)
     rows = migration.get("clients", [])
     link = migration.get("link_bytes")
+    frozen = migration.get("transfer_bytes")  # what crossed the link in the freeze
+    store = migration.get("store_bytes")  # pre-copy with a durable store: its files in the dump
     return {
         "method": migration.get("method"),
         "ok": bool(migration.get("ok")),
@@ -132,6 +136,10 @@ def move_figures(migration: dict[str, Any], clients: Sequence[dict[str, Any]]) -
         "downtime_ms": migration.get("downtime_ms"),
         "total_ms": migration.get("total_ms"),
         "link_mb": None if link is None else round(link / 1e6, 2),
+        "freeze_mb": None if frozen is None else round(frozen / 1e6, 2),
+        "store_freeze_mb": None
+        if store is None
+        else round((store - migration.get("store_bytes_from_copy", 0)) / 1e6, 3),
         "checkpoint_mb": round(migration.get("checkpoint_bytes", 0) / 1e6, 2),
         "pages_faulted": migration.get("pages_faulted"),
         "precopy_rounds": len(migration.get("precopy_rounds", [])),
@@ -166,7 +174,7 @@ def aggregate(moves: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if key in ("lost", "duplicates"):
                 row[key] = sum(m[key] for m in ms)
             else:
-                row[key] = _median([m[key] for m in ok])
+                row[key] = _median([m.get(key) for m in ok])
         out.append(row)
     return out
 
@@ -242,9 +250,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`; {report['repeats']} move(s) per cell, medians; "
         f"started {report['started']}.",
         "",
-        "| link | state | method | downtime ms | vs cold | total ms | link MB | faulted | "
-        "p99 before / after ms | lost | dup | failed |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| link | state | method | downtime ms | vs cold | total ms | link MB | in freeze MB | "
+        "store in freeze MB | faulted | p99 before / after ms | lost | dup | failed |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def f(v: Any) -> str:
@@ -254,6 +262,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['link']} | {r['state']} | {r['method']} | {f(r['downtime_ms'])} | "
             f"{f(r['vs_cold'])} | {f(r['total_ms'])} | {f(r['link_mb'])} | "
+            f"{f(r.get('freeze_mb'))} | {f(r.get('store_freeze_mb'))} | "
             f"{f(r['pages_faulted'])} | {f(r['p99_before_ms'])} / {f(r['p99_after_ms'])} "
             f"| {r['lost']} | {r['duplicates']} | {r['failed']} |"
         )
