@@ -51,8 +51,10 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy
 
+# PODMAN=per-host: every edge host its own Podman (storage, networks, API) in its own netns.
+PODMAN ?=
 demo: setup image
-	$(VENV_PY) -m qmig demo
+	$(VENV_PY) -m qmig demo $(if $(PODMAN),--podman $(PODMAN))
 
 bench: setup
 	@mkdir -p reports

@@ -41,6 +41,11 @@ PAHO_TRANSPORTS = ("tcp", "tls", "mptcp")  # paho-mqtt has no QUIC
 
 
 METHODS = ("cold", "precopy", "postcopy", "hybrid")  # how a migration moves memory
+# shared: every edge host is a pod of the machine's one Podman; per-host: each edge host has
+# its own Podman (storage, run directory, networks, API service) in its own network namespace
+PODMAN_MODES = ("shared", "per-host")
+UPLINK_BASE = "198.18.20.0/22"  # per-host: edge host i's uplink to the machine is the i-th /30
+BACKHAUL_BASE = "198.18.24.0/22"  # per-host: host i's shaped checkpoint link, the i-th /30
 
 
 class ScenarioError(ValueError):
@@ -156,8 +161,22 @@ class Scenario:
     pool_order: tuple[str, ...] = ()
     client_subnet: str = "198.18.100.0/24"
     link_subnet: str = "198.18.250.0/30"
+    podman: str = "shared"  # PODMAN_MODES
 
     # ------------------------------------------------------------------ queries
+    def uplink_subnet(self, host: Host) -> str:
+        """Per-host Podman: the /30 between the machine (.1) and ``host``'s namespace (.2)."""
+        return self._slot(UPLINK_BASE, host)
+
+    def backhaul_subnet(self, host: Host) -> str:
+        """Per-host Podman: the /30 between the link namespace (.1), which routes between the
+        hosts' checkpoint links, and ``host``'s namespace (.2)."""
+        return self._slot(BACKHAUL_BASE, host)
+
+    def _slot(self, base: str, host: Host) -> str:
+        index = [h.name for h in self.hosts].index(host.name)
+        return str(list(ipaddress.IPv4Network(base).subnets(new_prefix=30))[index])
+
     def host(self, name: str) -> Host:
         for host in self.hosts:
             if host.name == name:
@@ -179,7 +198,13 @@ class Scenario:
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names) or len(names) < 2:
             raise ScenarioError("a scenario needs at least two edge hosts with distinct names")
+        if self.podman not in PODMAN_MODES:
+            raise ScenarioError(f"podman must be one of {', '.join(PODMAN_MODES)}")
+        if self.podman == "per-host" and len(self.hosts) > 256:
+            raise ScenarioError("per-host Podman: at most 256 edge hosts")
         subnets = [*(h.subnet for h in self.hosts), self.client_subnet, self.link_subnet]
+        if self.podman == "per-host":
+            subnets += [UPLINK_BASE, BACKHAUL_BASE]
         nets = [ipaddress.ip_network(s) for s in subnets]
         for net in nets:
             if not (isinstance(net, ipaddress.IPv4Network) and net.subnet_of(LAB_NET)):
@@ -241,6 +266,7 @@ class Scenario:
                 processes=int(data.get("processes", 1)),
                 ports=Ports(**(data.get("ports") or {})),
                 pool_order=tuple(str(n) for n in data.get("pool_order") or ()),
+                podman=str(data.get("podman", "shared")),
             ).validate()
         except (KeyError, TypeError, IndexError, ValueError) as exc:
             if isinstance(exc, ScenarioError):

@@ -378,6 +378,10 @@ def run_live(args: argparse.Namespace, console: Console) -> int:
         scenario = scenario.replace(link_rate=args.link_rate)
     if getattr(args, "loss", None) is not None:
         scenario = scenario.replace(loss=args.loss)
+    if getattr(args, "podman", None):
+        scenario = scenario.replace(podman=args.podman)
+    hosts = "each with its own Podman" if scenario.podman == "per-host" else "pods of one Podman"
+    console.print(f"edge hosts: {hosts}")
     try:
         image = ensure_image(Path(__file__).resolve().parents[1])
         result = run_scenario(scenario, image, progress=console.log)

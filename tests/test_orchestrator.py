@@ -89,6 +89,7 @@ def _hosts(**edge_a: Any) -> dict[str, Any]:
         (inventory_data(hosts={**_hosts(), "edge-b": {**_hosts()["edge-b"],
                                                       "podman": "unix:///other.sock"}}),
          "the lab driver moves within one Podman"),
+        (inventory_data(lab={"state_dir": "/x", "podman": "both"}), "lab.podman: 'both'"),
         (inventory_data(policies={"schedule": [{"broker": "lab", "every": 60,
                                                 "hosts": ["edge-a"]}]}),
          "policies.schedule[0].hosts: must list at least two"),
@@ -106,6 +107,15 @@ def test_inventory_errors_say_where_and_what(data: Any, message: str) -> None:
     assert str(err.value).startswith("inventory inv.yaml")
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_per_host_lab_names_one_podman_api_per_host() -> None:
+    hosts = {name: {**h, "podman": f"unix:///run/qmig/lab/hosts/{name}/podman.sock"}
+             for name, h in inventory_data()["hosts"].items()}  # fmt: skip
+    data = inventory_data(lab={"state_dir": "/x", "podman": "per-host"}, hosts=hosts)
+    inventory = parse(yaml.safe_dump(data), "inv.yaml")
+    assert inventory.lab["podman"] == "per-host"
+    assert len({h.podman for h in inventory.hosts}) == 3
 
 
 def test_an_unreadable_inventory_is_one_line(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from migration.scenario import METHODS, Scenario, ScenarioError
+from migration.scenario import METHODS, PODMAN_MODES, Scenario, ScenarioError
 
 from .net import LabError
 
@@ -18,6 +18,8 @@ def _scenario(args: argparse.Namespace) -> Scenario:
         scenario = scenario.replace(link_rate=args.link_rate)
     if getattr(args, "loss", None) is not None:
         scenario = scenario.replace(loss=args.loss)
+    if getattr(args, "podman", None):
+        scenario = scenario.replace(podman=args.podman)
     return scenario
 
 
@@ -28,6 +30,9 @@ def add_lab_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--link-rate", default=None, help="checkpoint link rate, e.g. 10mbit")
     p.add_argument("--loss", type=float, default=None, help="client access-link loss in %%")
     p.add_argument("--image", default=None, help="broker image (default: build/reuse qmig's)")
+    p.add_argument("--podman", choices=PODMAN_MODES, default=None,
+                   help="shared: every edge host a pod of this machine's Podman (default); "
+                        "per-host: each edge host its own Podman in its own netns")  # fmt: skip
     p = actions.add_parser("down", help="remove everything the lab made")
     p.add_argument("--scenario", default="demo", help=argparse.SUPPRESS)
     p = actions.add_parser("status", help="where the broker runs, what exists (JSON)")

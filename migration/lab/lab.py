@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
+import ipaddress
 import json
 import os
 import secrets
@@ -36,10 +38,13 @@ from migration.scenario import Host, Scenario
 
 from . import net
 from .net import LabError
-from .podman import Podman, stop_pid
+from .podman import Instance, Podman, stop_pid
 from .postcopy import RUNTIME, runtime_installed
 
 STATE_DIR = Path(os.environ.get("QMIG_LAB_DIR", "/run/qmig/lab"))
+# Per-host Podman: each edge host's storage (kept across labs: it caches the broker image).
+HOSTS_STORAGE = Path(os.environ.get("QMIG_LAB_HOSTS", "/var/lib/qmig/lab-hosts"))
+SERVICE_PORT = 8888  # unused: podman 4.3's service has no TLS, so its API stays a unix socket
 CLIENT_NS = "qmig-cl"
 LINK_NS = "qmig-link"
 CLIENT_VETH = ("qmig-cl0", "qmig-cl1")
@@ -63,6 +68,21 @@ def pod_name(host: Host | str) -> str:
 def container_name(host: Host | str) -> str:
     """The broker container is named after the edge host it runs on (qmig-broker-edge-a)."""
     return f"qmig-broker-{host if isinstance(host, str) else host.name}"
+
+
+def host_netns(host: Host) -> str:
+    """Per-host Podman: the edge host's own network namespace (its Podman runs in it)."""
+    return f"qmig-h-{host.name}"
+
+
+def uplink_veths(index: int) -> tuple[str, str]:
+    """Per-host Podman: the veth pair between the machine and the index-th edge host."""
+    return f"qmig-up{index}", f"qmig-up{index}h"
+
+
+def backhaul_veths(index: int) -> tuple[str, str]:
+    """Per-host Podman: the index-th host's shaped checkpoint link (link netns end, host's)."""
+    return f"qmig-bk{index}", f"qmig-bk{index}h"
 
 
 LOCK_PATH = Path("/run/qmig/lab.lock")
@@ -123,6 +143,8 @@ class LabState:
     service_pid: int
     token: str
     started_at: float
+    services: dict[str, int] = dataclasses.field(default_factory=dict)  # per-host Podman
+    podman: str = "shared"  # the scenario's Podman mode, for every later command on the lab
 
     def save(self, state_dir: Path) -> None:
         path = state_dir / "state.json"
@@ -146,15 +168,45 @@ class Lab:
         self.state_dir = state_dir
         self.etc = state_dir / "etc"
         self.state: LabState | None = LabState.load(state_dir)
+        self._asked = scenario  # what `up` builds
+        if self.state is not None and self.state.podman != scenario.podman:
+            self.scenario = scenario.replace(podman=self.state.podman)  # as the lab was made
         self._podman: Podman | None = None
+        self._podmans: dict[str, Podman] = {}
 
     # ------------------------------------------------------------------ accessors
     @property
+    def per_host(self) -> bool:
+        return self.scenario.podman == "per-host"
+
+    @property
     def podman(self) -> Podman:
+        """The Podman of the broker's host (the machine's one Podman unless per-host)."""
+        if self.per_host:
+            return self.podman_at(self.broker_host)
         if self._podman is None:
             pid = self.state.service_pid if self.state else None
             self._podman = Podman(self.state_dir / "podman.sock", pid)
         return self._podman
+
+    def instance(self, host: Host) -> Instance:
+        """Per-host Podman: ``host``'s own Podman instance."""
+        return Instance(host_netns(host), HOSTS_STORAGE / host.name,
+                        self.state_dir / "hosts" / host.name)  # fmt: skip
+
+    def podman_at(self, host: Host) -> Podman:
+        """The Podman that runs ``host``'s pod: its own one per-host, else the machine's."""
+        if not self.per_host:
+            return self.podman
+        if host.name not in self._podmans:
+            inst = self.instance(host)
+            pid = self.state.services.get(host.name) if self.state else None
+            self._podmans[host.name] = Podman(inst.socket, pid, inst)
+        return self._podmans[host.name]
+
+    def machine_uplink(self, host: Host) -> str:
+        """Per-host Podman: the machine's address on ``host``'s uplink."""
+        return str(ipaddress.IPv4Network(self.scenario.uplink_subnet(host)).network_address + 1)
 
     @property
     def broker_host(self) -> Host:
@@ -183,24 +235,33 @@ class Lab:
         if reason:
             raise LabError(f"containers unavailable: {reason}")
         self.down(quiet=True)
+        self.scenario = self._asked
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.etc.mkdir(parents=True, exist_ok=True)
         sc = self.scenario
         try:
-            podman = Podman.start_service(self.state_dir / "podman.sock",
-                                          self.state_dir / "podman-service.log")  # fmt: skip
-            self._podman = podman
             token = secrets.token_hex(16)
-            self.state = LabState(sc.name, image, sc.start, podman.pid or 0, token, time.time())
-            self.state.save(self.state_dir)
-            for host in sc.hosts:
-                podman.ensure_network(pod_name(host), host.subnet, host.gateway)
-                podman.create_pod(pod_name(host), pod_name(host), host.address)
+            if self.per_host:
+                self.state = LabState(sc.name, image, sc.start, 0, token, time.time(),
+                                      podman="per-host")  # fmt: skip
+                self._up_hosts(image)
+            else:
+                podman = Podman.start_service(self.state_dir / "podman.sock",
+                                              self.state_dir / "podman-service.log")  # fmt: skip
+                self._podman = podman
+                self.state = LabState(sc.name, image, sc.start, podman.pid or 0, token,
+                                      time.time())  # fmt: skip
+                self.state.save(self.state_dir)
+                for host in sc.hosts:
+                    podman.ensure_network(pod_name(host), host.subnet, host.gateway)
+                    podman.create_pod(pod_name(host), pod_name(host), host.address)
             net.add_netns_link(CLIENT_NS, *CLIENT_VETH, sc.client_subnet)
             net.set_loss(CLIENT_NS, sc.loss)
             net.add_netns_link(LINK_NS, *LINK_VETH, sc.link_subnet)
             net.shape(LINK_VETH[0], sc.link_rate)
             net.shape(LINK_VETH[1], sc.link_rate, ns=LINK_NS)
+            if self.per_host:
+                self._backhaul()
             net.route_lab_range()
             make_lab_certs(self.etc, hosts=["localhost", *(h.address for h in sc.hosts)])
             token_file = self.etc / "control.token"
@@ -217,9 +278,61 @@ class Lab:
             raise
         return self.state
 
+    def _up_hosts(self, image: str) -> None:
+        """Per-host Podman: each edge host's namespace, uplink, own Podman, network and pod.
+
+        The machine routes each host's pod network through that host's uplink; inside, the
+        host forwards without NAT (as the machine does for the shared lab).
+        """
+        assert self.state is not None
+        for index, host in enumerate(self.scenario.hosts):
+            ns = host_netns(host)
+            _, host_ip = net.add_netns_link(ns, *uplink_veths(index),
+                                            self.scenario.uplink_subnet(host))  # fmt: skip
+            net.run(["ip", "route", "replace", host.subnet, "via", host_ip])
+            net.route_lab_range(ns)
+            inst = self.instance(host)
+            podman = Podman.start_service(inst.socket, inst.run_dir / "service.log", inst)
+            self._podmans[host.name] = podman
+            self.state.services[host.name] = podman.pid or 0
+            self.state.save(self.state_dir)
+            podman.ensure_image(image)  # the first time: as a registry pull would
+            podman.ensure_network(pod_name(host), host.subnet, host.gateway)
+            podman.create_pod(pod_name(host), pod_name(host), host.address)
+
+    def _backhaul(self) -> None:
+        """Per-host Podman: checkpoints go host to host, each host's link shaped to the
+        scenario's rate and routed through the link namespace, never through the machine."""
+        from migration.scenario import BACKHAUL_BASE
+
+        sc = self.scenario
+        net.enable_forwarding(LINK_NS)
+        for index, host in enumerate(sc.hosts):
+            there, ns = backhaul_veths(index)
+            gateway, _ = net.add_ns_pair(LINK_NS, there, host_netns(host), ns,
+                                         sc.backhaul_subnet(host))  # fmt: skip
+            net.run(net.netns_exec(host_netns(host), "ip", "route", "add", BACKHAUL_BASE,
+                                   "via", gateway))  # fmt: skip
+            net.shape(there, sc.link_rate, ns=LINK_NS)
+            net.shape(ns, sc.link_rate, ns=host_netns(host))
+
+    def checkpoint_link(self, host: Host) -> tuple[str, str, str, str | None]:
+        """Where ``host`` receives checkpoints (address, netns) and which interface (and
+        netns) carries what it sends: per-host its own shaped link, else the machine's."""
+        from .live import net_address
+
+        if not self.per_host:
+            return net_address(self.scenario.link_subnet, 2), LINK_NS, LINK_VETH[0], None
+        index = [h.name for h in self.scenario.hosts].index(host.name)
+        address = net_address(self.scenario.backhaul_subnet(host), 2)
+        return address, host_netns(host), backhaul_veths(index)[1], host_netns(host)
+
     @property
     def trigger_url(self) -> str:
-        return f"http://{self.scenario.host(self.scenario.start).gateway}:{TRIGGER_PORT}"
+        start = self.scenario.host(self.scenario.start)
+        # The machine, seen from the start host's pod: its gateway, or its uplink per-host.
+        where = self.machine_uplink(start) if self.per_host else start.gateway
+        return f"http://{where}:{TRIGGER_PORT}"
 
     def inventory(self) -> dict[str, Any]:
         """The orchestrator's inventory of this lab (migration.orchestrator.inventory)."""
@@ -228,15 +341,18 @@ class Lab:
         sc = self.scenario
         link = {"address": net_address(sc.link_subnet, 2), "port": TRANSFER_PORT,
                 "rate": sc.link_rate}  # fmt: skip
-        podman = f"unix://{self.state_dir / 'podman.sock'}"
-        hosts = {h.name: {"podman": podman, "address": h.address, "link": dict(link)}
+
+        def api(h: Host) -> str:
+            return f"unix://{self.podman_at(h).socket_path}"
+
+        hosts = {h.name: {"podman": api(h), "address": h.address, "link": dict(link)}
                  for h in sc.hosts}  # fmt: skip
         control = {"port": sc.ports.control, "token_file": str(self.etc / "control.token")}
         broker = {"host": sc.start, "control": control,
                   "ports": {"quic": sc.ports.quic, "tcp": sc.ports.tcp}}  # fmt: skip
         return {
             "driver": "lab",
-            "lab": {"state_dir": str(self.state_dir), "scenario": sc.name},
+            "lab": {"state_dir": str(self.state_dir), "scenario": sc.name, "podman": sc.podman},
             "orchestrator": {
                 "api": f"127.0.0.1:{ORCHESTRATOR_PORT}",
                 "triggers": self.trigger_url.removeprefix("http://"),
@@ -274,7 +390,7 @@ class Lab:
 
     def start_broker(self, host: Host) -> None:
         assert self.state is not None
-        self.podman.run_container(
+        self.podman_at(host).run_container(
             container_name(host), self.state.image, self.broker_command(), pod=pod_name(host),
             env={"PYTHONUNBUFFERED": "1"},
             mounts=[{"type": "bind", "source": str(self.etc), "target": BROKER_ETC,
@@ -296,9 +412,9 @@ class Lab:
                 return self.control("status", host=host, timeout=2.0)
             except ControlError as exc:
                 last = str(exc)
-            state = self.podman.container_state(container_name(host))
+            state = self.podman_at(host).container_state(container_name(host))
             if state is not None and state["status"] not in ("running", "created", "configured"):
-                logs = self.podman.logs(container_name(host))
+                logs = self.podman_at(host).logs(container_name(host))
                 raise LabError(f"broker container on {host.name} is {state['status']}: "
                                f"{logs.strip().splitlines()[-1:] or '(no log)'}")  # fmt: skip
             time.sleep(0.2)
@@ -307,8 +423,10 @@ class Lab:
     # ------------------------------------------------------------------ down
     def down(self, quiet: bool = False) -> list[str]:
         """Remove everything the lab made; returns what was removed.  Never raises LabError."""
-        removed: list[str] = []
-        podman = self.podman
+        removed: list[str] = self._down_hosts()  # per-host Podman, whatever the mode now
+        if self.per_host:
+            self._podman = Podman(self.state_dir / "podman.sock")  # and any shared-lab leftover
+        podman = self._podman or self.podman
         started_here = False
         if not podman.alive() and net.have("podman"):
             with contextlib.suppress(LabError):
@@ -353,9 +471,47 @@ class Lab:
         shutil.rmtree(self.state_dir / "orchestrator", ignore_errors=True)
         self.state = None
         self._podman = None
+        self._podmans = {}
         if not quiet:
             for line in removed:
                 print(f"qmig lab: removed {line}")
+        return removed
+
+    def _down_hosts(self) -> list[str]:
+        """Per-host Podman: each host's containers, pods and networks (through its own
+        podman, even if its service died), its service, namespace and run directory."""
+        removed = []
+        for index, host in enumerate(self.scenario.hosts):
+            inst = self.instance(host)
+            ns = host_netns(host)
+            inside = ns in net.netns_list()
+            # Its Podman may hold something only if this lab, or a crashed one, made it.
+            if inst.storage.exists() and (self.per_host or inside or inst.run_dir.exists()):
+                inst.prepare()  # its containers.conf, if a crash took the run directory
+                steps = ((("pod", "rm", "-f", "-t", "0", "-a"), "pods"),
+                         (("rm", "-f", "-t", "0", "-a"), "containers"),
+                         (("network", "rm", "-f", pod_name(host)), "network"))  # fmt: skip
+                for args, what in steps:
+                    with contextlib.suppress(LabError):
+                        done = net.run(inst.argv(*args, in_netns=inside), check=False,
+                                       timeout=60, env=inst.env())  # fmt: skip
+                        if done.returncode == 0 and done.stdout.strip():
+                            removed.append(f"{what} of {host.name}'s Podman")
+            pid = self.state.services.get(host.name) if self.state else None
+            if pid:
+                stop_pid(pid, grace=2.0)
+                removed.append(f"{host.name}'s Podman API service")
+            if ns in net.netns_list():
+                net.del_netns(ns)  # and whatever still runs in it
+                removed.append(f"netns {ns}")
+            for link in uplink_veths(index):
+                net.del_link(link)
+            shutil.rmtree(inst.run_dir, ignore_errors=True)
+        for ns in net.netns_list():  # hosts of another scenario's lab
+            if ns.startswith("qmig-h-"):
+                net.del_netns(ns)
+                removed.append(f"netns {ns}")
+        shutil.rmtree(self.state_dir / "hosts", ignore_errors=True)
         return removed
 
     # ------------------------------------------------------------------ status
@@ -376,8 +532,8 @@ class Lab:
         for host in self.scenario.hosts:
             out["hosts"][host.name] = {
                 "address": host.address,
-                "container": podman.container_state(container_name(host)) if podman.alive()
-                else None,
+                "container": self.podman_at(host).container_state(container_name(host))
+                if self.podman_at(host).alive() else None,
             }  # fmt: skip
         try:
             out["broker"] = self.control("status", timeout=2.0)

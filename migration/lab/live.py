@@ -47,9 +47,8 @@ from migration.control import ControlError
 from migration.scenario import METHODS, Host
 
 from . import criu_images, net, precopy, transfer
-from .lab import LINK_NS, LINK_VETH, Lab, container_name, pod_name
+from .lab import BROKER_STORE, Lab, container_name, pod_name
 from .net import LabError
-from .podman import restore_cli
 from .postcopy import (
     PAGE_SERVER_PORT,
     RUNTIME,
@@ -113,6 +112,10 @@ class Migration:
         if self.dest == self.src:
             raise LabError(f"the broker already runs on {dest}")
         self.fail_at = fail_at
+        # Where checkpoints go: the destination's receiver (address, netns); what the source
+        # sends from (netns) and the interface that carries it (counted, its rate measured).
+        self.link_ip, self.recv_ns, _, _ = lab.checkpoint_link(self.dest)
+        _, _, self.link_dev, self.send_ns = lab.checkpoint_link(self.src)
         self.progress = progress or (lambda step: None)
         self.timeline: dict[str, float] = {}
         self.outcome: dict[str, Any] = {
@@ -133,6 +136,8 @@ class Migration:
         # pre-copy: what the source sends and what the destination holds, kept apart
         self.held: precopy.Copy = {}
         self.dest_copy: precopy.Copy = {}
+        self.held_blocks: precopy.Blocks = {}  # and of the durable store's files
+        self.dest_blocks: precopy.Blocks = {}
         self.rounds: list[dict[str, Any]] = []
         self._link0 = 0  # the link counter at the trigger
         self.codec = "none"  # the checkpoint link's, chosen at the trigger
@@ -148,13 +153,13 @@ class Migration:
     # ------------------------------------------------------------------ the move
     def run(self) -> dict[str, Any]:
         lab, src, dest = self.lab, self.src, self.dest
-        podman = lab.podman
-        link_ip = net_address(lab.scenario.link_subnet, 2)
+        podman, there = lab.podman_at(src), lab.podman_at(dest)
+        link_ip = self.link_ip
         self._mark("trigger", f"migrating the broker {src.name} ({src.address}) -> "
                               f"{dest.name} ({dest.address})")  # fmt: skip
-        self._link0 = link_bytes(LINK_VETH[0])  # every byte of the move, rounds included
+        self._link0 = self._link_bytes()  # every byte of the move, rounds included
         receiver = transfer.Receiver(
-            LINK_NS, link_ip, TRANSFER_PORT, self.moved_ckpt,
+            self.recv_ns, link_ip, TRANSFER_PORT, self.moved_ckpt,
             fail_after=64 * 1024 if self.fail_at == "transfer" else None,
         )  # fmt: skip
         blocker = self._block_destination() if self.fail_at == "restore" else None
@@ -208,12 +213,17 @@ class Migration:
             if self.method == "precopy":
                 shipped = self.work / "delta.tar"
                 restored = self.work / "rebuilt.tar"
-                delta = precopy.make_delta(self.local_ckpt, self.held, shipped)
+                delta = precopy.make_delta(self.local_ckpt, self.held, shipped,
+                                           self.held_blocks)  # fmt: skip
                 self.outcome["pages_from_copy"] = delta.from_copy
                 self.outcome["pages_shipped"] = delta.shipped
+                if delta.file_bytes:
+                    self.outcome["store_bytes"] = delta.file_bytes
+                    self.outcome["store_bytes_from_copy"] = delta.file_bytes_from_copy
                 self._mark("delta_done", f"delta: {delta.shipped} of {delta.pages} pages "
                                          "changed since the last round")  # fmt: skip
-            sent = transfer.send(shipped, link_ip, TRANSFER_PORT, codec=self.codec)
+            sent = transfer.send(shipped, link_ip, TRANSFER_PORT, codec=self.codec,
+                                 ns=self.send_ns)  # fmt: skip
             receiver.result(timeout=30)
             self.outcome["transfer_bytes"] = sent.bytes
             self.outcome["transfer_mbit_s"] = round(sent.mbit_per_s, 1)
@@ -223,9 +233,10 @@ class Migration:
                 f"transfer: {sent.bytes / 1e6:.1f} MB in {sent.seconds:.2f} s ({rate})",
             )
             if self.method == "precopy":  # at the destination, from what crossed the link
-                taken = precopy.apply_delta(self.moved_ckpt, self.dest_copy, restored)
+                taken = precopy.apply_delta(self.moved_ckpt, self.dest_copy, restored,
+                                            self.dest_blocks)  # fmt: skip
                 self._mark("rebuilt", f"rebuilt the checkpoint ({taken} pages from the copy)")
-            podman.remove_container(container_name(dest))  # a leftover of an earlier run
+            there.remove_container(container_name(dest))  # a leftover of an earlier run
             self._restore(restored, dest)
             self._mark("restore_done", f"restored in {dest.name}")
             self._serving_at_destination(f"serving at {dest.address}")
@@ -240,7 +251,7 @@ class Migration:
             (self.timeline["resumed"] - self.timeline["freeze_start"]) * 1000, 1
         )
         self.outcome.setdefault("downtime_ms", self.outcome["service_gap_ms"])
-        self.outcome["link_bytes"] = link_bytes(LINK_VETH[0]) - self._link0
+        self.outcome["link_bytes"] = self._link_bytes() - self._link0
         self.outcome["total_ms"] = round(
             (self.timeline["resumed"] - self.timeline["trigger"]) * 1000, 1
         )
@@ -250,10 +261,17 @@ class Migration:
 
     def _link_rate(self) -> int:
         """The checkpoint link's rate as shaped now (the scenario's if tc shows none)."""
-        return net.shaped_rate(LINK_VETH[0]) or net.parse_rate(self.lab.scenario.link_rate)
+        rate = net.shaped_rate(self.link_dev, self.send_ns)
+        return rate or net.parse_rate(self.lab.scenario.link_rate)
+
+    def _link_bytes(self) -> int:
+        """Bytes so far on the interface that carries what the source sends."""
+        if self.send_ns is None:
+            return link_bytes(self.link_dev)
+        return net.iface_bytes(self.link_dev, self.send_ns)
 
     def _init_pid(self) -> int:
-        attrs = self.lab.podman.client.containers.get(container_name(self.src)).attrs
+        attrs = self.lab.podman_at(self.src).client.containers.get(container_name(self.src)).attrs
         return int(attrs["State"]["Pid"])
 
     def _choose_codec(self) -> str:
@@ -282,12 +300,15 @@ class Migration:
         """The next round's receiver, listening (starting one takes ~0.2 s: start it early)."""
         self.work.mkdir(parents=True, exist_ok=True)
         moved = self.work / f"round-{len(self.rounds) + 1}-moved"
-        return transfer.Receiver(LINK_NS, link_ip, ROUND_PORT, moved), moved
+        return transfer.Receiver(self.recv_ns, link_ip, ROUND_PORT, moved), moved
 
     def _live_rounds(self, link_ip: str, most: int,
                      ready: tuple[transfer.Receiver, Path] | None = None) -> None:  # fmt: skip
         """Pre-copy rounds while the broker serves, until one ships little (precopy rule 2)."""
         init_pid = self._init_pid()
+        # The durable store's files too, where the broker keeps one (issue #18).
+        store = (precopy.StoreFiles(Path(f"/proc/{init_pid}/root"), (BROKER_STORE,))
+                 if self.lab.scenario.persistence else None)  # fmt: skip
         for _ in range(most):
             n = len(self.rounds) + 1
             start = time.monotonic()
@@ -296,21 +317,24 @@ class Migration:
             local = self.work / f"round-{n}"
             try:
                 stats = precopy.live_round(precopy.container_processes(init_pid), self.held,
-                                           local)  # fmt: skip
-                sent = transfer.send(local, link_ip, ROUND_PORT, codec=self.codec)
+                                           local, store, self.held_blocks)  # fmt: skip
+                sent = transfer.send(local, link_ip, ROUND_PORT, codec=self.codec,
+                                     ns=self.send_ns)  # fmt: skip
                 receiver.result(timeout=30)
             finally:
                 receiver.stop()
-            precopy.load_round(moved, self.dest_copy)  # the destination's side
+            precopy.load_round(moved, self.dest_copy, self.dest_blocks)  # the destination's
             local.unlink()
             moved.unlink()
             self.rounds.append({"pages_read": stats.pages_read, "pages_sent": stats.pages_sent,
+                                "store_bytes_sent": stats.file_bytes_sent,
                                 "link_bytes": sent.bytes,
                                 "seconds": round(time.monotonic() - start, 3)})  # fmt: skip
             self.outcome["precopy_rounds"] = self.rounds
+            files = f", {stats.file_bytes_sent / 1e6:.2f} MB of the store" if store else ""
             self._mark(f"round_{n}", f"pre-copy round {n}: {stats.pages_sent} of "
-                                     f"{stats.pages_read} pages ({sent.bytes / 1e6:.2f} MB on "
-                                     f"the link) while serving")  # fmt: skip
+                                     f"{stats.pages_read} pages{files} ({sent.bytes / 1e6:.2f} "
+                                     "MB on the link) while serving")  # fmt: skip
             if stats.bytes_sent < precopy.STOP_BYTES:
                 return
 
@@ -318,8 +342,11 @@ class Migration:
     def _postcopy(self, receiver: transfer.Receiver, link_ip: str) -> dict[str, Any]:
         """Freeze, ship the dump without its lazy pages, resume at once, pull the rest."""
         lab, src, dest = self.lab, self.src, self.dest
-        podman = lab.podman
-        source_ip = net_address(lab.scenario.link_subnet, 1)  # the machine's end of the link
+        podman, there = lab.podman_at(src), lab.podman_at(dest)
+        # Where the page server listens: the machine's end of the link, or per-host the
+        # source host's own link address (and namespace).
+        source_ip = (lab.checkpoint_link(src)[0] if lab.per_host
+                     else net_address(lab.scenario.link_subnet, 1))  # fmt: skip
         shutil.rmtree(self.work, ignore_errors=True)
         images = self.work / "source"
         shipped = self.work / "shipped.tar"
@@ -352,17 +379,20 @@ class Migration:
             rate = self._link_rate()
             budget = 2 * ckpt.bytes * 8 / rate + 10  # the whole lazy phase, generously
             server = PageServer(images / "checkpoint", source_ip, PAGE_SERVER_PORT, budget + 30,
-                                self.work / "page-server.log")  # fmt: skip
-            sent = transfer.send(shipped, link_ip, TRANSFER_PORT, codec=self.codec)
+                                self.work / "page-server.log", ns=self.send_ns)  # fmt: skip
+            sent = transfer.send(shipped, link_ip, TRANSFER_PORT, codec=self.codec,
+                                 ns=self.send_ns)  # fmt: skip
             receiver.result(timeout=30)
             self.outcome["transfer_bytes"] = sent.bytes
             self._mark("transfer_done", f"transfer: {sent.bytes / 1e6:.2f} MB in "
                                         f"{sent.seconds:.2f} s")  # fmt: skip
             server.wait_listening()
-            podman.remove_container(container_name(dest))  # a leftover of an earlier run
-            lazy = LazyRestore(self.work / "lazy", LINK_NS, source_ip, PAGE_SERVER_PORT, budget)
+            there.remove_container(container_name(dest))  # a leftover of an earlier run
+            lazy = LazyRestore(self.work / "lazy", self.recv_ns, source_ip, PAGE_SERVER_PORT,
+                               budget)  # fmt: skip
             try:
-                restore_cli(self.moved_ckpt, podman.pod_id(pod_name(dest)), container_name(dest))
+                there.restore_cli(self.moved_ckpt, there.pod_id(pod_name(dest)),
+                                  container_name(dest))  # fmt: skip
             finally:
                 lazy.disarm()
             if lazy.pid is None:
@@ -405,7 +435,7 @@ class Migration:
         self.outcome["total_ms"] = round(
             (self.timeline["pages_done"] - self.timeline["trigger"]) * 1000, 1
         )
-        self.outcome["link_bytes"] = link_bytes(LINK_VETH[0]) - self._link0
+        self.outcome["link_bytes"] = self._link_bytes() - self._link0
         self.outcome["ok"] = True
         self._clean_source()
         return self.outcome
@@ -426,9 +456,9 @@ class Migration:
         podman 4.3's API import-restore drops the container's runtime (the next move could
         not be post-copy); its CLI keeps it.
         """
-        podman = self.lab.podman
+        podman = self.lab.podman_at(host)
         if runtime_installed():
-            restore_cli(path, podman.pod_id(pod_name(host)), container_name(host))
+            podman.restore_cli(path, podman.pod_id(pod_name(host)), container_name(host))
         else:
             podman.restore(path, podman.pod_id(pod_name(host)), container_name(host))
 
@@ -471,7 +501,7 @@ class Migration:
     # ------------------------------------------------------------------ cleanup
     def _clean_source(self) -> None:
         """Remove the checkpointed source container and CRIU's lock from the source pod."""
-        podman = self.lab.podman
+        podman = self.lab.podman_at(self.src)
         podman.remove_container(container_name(self.src))
         pid = podman.pod_infra_pid(pod_name(self.src))
         self.outcome["source_lock_rules_removed"] = net.clear_criu_lock(pid)
@@ -492,15 +522,16 @@ class Migration:
                   f"lambda *_: sys.exit(0)); s = socket.socket(socket.AF_INET, "
                   f"socket.SOCK_DGRAM); s.bind(('0.0.0.0', {port})); time.sleep(600)")  # fmt: skip
         assert self.lab.state is not None
-        self.lab.podman.run_container(name, self.lab.state.image, ["python3", "-c", script],
-                                      pod=pod_name(self.dest), env={}, mounts=[])  # fmt: skip
+        self.lab.podman_at(self.dest).run_container(
+            name, self.lab.state.image, ["python3", "-c", script], pod=pod_name(self.dest),
+            env={}, mounts=[])  # fmt: skip
         time.sleep(0.5)  # let it bind before the restore needs the port
         return name
 
     def _remove_blocker(self, name: str | None) -> None:
         if name:
             with contextlib.suppress(Exception):
-                self.lab.podman.remove_container(name)
+                self.lab.podman_at(self.dest).remove_container(name)
 
     # ------------------------------------------------------------------ rollback
     def _rollback_control(self) -> None:
@@ -510,7 +541,7 @@ class Migration:
     def _fail(self, step: str, exc: Exception) -> dict[str, Any]:
         """Bring the broker back at the source from the same checkpoint, then raise."""
         lab, src, dest = self.lab, self.src, self.dest
-        podman = lab.podman
+        podman, there = lab.podman_at(src), lab.podman_at(dest)
         self.outcome["ok"] = False
         self.outcome["failed_at"] = step
         self.outcome["error"] = str(exc)
@@ -519,9 +550,9 @@ class Migration:
         how = ""
         try:
             with contextlib.suppress(Exception):  # a half-restored container at the destination
-                podman.remove_container(container_name(dest))
+                there.remove_container(container_name(dest))
             with contextlib.suppress(Exception):
-                net.clear_criu_lock(podman.pod_infra_pid(pod_name(dest)))
+                net.clear_criu_lock(there.pod_infra_pid(pod_name(dest)))
             state = podman.container_state(container_name(src))
             if state is not None and state["status"] == "running":
                 how = "the checkpoint failed, the broker kept running"  # CRIU let it go on

@@ -9,13 +9,14 @@ find and remove it even when the state file is gone.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import json
 import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 PREFIX = "qmig"
@@ -28,11 +29,12 @@ class LabError(RuntimeError):
 
 
 def run(cmd: Sequence[str], *, timeout: float = 30.0, check: bool = True,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        input: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """Run one command; raise LabError (with its stderr) if it fails and ``check``."""
     try:
         proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
-                              input=input)  # fmt: skip
+                              input=input, env=env)  # fmt: skip
     except FileNotFoundError as exc:
         raise LabError(f"{cmd[0]} is not installed (run `make setup` as root)") from exc
     except subprocess.TimeoutExpired as exc:
@@ -76,6 +78,55 @@ def add_netns_link(ns: str, host_if: str, ns_if: str, subnet: str) -> tuple[str,
     run(netns_exec(ns, "ip", "link", "set", "lo", "up"))
     run(netns_exec(ns, "ip", "route", "add", "default", "via", host_ip))
     return host_ip, ns_ip
+
+
+def add_ns_pair(ns_a: str, if_a: str, ns_b: str, if_b: str, subnet: str) -> tuple[str, str]:
+    """A veth pair between two namespaces on a /30 ``subnet`` (``ns_a`` gets the first
+    address, ``ns_b`` the second); returns both addresses."""
+    net = ipaddress.IPv4Network(subnet)
+    ip_a, ip_b = str(net.network_address + 1), str(net.network_address + 2)
+    run(["ip", "link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b,
+         "netns", ns_b])  # fmt: skip
+    for ns, dev, ip in ((ns_a, if_a, ip_a), (ns_b, if_b, ip_b)):
+        run(netns_exec(ns, "ip", "addr", "add", f"{ip}/{net.prefixlen}", "dev", dev))
+        run(netns_exec(ns, "ip", "link", "set", dev, "up"))
+    return ip_a, ip_b
+
+
+def iface_bytes(dev: str, ns: str | None = None) -> int:
+    """Bytes both ways on ``dev`` (in namespace ``ns``), 0 if it is gone."""
+    cmd = ["ip", "-j", "-s", "link", "show", "dev", dev]
+    proc = run(netns_exec(ns, *cmd) if ns else cmd, check=False)
+    try:
+        (link,) = json.loads(proc.stdout or "[]")
+        stats = link["stats64"]
+        return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_netns(ns: str | None) -> Iterator[None]:
+    """Run the block in network namespace ``ns`` (this thread only; None: stay put).
+
+    Sockets made inside keep that namespace when the block ends, so a sender on the machine
+    can speak from an edge host's namespace as a process there would.
+    """
+    if ns is None:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net") as own, open(f"/run/netns/{ns}") as there:
+        if libc.setns(there.fileno(), _CLONE_NEWNET) != 0:
+            raise LabError(f"cannot enter netns {ns}: {os.strerror(ctypes.get_errno())}")
+        try:
+            yield
+        finally:
+            if libc.setns(own.fileno(), _CLONE_NEWNET) != 0:  # pragma: no cover - fatal
+                raise RuntimeError(f"cannot leave netns {ns}: {os.strerror(ctypes.get_errno())}")
 
 
 def del_netns(ns: str) -> None:
@@ -155,12 +206,17 @@ def set_loss(ns: str, percent: float) -> None:
 
 
 # ---------------------------------------------------------------------- forwarding
-def enable_forwarding() -> None:
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+def enable_forwarding(ns: str | None = None) -> None:
+    if ns is None:
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    else:
+        run(netns_exec(ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"))
 
 
-def _iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run(["iptables", "-w", "5", *args], check=check)
+def _iptables(*args: str, check: bool = True,
+              ns: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    cmd = ["iptables", "-w", "5", *args]
+    return run(netns_exec(ns, *cmd) if ns else cmd, check=check)
 
 
 NAT_RULE = ("POSTROUTING", "-s", LAB_RANGE, "-d", LAB_RANGE, "-m", "comment", "--comment",
@@ -169,17 +225,18 @@ FWD_RULE = ("FORWARD", "-s", LAB_RANGE, "-d", LAB_RANGE, "-m", "comment", "--com
             "qmig-lab", "-j", "ACCEPT")  # fmt: skip
 
 
-def route_lab_range() -> None:
+def route_lab_range(ns: str | None = None) -> None:
     """Let lab hosts reach each other unchanged: forward, and never masquerade, within the range.
 
     Podman masquerades what leaves a container network; a broker that speaks first from a
     new address (announce) must reach clients with its own address, so lab-to-lab traffic
-    skips NAT.  The rules carry the comment ``qmig-lab`` and go first in their chains.
+    skips NAT.  The rules carry the comment ``qmig-lab`` and go first in their chains: on the
+    machine, or in namespace ``ns`` (an edge host with its own Podman; its rules go with it).
     """
-    enable_forwarding()
+    enable_forwarding(ns)
     for table, rule in (("nat", NAT_RULE), ("filter", FWD_RULE)):
-        if _iptables("-t", table, "-C", *rule, check=False).returncode != 0:
-            _iptables("-t", table, "-I", *rule)
+        if _iptables("-t", table, "-C", *rule, check=False, ns=ns).returncode != 0:
+            _iptables("-t", table, "-I", *rule, ns=ns)
 
 
 def unroute_lab_range() -> None:

@@ -13,6 +13,14 @@ raw ``post`` to the libpod REST endpoints:
 
 podman-py 5 speaks API v5 by default; the Debian 12 service is podman 4.3, so the client
 pins the v4.0.0 prefix, which every 4.x and 5.x service accepts.
+
+An :class:`Instance` is one edge host's own Podman (``podman: per-host`` in a scenario): its
+own storage (graph root), run root, temporary directory (with file locks, so no lock is
+shared with another Podman on the machine through ``/dev/shm``), CNI network configs and
+``containers.conf``, and its API service running in the host's network namespace, so the
+bridges of its pod networks are that host's.  Every podman command for the host (the service,
+``podman create``, ``podman container restore``, ``podman load``) runs with the instance's
+options; the lab's podman-py client reaches it through the API socket in its run directory.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import signal
 import subprocess
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +40,85 @@ from .net import LabError
 
 API_VERSION = "4.0.0"
 SERVICE_START_TIMEOUT = 15.0
+
+
+CONF_DROPINS = Path("/etc/containers/containers.conf.d")
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One edge host's own Podman: where it keeps everything, and the netns it runs in."""
+
+    netns: str
+    storage: Path  # the graph root: kept across labs, it caches the broker image
+    run_dir: Path  # run root, tmp dir (locks), CNI configs, containers.conf: removed at down
+
+    @property
+    def conf(self) -> Path:
+        return self.run_dir / "containers.conf"
+
+    @property
+    def socket(self) -> Path:
+        return self.run_dir / "podman.sock"
+
+    def flags(self) -> list[str]:
+        return ["--root", str(self.storage), "--runroot", str(self.run_dir / "run"),
+                "--tmpdir", str(self.run_dir / "tmp"),
+                "--network-config-dir", str(self.run_dir / "cni")]  # fmt: skip
+
+    def argv(self, *args: str, in_netns: bool = True) -> list[str]:
+        """``podman ARGS`` as this instance, inside its host's network namespace (or not:
+        what needs no network, e.g. listing, also works once the namespace is gone)."""
+        enter = ["nsenter", f"--net=/run/netns/{self.netns}"] if in_netns else []
+        return [*enter, "podman", *self.flags(), *args]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "CONTAINERS_CONF": str(self.conf)}
+
+    def prepare(self) -> None:
+        """Create its directories and write its containers.conf: the machine's drop-ins
+        (qmig's runtime and ulimits; CONTAINERS_CONF replaces them) plus file locks."""
+        for d in (self.storage, self.run_dir / "run", self.run_dir / "tmp", self.run_dir / "cni"):
+            d.mkdir(parents=True, exist_ok=True)
+        conf: dict[str, dict[str, Any]] = {}
+        for dropin in sorted(CONF_DROPINS.glob("*.conf")):
+            with contextlib.suppress(OSError, ValueError):
+                _merge(conf, tomllib.loads(dropin.read_text()))
+        _merge(conf, {"engine": {"lock_type": "file", "events_logger": "file"},
+                      "network": {"network_config_dir": str(self.run_dir / "cni")}})  # fmt: skip
+        self.conf.write_text(_toml(conf))
+
+
+def _merge(into: dict[str, Any], more: dict[str, Any]) -> None:
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _toml(tables: dict[str, Any], prefix: str = "") -> str:
+    """The TOML of nested tables of strings, numbers, booleans and lists of them."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return str(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))  # a TOML basic string is a JSON string
+
+    out: list[str] = []
+    for name, table in tables.items():
+        out.append(f"[{prefix}{name}]")
+        out += [f"{json.dumps(k)} = {value(v)}" for k, v in table.items()
+                if not isinstance(v, dict)]  # fmt: skip
+        out.append("")
+        subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if subtables:
+            out.append(_toml(subtables, f"{prefix}{name}."))
+    return "\n".join(out)
 
 
 def _podman_client(socket_path: Path, timeout: float = 120.0) -> Any:
@@ -51,27 +139,41 @@ class CheckpointResult:
 class Podman:
     """The lab's Podman API service and a podman-py client on it."""
 
-    def __init__(self, socket_path: Path, pid: int | None = None) -> None:
+    def __init__(self, socket_path: Path, pid: int | None = None,
+                 instance: Instance | None = None) -> None:  # fmt: skip
         self.socket_path = socket_path
         self.pid = pid
+        self.instance = instance  # None: the machine's own Podman
         self._client: Any = None
+
+    def argv(self, *args: str) -> list[str]:
+        """``podman ARGS`` against this Podman (its instance's options and netns if any)."""
+        return self.instance.argv(*args) if self.instance else ["podman", *args]
+
+    def env(self) -> dict[str, str] | None:
+        return self.instance.env() if self.instance else None
 
     # ------------------------------------------------------------------ service
     @classmethod
-    def start_service(cls, socket_path: Path, log_path: Path) -> Podman:
+    def start_service(cls, socket_path: Path, log_path: Path,
+                      instance: Instance | None = None) -> Podman:  # fmt: skip
         """Start ``podman system service`` on ``socket_path`` and wait until it answers."""
         socket_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
+        podman = cls(socket_path, None, instance)
+        if instance is not None:
+            instance.prepare()
         try:
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
-                    ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
+                    podman.argv("system", "service", "--time=0", f"unix://{socket_path}"),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                    env=podman.env(),
                 )  # fmt: skip
         except FileNotFoundError as exc:
             raise LabError("podman is not installed (run `make setup` as root)") from exc
-        podman = cls(socket_path, proc.pid)
+        podman.pid = proc.pid
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -164,7 +266,7 @@ class Podman:
         if runtime:
             # podman 4.3's API ignores the create body's oci_runtime: the CLI honours it.
             container = self.client.containers.get(
-                _cli_create(name, image, command, pod, env, mounts, runtime)
+                self._cli_create(name, image, command, pod, env, mounts, runtime)
             )
         else:
             container = self.client.containers.create(
@@ -238,45 +340,70 @@ class Podman:
         _raise_for(resp, f"restore of {name}")
         return time.monotonic() - start
 
+    def _cli_create(self, name: str, image: str, command: list[str], pod: str,
+                    env: dict[str, str], mounts: list[dict[str, Any]],
+                    runtime: str) -> str:  # fmt: skip
+        """``podman create --runtime RUNTIME ...`` (bind mounts only); returns the ID."""
+        cmd = ["create", "--runtime", runtime, "--name", name, "--pod", pod,
+               "--label", "qmig=lab"]  # fmt: skip
+        for key, value in env.items():
+            cmd += ["--env", f"{key}={value}"]
+        for m in mounts:
+            if m.get("type") != "bind":
+                raise LabError(f"only bind mounts are supported here, not {m}")
+            ro = ",ro=true" if m.get("read_only") else ""
+            cmd += ["--mount", f"type=bind,source={m['source']},target={m['target']}{ro}"]
+        try:
+            proc = subprocess.run(self.argv(*cmd, image, *command), capture_output=True,
+                                  text=True, timeout=60, env=self.env())  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LabError(f"podman create {name} failed: {exc}") from exc
+        if proc.returncode != 0:
+            raise LabError(f"podman create {name} failed: {proc.stderr.strip()[-300:]}")
+        return proc.stdout.strip().splitlines()[-1]
 
-def _cli_create(name: str, image: str, command: list[str], pod: str, env: dict[str, str],
-                mounts: list[dict[str, Any]], runtime: str) -> str:  # fmt: skip
-    """``podman create --runtime RUNTIME ...`` (bind mounts only); returns the container ID."""
-    cmd = ["podman", "create", "--runtime", runtime, "--name", name, "--pod", pod,
-           "--label", "qmig=lab"]  # fmt: skip
-    for key, value in env.items():
-        cmd += ["--env", f"{key}={value}"]
-    for m in mounts:
-        if m.get("type") != "bind":
-            raise LabError(f"only bind mounts are supported here, not {m}")
-        ro = ",ro=true" if m.get("read_only") else ""
-        cmd += ["--mount", f"type=bind,source={m['source']},target={m['target']}{ro}"]
-    try:
-        proc = subprocess.run([*cmd, image, *command], capture_output=True, text=True,
-                              timeout=60)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise LabError(f"podman create {name} failed: {exc}") from exc
-    if proc.returncode != 0:
-        raise LabError(f"podman create {name} failed: {proc.stderr.strip()[-300:]}")
-    return proc.stdout.strip().splitlines()[-1]
+    def restore_cli(self, path: Path, pod_id: str, name: str, timeout: float = 120.0) -> float:
+        """The same restore as :meth:`restore` through the podman CLI, which keeps the
+        container's OCI runtime.
 
+        podman 4.3's API import-restore gives the restored container the default runtime,
+        the CLI the one recorded in the checkpoint (post-copy needs the ``qmig-runc``
+        wrapper).
+        """
+        start = time.monotonic()
+        cmd = self.argv("container", "restore", "--import", str(path), "--pod", pod_id,
+                        "--name", name, "--ignore-volumes", "--file-locks")  # fmt: skip
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=self.env())  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LabError(f"restore of {name} failed: {exc}") from exc
+        if proc.returncode != 0:
+            raise LabError(f"restore of {name} failed: {' '.join(proc.stderr.split())[-400:]}")
+        return time.monotonic() - start
 
-def restore_cli(path: Path, pod_id: str, name: str, timeout: float = 120.0) -> float:
-    """The same restore through the podman CLI, which keeps the container's OCI runtime.
-
-    podman 4.3's API import-restore gives the restored container the default runtime, the
-    CLI the one recorded in the checkpoint (post-copy needs the ``qmig-runc`` wrapper).
-    """
-    start = time.monotonic()
-    cmd = ["podman", "container", "restore", "--import", str(path), "--pod", pod_id,
-           "--name", name, "--ignore-volumes", "--file-locks"]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise LabError(f"restore of {name} failed: {exc}") from exc
-    if proc.returncode != 0:
-        raise LabError(f"restore of {name} failed: {' '.join(proc.stderr.split())[-400:]}")
-    return time.monotonic() - start
+    def ensure_image(self, image: str, timeout: float = 600.0) -> bool:
+        """Have ``image`` in this instance's storage, loaded from the machine's Podman if
+        missing (what a registry pull would do on a real host); True if it was loaded."""
+        if self.instance is None:
+            return False
+        have = subprocess.run(self.argv("image", "exists", image), env=self.env(),
+                              capture_output=True, timeout=60)  # fmt: skip
+        if have.returncode == 0:
+            return False
+        save = subprocess.Popen(["podman", "save", image], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            load = subprocess.run(self.argv("load"), stdin=save.stdout, capture_output=True,
+                                  text=True, timeout=timeout, env=self.env())  # fmt: skip
+        finally:
+            if save.stdout is not None:
+                save.stdout.close()
+            save.wait(timeout=60)
+        if save.returncode != 0 or load.returncode != 0:
+            raise LabError(f"could not load {image} into {self.instance.netns}'s Podman: "
+                           f"{(load.stderr or '').strip()[-300:]}")  # fmt: skip
+        return True
 
 
 def _raise_for(resp: Any, what: str) -> None:

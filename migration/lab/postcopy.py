@@ -67,14 +67,17 @@ def hybrid_note() -> str:
 
 # ---------------------------------------------------------------------- source
 class PageServer:
-    """``criu page-server --lazy-pages`` on a full dump directory, listening on the link."""
+    """``criu page-server --lazy-pages`` on a full dump directory, listening on the link
+    (from network namespace ``ns`` if given: the source host's, with per-host Podman)."""
 
     def __init__(self, images: Path, address: str, port: int, timeout: float,
-                 log: Path) -> None:  # fmt: skip
+                 log: Path, ns: str | None = None) -> None:  # fmt: skip
         self.address, self.port, self.log = address, port, log
         cmd = ["timeout", "-s", "KILL", str(int(timeout) + 1), "criu", "page-server",
                "--lazy-pages", "-D", str(images), "--address", address, "--port", str(port),
                "-o", str(log), "-v2"]  # fmt: skip
+        if ns is not None:
+            cmd = ["nsenter", f"--net=/run/netns/{ns}", *cmd]
         try:
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -86,7 +89,7 @@ class PageServer:
     def wait_listening(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if _listening(self.address, self.port):
+            if _listening(self.address, self.port, self.proc.pid):
                 return
             if self.proc.poll() is not None:
                 raise LabError(f"criu page-server exited ({self.proc.returncode}): "
@@ -191,10 +194,12 @@ def link_bytes(interface: str) -> int:
         return 0
 
 
-def _listening(address: str, port: int) -> bool:
+def _listening(address: str, port: int, pid: int | None = None) -> bool:
+    """Something listens on address:port, in the network namespace of ``pid`` (or ours)."""
     want = f"{_hex_ip(address)}:{port:04X}"
     anywhere = f"00000000:{port:04X}"
-    for line in _read(Path("/proc/net/tcp")).splitlines()[1:]:
+    table = Path(f"/proc/{pid}/net/tcp") if pid else Path("/proc/net/tcp")
+    for line in _read(table).splitlines()[1:]:
         cols = line.split()
         if len(cols) > 3 and cols[3] == "0A" and cols[1] in (want, anywhere):
             return True

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
-from .net import LabError, netns_exec
+from .net import LabError, in_netns, netns_exec
 
 MAGIC = b"QMIGCKP3"
 CHUNK = 1 << 20
@@ -183,8 +183,9 @@ class Receiver:
 
 
 def send(path: Path, host: str, port: int, codec: str = "none",
-         timeout: float = 600.0) -> TransferResult:  # fmt: skip
-    """Stream ``path`` (compressed on the fly with ``codec``) to a receiver.
+         timeout: float = 600.0, ns: str | None = None) -> TransferResult:  # fmt: skip
+    """Stream ``path`` (compressed on the fly with ``codec``) to a receiver, from namespace
+    ``ns`` if given (an edge host with its own Podman sends from its own network).
 
     Returns once the receiver confirmed the byte count and digest.
     """
@@ -195,7 +196,9 @@ def send(path: Path, host: str, port: int, codec: str = "none",
     name = codec.encode()
     start = time.monotonic()
     try:
-        with socket.create_connection((host, port), timeout=10) as sock:
+        with in_netns(ns):
+            sock = socket.create_connection((host, port), timeout=10)
+        with sock:
             sock.settimeout(timeout)
             sock.sendall(MAGIC + bytes([len(name)]) + name)
 

@@ -44,6 +44,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from migration.scenario import PODMAN_MODES
+
 DRIVERS = ("lab",)
 PODMAN_SCHEMES = ("unix", "ssh", "tcp")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -365,11 +367,14 @@ def parse(text: str, path: str = "<text>") -> Inventory:
     lab: dict[str, str] = {}
     if driver == "lab":
         lab_data = r.mapping(top.get("lab") or {}, "lab")
-        r.keys(lab_data, "lab", ("state_dir",), ("scenario",))
+        r.keys(lab_data, "lab", ("state_dir",), ("scenario", "podman"))
         lab = {"state_dir": r.text(lab_data["state_dir"], "lab.state_dir"),
-               "scenario": r.text(lab_data.get("scenario", "demo"), "lab.scenario")}  # fmt: skip
+               "scenario": r.text(lab_data.get("scenario", "demo"), "lab.scenario"),
+               "podman": r.text(lab_data.get("podman", "shared"), "lab.podman")}  # fmt: skip
+        if lab["podman"] not in PODMAN_MODES:
+            raise r.fail("lab.podman", f"{lab['podman']!r}: one of {', '.join(PODMAN_MODES)}")
         apis = {h.podman for h in hosts.values()}
-        if len(apis) > 1:
+        if lab["podman"] == "shared" and len(apis) > 1:
             raise r.fail("hosts", f"the lab driver moves within one Podman, but the hosts name "
                                   f"{len(apis)} Podman APIs")  # fmt: skip
         if len(entries) > 1:

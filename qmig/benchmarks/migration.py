@@ -300,7 +300,7 @@ class RunHooks:
                      f"{time.monotonic() - t0:.1f} s")  # fmt: skip
             if not loaded.get("ok"):
                 raise RuntimeError(f"loading the broker state failed: {loaded.get('errors')}")
-        pods = {netns_inode(f"/proc/{lab.podman.pod_infra_pid(pod_name(h))}/ns/net")
+        pods = {netns_inode(f"/proc/{lab.podman_at(h).pod_infra_pid(pod_name(h))}/ns/net")
                 for h in sc.hosts}  # fmt: skip
         client_ns = netns_inode(f"/run/netns/{CLIENT_NS}")
         service = lab.state.service_pid if lab.state else None

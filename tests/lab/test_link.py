@@ -126,3 +126,30 @@ def test_the_shaped_link_runs_at_its_rate(tmp_path: Path) -> None:
         net.del_link("qmig-tl0")
     assert NS not in net.netns_list() and "qmig-tl0" not in net.prefixed_links()
     assert 14 <= sent.mbit_per_s <= 21, sent
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not net.have("tc"), reason="needs root and tc")
+@pytest.mark.timeout(60)
+def test_a_checkpoint_goes_host_to_host_between_two_namespaces(tmp_path: Path) -> None:
+    """Per-host Podman's path: the sender speaks from the source host's namespace straight to
+    the destination's (a veth pair between them, no route through the machine), and the
+    bytes are counted on the source's interface."""
+    src = tmp_path / "ckpt.tar"
+    data = _checkpoint_like(src, 1_000_000)
+    a, b = "qmig-test-ha", "qmig-test-hb"
+    own = os.stat("/proc/thread-self/ns/net").st_ino
+    try:
+        for ns in (a, b):
+            net.run(["ip", "netns", "add", ns])
+        net.add_ns_pair(a, "qmig-tha", b, "qmig-thb", "198.18.252.0/30")
+        before = net.iface_bytes("qmig-tha", a)
+        receiver = transfer.Receiver(b, "198.18.252.2", 7996, tmp_path / "moved")
+        sent = transfer.send(src, "198.18.252.2", 7996, ns=a)
+        assert receiver.result(timeout=20).startswith("OK ")
+        assert net.iface_bytes("qmig-tha", a) - before >= sent.bytes
+    finally:
+        for ns in (a, b):
+            net.del_netns(ns)
+    assert (tmp_path / "moved").read_bytes() == data
+    assert a not in net.netns_list() and b not in net.netns_list()
+    assert os.stat("/proc/thread-self/ns/net").st_ino == own  # this thread is back home

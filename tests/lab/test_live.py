@@ -10,6 +10,7 @@ Skipped (with the reason) where this machine cannot run containers; CI runs them
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +20,15 @@ from typing import Any
 import pytest
 
 from migration.lab import net
-from migration.lab.lab import CLIENT_NS, Lab, containers_unavailable, lab_lock
+from migration.lab.lab import (
+    CLIENT_NS,
+    HOSTS_STORAGE,
+    STATE_DIR,
+    Lab,
+    containers_unavailable,
+    lab_lock,
+)
+from migration.lab.podman import Instance
 from migration.lab.run import run_scenario
 from migration.scenario import ClientSpec, Scenario
 
@@ -47,6 +56,25 @@ def _leftovers() -> list[str]:
         found += [f"{kind} {name}" for name in out.split()]
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True, timeout=30).stdout
     found += [f"rule {line}" for line in rules.splitlines() if "qmig-lab" in line]
+    return found + _per_host_leftovers()
+
+
+def _per_host_leftovers() -> list[str]:
+    """Containers and pods left in an edge host's own Podman (``podman: per-host``)."""
+    found = []
+    for storage in sorted(HOSTS_STORAGE.glob("*")) if HOSTS_STORAGE.is_dir() else []:
+        # The run directory the lab gives it (Podman's database remembers it), made again
+        # for the check only: the lab removed it.
+        inst = Instance(f"qmig-h-{storage.name}", storage, STATE_DIR / "hosts" / storage.name)
+        inst.prepare()
+        try:
+            for kind, args in (("container", ("ps", "-a")), ("pod", ("pod", "ps"))):
+                out = subprocess.run(inst.argv(*args, "--format", "{{.Name}}", in_netns=False),
+                                     capture_output=True, text=True, timeout=30,
+                                     env=inst.env()).stdout  # fmt: skip
+                found += [f"{kind} {name} in {storage.name}'s Podman" for name in out.split()]
+        finally:
+            shutil.rmtree(STATE_DIR / "hosts", ignore_errors=True)
     return found
 
 

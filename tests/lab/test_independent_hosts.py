@@ -1,0 +1,89 @@
+"""Edge hosts with their own Podman (issue #17): a real migration between two instances.
+
+With ``podman: per-host`` every edge host has its own Podman: its own storage, run directory,
+file locks, CNI networks and API service, running in the host's own network namespace, so
+the pod network's bridge is that host's and the machine reaches the pod through the host's
+uplink.  The broker is checkpointed through the source host's Podman API and restored
+through the destination's, the machine's own Podman takes no part, and afterwards nothing
+of either instance is left but its storage (the image cache).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any
+
+import pytest
+
+from migration.lab import net
+from migration.lab.lab import HOSTS_STORAGE, Lab, container_name, host_netns, pod_name
+from migration.lab.postcopy import postcopy_support
+from migration.lab.precopy import best_method
+from migration.lab.run import run_scenario
+from migration.scenario import ClientSpec, Scenario
+
+from . import test_live
+from .test_live import REASON
+
+image = test_live.image
+nothing_left_behind = test_live.nothing_left_behind
+
+# The first run on a machine loads the image into each host's storage: a longer timeout.
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"containers unavailable: {REASON}"),
+              pytest.mark.timeout(420)]  # fmt: skip
+
+
+def _netns_inode(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+def test_the_broker_moves_between_two_independent_podman_instances(image: str) -> None:
+    demo = Scenario.load("demo")
+    scenario = demo.replace(
+        podman="per-host", hosts=demo.hosts[:2], migrations=("edge-b", "edge-a"),
+        method=best_method()[0], settle=1.5,
+        clients=(ClientSpec("quic-proactive", "quic", "proactive"),
+                 ClientSpec("quic-announce", "quic", "announce"), ClientSpec("tcp", "tcp")),
+    )  # fmt: skip
+    a, b = scenario.host("edge-a"), scenario.host("edge-b")
+    seen: dict[str, Any] = {}
+
+    def look(lab: Lab) -> None:
+        for host in (a, b):
+            podman = lab.podman_at(host)
+            assert podman.pid and podman.instance is not None
+            service_ns = _netns_inode(f"/proc/{podman.pid}/ns/net")
+            seen[f"{host.name} service netns"] = service_ns == _netns_inode(
+                f"/run/netns/{host_netns(host)}"
+            )
+            seen[f"{host.name} storage"] = podman.client.info()["store"]["graphRoot"]
+            seen[f"{host.name} containers"] = sorted(podman.lab_containers())
+            bridges = net.run(net.netns_exec(host_netns(host), "ip", "-o", "addr")).stdout
+            seen[f"{host.name} bridge"] = f"inet {host.gateway}/" in bridges
+            seen[f"{host.name} pod"] = podman.pod_id(pod_name(host))
+        cmd = ["podman", "ps", "-a", "--filter", "label=qmig=lab", "--format", "{{.Names}}"]
+        shared = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        seen["machine's podman"] = shared.stdout.split()
+
+    # A to B by the best method here, back by post-copy where it can run (its page server
+    # then serves from the source host's namespace, its lazy-pages daemon pulls from B's).
+    back = "postcopy" if postcopy_support() is None else scenario.method
+    result = run_scenario(scenario, image, methods=[scenario.method, back], on_lab=look)
+
+    assert [m["ok"] for m in result["migrations"]] == [True, True], result["migrations"]
+    assert [m["method"] for m in result["migrations"]] == [scenario.method, back]
+    assert [m["to"] for m in result["migrations"]] == ["edge-b", "edge-a"]
+    for m in result["migrations"]:
+        for row in m["clients"]:
+            assert row["lost"] == 0, (m["to"], row)
+    quic = [c for c in result["clients"] if c["name"].startswith("quic")]
+    assert quic and all(c.get("reconnects", 0) == 0 for c in quic), quic  # one connection each
+    for host in (a, b):
+        assert seen[f"{host.name} service netns"], seen  # its Podman runs in its namespace
+        assert seen[f"{host.name} bridge"], seen  # and its pod network is that host's
+        assert seen[f"{host.name} storage"] == str(HOSTS_STORAGE / host.name), seen
+    # Back on edge-a: only edge-a's Podman runs a broker; edge-b's dropped its copy.
+    assert seen["edge-a containers"] == [container_name(a)], seen
+    assert seen["edge-b containers"] == [], seen
+    assert seen["machine's podman"] == [], seen
