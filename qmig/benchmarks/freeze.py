@@ -79,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the broker keeps a durable store, which moves with it",
     )
     parser.add_argument(
+        "--podman",
+        choices=("shared", "per-host"),
+        default="shared",
+        help="per-host: each edge host its own Podman, checkpoints host to host",
+    )
+    parser.add_argument(
         "--json", default=None, metavar="FILE", help="write the results (- for stdout)"
     )
     parser.add_argument(
@@ -201,6 +207,7 @@ def run_lab(
     say: Callable[[str], None],
     qos: int = 1,
     persistence: bool = False,
+    podman: str = "shared",
 ) -> list[dict[str, Any]]:
     """One lab: every method ``repeats`` times, interleaved; one row per move."""
     from migration.lab.run import run_scenario
@@ -213,6 +220,7 @@ def run_lab(
         settle=SETTLE,
         qos=qos,
         persistence=persistence,
+        podman=podman,
         clients=(
             ClientSpec("quic-proactive", "quic", "proactive"),
             ClientSpec("quic-reactive", "quic", "reactive"),
@@ -355,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
                     _log,
                     qos=args.qos,
                     persistence=args.persistence,
+                    podman=args.podman,
                 )
             except Exception as exc:  # one failed lab must not lose the others' numbers
                 _log(f"{link}, {state}: the lab run failed: {type(exc).__name__}: {exc}")
