@@ -95,6 +95,9 @@ class SqliteStore(MemoryStore):
         self._dirty_deliveries: dict[Delivery, Session] = {}
         self._dirty_retained: set[str] = set()
         self._dirty_wills: dict[str, WillEntry | None] = {}
+        # The delivery rows on disk, per session: a delivery acknowledged within the commit
+        # interval (most of them) was never written, so it costs no DELETE either.
+        self._stored: dict[str, set[int]] = {}
         self._seq = 0
         self.commits = 0
         self._open()
@@ -217,6 +220,9 @@ class SqliteStore(MemoryStore):
             return None if t is None else t + shift
 
         sessions = self._sessions
+        gone: list[str] = []  # sessions whose rows go, and delivery rows written / deleted,
+        written: list[tuple[str, int]] = []  # applied to _stored once the commit holds
+        deleted: list[tuple[str, int]] = []
         try:
             db.execute("BEGIN")
             for client_id in self._dirty_sessions:
@@ -224,6 +230,7 @@ class SqliteStore(MemoryStore):
                 if s is None or s.expiry_interval == 0:
                     db.execute("DELETE FROM sessions WHERE client_id = ?", (client_id,))
                     db.execute("DELETE FROM deliveries WHERE client_id = ?", (client_id,))
+                    gone.append(client_id)
                     continue
                 subs = {
                     f: [o.qos, o.no_local, o.retain_as_published, o.retain_handling,
@@ -241,11 +248,14 @@ class SqliteStore(MemoryStore):
             for d, s in self._dirty_deliveries.items():
                 live = d.held and s.expiry_interval and sessions.get(s.client_id) is s
                 if not live:
-                    db.execute(
-                        "DELETE FROM deliveries WHERE client_id = ? AND seq = ?",
-                        (s.client_id, d.seq),
-                    )
+                    if d.seq in self._stored.get(s.client_id, ()):
+                        db.execute(
+                            "DELETE FROM deliveries WHERE client_id = ? AND seq = ?",
+                            (s.client_id, d.seq),
+                        )
+                        deleted.append((s.client_id, d.seq))
                     continue
+                written.append((s.client_id, d.seq))
                 m = d.message
                 db.execute(
                     "INSERT OR REPLACE INTO deliveries VALUES "
@@ -284,6 +294,12 @@ class SqliteStore(MemoryStore):
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise StoreError(f"cannot write the store {self.directory / DB_NAME}: {exc}") from exc
+        for client_id, seq in deleted:
+            self._stored[client_id].discard(seq)
+        for client_id, seq in written:
+            self._stored.setdefault(client_id, set()).add(seq)
+        for client_id in gone:
+            self._stored.pop(client_id, None)
         self._dirty_sessions.clear()
         self._dirty_deliveries.clear()
         self._dirty_retained.clear()
@@ -340,6 +356,7 @@ class SqliteStore(MemoryStore):
                 )  # fmt: skip
                 d = Delivery(message, qos, bool(retain), json.loads(sub_ids) if sub_ids else None)
                 d.seq = seq
+                self._stored.setdefault(cid, set()).add(seq)
                 self._seq = max(self._seq, seq)
                 if state:
                     d.packet_id = packet_id

@@ -273,3 +273,32 @@ def test_config_yaml_key_and_flags() -> None:
         BrokerConfig(persistence_sync="sometimes").validate()
     with pytest.raises(ConfigError, match="persistence_interval"):
         BrokerConfig(persistence_interval=0).validate()
+
+
+def test_a_delivery_acked_within_the_interval_never_touches_the_file(tmp_path: Path) -> None:
+    """A persistent subscriber that keeps up: its deliveries live and die between two commits,
+    so the commit writes no row and deletes none; one left unacked is written, and deleted
+    once acknowledged."""
+    broker, store, _ = open_broker(tmp_path)
+    sub = FakeClient(broker)
+    sub.connect("dev", clean_start=False, session_expiry=3600)
+    sub.subscribe(Subscription("q/#", 1))
+    pub = FakeClient(broker)
+    pub.connect("pub")
+    store.commit(broker.now(), WALL)
+    statements: list[str] = []
+    assert store._db is not None
+    store._db.set_trace_callback(statements.append)
+    for i in range(50):
+        pub.publish_acked("q/x", f"m{i}".encode())
+        for p in sub.publishes():
+            sub.ack(p)
+    store.commit(broker.now(), WALL)
+    assert not [s for s in statements if "deliveries" in s], statements
+    pub.publish_acked("q/x", b"late")
+    (late,) = sub.publishes()
+    store.commit(broker.now(), WALL)  # not acknowledged yet: on disk
+    assert store._db.execute("SELECT count(*) FROM deliveries").fetchone() == (1,)
+    sub.ack(late)
+    store.commit(broker.now(), WALL)
+    assert store._db.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
