@@ -173,9 +173,12 @@ class Scenario:
         hosts' checkpoint links, and ``host``'s namespace (.2)."""
         return self._slot(BACKHAUL_BASE, host)
 
+    def host_index(self, host: Host) -> int:
+        """Where ``host`` stands in ``hosts`` (per-host Podman numbers its links by it)."""
+        return [h.name for h in self.hosts].index(host.name)
+
     def _slot(self, base: str, host: Host) -> str:
-        index = [h.name for h in self.hosts].index(host.name)
-        return str(list(ipaddress.IPv4Network(base).subnets(new_prefix=30))[index])
+        return str(list(ipaddress.IPv4Network(base).subnets(new_prefix=30))[self.host_index(host)])
 
     def host(self, name: str) -> Host:
         for host in self.hosts:

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import ipaddress
 import json
 import os
 import secrets
@@ -34,7 +33,7 @@ from typing import Any
 
 from broker.certs import make_lab_certs
 from migration.control import ControlError, control_request
-from migration.scenario import Host, Scenario
+from migration.scenario import BACKHAUL_BASE, Host, Scenario
 
 from . import net
 from .net import LabError
@@ -44,7 +43,6 @@ from .postcopy import RUNTIME, runtime_installed
 STATE_DIR = Path(os.environ.get("QMIG_LAB_DIR", "/run/qmig/lab"))
 # Per-host Podman: each edge host's storage (kept across labs: it caches the broker image).
 HOSTS_STORAGE = Path(os.environ.get("QMIG_LAB_HOSTS", "/var/lib/qmig/lab-hosts"))
-SERVICE_PORT = 8888  # unused: podman 4.3's service has no TLS, so its API stays a unix socket
 CLIENT_NS = "qmig-cl"
 LINK_NS = "qmig-link"
 CLIENT_VETH = ("qmig-cl0", "qmig-cl1")
@@ -206,7 +204,7 @@ class Lab:
 
     def machine_uplink(self, host: Host) -> str:
         """Per-host Podman: the machine's address on ``host``'s uplink."""
-        return str(ipaddress.IPv4Network(self.scenario.uplink_subnet(host)).network_address + 1)
+        return net.net_address(self.scenario.uplink_subnet(host), 1)
 
     @property
     def broker_host(self) -> Host:
@@ -303,8 +301,6 @@ class Lab:
     def _backhaul(self) -> None:
         """Per-host Podman: checkpoints go host to host, each host's link shaped to the
         scenario's rate and routed through the link namespace, never through the machine."""
-        from migration.scenario import BACKHAUL_BASE
-
         sc = self.scenario
         net.enable_forwarding(LINK_NS)
         for index, host in enumerate(sc.hosts):
@@ -319,13 +315,11 @@ class Lab:
     def checkpoint_link(self, host: Host) -> tuple[str, str, str, str | None]:
         """Where ``host`` receives checkpoints (address, netns) and which interface (and
         netns) carries what it sends: per-host its own shaped link, else the machine's."""
-        from .live import net_address
-
         if not self.per_host:
-            return net_address(self.scenario.link_subnet, 2), LINK_NS, LINK_VETH[0], None
-        index = [h.name for h in self.scenario.hosts].index(host.name)
-        address = net_address(self.scenario.backhaul_subnet(host), 2)
-        return address, host_netns(host), backhaul_veths(index)[1], host_netns(host)
+            return net.net_address(self.scenario.link_subnet, 2), LINK_NS, LINK_VETH[0], None
+        address = net.net_address(self.scenario.backhaul_subnet(host), 2)
+        ns = host_netns(host)
+        return address, ns, backhaul_veths(self.scenario.host_index(host))[1], ns
 
     @property
     def trigger_url(self) -> str:
@@ -336,10 +330,10 @@ class Lab:
 
     def inventory(self) -> dict[str, Any]:
         """The orchestrator's inventory of this lab (migration.orchestrator.inventory)."""
-        from .live import TRANSFER_PORT, net_address
+        from .live import TRANSFER_PORT
 
         sc = self.scenario
-        link = {"address": net_address(sc.link_subnet, 2), "port": TRANSFER_PORT,
+        link = {"address": net.net_address(sc.link_subnet, 2), "port": TRANSFER_PORT,
                 "rate": sc.link_rate}  # fmt: skip
 
         def api(h: Host) -> str:

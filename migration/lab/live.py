@@ -33,7 +33,6 @@ source keeps its full local export, so its rollback is the cold one.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import shutil
 import subprocess
@@ -55,7 +54,6 @@ from .postcopy import (
     LazyRestore,
     PageServer,
     hybrid_note,
-    link_bytes,
     postcopy_support,
     runtime_installed,
 )
@@ -266,8 +264,6 @@ class Migration:
 
     def _link_bytes(self) -> int:
         """Bytes so far on the interface that carries what the source sends."""
-        if self.send_ns is None:
-            return link_bytes(self.link_dev)
         return net.iface_bytes(self.link_dev, self.send_ns)
 
     def _init_pid(self) -> int:
@@ -346,7 +342,7 @@ class Migration:
         # Where the page server listens: the machine's end of the link, or per-host the
         # source host's own link address (and namespace).
         source_ip = (lab.checkpoint_link(src)[0] if lab.per_host
-                     else net_address(lab.scenario.link_subnet, 1))  # fmt: skip
+                     else net.net_address(lab.scenario.link_subnet, 1))  # fmt: skip
         shutil.rmtree(self.work, ignore_errors=True)
         images = self.work / "source"
         shipped = self.work / "shipped.tar"
@@ -612,7 +608,3 @@ def _unpack_checkpoint(export_tar: Path, out: Path) -> None:
                 continue
             members.append(m)
         tar.extractall(out, members=members)
-
-
-def net_address(subnet: str, index: int) -> str:
-    return str(ipaddress.IPv4Network(subnet).network_address + index)

@@ -60,20 +60,25 @@ def netns_exec(ns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd]
 
 
+def net_address(subnet: str, index: int) -> str:
+    """The ``index``-th address of ``subnet`` (1: the first host)."""
+    return str(ipaddress.IPv4Network(subnet).network_address + index)
+
+
 def add_netns_link(ns: str, host_if: str, ns_if: str, subnet: str) -> tuple[str, str]:
     """Namespace ``ns`` joined to the machine by a veth pair on a /24 or /30 ``subnet``.
 
     The machine's end gets the first address, the namespace's end the second and a default
     route through the first.  Returns (machine address, namespace address).
     """
-    net = ipaddress.IPv4Network(subnet)
-    host_ip, ns_ip = str(net.network_address + 1), str(net.network_address + 2)
+    prefix = ipaddress.IPv4Network(subnet).prefixlen
+    host_ip, ns_ip = net_address(subnet, 1), net_address(subnet, 2)
     if ns not in netns_list():
         run(["ip", "netns", "add", ns])
     run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns])
-    run(["ip", "addr", "add", f"{host_ip}/{net.prefixlen}", "dev", host_if])
+    run(["ip", "addr", "add", f"{host_ip}/{prefix}", "dev", host_if])
     run(["ip", "link", "set", host_if, "up"])
-    run(netns_exec(ns, "ip", "addr", "add", f"{ns_ip}/{net.prefixlen}", "dev", ns_if))
+    run(netns_exec(ns, "ip", "addr", "add", f"{ns_ip}/{prefix}", "dev", ns_if))
     run(netns_exec(ns, "ip", "link", "set", ns_if, "up"))
     run(netns_exec(ns, "ip", "link", "set", "lo", "up"))
     run(netns_exec(ns, "ip", "route", "add", "default", "via", host_ip))
@@ -83,12 +88,12 @@ def add_netns_link(ns: str, host_if: str, ns_if: str, subnet: str) -> tuple[str,
 def add_ns_pair(ns_a: str, if_a: str, ns_b: str, if_b: str, subnet: str) -> tuple[str, str]:
     """A veth pair between two namespaces on a /30 ``subnet`` (``ns_a`` gets the first
     address, ``ns_b`` the second); returns both addresses."""
-    net = ipaddress.IPv4Network(subnet)
-    ip_a, ip_b = str(net.network_address + 1), str(net.network_address + 2)
+    prefix = ipaddress.IPv4Network(subnet).prefixlen
+    ip_a, ip_b = net_address(subnet, 1), net_address(subnet, 2)
     run(["ip", "link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b,
          "netns", ns_b])  # fmt: skip
     for ns, dev, ip in ((ns_a, if_a, ip_a), (ns_b, if_b, ip_b)):
-        run(netns_exec(ns, "ip", "addr", "add", f"{ip}/{net.prefixlen}", "dev", dev))
+        run(netns_exec(ns, "ip", "addr", "add", f"{ip}/{prefix}", "dev", dev))
         run(netns_exec(ns, "ip", "link", "set", dev, "up"))
     return ip_a, ip_b
 

@@ -185,15 +185,6 @@ class LazyRestore:
 
 
 # ---------------------------------------------------------------------- helpers
-def link_bytes(interface: str) -> int:
-    """Bytes both ways on a veth end in the machine's namespace (the shaped link)."""
-    stats = Path("/sys/class/net") / interface / "statistics"
-    try:
-        return int(_read(stats / "rx_bytes")) + int(_read(stats / "tx_bytes"))
-    except ValueError:
-        return 0
-
-
 def _listening(address: str, port: int, pid: int | None = None) -> bool:
     """Something listens on address:port, in the network namespace of ``pid`` (or ours)."""
     want = f"{_hex_ip(address)}:{port:04X}"
