@@ -539,12 +539,24 @@ class BrokerConnection:
         qos = packet.qos
         if qos == 2:
             pid = packet.packet_id
+            assert pid is not None  # the decoder requires one for QoS > 0
             if pid in session.inbound_qos2:
-                # Duplicate of a message we already routed (method A, section 4.3.3).
+                # Duplicate of a message we already routed (method A, section 4.3.3), or
+                # keep until a migration's commit (broker.provisional, rule 3).
                 self.broker.send_ack(self, b"\x50\x02" + pid.to_bytes(2, "big"))
                 return
             if len(session.inbound_qos2) >= self.broker.config.receive_maximum:
                 raise MQTTError("receive maximum exceeded", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+            if self.broker.provisional is not None:
+                if self.broker.defer_qos2(self, topic, packet):
+                    session.qos2_ids().add(pid)
+                elif self.version == MQTT_5:
+                    self.send_bytes(encode(Pubrec(pid, ReasonCode.QUOTA_EXCEEDED), MQTT_5))
+                else:
+                    self.close(ReasonCode.QUOTA_EXCEEDED)
+                return
+            self.route_qos2(topic, packet)
+            return
         reason = self.broker.publish_from(self, topic, packet)
         if qos == 1:
             pid = packet.packet_id
@@ -553,20 +565,27 @@ class BrokerConnection:
                 self.broker.send_ack(self, encode(Puback(pid, reason), MQTT_5))
             else:
                 self.broker.send_ack(self, b"\x40\x02" + pid.to_bytes(2, "big"))
-        elif qos == 2:
-            pid = packet.packet_id
-            assert pid is not None  # the decoder requires one for QoS > 0
-            if reason >= 0x80 and self.version == MQTT_5:
-                # An error PUBREC ends the exchange: nothing to remember (section 4.3.3).
-                self.send_bytes(encode(Pubrec(pid, reason), MQTT_5))
-                return
-            session.qos2_ids().add(pid)
-            if self.broker.journal:
-                self.broker.store.note_session(session)
-            if reason and self.version == MQTT_5:
-                self.broker.send_ack(self, encode(Pubrec(pid, reason), MQTT_5))
-            else:
-                self.broker.send_ack(self, b"\x50\x02" + pid.to_bytes(2, "big"))
+
+    def route_qos2(self, topic: str, packet: Publish) -> None:
+        """Route an inbound QoS 2 message and answer PUBREC (now, or kept until a
+        migration's commit: then its packet id is already taken)."""
+        session = self.session
+        assert session is not None  # a CONNECTed connection
+        pid = packet.packet_id
+        assert pid is not None  # the decoder requires one for QoS > 0
+        reason = self.broker.publish_from(self, topic, packet)
+        if reason >= 0x80 and self.version == MQTT_5:
+            # An error PUBREC ends the exchange: nothing to remember (section 4.3.3).
+            session.inbound_qos2.discard(pid)
+            self.send_bytes(encode(Pubrec(pid, reason), MQTT_5))
+            return
+        session.qos2_ids().add(pid)
+        if self.broker.journal:
+            self.broker.store.note_session(session)
+        if reason and self.version == MQTT_5:
+            self.broker.send_ack(self, encode(Pubrec(pid, reason), MQTT_5))
+        else:
+            self.broker.send_ack(self, b"\x50\x02" + pid.to_bytes(2, "big"))
 
     def _ack_error(self, packet: Publish, reason: int) -> None:
         pid = packet.packet_id
@@ -628,7 +647,9 @@ class BrokerConnection:
         delivery.state = AWAIT_PUBCOMP
         if self.broker.journal:
             self.broker.store.note_delivery(session, delivery)
-        self.send_bytes(b"\x62\x02" + pid.to_bytes(2, "big"))
+        # Held while provisional: the subscriber keeps the packet id until PUBREL, so a
+        # rollback's resend of this message is taken for the duplicate it is.
+        self.broker.send_ack(self, b"\x62\x02" + pid.to_bytes(2, "big"), durable=False)
 
     def _on_pubcomp(self, packet: Pubcomp) -> None:
         session = self.session
@@ -653,10 +674,12 @@ class BrokerConnection:
         if session.replays:  # retained messages still owed to those filters are not sent
             gone = set(packet.topic_filters)
             session.replays = deque(r for r in session.replays if r.topic_filter not in gone)
-        self.send(Unsuback(packet.packet_id, codes))
+        data = encode(Unsuback(packet.packet_id, codes), self.version or MQTT_5)
+        self.broker.send_ack(self, data, durable=False)  # held while provisional
 
     def send_suback(self, packet_id: int, codes: list[int]) -> None:
-        self.send(Suback(packet_id, codes))
+        data = encode(Suback(packet_id, codes), self.version or MQTT_5)
+        self.broker.send_ack(self, data, durable=False)  # held while provisional
 
     # ----------------------------------------------------------------- outbound PUBLISH
     def deliver(self, delivery: Delivery) -> bool:

@@ -5,7 +5,9 @@ connection::
 
     {"token": "...", "cmd": "prepare", "dest": "198.18.2.2:14567"}
     {"token": "...", "cmd": "pre-checkpoint", "reference": "198.18.2.2:1883"}
+    {"token": "...", "cmd": "pre-checkpoint", "reference": "...", "provisional": 60}
     {"token": "...", "cmd": "restored", "address": "198.18.2.2:14567"}
+    {"token": "...", "cmd": "commit"}
     {"token": "...", "cmd": "rollback"}
     {"token": "...", "cmd": "status"}
 
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from quicmig.frames import Address
 
+from .provisional import MAX_PROVISIONAL_SECONDS
 from .throttle import FailureBackoff, LogWindow
 
 if TYPE_CHECKING:
@@ -62,8 +65,9 @@ REFUSAL_LOG_WINDOW = 60.0  # seconds: refused requests make one log line per win
 # cmd -> (required fields, optional fields), besides "token" and "cmd".
 COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("dest",), ()),
-    "pre-checkpoint": ((), ("reference",)),
+    "pre-checkpoint": ((), ("reference", "provisional")),
     "restored": (("address",), ()),
+    "commit": ((), ()),
     "rollback": ((), ("address",)),
     "status": ((), ()),
 }
@@ -165,7 +169,15 @@ def check_arguments(cmd: str, request: dict[str, Any]) -> dict[str, Any]:
         reference = args.get("reference")
         if reference is not None and (not isinstance(reference, str) or not reference.strip()):
             raise BadRequest("reference must be a non-empty string such as host:port")
-        return {"reference": reference}
+        provisional = args.get("provisional")
+        if provisional is not None and (
+            isinstance(provisional, bool)
+            or not isinstance(provisional, int | float)
+            or not 0 < provisional <= MAX_PROVISIONAL_SECONDS
+        ):
+            raise BadRequest(f"provisional must be a number of seconds in (0, "
+                             f"{MAX_PROVISIONAL_SECONDS:g}]")  # fmt: skip
+        return {"reference": reference, "provisional": provisional}
     if cmd in ("restored", "rollback") and "address" in args:
         return {"address": _address("address", args["address"])}
     return {}
@@ -310,7 +322,10 @@ class ControlServer:
         if cmd == "prepare":
             return lambda: _now(api.prepare, args["dest"])
         if cmd == "pre-checkpoint":
-            return lambda: api.pre_checkpoint(args.get("reference"))
+            return lambda: api.pre_checkpoint(args.get("reference"),
+                                              provisional=args.get("provisional"))  # fmt: skip
+        if cmd == "commit":
+            return lambda: _now(api.commit)
         if cmd == "restored":
             return lambda: api.restored(args["address"])
         if cmd == "rollback":

@@ -30,6 +30,7 @@ from mqttproto.topics import (
 from .auth import Authenticator
 from .config import BrokerConfig
 from .connection import BrokerConnection, State
+from .provisional import DEFERRED_OVERHEAD, Deferred, Provisional
 from .session import (
     DELIVERY_OVERHEAD,
     NEVER_EXPIRES,
@@ -86,10 +87,12 @@ class Broker:
         store: Store | None = None,
         clock: Callable[[], float] = time.monotonic,
         version: str = "qmig",
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config or BrokerConfig()
         self.store: Store = store or MemoryStore()
         self.now = clock
+        self.wall = wall  # Unix time: deadlines that must hold across a restore elsewhere
         self.version = version
         self.started_at = clock()
         self.stats = Stats()
@@ -123,8 +126,10 @@ class Broker:
         # commit, and release_acks() sends the ones taken before it once it is durable.
         self.journal = self.store.journaling
         self.strict = self.journal and self.config.persistence_sync == "strict"
-        self.held_acks: list[tuple[BrokerConnection, bytes]] = []
+        self.held_acks: list[tuple[BrokerConnection, bytes, int]] = []
         self.ack_wakeup: Callable[[], None] = lambda: None
+        # A post-copy migration's commit point (broker.provisional): None when not moving.
+        self.provisional: Provisional | None = None
 
     # ----------------------------------------------------------------- durability
     def restore(self, wall: float) -> None:
@@ -144,25 +149,86 @@ class Broker:
                 session.held_bytes += cost
                 self.queued_bytes += cost
 
-    def send_ack(self, conn: BrokerConnection, data: bytes) -> None:
-        """Send an acknowledgement of an inbound message now, or once it is durable."""
-        if not self.strict:
-            conn.send_bytes(data)
-            return
-        if not self.held_acks:
-            self.ack_wakeup()
-        self.held_acks.append((conn, data))
+    def send_ack(self, conn: BrokerConnection, data: bytes, durable: bool = True) -> None:
+        """Send an acknowledgement that commits state: now, or once that state is durable
+        (``durable`` ones in strict mode) and committed by a migration (while provisional).
+        It goes out on the channel of the packet it answers, whenever it goes."""
+        channel = conn.rx_channel
+        if durable and self.strict:
+            if not self.held_acks:
+                self.ack_wakeup()
+            self.held_acks.append((conn, data, channel))
+        elif self.provisional is not None:
+            self.provisional.acks.append((conn, data, channel))
+        else:
+            conn.send_bytes(data, channel)
 
-    def take_acks(self) -> list[tuple[BrokerConnection, bytes]]:
+    def take_acks(self) -> list[tuple[BrokerConnection, bytes, int]]:
         """The acknowledgements the next commit makes durable (taken before it begins)."""
         acks, self.held_acks = self.held_acks, []
         return acks
 
-    def release_acks(self, acks: list[tuple[BrokerConnection, bytes]]) -> None:
-        """The commit after :meth:`take_acks` is durable: send what it covered."""
-        for conn, data in acks:
+    def release_acks(self, acks: list[tuple[BrokerConnection, bytes, int]]) -> None:
+        """The commit after :meth:`take_acks` is durable: send what it covered (or, while
+        provisional, hold it on for the migration's commit)."""
+        if self.provisional is not None:
+            self.provisional.acks.extend(acks)
+            return
+        for conn, data, channel in acks:
             if conn.state is State.CONNECTED and not conn.closing:
-                conn.send_bytes(data)
+                conn.send_bytes(data, channel)
+
+    # ----------------------------------------------------------------- migration commit point
+    def begin_provisional(self, seconds: float) -> None:
+        """Hold back acknowledgements and QoS 2 routing (broker.provisional) for at most
+        ``seconds``, until :meth:`end_provisional`."""
+        deadline = self.wall() + seconds
+        if self.provisional is None:
+            self.provisional = Provisional(deadline)
+        else:
+            self.provisional.deadline = deadline
+
+    def defer_qos2(self, conn: BrokerConnection, topic: str, packet: Publish) -> bool:
+        """Keep an inbound QoS 2 message until the commit (rule 3); False: over budget."""
+        held = self.provisional
+        assert held is not None  # only while provisional
+        cost = len(topic) + len(packet.payload) + DEFERRED_OVERHEAD
+        total = self.config.max_queued_bytes_total
+        if total and self.queued_bytes + cost > total:
+            return False
+        self.queued_bytes += cost
+        held.deferred_bytes += cost
+        held.deferred.append(Deferred(conn, topic, packet, conn.rx_channel, cost))
+        return True
+
+    def end_provisional(self) -> dict[str, int]:
+        """The commit (or the rollback at the source): route the kept QoS 2 messages in
+        order, then send every held acknowledgement in order.  Returns what was held."""
+        held = self.provisional
+        if held is None:
+            return {"held_acks": 0, "held_qos2": 0, "held_qos2_bytes": 0}
+        counts = held.counts()
+        for item in held.deferred:
+            self.queued_bytes -= item.cost
+        self.provisional = None
+        for item in held.deferred:
+            conn = item.conn
+            rx = conn.rx_channel
+            conn.rx_channel = item.channel
+            try:
+                conn.route_qos2(item.topic, item.packet)
+            finally:
+                conn.rx_channel = rx
+        self.release_acks(held.acks)
+        return counts
+
+    def _provisional_expired(self) -> None:
+        held = self.provisional
+        if held is not None and self.wall() >= held.deadline:
+            counts = self.end_provisional()
+            log.warning("provisional since pre-checkpoint and no commit or rollback came by "
+                        "its deadline: committed by itself (%d acknowledgements, %d QoS 2 "
+                        "messages released)", counts["held_acks"], counts["held_qos2"])  # fmt: skip
 
     def _note_will(self, client_id: str, entry: WillEntry | None) -> None:
         if self.journal:
@@ -852,8 +918,11 @@ class Broker:
 
     # ----------------------------------------------------------------- timers
     def tick(self) -> None:
-        """Keep-alive, will delays, session expiry and $SYS; call about twice a second."""
+        """Keep-alive, will delays, session expiry, $SYS and the provisional deadline; call
+        about twice a second."""
         now = self.now()
+        if self.provisional is not None:
+            self._provisional_expired()
         timeout = self.config.incomplete_packet_timeout
         for conn in list(self.connections):
             if conn.closing:

@@ -251,14 +251,21 @@ class MigrationAPI:
         log.info("prepare: told %d QUIC clients about %s (sequence %d)", told, dest, frame.sequence)
         return {"sequence": self.sequence, "destination": str(dest), "quic_notified": told}
 
-    async def pre_checkpoint(self, reference: str | None, grace: float = 1.0) -> dict[str, Any]:
+    async def pre_checkpoint(self, reference: str | None, grace: float = 1.0,
+                             provisional: float | None = None) -> dict[str, Any]:  # fmt: skip
         """Step 2: send reconnecting transports away and close what CRIU cannot dump.
 
         CRIU refuses established TCP connections (they could not follow a new IP anyway), so
         every TCP-family listener closes too: a client connecting after this point is refused
         and retries, rather than slipping an established socket into the checkpoint.  The
         DISCONNECTs get ``grace`` seconds to drain; connections still open then are aborted.
+
+        With ``provisional`` (seconds, post-copy), the broker acknowledges nothing a rollback
+        would forget from now until :meth:`commit` or :meth:`rollback`, or for that long at
+        most (:mod:`broker.provisional`).
         """
+        if provisional is not None:
+            self.server.broker.begin_provisional(provisional)
         sent_away = self.server.broker.disconnect_clients(
             RECONNECTING_TRANSPORTS, ReasonCode.SERVER_MOVED, reference
         )
@@ -279,7 +286,8 @@ class MigrationAPI:
         self.state = "checkpoint-ready"
         log.info("pre-checkpoint: %d TCP/TLS/MPTCP clients sent to %s", sent_away, reference)
         return {"disconnected": sent_away, "aborted": aborted, "reference": reference,
-                "quic_unacknowledged": unacknowledged}  # fmt: skip
+                "quic_unacknowledged": unacknowledged,
+                "provisional": self.server.broker.provisional is not None}  # fmt: skip
 
     def _start_freeze_watch(self) -> None:
         if self._freeze_watch is None or self._freeze_watch.done():
@@ -368,13 +376,27 @@ class MigrationAPI:
             proto.transmit()
         self._remember("restored", {"sequence": self.sequence, "to": str(new_addr),
                                     "announced": announced, "at": time.time()})  # fmt: skip
-        self.state = "serving"
-        log.info("restored at %s: announced to %d QUIC clients", new_addr, announced)
+        provisional = self.server.broker.provisional is not None
+        self.state = "provisional" if provisional else "serving"
+        log.info("restored at %s: announced to %d QUIC clients%s", new_addr, announced,
+                 "; provisional until the commit" if provisional else "")  # fmt: skip
         return {
             "address": str(new_addr),
             "quic_announced": announced,
             "freeze": self.freeze_report(),
+            "provisional": provisional,
         }
+
+    def commit(self) -> dict[str, Any]:
+        """Step 5 of a post-copy move: every page has arrived, so a rollback can no longer
+        happen.  Route the QoS 2 messages kept since pre-checkpoint and send the held
+        acknowledgements (:mod:`broker.provisional`)."""
+        released = self.server.broker.end_provisional()
+        self.server.flush()
+        self.state = "serving"
+        log.info("commit: released %d acknowledgements and %d QoS 2 messages",
+                 released["held_acks"], released["held_qos2"])  # fmt: skip
+        return {"state": self.state, **released}
 
     async def rollback(self, address: Address | None = None) -> dict[str, Any]:
         """The move failed and the broker serves where it was: undo prepare/pre-checkpoint.
@@ -387,6 +409,8 @@ class MigrationAPI:
         self._stop_freeze_watch()
         self._restore_configured_redirect()
         self._settle_all()
+        # Resumed from the frozen image: what it held back is real state here (rule 4).
+        released = self.server.broker.end_provisional()
         for kind in self.server.listeners:
             await self.server.open_listener(kind)
         told = 0
@@ -406,7 +430,8 @@ class MigrationAPI:
         self.state = "serving"
         self.destination = None
         log.info("rollback: serving at %s again, told %d QUIC clients to stay", address, told)
-        return {"state": self.state, "quic_told": told, "freeze": self.freeze_report()}
+        return {"state": self.state, "quic_told": told, "freeze": self.freeze_report(),
+                **released}  # fmt: skip
 
     def _remember(self, outcome: str, entry: dict[str, Any]) -> None:
         """Count a migration's outcome and freeze; keep its entry among the latest."""
@@ -419,6 +444,7 @@ class MigrationAPI:
         del self.history[:-MAX_HISTORY]
 
     def status(self) -> dict[str, Any]:
+        held = self.server.broker.provisional
         by_transport: dict[str, int] = {}
         for conn in self.server.broker.connections:
             by_transport[conn.transport] = by_transport.get(conn.transport, 0) + 1
@@ -443,6 +469,7 @@ class MigrationAPI:
             "triggers": list(self.triggers),
             "trigger_counts": dict(self.trigger_counts),
             "history": list(self.history),
+            "provisional": held.counts() if held is not None else None,
             "last_freeze": self.freeze_report(),
             "returned": self.returned_clients(),
         }

@@ -292,7 +292,7 @@ class BrokerServer:
         except StoreError as exc:
             # Nothing is acknowledged that is not on disk: the clients resend them.
             log.error("%s; closing %d connections with unacknowledged messages", exc, len(acks))
-            for conn in {conn for conn, _ in acks}:
+            for conn in {conn for conn, _, _ in acks}:
                 conn.close(ReasonCode.UNSPECIFIED_ERROR)
             return
         if acks:

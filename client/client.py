@@ -182,7 +182,8 @@ class Client:
         self._generation = 0
         self._reconnect_task: asyncio.Task[None] | None = None
         # Where we were before a Server Reference sent us elsewhere: if the referenced
-        # server stays unreachable (its migration was rolled back), try here again.
+        # server stays unreachable (its migration was rolled back), try here again; kept
+        # after we reached it too (a rollback can follow its serving), until the next move.
         self._previous: tuple[str, int] | None = None
         # How a QUIC connection follows a migrating broker (see quicmig.follower).
         self.follower = Follower(Strategy(follow)) if transport == "quic" else None
@@ -455,8 +456,11 @@ class Client:
                 racing = False
                 continue
             if isinstance(event, Connected):
+                # self._previous stays: a post-copy move can still roll back after its
+                # destination served (the lazy phase), and a referenced server that then
+                # falls silent sends us home again.  Only the next Server Reference
+                # replaces it.
                 self.reconnects += 1
-                self._previous = None
                 log.info("reconnected to %s:%s (session present %s)", self.host, self.port,
                          event.session_present)  # fmt: skip
                 return

@@ -99,8 +99,19 @@ def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="server reference for MQTT 5 clients, e.g. 198.18.2.2:1883",
     )
+    p.add_argument(
+        "--provisional",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="post-copy: acknowledge nothing a rollback would forget until commit or "
+        "rollback, or for SECONDS at most",
+    )
     p = cmds.add_parser("restored", help="reopen listeners, announce ADDRESS to QUIC clients")
     p.add_argument("address", metavar="ADDRESS", help="the broker's QUIC address now")
+    cmds.add_parser(
+        "commit", help="post-copy: every page arrived; send what was held since pre-checkpoint"
+    )
     p = cmds.add_parser("rollback", help="the move failed: undo prepare/pre-checkpoint")
     p.add_argument(
         "address",
@@ -129,7 +140,10 @@ def run_ctl(args: argparse.Namespace) -> int:
             )
         fields = {
             "prepare": {"dest": getattr(args, "dest", None)},
-            "pre-checkpoint": {"reference": getattr(args, "reference", None)},
+            "pre-checkpoint": {
+                "reference": getattr(args, "reference", None),
+                "provisional": getattr(args, "provisional", None),
+            },
             "restored": {"address": getattr(args, "address", None)},
             "rollback": {"address": getattr(args, "address", None)},
         }.get(args.ctl_command, {})

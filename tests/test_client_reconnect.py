@@ -66,6 +66,41 @@ async def test_sent_to_a_dead_server_the_client_falls_back_with_one_connection(
 
 
 @pytest.mark.timeout(30)
+async def test_a_destination_that_served_then_died_sends_the_client_home(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A post-copy rollback: the client followed the Server Reference and was served there,
+    then the destination died (its lazy phase failed) and the broker serves at home again.
+    The client must come home, not knock at the dead destination for ever."""
+    monkeypatch.setattr(client_module, "FALLBACK_AFTER", 0.6)
+    server = await _tcp_broker()
+    destination = await _tcp_broker()
+    home, there = server.config.tcp_port, destination.config.tcp_port
+    client = Client(HOST, home, transport="tcp", client_id="home", clean_start=True,
+                    session_expiry=60, reconnect_delay=(0.02, 0.1))  # fmt: skip
+    try:
+        await client.connect()
+        await server.migration.pre_checkpoint(f"{HOST}:{there}")
+        await asyncio.wait_for(client.wait_connected(), 10)
+        for _ in range(100):
+            if client.connected and client.port == there:
+                break
+            await asyncio.sleep(0.05)
+        assert client.connected and client.port == there
+        await destination.stop()  # the destination dies mid-way through its lazy phase
+        await server.migration.rollback()
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(client.wait_connected(), 10)
+        assert client.port == home
+        assert client.reconnects == 2
+        assert _tcp_connections(server) == 1
+    finally:
+        await client.disconnect()
+        await server.stop()
+        await destination.stop()
+
+
+@pytest.mark.timeout(30)
 async def test_refused_reconnects_do_not_multiply_loops() -> None:
     """Each refused attempt loses a stream; still only one reconnect loop may run."""
     server = await _tcp_broker()

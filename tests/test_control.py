@@ -293,7 +293,8 @@ async def test_pre_checkpoint_then_restored(broker: Broker) -> None:
             assert status["listeners"][kind].endswith("(closed)")
     finally:
         result = await broker.ctl("restored", address=f"{HOST}:{broker.quic}")
-    assert result == {"address": f"{HOST}:{broker.quic}", "quic_announced": 0, "freeze": None}
+    assert result == {"address": f"{HOST}:{broker.quic}", "quic_announced": 0, "freeze": None,
+                      "provisional": False}  # fmt: skip
     assert _can_connect(broker.mptcp)
     with paho(broker.tcp) as back:
         rc, _ = await asyncio.to_thread(back.connect)
@@ -309,13 +310,59 @@ async def test_rollback_after_pre_checkpoint(broker: Broker) -> None:
     assert not _can_connect(broker.mptcp) and not _can_connect(broker.tcp)
     done = await asyncio.to_thread(_run_ctl, broker, "rollback", f"{HOST}:{broker.quic}")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"state": "serving", "quic_told": 0, "freeze": None}
+    assert json.loads(done.stdout) == {
+        "state": "serving",
+        "quic_told": 0,
+        "freeze": None,
+        "held_acks": 0,
+        "held_qos2": 0,
+        "held_qos2_bytes": 0,
+    }
     status = await broker.ctl("status")
     assert status["history"][-1]["rolled_back_to"] == f"{HOST}:{broker.quic}"
     assert _can_connect(broker.mptcp)
     with paho(broker.tcp) as back:
         rc, _ = await asyncio.to_thread(back.connect)
         assert rc == 0
+
+
+async def test_a_provisional_broker_acknowledges_over_quic_only_after_the_commit(
+    broker: Broker,
+) -> None:
+    """Post-copy's commit point, end to end: after ``pre-checkpoint --provisional`` a QUIC
+    client's QoS 1 message is delivered at once but not acknowledged, its QoS 2 message is
+    neither; ``qmig ctl commit`` sends both acknowledgements and routes the QoS 2 one."""
+    async with Client(HOST, broker.quic, transport="quic", cafile=broker.ca) as client:
+        await client.subscribe("prov/#", qos=2)
+        done = await asyncio.to_thread(_run_ctl, broker, "pre-checkpoint", "--provisional", "30")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["provisional"] is True
+        try:
+            qos1 = asyncio.create_task(client.publish("prov/1", b"one", qos=1))
+            qos2 = asyncio.create_task(client.publish("prov/2", b"two", qos=2))
+            first = await client.next_message(timeout=WAIT)
+            assert (first.topic, first.payload) == ("prov/1", b"one")
+            await asyncio.sleep(0.5)
+            assert not qos1.done() and not qos2.done()  # nothing acknowledged
+            status = await broker.ctl("status")
+            assert status["provisional"]["held_acks"] >= 1
+            assert status["provisional"]["held_qos2"] == 1
+            with pytest.raises(TimeoutError):
+                await client.next_message(timeout=0.3)  # QoS 2: not routed yet
+            done = await asyncio.to_thread(_run_ctl, broker, "commit")
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["held_qos2"] == 1
+            await asyncio.wait_for(asyncio.gather(qos1, qos2), WAIT)
+            second = await client.next_message(timeout=WAIT)
+            assert (second.topic, second.payload) == ("prov/2", b"two")
+            assert (await broker.ctl("status"))["provisional"] is None
+        finally:
+            await broker.ctl("rollback")
+    with pytest.raises(ControlError, match="provisional must be"):
+        await broker.ctl("pre-checkpoint", provisional=-1)
+    with pytest.raises(ControlError, match="provisional must be"):
+        await broker.ctl("pre-checkpoint", provisional=True)
+    assert (await broker.ctl("status"))["state"] == "serving"
 
 
 def test_config_reads_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

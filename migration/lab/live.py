@@ -19,8 +19,10 @@ restores at once through the ``qmig-runc`` runtime wrapper with ``criu lazy-page
 pulls the missing pages over the link from ``criu page-server --lazy-pages`` reading the full
 dump at the source.  Until every page has arrived the source keeps that dump: any failure in
 the lazy phase kills the destination and restores the source from it, as a cold rollback does.
-What the destination acknowledged during the lazy phase is not in that dump and is lost by
-such a rollback (see docs/design/postcopy.md).  ``hybrid`` runs as post-copy here: CRIU's
+Nothing the destination acknowledged is lost by such a rollback: from pre-checkpoint until
+the commit (every page arrived) the broker is provisional (:mod:`broker.provisional`) and
+acknowledges nothing the frozen image would not know, so clients send it again to the
+source (see docs/design/postcopy.md).  ``hybrid`` runs as post-copy here: CRIU's
 pre-copy needs the kernel's memory dirty tracking, which :func:`precopy_support` detects.
 
 Pre-copy (``method="precopy"``) needs no dirty tracking: :mod:`migration.lab.precopy` reads
@@ -62,6 +64,7 @@ TRANSFER_PORT = 7999
 CODEC_SAMPLE = 2 << 20  # bytes of the broker's memory the codecs are measured on
 ROUND_PORT = 7997  # pre-copy's live rounds, one receiver after the other
 FAIL_POINTS = ("transfer", "restore", "lazy-pages")
+LAZY_FAIL_AFTER = 0.5  # seconds of serving at the destination before fail_at lazy-pages
 
 
 class MigrationFailed(LabError):
@@ -173,7 +176,10 @@ class Migration:
             self.outcome["quic_notified"] = told.get("quic_notified", 0)
             self._mark("clients_notified", f"told {told.get('quic_notified', 0)} QUIC clients")
             # A bare host: TCP, TLS and MPTCP clients each keep their own port.
-            pre = lab.control("pre-checkpoint", host=src, reference=dest.address)
+            # Post-copy: from here until the commit the broker acknowledges nothing that a
+            # rollback to the frozen image would forget (broker.provisional).
+            hold = {"provisional": self._provisional_seconds()} if self.method == "postcopy" else {}
+            pre = lab.control("pre-checkpoint", host=src, reference=dest.address, **hold)
             self.outcome["tcp_sent_away"] = pre.get("disconnected", 0)
             # QUIC clients that had not acknowledged the destination within the grace.
             self.outcome["quic_unacknowledged"] = pre.get("quic_unacknowledged", 0)
@@ -372,8 +378,7 @@ class Migration:
             self.outcome["lazy_bytes"] = stripped.lazy_bytes
             self._mark("lazy_stripped", f"{stripped.lazy_bytes / 1e6:.1f} MB of pages left "
                                         "for the lazy phase")  # fmt: skip
-            rate = self._link_rate()
-            budget = 2 * ckpt.bytes * 8 / rate + 10  # the whole lazy phase, generously
+            budget = self._lazy_budget(ckpt.bytes)
             server = PageServer(images / "checkpoint", source_ip, PAGE_SERVER_PORT, budget + 30,
                                 self.work / "page-server.log", ns=self.send_ns)  # fmt: skip
             sent = transfer.send(shipped, link_ip, TRANSFER_PORT, codec=self.codec,
@@ -396,6 +401,7 @@ class Migration:
             self._mark("restore_done", f"restored in {dest.name} (pages still at {src.name})")
             self._serving_at_destination(f"serving at {dest.address}; pulling the remaining pages")
             if self.fail_at == "lazy-pages":
+                time.sleep(LAZY_FAIL_AFTER)  # mid-way: the destination has served a while
                 self._kill_lazy_daemon(lazy)
             rc = lazy.wait(time.monotonic() + budget)
             if rc != 0:
@@ -410,6 +416,7 @@ class Migration:
             self.outcome["pages_pulled"] = result.pages
             self._mark("pages_done", f"every page at {dest.name} ({result.pages} pulled, "
                                      f"{result.faults} on demand)")  # fmt: skip
+            self._commit()
         except (LabError, ControlError, criu_images.ImageFormatError, OSError,
                 tarfile.TarError) as exc:  # fmt: skip
             receiver.stop()
@@ -435,6 +442,37 @@ class Migration:
         self.outcome["ok"] = True
         self._clean_source()
         return self.outcome
+
+    def _lazy_budget(self, nbytes: int) -> float:
+        """Seconds the lazy phase may take for ``nbytes`` of memory: twice the link's
+        time for them, plus 10 s."""
+        return 2 * nbytes * 8 / self._link_rate() + 10
+
+    def _provisional_seconds(self) -> float:
+        """How long the broker may hold its acknowledgements back at most (its deadline if
+        neither commit nor rollback comes): the lazy phase of its resident memory, plus
+        the steps around it."""
+        try:
+            rss = sum(_resident_bytes(pid)
+                      for pid, _ in precopy.container_processes(self._init_pid()))  # fmt: skip
+        except (precopy.PrecopyError, OSError, ValueError):
+            rss = 0
+        return round(self._lazy_budget(max(rss, 64 << 20)) + 60, 1)
+
+    def _commit(self) -> None:
+        """Every page is at the destination: the move can no longer roll back, so the
+        broker there sends what it held since pre-checkpoint."""
+        try:
+            done = self.lab.control("commit", host=self.dest)
+        except ControlError as exc:  # it commits by itself at its deadline
+            self.outcome["commit_error"] = str(exc)
+            self.progress(f"commit failed ({exc}); the broker commits by itself at its "
+                          "deadline")  # fmt: skip
+            return
+        self.outcome["held_acks"] = done.get("held_acks", 0)
+        self.outcome["held_qos2"] = done.get("held_qos2", 0)
+        self._mark("committed", f"committed: {done.get('held_acks', 0)} acknowledgements and "
+                                f"{done.get('held_qos2', 0)} QoS 2 messages released")  # fmt: skip
 
     def _kill_lazy_daemon(self, lazy: LazyRestore) -> None:
         """The link or the destination "dies" mid-way: SIGKILL the real lazy-pages daemon."""
@@ -595,6 +633,14 @@ class Migration:
             f"serves at {src.address} again",
             self.outcome,
         ) from exc
+
+
+def _resident_bytes(pid: int) -> int:
+    """A process's resident memory (VmRSS), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _unpack_checkpoint(export_tar: Path, out: Path) -> None:
