@@ -145,7 +145,7 @@ class Scenario:
     # that it moves with the container in every method (podman exports the rootfs changes).
     persistence: bool = False
     loss: float = 0.0  # percent, on the clients' access link, both directions
-    rate: float = 20.0  # messages per second per client
+    rate: float = 20.0  # messages per second per client; 0: idle clients
     qos: int = 1
     # Reconnecting clients (TCP, TLS, MPTCP): first retry this long after a loss, then
     # doubling up to the second value (seconds); one schedule for paho and qmig's client.
@@ -237,8 +237,8 @@ class Scenario:
             raise ScenarioError(f"method must be one of {', '.join(METHODS)}")
         if not 0 <= self.loss < 100:
             raise ScenarioError("loss is a percentage in [0, 100)")
-        if self.qos not in (0, 1, 2) or self.rate <= 0:
-            raise ScenarioError("qos must be 0, 1 or 2 and rate positive")
+        if self.qos not in (0, 1, 2) or not self.rate >= 0:
+            raise ScenarioError("qos must be 0, 1 or 2 and rate >= 0 (0: idle clients)")
         check_reconnect_delay(self.reconnect_delay, ScenarioError)
         if not 1 <= self.processes <= max(1, len(self.clients)):
             raise ScenarioError("processes must be between 1 and the number of clients")

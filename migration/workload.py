@@ -8,7 +8,8 @@ Python process with the orchestrator; it is driven by files and signals instead:
    session that outlives a reconnect) and subscribe each to its own topic;
 2. print ``READY`` on stdout once all of them are connected and subscribed;
 3. each client publishes sequence numbers to its topic at ``rate`` msg/s, so every message
-   crosses the migration twice (publisher -> broker -> subscriber);
+   crosses the migration twice (publisher -> broker -> subscriber); at rate 0 the clients
+   stay idle (a fleet of sleeping devices: what their connections cost the broker);
 4. on SIGTERM/SIGINT, after ``duration`` seconds, or on stdin EOF (``--stdin-stop``): stop
    publishing, drain in-flight messages for up to ``drain`` seconds, disconnect, write
    RESULT.json and exit 0.
@@ -114,7 +115,7 @@ class WorkloadSpec:
 
     broker: BrokerTarget
     clients: tuple[ClientSpec, ...]
-    rate: float = 20.0  # messages per second per client
+    rate: float = 20.0  # messages per second per client; 0: idle (connected, subscribed)
     qos: int = 1
     duration: float | None = None  # seconds of publishing; None = until told to stop
     drain: float = 2.0  # seconds to wait for in-flight messages after publishing stops
@@ -153,8 +154,8 @@ class WorkloadSpec:
                 raise SpecError(f"client {c.name}: qos must be 0, 1 or 2")
         if self.qos not in (0, 1, 2):
             raise SpecError("qos must be 0, 1 or 2")
-        if not self.rate > 0:
-            raise SpecError("rate must be positive")
+        if not self.rate >= 0:
+            raise SpecError("rate must be >= 0 (0: idle clients, connected and subscribed)")
         if self.duration is not None and self.duration < 0:
             raise SpecError("duration must be >= 0 (or null: until stopped)")
         if self.drain < 0:
@@ -662,7 +663,7 @@ class Workload:
 
     def _ledger_gap(self) -> float:
         """A silence that starts a new delivery segment: five intervals, at least 0.25 s."""
-        return max(0.25, 5 / self.spec.rate)
+        return max(0.25, 5 / self.spec.rate) if self.spec.rate else 0.25
 
     # ------------------------------------------------------------------ start
     def _make_client(self, c: ClientSpec) -> WorkloadClient:
@@ -749,8 +750,11 @@ class Workload:
             run.error(f"connection lost for good at {self.clock.now():.3f}")
 
     async def _publish(self, run: ClientRun, offset: float) -> None:
-        """Publish ``seq`` at ``start + seq / rate``; never waits for an acknowledgement."""
+        """Publish ``seq`` at ``start + seq / rate``; never waits for an acknowledgement.
+        At rate 0 the client stays idle: connected, subscribed, silent."""
         rate = self.spec.rate
+        if not rate:
+            return
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(offset / rate)
             start = time.monotonic()

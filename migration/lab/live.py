@@ -159,6 +159,7 @@ class Migration:
         self._mark("trigger", f"migrating the broker {src.name} ({src.address}) -> "
                               f"{dest.name} ({dest.address})")  # fmt: skip
         self._link0 = self._link_bytes()  # every byte of the move, rounds included
+        self.outcome["broker_rss_bytes"] = self._broker_rss()  # what the move has to carry
         receiver = transfer.Receiver(
             self.recv_ns, link_ip, TRANSFER_PORT, self.moved_ckpt,
             fail_after=64 * 1024 if self.fail_at == "transfer" else None,
@@ -452,12 +453,15 @@ class Migration:
         """How long the broker may hold its acknowledgements back at most (its deadline if
         neither commit nor rollback comes): the lazy phase of its resident memory, plus
         the steps around it."""
+        return round(self._lazy_budget(max(self._broker_rss(), 64 << 20)) + 60, 1)
+
+    def _broker_rss(self) -> int:
+        """The broker container's resident memory now (its processes' VmRSS; 0 if unknown)."""
         try:
-            rss = sum(_resident_bytes(pid)
-                      for pid, _ in precopy.container_processes(self._init_pid()))  # fmt: skip
-        except (precopy.PrecopyError, OSError, ValueError):
-            rss = 0
-        return round(self._lazy_budget(max(rss, 64 << 20)) + 60, 1)
+            return sum(_resident_bytes(pid)
+                       for pid, _ in precopy.container_processes(self._init_pid()))  # fmt: skip
+        except Exception:  # a measurement: never a reason for the move to fail
+            return 0
 
     def _commit(self) -> None:
         """Every page is at the destination: the move can no longer roll back, so the

@@ -187,8 +187,9 @@ def run_scenario(
             spec = workload_spec(lab, drain, ledger)
             workload = WorkloadGroup(spec, Path(tmp), scenario.processes)
             levels = "/".join(str(q) for q in sorted({spec.qos_of(c) for c in spec.clients}))
-            say(f"{len(scenario.clients)} clients publishing {scenario.rate:g} msg/s each at "
-                f"QoS {levels}")  # fmt: skip
+            doing = (f"publishing {scenario.rate:g} msg/s each at QoS {levels}" if scenario.rate
+                     else f"idle (connected, subscribed at QoS {levels})")  # fmt: skip
+            say(f"{len(scenario.clients)} clients {doing}")
             if on_ready is not None:
                 on_ready(lab)
             time.sleep(scenario.settle)

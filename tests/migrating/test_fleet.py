@@ -47,3 +47,27 @@ def test_summary_and_recovery_per_strategy() -> None:
     assert recovery([client], {"freeze_at": 10.0, "resume_at": 11.0}) == {
         "pool": {"clients": 1, "p50_ms": 1000.0, "p95_ms": 1000.0, "p99_ms": 1000.0,
                  "max_ms": 1000.0}}  # fmt: skip
+
+
+def test_idle_fleet_holds_10000_silent_quic_clients() -> None:
+    sc = Scenario.load("fleet-idle")
+    assert len(sc.clients) == 10_000 and sc.rate == 0 and sc.method == "precopy"
+    assert {c.strategy for c in sc.clients} == {"proactive", "reactive", "pool", "announce"}
+    with pytest.raises(ScenarioError):
+        sc.replace(rate=-1)
+
+
+def test_summary_says_who_followed_and_what_the_broker_held() -> None:
+    rows = [
+        {"strategy": "reactive", "lost": 0, "duplicates": 0, "reconnects": 0,
+         "extra_ms": None, "validated_after_resume_ms": 40.0},
+        {"strategy": "reactive", "lost": 0, "duplicates": 0, "reconnects": 0,
+         "extra_ms": None, "validated_after_resume_ms": 300.0},
+        {"strategy": "reactive", "lost": 0, "duplicates": 0, "reconnects": 0, "extra_ms": None},
+    ]  # fmt: skip
+    fig = summarize({"clients": rows, "timeline": {"trigger": 0.0},
+                     "broker_rss_bytes": 290_400_000, "checkpoint_bytes": 3e8})  # fmt: skip
+    assert fig["broker_rss_mb"] == 290.4 and fig["checkpoint_mb"] == 300.0
+    reactive = fig["strategies"]["reactive"]
+    assert reactive["followed"] == 2 and reactive["no_interruption_figure"] == 3
+    assert (reactive["validated_p50_ms"], reactive["validated_p99_ms"]) == (40.0, 300.0)

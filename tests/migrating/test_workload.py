@@ -261,6 +261,37 @@ async def test_quic_clients_follow_a_moving_broker_and_record_it_in_wall_clock(
         assert address == f"127.0.0.3:{harness.port}" and moved_at >= record["validated_at"] - 0.05
 
 
+@pytest.mark.timeout(30)
+async def test_idle_quic_clients_stay_silent_and_still_follow_the_broker(tmp_path: Path) -> None:
+    """Rate 0 (the idle fleet of #16): connected and subscribed, nothing published, and
+    every strategy's client still validates the broker's new address after the move."""
+    clients = tuple(ClientSpec(st, "quic", st) for st in ("proactive", "reactive", "announce"))
+    async with Harness() as harness:
+        target = BrokerTarget(harness.source, {"quic": harness.port}, harness.cafile)
+        spec = WorkloadSpec(target, clients, rate=0, qos=1, drain=0.5)
+        async with running(spec, tmp_path) as workload:
+            assert await workload.wait_ready() == READY
+            await asyncio.sleep(0.3)
+            move = await harness.migrate(freeze=0.3, notice=0.1)
+            shift = time.time() - time.monotonic()
+            await asyncio.sleep(1.5)
+            assert await workload.stop() == 0, workload.stderr.decode()
+    result = workload.result()
+    for client in result["clients"]:
+        name = client["name"]
+        assert client["sent"] == [] and client["received"] == [], name
+        assert client["errors"] == [] and client["reconnects"] == 0, name
+        assert client["connected_at_end"] is True, name
+        assert client["final_server"] == f"127.0.0.3:{harness.port}", name
+        fig = client_figures(client, move.freeze_at + shift, move.resume_at + shift)
+        assert fig["interruption_ms"] is None and fig["lost"] == 0, fig
+        assert fig["moved_to"] == f"127.0.0.3:{harness.port}", fig
+        if name != "reactive":
+            assert 0 <= fig["validated_after_resume_ms"] < 1500, fig
+        # An idle reactive client has nothing outstanding to miss, so it notices the move
+        # only when it next sends: its keep-alive, or here its DISCONNECT at the stop.
+
+
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("how", ["duration", "stdin EOF"])
 async def test_the_workload_also_stops_after_its_duration_or_at_stdin_eof(
@@ -344,7 +375,8 @@ def test_spec_round_trips_through_json_and_rejects_nonsense() -> None:
                                                "library": "mosquitto"}]},
                 {**issue_example, "reconnect_delay": [0, 0.5]},
                 {**issue_example, "reconnect_delay": [0.5, 0.1]},
-                {**issue_example, "reconnect_delay": [0.1]}):  # fmt: skip
+                {**issue_example, "reconnect_delay": [0.1]},
+                {**issue_example, "rate": -1}):  # fmt: skip
         with pytest.raises(SpecError):
             WorkloadSpec.from_dict(bad)
 
