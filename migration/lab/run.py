@@ -26,7 +26,8 @@ from .lab import CLIENT_NS, Lab, lab_lock
 from .live import Migration, MigrationFailed
 from .net import LabError, netns_exec
 
-READY_TIMEOUT = 60.0
+READY_TIMEOUT = 60.0  # seconds for a workload to connect its clients, plus:
+SLOWEST_CONNECTS = 50.0  # per second: a QUIC fleet's handshakes, all processes together
 
 
 def workload_spec(lab: Lab, drain: float = 2.0, ledger: bool = False) -> WorkloadSpec:
@@ -53,6 +54,7 @@ class WorkloadProcess:
         self.log_path = workdir / "workload.log"
         self.spec_path.write_text(spec.to_json())
         self.drain = spec.drain
+        self.clients = len(spec.clients)
         cmd = netns_exec(ns, sys.executable, "-m", "migration.workload",
                          "--spec", str(self.spec_path), "--out", str(self.out_path))  # fmt: skip
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -60,13 +62,15 @@ class WorkloadProcess:
         if wait:
             self.wait_ready()
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, deadline: float | None = None) -> None:
+        """Until it prints READY (by ``deadline``, monotonic; default: its own clients')."""
         assert self.proc.stdout is not None
         import selectors
 
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + READY_TIMEOUT
+        if deadline is None:
+            deadline = time.monotonic() + ready_timeout(self.clients)
         while time.monotonic() < deadline:
             if sel.select(timeout=0.2):
                 line = self.proc.stdout.readline().decode().strip()
@@ -115,6 +119,12 @@ class WorkloadProcess:
             self._log.close()
 
 
+def ready_timeout(clients: int) -> float:
+    """How long ``clients`` may take to connect: 10,000 QUIC handshakes on two cores take
+    a minute or more, on top of a workload's start."""
+    return READY_TIMEOUT + clients / SLOWEST_CONNECTS
+
+
 class WorkloadGroup:
     """The clients of a scenario dealt round robin to ``processes`` workload processes,
     started together (each in its own directory) and merged into one result."""
@@ -127,8 +137,9 @@ class WorkloadGroup:
                 sub = workdir / f"workload-{i}"
                 sub.mkdir()
                 self.procs.append(WorkloadProcess(part, sub, wait=False))
+            deadline = time.monotonic() + ready_timeout(len(spec.clients))
             for proc in self.procs:
-                proc.wait_ready()
+                proc.wait_ready(deadline)
         except BaseException:
             self.kill()
             raise
