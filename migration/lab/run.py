@@ -28,6 +28,7 @@ from .net import LabError, netns_exec
 
 READY_TIMEOUT = 60.0  # seconds for a workload to connect its clients, plus:
 SLOWEST_CONNECTS = 50.0  # per second: a QUIC fleet's handshakes, all processes together
+STOP_TIMEOUT = 30.0  # seconds after its drain for a workload to disconnect and write its result
 
 
 def workload_spec(lab: Lab, drain: float = 2.0, ledger: bool = False) -> WorkloadSpec:
@@ -87,10 +88,13 @@ class WorkloadProcess:
             return lines[-1] if lines else "(no output)"
         return "(no log)"
 
-    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
-        """SIGTERM, let it drain and write its result, return that result."""
+    def stop(self, timeout: float | None = None) -> dict[str, Any]:
+        """SIGTERM, let it drain and write its result, return that result (by ``timeout``
+        after the drain; default 30 s plus 1/50 s per client, each disconnecting)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        if timeout is None:
+            timeout = STOP_TIMEOUT + self.clients / SLOWEST_CONNECTS
         try:
             self.proc.wait(timeout=self.drain + timeout)
         except subprocess.TimeoutExpired:
