@@ -71,3 +71,12 @@ def test_summary_says_who_followed_and_what_the_broker_held() -> None:
     reactive = fig["strategies"]["reactive"]
     assert reactive["followed"] == 2 and reactive["no_interruption_figure"] == 3
     assert (reactive["validated_p50_ms"], reactive["validated_p99_ms"]) == (40.0, 300.0)
+
+
+def test_a_big_fleet_gets_time_to_connect_and_to_stop() -> None:
+    """10,000 QUIC clients took more than the flat minute to connect (and 30 s to stop)."""
+    from migration.lab.run import READY_TIMEOUT, ready_timeout
+
+    clients = len(Scenario.load("fleet-idle").clients)
+    assert ready_timeout(4) < READY_TIMEOUT + 1
+    assert ready_timeout(clients) >= READY_TIMEOUT + clients / 50
