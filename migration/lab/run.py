@@ -26,9 +26,9 @@ from .lab import CLIENT_NS, Lab, lab_lock
 from .live import Migration, MigrationFailed
 from .net import LabError, netns_exec
 
-READY_TIMEOUT = 60.0  # seconds for a workload to connect its clients, plus:
-SLOWEST_CONNECTS = 50.0  # per second: a QUIC fleet's handshakes, all processes together
-STOP_TIMEOUT = 30.0  # seconds after its drain for a workload to disconnect and write its result
+READY_TIMEOUT = 60.0  # seconds for a workload to connect its clients, plus PER_CLIENT each
+STOP_TIMEOUT = 30.0  # seconds after its drain to disconnect and write its result, plus the same
+PER_CLIENT = 1 / 50  # seconds: a QUIC fleet's handshake (or close), all processes together
 
 
 def workload_spec(lab: Lab, drain: float = 2.0, ledger: bool = False) -> WorkloadSpec:
@@ -94,7 +94,7 @@ class WorkloadProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         if timeout is None:
-            timeout = STOP_TIMEOUT + self.clients / SLOWEST_CONNECTS
+            timeout = STOP_TIMEOUT + self.clients * PER_CLIENT
         try:
             self.proc.wait(timeout=self.drain + timeout)
         except subprocess.TimeoutExpired:
@@ -126,7 +126,7 @@ class WorkloadProcess:
 def ready_timeout(clients: int) -> float:
     """How long ``clients`` may take to connect: 10,000 QUIC handshakes on two cores take
     a minute or more, on top of a workload's start."""
-    return READY_TIMEOUT + clients / SLOWEST_CONNECTS
+    return READY_TIMEOUT + clients * PER_CLIENT
 
 
 class WorkloadGroup:

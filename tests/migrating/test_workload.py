@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,43 @@ async def test_tcp_clients_follow_a_server_reference_without_losing_a_message(
         assert events[:1] == ["lost"] and "connected" in events, (name, client["connections"])
 
 
+@dataclass
+class HarnessMove:
+    """A workload's result across one move of the in-process harness (wall clock)."""
+
+    result: dict[str, Any]
+    wall_before: float  # just before the move began
+    freeze: float
+    resume: float
+    port: int
+
+
+async def _move_under_workload(
+    tmp: Path,
+    clients: tuple[ClientSpec, ...],
+    *,
+    rate: float,
+    drain: float,
+    before: float,
+    after: float,
+) -> HarnessMove:
+    """The harness moves the broker's QUIC endpoint from 127.0.0.2 to .3 while ``clients``
+    run (``before`` s after READY), then the workload stops ``after`` s later."""
+    async with Harness() as harness:
+        target = BrokerTarget(harness.source, {"quic": harness.port}, harness.cafile)
+        spec = WorkloadSpec(target, clients, rate=rate, qos=1, drain=drain)
+        async with running(spec, tmp) as workload:
+            assert await workload.wait_ready() == READY
+            await asyncio.sleep(before)
+            wall_before = time.time()
+            move = await harness.migrate(freeze=0.3, notice=0.1)
+            shift = time.time() - time.monotonic()  # the harness's times are monotonic
+            await asyncio.sleep(after)
+            assert await workload.stop() == 0, workload.stderr.decode()
+    return HarnessMove(workload.result(), wall_before, move.freeze_at + shift,
+                       move.resume_at + shift, harness.port)  # fmt: skip
+
+
 @pytest.mark.timeout(30)
 async def test_quic_clients_follow_a_moving_broker_and_record_it_in_wall_clock(
     tmp_path: Path,
@@ -233,32 +271,23 @@ async def test_quic_clients_follow_a_moving_broker_and_record_it_in_wall_clock(
     """The in-process harness moves the broker's QUIC endpoint from 127.0.0.2 to .3."""
     clients = (ClientSpec("proactive", "quic", "proactive"),
                ClientSpec("reactive", "quic", "reactive"))  # fmt: skip
-    async with Harness() as harness:
-        target = BrokerTarget(harness.source, {"quic": harness.port}, harness.cafile)
-        spec = WorkloadSpec(target, clients, rate=40, qos=1, drain=2.0)
-        async with running(spec, tmp_path) as workload:
-            assert await workload.wait_ready() == READY
-            await asyncio.sleep(0.5)
-            wall_before = time.time()
-            move = await harness.migrate(freeze=0.3, notice=0.1)
-            shift = time.time() - time.monotonic()  # the harness's times are monotonic
-            await asyncio.sleep(1.0)
-            assert await workload.stop() == 0, workload.stderr.decode()
-    result = workload.result()
-    freeze, resume = move.freeze_at + shift, move.resume_at + shift
+    moved = await _move_under_workload(tmp_path, clients, rate=40, drain=2.0, before=0.5,
+                                       after=1.0)  # fmt: skip
+    result, wall_before, port = moved.result, moved.wall_before, moved.port
+    freeze, resume = moved.freeze, moved.resume
     figures = [client_figures(c, freeze, resume) for c in result["clients"]]
     for client, fig in zip(result["clients"], figures, strict=True):
         name = client["name"]
-        assert client["final_server"] == f"127.0.0.3:{harness.port}", name
+        assert client["final_server"] == f"127.0.0.3:{port}", name
         assert fig["lost"] == 0 and fig["duplicates"] == 0, fig
         assert 300 <= fig["interruption_ms"] < 1500, fig
         (record,) = client["migrations"]
-        assert record["adopted"] == f"127.0.0.3:{harness.port}", name
+        assert record["adopted"] == f"127.0.0.3:{port}", name
         # Wall clock: learned after the announcement, validated once the broker is back.
         assert wall_before <= record["learned_at"] <= freeze + 0.05, record
         assert resume - 0.05 <= record["validated_at"] <= resume + 1.0, record
         ((moved_at, address),) = client["moves"]
-        assert address == f"127.0.0.3:{harness.port}" and moved_at >= record["validated_at"] - 0.05
+        assert address == f"127.0.0.3:{port}" and moved_at >= record["validated_at"] - 0.05
 
 
 @pytest.mark.timeout(30)
@@ -266,26 +295,18 @@ async def test_idle_quic_clients_stay_silent_and_still_follow_the_broker(tmp_pat
     """Rate 0 (the idle fleet of #16): connected and subscribed, nothing published, and
     every strategy's client still validates the broker's new address after the move."""
     clients = tuple(ClientSpec(st, "quic", st) for st in ("proactive", "reactive", "announce"))
-    async with Harness() as harness:
-        target = BrokerTarget(harness.source, {"quic": harness.port}, harness.cafile)
-        spec = WorkloadSpec(target, clients, rate=0, qos=1, drain=0.5)
-        async with running(spec, tmp_path) as workload:
-            assert await workload.wait_ready() == READY
-            await asyncio.sleep(0.3)
-            move = await harness.migrate(freeze=0.3, notice=0.1)
-            shift = time.time() - time.monotonic()
-            await asyncio.sleep(1.5)
-            assert await workload.stop() == 0, workload.stderr.decode()
-    result = workload.result()
-    for client in result["clients"]:
+    moved = await _move_under_workload(tmp_path, clients, rate=0, drain=0.5, before=0.3,
+                                       after=1.5)  # fmt: skip
+    port = moved.port
+    for client in moved.result["clients"]:
         name = client["name"]
         assert client["sent"] == [] and client["received"] == [], name
         assert client["errors"] == [] and client["reconnects"] == 0, name
         assert client["connected_at_end"] is True, name
-        assert client["final_server"] == f"127.0.0.3:{harness.port}", name
-        fig = client_figures(client, move.freeze_at + shift, move.resume_at + shift)
+        assert client["final_server"] == f"127.0.0.3:{port}", name
+        fig = client_figures(client, moved.freeze, moved.resume)
         assert fig["interruption_ms"] is None and fig["lost"] == 0, fig
-        assert fig["moved_to"] == f"127.0.0.3:{harness.port}", fig
+        assert fig["moved_to"] == f"127.0.0.3:{port}", fig
         if name != "reactive":
             assert 0 <= fig["validated_after_resume_ms"] < 1500, fig
         # An idle reactive client has nothing outstanding to miss, so it notices the move
