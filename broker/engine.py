@@ -917,6 +917,15 @@ class Broker:
         self.redirect = (reference, permanent) if reference else None
 
     # ----------------------------------------------------------------- timers
+    def allow_for_stall(self, seconds: float) -> None:
+        """The broker heard no one for ``seconds``: its process was frozen (a checkpoint:
+        CRIU tells it nothing, the I/O layer notices its timers firing late) or starved.
+        That silence is the broker's, so no client's keep alive counts it (MQTT-3.1.2-24
+        is about the client's silence)."""
+        now = self.now()
+        for conn in self.connections:
+            conn.last_received = min(now, conn.last_received + seconds)
+
     def tick(self) -> None:
         """Keep-alive, will delays, session expiry, $SYS and the provisional deadline; call
         about twice a second."""

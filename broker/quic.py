@@ -37,6 +37,7 @@ from aioquic.quic.events import (
 from aioquic.tls import CipherSuite
 
 from quicmig.connection import (
+    IDLE_TIMEOUT,
     MigratingQuicConnection,
     MigrationFrameAcknowledged,
     MigrationFrameReceived,
@@ -81,7 +82,7 @@ def server_configuration(cert: str, key: str) -> QuicConfiguration:
         alpn_protocols=[ALPN],
         max_data=16 << 20,
         max_stream_data=8 << 20,
-        idle_timeout=180.0,
+        idle_timeout=IDLE_TIMEOUT,
         cipher_suites=[
             CipherSuite.AES_128_GCM_SHA256,
             CipherSuite.AES_256_GCM_SHA384,

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("qmig.broker")
 
 TICK_SECONDS = 0.5
+# A tick this much later than due means the process was frozen (a checkpoint) or starved.
+STALL_SECONDS = 2.0
 WRITE_HIGH_WATER = 1 << 20  # bytes buffered for one client before its QoS 0 is dropped
 CLOSE_LINGER = 1.0  # seconds a closing connection waits for the peer's FIN before aborting
 
@@ -194,6 +196,7 @@ class BrokerServer:
         self._replay_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ticker: asyncio.TimerHandle | None = None
+        self._tick_due = 0.0
         self._ssl: ssl.SSLContext | None = None
         self._quic_touched: set[Any] = set()
         self.quic_protocols: set[Any] = set()  # live BrokerQuicProtocol objects
@@ -305,8 +308,16 @@ class BrokerServer:
                                                 self._periodic_commit)  # fmt: skip
 
     def _tick(self) -> None:
-        self.broker.tick()
         assert self._loop is not None
+        now = self._loop.time()
+        late = now - self._tick_due
+        if late > STALL_SECONDS:
+            # Frozen for a checkpoint (CRIU tells no one) or starved: nobody could be heard
+            # meanwhile, and the first thing after the thaw must not be keep-alive verdicts.
+            log.info("ticked %.1f s late (frozen or starved): keep alive allows for it", late)
+            self.broker.allow_for_stall(late)
+        self.broker.tick()
+        self._tick_due = now + TICK_SECONDS
         self._ticker = self._loop.call_later(TICK_SECONDS, self._tick)
 
     # ----------------------------------------------------------------- listeners
@@ -349,6 +360,7 @@ class BrokerServer:
             self.metrics = MetricsServer(self, cfg.metrics_host, cfg.metrics_port)
             host, port = self.metrics.start()
             log.info("Prometheus metrics on http://%s:%s/metrics", host, port)
+        self._tick_due = self._loop.time() + TICK_SECONDS
         self._ticker = self._loop.call_later(TICK_SECONDS, self._tick)
         if self.store is not None:
             self._committer = self._loop.call_later(cfg.persistence_interval,

@@ -16,7 +16,11 @@ gone: the broker restarted, or it stayed silent for a whole keep alive interval.
 A connection is dead when nothing at all came from the broker for ``keep_alive`` seconds:
 the client sends PINGREQ once it has heard nothing for half the interval (also while it is
 publishing, since a broker that takes PUBLISHes but answers nothing is not serving), and the
-PINGRESP, like any packet, proves the broker alive.  A QUIC connection whose state diverged
+PINGRESP, like any packet, proves the broker alive.  While a QUIC client knows the broker is
+moving (a SERVER_MIGRATION not yet followed, or probing for the broker), the verdict waits
+``move_grace`` seconds longer: a broker frozen for a big checkpoint over a slow link is silent
+for tens of seconds, and its connections are intact.  A connection lost during such a move
+reconnects to the announced address first.  A QUIC connection whose state diverged
 from the broker's (a migration rolled back after the destination had served) hears nothing,
 and is replaced by a fresh one instead of hanging on.
 """
@@ -125,6 +129,7 @@ class Client:
         follow: str = "proactive",
         streams: str = "single",
         session_ticket: SessionTicket | None = None,
+        move_grace: float = 120.0,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
@@ -144,6 +149,9 @@ class Client:
         self.clean_start = clean_start
         self.session_expiry = session_expiry
         self.keep_alive = keep_alive
+        # QUIC: extra silence allowed while the broker is moving (an announced move not yet
+        # reached, or probing for one): a frozen broker answers no PINGREQ.
+        self.move_grace = move_grace
         self.will = will
         self.username = username
         self.password = password.encode() if isinstance(password, str) else password
@@ -386,6 +394,7 @@ class Client:
             return
         if self.on_connection is not None:
             self.on_connection("lost", str(exc) if exc else "")
+        self._head_for_announced()
         if self.reconnect:
             if self._reconnect_task is None or self._reconnect_task.done():
                 task = asyncio.get_running_loop().create_task(self._reconnect_loop())
@@ -485,7 +494,7 @@ class Client:
             if proto is None or not proto.connected or proto is not self.protocol:
                 continue
             now = time.monotonic()
-            if now - self._last_heard >= keep_alive:
+            if now - self._last_heard >= keep_alive + self._move_allowance(now):
                 log.warning("%s:%s silent for %.0f s (keep alive %d s): the connection is dead",
                             self.host, self.port, now - self._last_heard, keep_alive)  # fmt: skip
                 self._last_heard = now  # one verdict per connection
@@ -496,6 +505,25 @@ class Client:
                   or now - self._last_heard >= keep_alive * 0.5):  # fmt: skip
                 proto.ping()
                 self._flush()
+
+    def _move_allowance(self, now: float) -> float:
+        """Extra silence the dead-connection verdict allows: ``move_grace`` while the broker
+        is moving as far as the follower knows, else none."""
+        follower = self.follower
+        return self.move_grace if follower is not None and follower.expecting_move(now) else 0.0
+
+    def _head_for_announced(self) -> None:
+        """A QUIC connection lost while an announced move is under way: reconnect where the
+        broker said it was going, with where it was as the fallback (a rollback)."""
+        follower = self.follower
+        if follower is None or not follower.expecting_move(time.monotonic()):
+            return
+        dest = follower.announced
+        if dest is None or (dest.host, dest.port) == (self.host, self.port):
+            return
+        log.info("connection lost during an announced move: reconnecting to %s", dest)
+        self._previous = (self.host, self.port)
+        self.host, self.port = dest.host, dest.port
 
     def _on_migrated(self, address: Address) -> None:
         log.info("QUIC connection follows the broker to %s", address)

@@ -31,7 +31,7 @@ from aioquic.quic.events import (
 from aioquic.quic.packet import QuicErrorCode
 from aioquic.tls import SessionTicket
 
-from quicmig.connection import MigratingQuicConnection, ServerAddressChanged
+from quicmig.connection import IDLE_TIMEOUT, MigratingQuicConnection, ServerAddressChanged
 from quicmig.follower import Follower
 from quicmig.frames import Address
 
@@ -560,7 +560,7 @@ def quic_configuration(
         alpn_protocols=[ALPN],
         max_data=16 << 20,
         max_stream_data=8 << 20,
-        idle_timeout=60.0,
+        idle_timeout=IDLE_TIMEOUT,  # as the broker's: MQTT keep alive decides
         server_name=server_name,
     )
     if insecure:

@@ -266,14 +266,16 @@ class Harness:
 
     # ------------------------------------------------------------------ clients
     async def add_clients(
-        self, strategies: list[str], rate: float = 50.0, prefix: str = "h"
-    ) -> None:
+        self, strategies: list[str], rate: float = 50.0, prefix: str = "h", *,
+        keep_alive: int = 30, move_grace: float = 120.0,
+    ) -> None:  # fmt: skip
         """Connect one client per strategy entry and start its steady publish loop."""
         for i, strategy in enumerate(strategies):
             name = f"{prefix}{len(self.clients)}-{strategy}"
             client = Client(self.source, self.port, transport="quic", cafile=self.cafile,
                             client_id=name, clean_start=True, session_expiry=300,
-                            follow=strategy, keep_alive=30)  # fmt: skip
+                            follow=strategy, keep_alive=keep_alive,
+                            move_grace=move_grace)  # fmt: skip
             await client.connect()
             await client.subscribe(f"harness/{name}", qos=2)
             stats = ClientStats(name, strategy)

@@ -108,6 +108,10 @@ ACTIVE_CONNECTION_ID_LIMIT = MAX_POOL_ADDRESSES + 2
 # the one in use and spares for a client that changes address or probes one new server
 # address.  A server's own path changes only when its client's address does.
 SERVER_CONNECTION_IDS = 4
+# Both ends advertise this max_idle_timeout (RFC 9000 10.1: the effective one is the smaller).
+# MQTT keep alive is what declares a connection dead; a long freeze (a big broker's
+# checkpoint over a slow link, tens of seconds) must not end it at the QUIC layer first.
+IDLE_TIMEOUT = 180.0
 
 _REQUIRED_BIT = {
     SERVER_MIGRATION: STRATEGY_EXPLICIT,

@@ -8,10 +8,13 @@ validates; RFC 9000's rules (validate before use, anti-amplification) stay with 
 
 - proactive: on SERVER_MIGRATION, probe the announced address at once and keep probing until
   it answers (the broker is frozen meanwhile): every 20 ms for half a second, then backing
-  off to 0.1 s, so a long freeze (seconds over a slow checkpoint link) does not flood the
-  destination with padded PATH_CHALLENGEs (RFC 9000 section 8.2.1).  The thawed broker
-  speaks first, and a datagram from a probed address is challenged at once (``heard_from``),
-  so the backoff costs no time.
+  off to 0.1 s, and after 15 s to 1 s, so a long freeze (seconds over a slow checkpoint
+  link, tens of seconds for a broker with 10,000 clients) does not flood the destination
+  with padded PATH_CHALLENGEs (RFC 9000 section 8.2.1).  The thawed broker speaks first,
+  and a datagram from a probed address is challenged at once (``heard_from``), so the
+  backoff costs no time.  An announced move is probed for up to 2 minutes; while it is
+  under way (:meth:`Follower.expecting_move`) the client does not take the broker's
+  silence for a dead connection.
 - reactive: keep the old address until silence suggests loss, then probe the announced one.
   A notice that comes *from* the address it names (its first copy was lost before the
   freeze; the thawed broker resent it from there) is proof enough: both explicit strategies
@@ -89,10 +92,15 @@ class Follower:
     probe_interval: float = 0.02  # probing schedule at the start of a migration window...
     probe_backoff_after: float = 0.5  # ...for this long; then each interval doubles...
     probe_interval_max: float = 0.1  # ...up to this
-    window: float = 15.0  # how long a migration window lasts at most
+    window: float = 15.0  # how long probing on suspicion alone (pool) lasts at most
+    # How long probing an announced move lasts, and how long its notice keeps the client
+    # expecting the move: a big broker's freeze over a slow link takes tens of seconds.
+    announced_window: float = 120.0
+    probe_interval_late: float = 1.0  # the interval's ceiling after ``window`` s of probing
     silence: float = 0.05  # silence with data outstanding that counts as loss
     current: Address | None = None
     announced: Address | None = None
+    announced_at: float | None = None
     pool: tuple[Address, ...] = ()
     targets: list[Address] = field(default_factory=list)
     window_until: float | None = None
@@ -114,7 +122,7 @@ class Follower:
         if frame.sequence <= self._sequence:
             return  # a retransmission or a stale notice
         self._sequence = frame.sequence
-        self.announced = frame.address
+        self.announced, self.announced_at = frame.address, now
         if frame.address == self.current:  # "stay": the move was called off (rollback)
             self.cancel_false_alarm()
             return
@@ -192,6 +200,21 @@ class Follower:
     def probing(self) -> bool:
         return bool(self.targets)
 
+    def expecting_move(self, now: float) -> bool:
+        """Whether the server may be moving: a move announced (within ``announced_window``)
+        that has not reached its address yet, or probing for one.
+
+        The client's dead-connection verdict allows for it: a frozen broker is silent.
+        """
+        if self.probing:
+            return True
+        return (
+            self.announced is not None
+            and self.announced != self.current
+            and self.announced_at is not None
+            and now - self.announced_at < self.announced_window
+        )
+
     def acceptable(self, address: Address) -> bool:
         """Only announced or pooled addresses may ever carry this connection."""
         return address == self.announced or address in self.pool
@@ -211,8 +234,10 @@ class Follower:
             return []
         if now < self.next_probe_at:
             return []
-        if now - self._probing_since >= self.probe_backoff_after:
-            self.interval = min(self.interval * 2, self.probe_interval_max)
+        since = now - self._probing_since
+        if since >= self.probe_backoff_after:
+            ceiling = self.probe_interval_max if since < self.window else self.probe_interval_late
+            self.interval = min(self.interval * 2, ceiling)
         self.next_probe_at = now + max(self.interval, min_interval)
         self.last_probe_at = now
         record = self.records[-1] if self.records else None
@@ -241,7 +266,8 @@ class Follower:
     def _start(self, record: MigrationRecord, targets: list[Address], now: float) -> None:
         record.probing_since = now
         self.targets = targets
-        self.window_until = now + self.window
+        announced = record.trigger != "pool"
+        self.window_until = now + (self.announced_window if announced else self.window)
         self.next_probe_at = now
         self.interval = self.probe_interval
         self._probing_since = now

@@ -710,6 +710,25 @@ def test_keep_alive_timeout_at_one_and_a_half_mqtt_3_1_2_24(version: int) -> Non
     assert client.closed
 
 
+def test_a_stall_of_the_broker_does_not_count_against_keep_alive() -> None:
+    """Frozen for a checkpoint (or starved), the broker heard no one: that silence is its
+    own.  Keep alive counts on from where it was, and still ends a silent client."""
+    broker, clock = make_broker()
+    client = connected(broker, "c", keep_alive=10)
+    other = connected(broker, "d", keep_alive=10)
+    clock.advance(5)
+    other.send(Pingreq())
+    other.expect(Pingresp)
+    clock.advance(35)  # frozen for 35 s
+    broker.allow_for_stall(35)
+    broker.tick()
+    assert not client.closed and not other.closed
+    clock.advance(10.5)  # 5 + 10.5 s of the client's own silence: over 1.5 x 10
+    broker.tick()
+    assert client.closed and not other.closed
+    assert [type(p) for p in client.packets()] == [Disconnect]
+
+
 def test_keep_alive_zero_never_times_out_mqtt_3_1_2_10() -> None:
     broker, clock = make_broker()
     client = connected(broker, "c", keep_alive=0)

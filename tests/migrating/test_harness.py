@@ -173,3 +173,40 @@ async def test_pre_checkpoint_counts_clients_that_never_acknowledged() -> None:
         assert 0.3 <= loop.time() - started < 1.0
         assert result["quic_unacknowledged"] == 1
         await migration.rollback()
+
+
+async def test_every_strategy_rides_out_a_freeze_longer_than_its_keep_alive() -> None:
+    """A broker with 10,000 clients is frozen for tens of seconds, longer than many IoT
+    clients' keep alive; a client that knows the broker is moving (told, or probing for it)
+    must not take that silence for a dead connection and open a new one.  Keep alive 3 s,
+    frozen 3.6 s: without the move grace every client reconnects."""
+    async with Harness(pool_position=2, seed=11) as harness:
+        await harness.add_clients(EVERY, rate=10, keep_alive=3)
+        streams = [client._stream for client in harness.clients]
+        await asyncio.sleep(0.5)
+        result = await harness.settle(await harness.migrate(freeze=3.6), after=1.5)
+        await harness.drain(timeout=5.0)
+        for client in result.clients:
+            assert client["reconnects"] == 0, f"{client['name']} reconnected: {client}"
+            assert client["moved"], f"{client['name']} did not follow the broker: {client}"
+        assert [client._stream for client in harness.clients] == streams
+        for stats in harness.stats:
+            assert not stats.missing(), f"{stats.name} lost {stats.missing()}"
+
+
+async def test_a_connection_lost_during_an_announced_move_reconnects_where_the_broker_went() -> (
+    None
+):
+    """A client that does give up during the freeze (no move grace here) must reconnect to
+    the announced destination, not knock at the address the broker left for good."""
+    async with Harness(seed=12) as harness:
+        await harness.add_clients(["proactive"], rate=10, keep_alive=2, move_grace=0)
+        await asyncio.sleep(0.5)
+        result = await harness.settle(await harness.migrate(freeze=4.0), after=4.0)
+        await harness.drain(timeout=5.0)
+        (client,) = result.clients
+        assert client["reconnects"] == 1, client  # the verdict came during the freeze
+        qmig = harness.clients[0]
+        assert (qmig.host, qmig.port) == (harness.source, harness.port)  # where it went
+        assert qmig.connected
+        assert not harness.stats[0].missing(), "QoS 1/2 messages were lost"

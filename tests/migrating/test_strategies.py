@@ -51,6 +51,48 @@ def test_announce_from_where_the_connection_already_is_starts_no_probing() -> No
     assert follower.probing and follower.due_probes(5.0) == [HERE]
 
 
+def test_an_announced_move_is_probed_through_a_freeze_of_a_minute_and_slowly_after_15_s() -> None:
+    """10,000 clients freeze a broker for tens of seconds.  The announced destination is
+    probed until the broker answers there (up to two minutes), at 1 s after the first 15 s,
+    so a long freeze neither ends the probing nor floods the destination."""
+    follower = Follower(Strategy.PROACTIVE, current=HERE)
+    follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
+    probes, now = [], 0.0
+    while now < 60.0:
+        if follower.due_probes(now):
+            probes.append(now)
+        now = round(now + 0.005, 3)
+    late = [b - a for a, b in itertools.pairwise(probes) if a >= 16.0]
+    assert late and max(late) == pytest.approx(1.0, abs=0.006)  # still probing at 60 s
+    assert len(probes) < 300, len(probes)  # a 60 s freeze: ~200 challenges, not 600
+    assert follower.expecting_move(59.0)
+    assert follower.heard_from(THERE, 60.0)
+    follower.on_validated(THERE, 60.01)
+    assert not follower.expecting_move(60.02)  # arrived
+
+
+def test_a_move_announced_but_never_made_stops_being_expected() -> None:
+    """The allowance for an announced move is bounded: a notice whose move never came
+    (the ANNOUNCE client moved elsewhere, or nothing happened) expires."""
+    follower = Follower(Strategy.ANNOUNCE, current=HERE)
+    assert not follower.expecting_move(0.0)
+    follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
+    assert follower.expecting_move(119.0)
+    assert not follower.expecting_move(120.0)
+
+
+def test_a_pool_client_probes_on_suspicion_for_15_s_only() -> None:
+    """Never told of a move, a pool client's silence may be a dead broker: its probing (and
+    the client's allowance for it) stays at the short window."""
+    from quicmig.frames import PoolMigrationAddress
+
+    follower = Follower(Strategy.POOL, current=HERE)
+    follower.on_pool(PoolMigrationAddress(0, (HERE, THERE)), now=0.0)
+    follower.on_silence(now=1.0)
+    assert follower.expecting_move(15.0) and follower.due_probes(15.9) == [THERE]
+    assert follower.due_probes(16.0) == [] and not follower.expecting_move(16.0)
+
+
 def test_a_late_notice_from_the_destination_itself_starts_probing_at_once() -> None:
     """The broker's SERVER_MIGRATION was lost before the freeze; the thawed broker resends
     it from the destination, over a path the client knows from an earlier move.  The
