@@ -16,11 +16,13 @@ gone: the broker restarted, or it stayed silent for a whole keep alive interval.
 A connection is dead when nothing at all came from the broker for ``keep_alive`` seconds:
 the client sends PINGREQ once it has heard nothing for half the interval (also while it is
 publishing, since a broker that takes PUBLISHes but answers nothing is not serving), and the
-PINGRESP, like any packet, proves the broker alive.  While a QUIC client knows the broker is
-moving (a SERVER_MIGRATION not yet followed, or probing for the broker), the verdict waits
-``move_grace`` seconds longer: a broker frozen for a big checkpoint over a slow link is silent
-for tens of seconds, and its connections are intact.  A connection lost during such a move
-reconnects to the announced address first.  A QUIC connection whose state diverged
+PINGRESP, like any packet, proves the broker alive; over QUIC so does any packet of the
+connection (an ACK: QUIC runs in the broker's own process), for ``move_grace`` seconds at
+most without an MQTT answer.  While a QUIC client knows the broker is moving (a
+SERVER_MIGRATION not yet followed, or probing for the broker), the verdict waits
+``move_grace`` seconds longer: a broker frozen for a big checkpoint over a slow link is
+silent for tens of seconds, and its connections are intact.  A connection lost during such
+a move reconnects to the announced address first.  A QUIC connection whose state diverged
 from the broker's (a migration rolled back after the destination had served) hears nothing,
 and is replaced by a fresh one instead of hanging on.
 """
@@ -448,6 +450,8 @@ class Client:
             except ClientError as exc:
                 log.debug("reconnect failed: %s", exc)
                 delay = min(delay * 2, max_delay)
+                if self._next_pool_address():
+                    continue
                 if racing and self.transport == "quic" and self._previous:
                     # QUIC has no connect race here: alternate between the two instead.
                     (self.host, self.port), self._previous = self._previous, (self.host, self.port)
@@ -494,7 +498,10 @@ class Client:
             if proto is None or not proto.connected or proto is not self.protocol:
                 continue
             now = time.monotonic()
-            if now - self._last_heard >= keep_alive + self._move_allowance(now):
+            heard, limit = self._heard(), keep_alive + self._move_allowance(now)
+            # Silent (nothing at all came), or alive without answering any MQTT packet for
+            # move_grace more: a broker that acknowledges but never answers is not serving.
+            if now - heard >= limit or now - self._last_heard >= limit + self.move_grace:
                 log.warning("%s:%s silent for %.0f s (keep alive %d s): the connection is dead",
                             self.host, self.port, now - self._last_heard, keep_alive)  # fmt: skip
                 self._last_heard = now  # one verdict per connection
@@ -505,6 +512,14 @@ class Client:
                   or now - self._last_heard >= keep_alive * 0.5):  # fmt: skip
                 proto.ping()
                 self._flush()
+
+    def _heard(self) -> float:
+        """When the broker was last heard: an MQTT packet, or over QUIC any packet the
+        connection processed (an ACK, a PATH_RESPONSE).  After a move, a broker busy with
+        thousands of returning clients acknowledges long before it answers every PINGREQ."""
+        stream = self._stream
+        at = stream.heard_at if isinstance(stream, QuicStreamProtocol) else None
+        return self._last_heard if at is None else max(self._last_heard, at)
 
     def _move_allowance(self, now: float) -> float:
         """Extra silence the dead-connection verdict allows: ``move_grace`` while the broker
@@ -524,6 +539,20 @@ class Client:
         log.info("connection lost during an announced move: reconnecting to %s", dest)
         self._previous = (self.host, self.port)
         self.host, self.port = dest.host, dest.port
+
+    def _next_pool_address(self) -> bool:
+        """QUIC, with a pool of the broker's addresses (pool and announce clients): move the
+        next reconnect attempt to the pool's next address.  Never told where the broker
+        went, the client finds it where it answers; a silent address costs one attempt."""
+        follower = self.follower
+        if follower is None or not follower.pool:
+            return False
+        pool = [(a.host, a.port) for a in follower.pool]
+        here = (self.host, self.port)
+        following = pool[(pool.index(here) + 1) % len(pool)] if here in pool else pool[0]
+        log.debug("reconnect: trying the pool's %s:%s next", *following)
+        self.host, self.port = following
+        return True
 
     def _on_migrated(self, address: Address) -> None:
         log.info("QUIC connection follows the broker to %s", address)

@@ -223,6 +223,12 @@ class QuicStreamProtocol(QuicConnectionProtocol):
     def start_stream(self) -> None:
         self.stream_id = self._quic.get_next_available_stream_id()
 
+    @property
+    def heard_at(self) -> float | None:
+        """When the broker's last packet was processed (loop time), None before any."""
+        quic = self._quic
+        return quic.qmig_heard_at if isinstance(quic, MigratingQuicConnection) else None
+
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived) and event.stream_id == self.stream_id:
             if event.data:

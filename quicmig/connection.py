@@ -420,6 +420,9 @@ class MigratingQuicConnection(QuicConnection):
     follower: Follower | None
     # Bounded receive window (see _write_stream_limits); None keeps aioquic's doubling.
     receive_window: int | None = None
+    # Client: when a packet from the server last decrypted and was processed (an ACK, a
+    # PATH_RESPONSE, anything): proof the server is alive, however busy (loop time).
+    qmig_heard_at: float | None = None
     # Streams whose receive window stands still (pause_receiving, _write_stream_limits):
     # immutable, so that the empty one is shared by every connection (a set is 216 bytes).
     receive_paused: frozenset[int] = frozenset()
@@ -823,7 +826,10 @@ class MigratingQuicConnection(QuicConnection):
                 self._open_probe_path(addr)
             if known and addr == self._network_paths[0].addr:
                 self.qmig_last_received = now
+        close_at = self._close_at
         super().receive_datagram(data, addr, now)
+        if self._is_client and self._close_at != close_at:
+            self.qmig_heard_at = now  # aioquic re-arms its idle timer per processed packet
         if self._qmig_release_pending:
             self._qmig_release()
         if follower is not None:

@@ -20,7 +20,8 @@ validates; RFC 9000's rules (validate before use, anti-amplification) stay with 
   freeze; the thawed broker resent it from there) is proof enough: both explicit strategies
   probe that address at once, as the silence that would start it has passed already.
 - pool: ignore announcements; on silence probe every pool address at once, take the first
-  that validates (the literature tried them one after another).
+  that validates (the literature tried them one after another); for up to a minute, as
+  never told, it cannot tell a long freeze from a dead broker.
 - announce: wait for the broker to speak first from its new address (SERVER_MIGRATED) and
   accept it only if that address was announced or is in the pool.
 """
@@ -92,11 +93,13 @@ class Follower:
     probe_interval: float = 0.02  # probing schedule at the start of a migration window...
     probe_backoff_after: float = 0.5  # ...for this long; then each interval doubles...
     probe_interval_max: float = 0.1  # ...up to this
-    window: float = 15.0  # how long probing on suspicion alone (pool) lasts at most
-    # How long probing an announced move lasts, and how long its notice keeps the client
-    # expecting the move: a big broker's freeze over a slow link takes tens of seconds.
+    window: float = 15.0  # probing at up to probe_interval_max lasts this long...
+    probe_interval_late: float = 1.0  # ...then up to this
+    # How long probing lasts at most: on suspicion alone (a pool client hears silence), and
+    # for an announced move, whose notice also keeps the client expecting it that long.  A
+    # big broker's freeze over a slow link takes tens of seconds (10,000 clients: 20-40 s).
+    pool_window: float = 60.0
     announced_window: float = 120.0
-    probe_interval_late: float = 1.0  # the interval's ceiling after ``window`` s of probing
     silence: float = 0.05  # silence with data outstanding that counts as loss
     current: Address | None = None
     announced: Address | None = None
@@ -267,7 +270,7 @@ class Follower:
         record.probing_since = now
         self.targets = targets
         announced = record.trigger != "pool"
-        self.window_until = now + (self.announced_window if announced else self.window)
+        self.window_until = now + (self.announced_window if announced else self.pool_window)
         self.next_probe_at = now
         self.interval = self.probe_interval
         self._probing_since = now

@@ -210,3 +210,19 @@ async def test_a_connection_lost_during_an_announced_move_reconnects_where_the_b
         assert (qmig.host, qmig.port) == (harness.source, harness.port)  # where it went
         assert qmig.connected
         assert not harness.stats[0].missing(), "QoS 1/2 messages were lost"
+
+
+async def test_a_pool_client_that_gives_up_during_a_move_finds_the_broker_in_its_pool() -> None:
+    """Never told where the broker went, a pool client whose connection died during the
+    freeze tries its pool's addresses in turn: where it answers, the session resumes."""
+    async with Harness(pool_position=2, seed=13) as harness:
+        await harness.add_clients(["pool"], rate=10, keep_alive=2, move_grace=0)
+        await asyncio.sleep(0.5)
+        moved = await harness.migrate(freeze=4.0)
+        qmig = harness.clients[0]
+        await asyncio.wait_for(qmig.wait_connected(), 15.0)  # backing off: up to 2 s apart
+        await harness.settle(moved, after=1.0)
+        await harness.drain(timeout=5.0)
+        assert (qmig.host, qmig.port) == (harness.source, harness.port)
+        assert qmig.reconnects == 1 and qmig.session_present
+        assert not harness.stats[0].missing(), "QoS 1/2 messages were lost"

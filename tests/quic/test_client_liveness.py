@@ -16,6 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import QuicEvent, StreamDataReceived
 
 from broker.certs import CertPaths
 from client.client import Client
@@ -84,3 +87,35 @@ async def test_a_restarted_broker_gets_its_quic_client_back(
         assert (await client.next_message(timeout=5)).payload == b"again"
     finally:
         await client.disconnect()
+
+
+class _AckingPeer(QuicConnectionProtocol):
+    """A QUIC server that accepts MQTT CONNECT and then answers no MQTT packet at all: its
+    QUIC stack still acknowledges every packet, as a broker busy with thousands of clients
+    returning from a move does long before it gets to each PINGREQ."""
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived) and event.data[:1] == b"\x10":  # CONNECT
+            self._quic.send_stream_data(event.stream_id, b"\x20\x03\x00\x00\x00")  # CONNACK
+            self.transmit()
+
+
+async def test_a_broker_that_acknowledges_is_alive_for_move_grace_without_answering(
+    pki: CertPaths,
+) -> None:
+    config = QuicConfiguration(is_client=False, alpn_protocols=["mqtt"])
+    config.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    port = free_udp_port()
+    server = await serve(HOST, port, configuration=config, create_protocol=_AckingPeer)
+    client = Client(HOST, port, transport="quic", cafile=str(pki.ca_cert), client_id="acked",
+                    keep_alive=2, move_grace=3, reconnect_delay=(0.05, 0.2),
+                    connect_timeout=2.0)  # fmt: skip
+    try:
+        await client.connect()
+        await asyncio.sleep(4.0)  # twice the keep alive without a PINGRESP, every ping acked
+        assert client.connected and client.reconnects == 0
+        # But not for ever: keep alive + move grace (5 s) without an MQTT answer ends it.
+        await _until(lambda: client.reconnects == 1, 4.0)
+    finally:
+        await client.disconnect()
+        server.close()
