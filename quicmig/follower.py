@@ -113,6 +113,10 @@ class Follower:
     max_records: int = 64  # a client that lives through a move a minute stays bounded
     interval: float = 0.02  # the current probing interval (see probe_backoff_after)
     _probing_since: float = 0.0
+    answer_wait: float = 0.2  # see heard_from
+    answer_wait_max: float = 1.6
+    _answer_due_at: float | None = None
+    _answer_wait: float = 0.2
     _sequence: int = -1
 
     # ------------------------------------------------------------------ what we learn
@@ -254,13 +258,25 @@ class Follower:
         The restored broker speaks first (its overdue timers fire at the thaw), so the
         path can validate one round trip after the thaw instead of up to a probe interval
         later.  Returns whether to challenge now; ``min_interval`` is the QUIC layer's floor.
+
+        The broker is back, so what it needs now is time, not more challenges: the answer
+        is awaited ``answer_wait`` s (doubling per further challenge, up to
+        ``answer_wait_max``) before another, and the periodic probes hold off meanwhile.
+        A broker thawing with 1,000 clients sends each many datagrams; a challenge per
+        datagram, 1,200 padded bytes each, swamped it, its answers came later than aioquic
+        remembers challenges (five), and the paths never validated.
         """
         if address not in self.targets or self.next_probe_at is None:
             return False
         if self.last_probe_at is not None and now - self.last_probe_at < min_interval:
             return False
+        if self._answer_due_at is not None and now < self._answer_due_at:
+            return False  # the last one prompted by the broker's own datagram is pending
+        wait = self._answer_wait
+        self._answer_due_at = now + wait
+        self._answer_wait = min(wait * 2, self.answer_wait_max)
         self.last_probe_at = now
-        self.next_probe_at = now + max(self.interval, min_interval)
+        self.next_probe_at = now + max(wait, self.interval, min_interval)
         return True
 
     def next_timer(self) -> float | None:
@@ -274,6 +290,7 @@ class Follower:
         self.next_probe_at = now
         self.interval = self.probe_interval
         self._probing_since = now
+        self._answer_due_at, self._answer_wait = None, self.answer_wait
 
     def _record(self, record: MigrationRecord) -> None:
         self.records.append(record)

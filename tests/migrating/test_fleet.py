@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from measure import percentile
-from migration.fleet import recovery, summarize
+from migration.fleet import recovery, stranded, summarize
 from migration.scenario import ClientSpec, Scenario, ScenarioError
 
 
@@ -80,3 +80,15 @@ def test_a_big_fleet_gets_time_to_connect_and_to_stop() -> None:
     clients = len(Scenario.load("fleet-idle").clients)
     assert ready_timeout(4) < READY_TIMEOUT + 1
     assert ready_timeout(clients) >= READY_TIMEOUT + clients / 50
+
+
+def test_a_client_still_holding_the_old_address_at_the_end_is_not_following() -> None:
+    """A QUIC client within its move grace still says "connected", to where the broker was:
+    the fleet run counts it as not following (it is not served)."""
+    clients = [
+        {"transport": "quic", "connected_at_end": True, "final_server": "198.18.2.2:14567"},
+        {"transport": "quic", "connected_at_end": True, "final_server": "198.18.1.2:14567"},
+        {"transport": "quic", "connected_at_end": False, "final_server": "198.18.2.2:14567"},
+        {"transport": "tcp", "connected_at_end": True, "final_server": "198.18.2.2:1883"},
+    ]
+    assert stranded(clients, "198.18.2.2") == 2

@@ -128,7 +128,30 @@ def test_hearing_from_a_probed_address_challenges_it_at_once() -> None:
     assert follower.heard_from(THERE, 0.005)  # the broker is back there: probe now
     assert not follower.heard_from(THERE, 0.006, min_interval=0.01)  # the QUIC layer's floor
     assert follower.due_probes(0.02) == []  # rescheduled from the early probe
-    assert follower.due_probes(0.026) == [THERE]
+
+
+def test_a_broker_heard_back_gets_time_to_answer_not_a_challenge_per_datagram() -> None:
+    """1,000 clients each challenging every datagram of a thawing broker swamped it: its
+    answers came too late for aioquic (it remembers five challenges) and extra
+    interruption reached seconds.  Heard back, the client waits for the answer: 0.2 s,
+    doubling per further challenge up to 1.6 s, and the periodic probes hold off too."""
+    follower = Follower(Strategy.PROACTIVE, current=HERE)
+    follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
+    assert follower.due_probes(0.0) == [THERE]
+    assert follower.heard_from(THERE, 1.0)  # the thaw: challenge at once
+    challenges = [1.0]
+    now = 1.0
+    while now < 6.0:
+        now = round(now + 0.001, 3)
+        if follower.heard_from(THERE, now) or follower.due_probes(now):  # a datagram a ms
+            challenges.append(now)
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(challenges)]
+    assert gaps == pytest.approx([0.2, 0.4, 0.8, 1.6, 1.6], abs=0.002), gaps
+    # A new probing window (the next move) starts from the short wait again.
+    follower.on_validated(THERE, 6.0)
+    follower.on_server_migration(ServerMigration(2, HERE), now=10.0)
+    assert follower.heard_from(HERE, 10.0) and not follower.heard_from(HERE, 10.1)
+    assert follower.heard_from(HERE, 10.2)
 
 
 def test_probing_backs_off_during_a_long_freeze() -> None:
