@@ -8,13 +8,16 @@ validates; RFC 9000's rules (validate before use, anti-amplification) stay with 
 
 - proactive: on SERVER_MIGRATION, probe the announced address at once and keep probing until
   it answers (the broker is frozen meanwhile): every 20 ms for half a second, then backing
-  off to 0.1 s, and after 15 s to 1 s, so a long freeze (seconds over a slow checkpoint
-  link, tens of seconds for a broker with 10,000 clients) does not flood the destination
-  with padded PATH_CHALLENGEs (RFC 9000 section 8.2.1).  The thawed broker speaks first,
-  and a datagram from a probed address is challenged at once (``heard_from``), so the
-  backoff costs no time.  An announced move is probed for up to 2 minutes; while it is
-  under way (:meth:`Follower.expecting_move`) the client does not take the broker's
-  silence for a dead connection.
+  off to 0.1 s, and after 5 s doubling to 5 s, so a long freeze (seconds over a slow
+  checkpoint link, tens of seconds for a broker with 10,000 clients) does not flood the
+  destination with padded PATH_CHALLENGEs (RFC 9000 section 8.2.1): 7,500 clients probing
+  every 0.1 s through a 20 s freeze are 75,000 datagrams a second.  The thawed broker
+  speaks first (retransmitted like any ack-eliciting packet), and a datagram from a probed
+  address is challenged at once (``heard_from``), so the backoff costs no time; the probes
+  matter where the broker's datagrams cannot reach the client first (a NAT that filters by
+  source).  An announced move is probed for up to 2 minutes; while it is under way
+  (:meth:`Follower.expecting_move`) the client does not take the broker's silence for a
+  dead connection.
 - reactive: keep the old address until silence suggests loss, then probe the announced one.
   A notice that comes *from* the address it names (its first copy was lost before the
   freeze; the thawed broker resent it from there) is proof enough: both explicit strategies
@@ -93,8 +96,8 @@ class Follower:
     probe_interval: float = 0.02  # probing schedule at the start of a migration window...
     probe_backoff_after: float = 0.5  # ...for this long; then each interval doubles...
     probe_interval_max: float = 0.1  # ...up to this
-    window: float = 15.0  # probing at up to probe_interval_max lasts this long...
-    probe_interval_late: float = 1.0  # ...then up to this
+    window: float = 5.0  # probing at up to probe_interval_max lasts this long...
+    probe_interval_late: float = 5.0  # ...then doubling up to this (a long freeze)
     # How long probing lasts at most: on suspicion alone (a pool client hears silence), and
     # for an announced move, whose notice also keeps the client expecting it that long.  A
     # big broker's freeze over a slow link takes tens of seconds (10,000 clients: 20-40 s).

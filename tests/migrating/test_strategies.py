@@ -51,10 +51,11 @@ def test_announce_from_where_the_connection_already_is_starts_no_probing() -> No
     assert follower.probing and follower.due_probes(5.0) == [HERE]
 
 
-def test_an_announced_move_is_probed_through_a_freeze_of_a_minute_and_slowly_after_15_s() -> None:
+def test_an_announced_move_is_probed_through_a_freeze_of_a_minute_and_slowly_after_5_s() -> None:
     """10,000 clients freeze a broker for tens of seconds.  The announced destination is
-    probed until the broker answers there (up to two minutes), at 1 s after the first 15 s,
-    so a long freeze neither ends the probing nor floods the destination."""
+    probed until the broker answers there (up to two minutes): at 0.1 s for 5 s, then
+    doubling to 5 s, so a long freeze neither ends the probing nor floods the destination
+    (7,500 clients at 0.1 s are 75,000 padded datagrams a second)."""
     follower = Follower(Strategy.PROACTIVE, current=HERE)
     follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
     probes, now = [], 0.0
@@ -62,9 +63,13 @@ def test_an_announced_move_is_probed_through_a_freeze_of_a_minute_and_slowly_aft
         if follower.due_probes(now):
             probes.append(now)
         now = round(now + 0.005, 3)
-    late = [b - a for a, b in itertools.pairwise(probes) if a >= 16.0]
-    assert late and max(late) == pytest.approx(1.0, abs=0.006)  # still probing at 60 s
-    assert len(probes) < 300, len(probes)  # a 60 s freeze: ~200 challenges, not 600
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(probes)]
+    assert max(g for a, g in zip(probes, gaps, strict=False) if a < 4.9) == pytest.approx(
+        0.1, abs=0.011
+    )
+    late = [g for a, g in zip(probes, gaps, strict=False) if a >= 15.0]
+    assert late and set(late) == {5.0}  # still probing at 60 s, every 5 s
+    assert len(probes) < 110, len(probes)  # a 60 s freeze: ~90 challenges, not 600
     assert follower.expecting_move(59.0)
     assert follower.heard_from(THERE, 60.0)
     follower.on_validated(THERE, 60.01)
@@ -155,8 +160,9 @@ def test_a_broker_heard_back_gets_time_to_answer_not_a_challenge_per_datagram() 
 
 
 def test_probing_backs_off_during_a_long_freeze() -> None:
-    """Every 20 ms for half a second, then doubling to 0.1 s: a 7 s freeze costs about 90
-    padded challenges, not 350; a datagram from the probed address still wins at once."""
+    """Every 20 ms for half a second, then doubling to 0.1 s (and from 5 s on to 5 s): a 7 s
+    freeze costs about 75 padded challenges, not 350; a datagram from the probed address
+    still wins at once."""
     follower = Follower(Strategy.PROACTIVE, current=HERE)
     follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
     probes, now = [], 0.0
@@ -166,9 +172,9 @@ def test_probing_backs_off_during_a_long_freeze() -> None:
         now = round(now + 0.001, 3)
     early = [t for t in probes if t < 0.5]
     assert len(early) >= 24  # the first half second at the full rate
-    gaps = [b - a for a, b in itertools.pairwise(probes)]
-    assert max(gaps) == pytest.approx(0.1, abs=0.002)
-    assert len(probes) < 100, len(probes)
+    gaps = [b - a for a, b in itertools.pairwise(probes) if a < 4.9]
+    assert max(gaps) == pytest.approx(0.1, abs=0.002)  # then doubling, from 5 s on
+    assert len(probes) < 80, len(probes)
     assert follower.heard_from(THERE, 7.0)  # the broker is back: challenge now
     # A new migration starts at the full rate again.
     follower.on_validated(THERE, 7.01)
