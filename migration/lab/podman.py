@@ -26,10 +26,12 @@ options; the lab's podman-py client reaches it through the API socket in its run
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
 import subprocess
+import tarfile
 import time
 import tomllib
 from dataclasses import dataclass
@@ -40,6 +42,8 @@ from .net import LabError
 
 API_VERSION = "4.0.0"
 SERVICE_START_TIMEOUT = 15.0
+CONFIG_DUMP = "config.dump"  # podman's container config in a checkpoint export
+PIDFILE_KEYS = ("conmonPidFile", "pid_file")  # its paths in the source's run root
 
 
 CONF_DROPINS = Path("/etc/containers/containers.conf.d")
@@ -330,6 +334,7 @@ class Podman:
     def restore(self, path: Path, pod_id: str, name: str) -> float:
         """Restore the exported checkpoint ``path`` as container ``name`` into pod ``pod_id``."""
         start = time.monotonic()
+        self._own_conmon_pidfile(path)
         with open(path, "rb") as body:
             resp = self.client.api.post(
                 "/containers/import/restore",
@@ -339,6 +344,39 @@ class Podman:
             )
         _raise_for(resp, f"restore of {name}")
         return time.monotonic() - start
+
+    def _own_conmon_pidfile(self, path: Path) -> None:
+        """Make a checkpoint from another edge host's Podman restorable here.
+
+        podman records the container's conmon and runtime pidfile paths (in its run root) in
+        the export's ``config.dump`` and, on import, keeps them unless they lie under the
+        importing Podman's own run root.  Between edge hosts with different run roots (each lab host
+        has its own), the restored container wrote its pidfile into the first host's tree,
+        and the next move failed once that container was gone ("Failed to write conmon
+        pidfile").  A ``config.dump`` without those paths, appended to the (uncompressed)
+        export, overrides the first on extraction; podman then uses its default here.
+        """
+        if self.instance is None:
+            return  # the machine's one Podman: every path is its own
+        own = str(self.instance.run_dir / "run")
+        with tarfile.open(path, "r:") as tar:
+            try:
+                member = tar.getmember(CONFIG_DUMP)
+            except KeyError:
+                return
+            body = tar.extractfile(member)
+            config = json.loads(body.read()) if body is not None else {}
+        foreign = [key for key in PIDFILE_KEYS
+                   if config.get(key) and not str(config[key]).startswith(own + "/")]  # fmt: skip
+        if not foreign:
+            return
+        for key in foreign:
+            del config[key]
+        data = json.dumps(config).encode()
+        info = tarfile.TarInfo(CONFIG_DUMP)
+        info.size, info.mode, info.mtime = len(data), member.mode, int(time.time())
+        with tarfile.open(path, "a:") as tar:
+            tar.addfile(info, io.BytesIO(data))
 
     def _cli_create(self, name: str, image: str, command: list[str], pod: str,
                     env: dict[str, str], mounts: list[dict[str, Any]],
@@ -371,6 +409,7 @@ class Podman:
         wrapper).
         """
         start = time.monotonic()
+        self._own_conmon_pidfile(path)
         cmd = self.argv("container", "restore", "--import", str(path), "--pod", pod_id,
                         "--name", name, "--ignore-volumes", "--file-locks")  # fmt: skip
         try:

@@ -1,4 +1,4 @@
-"""Edge hosts with their own Podman (issue #17): a real migration between two instances.
+"""Edge hosts with their own Podman (issue #17): real migrations between three instances.
 
 With ``podman: per-host`` every edge host has its own Podman: its own storage, run directory,
 file locks, CNI networks and API service, running in the host's own network namespace, so
@@ -38,19 +38,22 @@ def _netns_inode(path: str) -> int:
     return os.stat(path).st_ino
 
 
-def test_the_broker_moves_between_two_independent_podman_instances(image: str) -> None:
+def test_the_broker_tours_three_independent_podman_instances(image: str) -> None:
+    """A to B to C and home.  The third hop is what the second cannot show: a checkpoint
+    restored from another Podman carried that Podman's pidfile paths, and the next
+    restore failed once the first host's container was gone."""
     demo = Scenario.load("demo")
     scenario = demo.replace(
-        podman="per-host", hosts=demo.hosts[:2], migrations=("edge-b", "edge-a"),
+        podman="per-host", hosts=demo.hosts[:3], migrations=("edge-b", "edge-c", "edge-a"),
         method=best_method()[0], settle=1.5,
         clients=(ClientSpec("quic-proactive", "quic", "proactive"),
                  ClientSpec("quic-announce", "quic", "announce"), ClientSpec("tcp", "tcp")),
     )  # fmt: skip
-    a, b = scenario.host("edge-a"), scenario.host("edge-b")
+    a, b, c = (scenario.host(name) for name in ("edge-a", "edge-b", "edge-c"))
     seen: dict[str, Any] = {}
 
     def look(lab: Lab) -> None:
-        for host in (a, b):
+        for host in (a, b, c):
             podman = lab.podman_at(host)
             assert podman.pid and podman.instance is not None
             service_ns = _netns_inode(f"/proc/{podman.pid}/ns/net")
@@ -68,24 +71,26 @@ def test_the_broker_moves_between_two_independent_podman_instances(image: str) -
         shared = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         seen["machine's podman"] = shared.stdout.split()
 
-    # A to B by the best method here, back by post-copy where it can run (its page server
-    # then serves from the source host's namespace, its lazy-pages daemon pulls from B's).
+    # A to B to C by the best method here, home by post-copy where it can run (its page
+    # server then serves from the source host's namespace, its lazy-pages daemon pulls from
+    # C's).
     back = "postcopy" if postcopy_support() is None else scenario.method
-    result = run_scenario(scenario, image, methods=[scenario.method, back], on_lab=look)
+    methods = [scenario.method, scenario.method, back]
+    result = run_scenario(scenario, image, methods=methods, on_lab=look)
 
-    assert [m["ok"] for m in result["migrations"]] == [True, True], result["migrations"]
-    assert [m["method"] for m in result["migrations"]] == [scenario.method, back]
-    assert [m["to"] for m in result["migrations"]] == ["edge-b", "edge-a"]
+    assert [m["ok"] for m in result["migrations"]] == [True] * 3, result["migrations"]
+    assert [m["method"] for m in result["migrations"]] == methods
+    assert [m["to"] for m in result["migrations"]] == ["edge-b", "edge-c", "edge-a"]
     for m in result["migrations"]:
         for row in m["clients"]:
             assert row["lost"] == 0, (m["to"], row)
     quic = [c for c in result["clients"] if c["name"].startswith("quic")]
     assert quic and all(c.get("reconnects", 0) == 0 for c in quic), quic  # one connection each
-    for host in (a, b):
+    for host in (a, b, c):
         assert seen[f"{host.name} service netns"], seen  # its Podman runs in its namespace
         assert seen[f"{host.name} bridge"], seen  # and its pod network is that host's
         assert seen[f"{host.name} storage"] == str(HOSTS_STORAGE / host.name), seen
-    # Back on edge-a: only edge-a's Podman runs a broker; edge-b's dropped its copy.
+    # Back on edge-a: only edge-a's Podman runs a broker; the others dropped their copies.
     assert seen["edge-a containers"] == [container_name(a)], seen
-    assert seen["edge-b containers"] == [], seen
+    assert seen["edge-b containers"] == seen["edge-c containers"] == [], seen
     assert seen["machine's podman"] == [], seen
