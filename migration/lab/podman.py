@@ -334,7 +334,7 @@ class Podman:
     def restore(self, path: Path, pod_id: str, name: str) -> float:
         """Restore the exported checkpoint ``path`` as container ``name`` into pod ``pod_id``."""
         start = time.monotonic()
-        self._own_conmon_pidfile(path)
+        self._own_pidfiles(path)
         with open(path, "rb") as body:
             resp = self.client.api.post(
                 "/containers/import/restore",
@@ -345,13 +345,13 @@ class Podman:
         _raise_for(resp, f"restore of {name}")
         return time.monotonic() - start
 
-    def _own_conmon_pidfile(self, path: Path) -> None:
+    def _own_pidfiles(self, path: Path) -> None:
         """Make a checkpoint from another edge host's Podman restorable here.
 
         podman records the container's conmon and runtime pidfile paths (in its run root) in
         the export's ``config.dump`` and, on import, keeps them unless they lie under the
-        importing Podman's own run root.  Between edge hosts with different run roots (each lab host
-        has its own), the restored container wrote its pidfile into the first host's tree,
+        importing Podman's own run root.  Between edge hosts with different run roots (each
+        lab host has its own), the restored container wrote its pidfile into the first host's tree,
         and the next move failed once that container was gone ("Failed to write conmon
         pidfile").  A ``config.dump`` without those paths, appended to the (uncompressed)
         export, overrides the first on extraction; podman then uses its default here.
@@ -409,7 +409,7 @@ class Podman:
         wrapper).
         """
         start = time.monotonic()
-        self._own_conmon_pidfile(path)
+        self._own_pidfiles(path)
         cmd = self.argv("container", "restore", "--import", str(path), "--pod", pod_id,
                         "--name", name, "--ignore-volumes", "--file-locks")  # fmt: skip
         try:

@@ -13,6 +13,16 @@ HERE = Address("198.18.1.2", 14567)
 THERE = Address("198.18.2.2", 14567)
 
 
+def _probe_times(follower: Follower, until: float, step: float) -> list[float]:
+    """When the follower probes, ticked every ``step`` s from 0 to ``until``."""
+    probes, now = [], 0.0
+    while now < until:
+        if follower.due_probes(now):
+            probes.append(now)
+        now = round(now + step, 3)
+    return probes
+
+
 @pytest.mark.parametrize("strategy", [Strategy.PROACTIVE, Strategy.REACTIVE])
 def test_a_notice_naming_the_current_address_calls_the_move_off(strategy: Strategy) -> None:
     """Rollback: SERVER_MIGRATION(here) after SERVER_MIGRATION(there) stops all probing."""
@@ -58,11 +68,7 @@ def test_an_announced_move_is_probed_through_a_freeze_of_a_minute_and_slowly_aft
     (7,500 clients at 0.1 s are 75,000 padded datagrams a second)."""
     follower = Follower(Strategy.PROACTIVE, current=HERE)
     follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
-    probes, now = [], 0.0
-    while now < 60.0:
-        if follower.due_probes(now):
-            probes.append(now)
-        now = round(now + 0.005, 3)
+    probes = _probe_times(follower, until=60.0, step=0.005)
     gaps = [round(b - a, 2) for a, b in itertools.pairwise(probes)]
     assert max(g for a, g in zip(probes, gaps, strict=False) if a < 4.9) == pytest.approx(
         0.1, abs=0.011
@@ -165,11 +171,7 @@ def test_probing_backs_off_during_a_long_freeze() -> None:
     still wins at once."""
     follower = Follower(Strategy.PROACTIVE, current=HERE)
     follower.on_server_migration(ServerMigration(1, THERE), now=0.0)
-    probes, now = [], 0.0
-    while now < 7.0:
-        if follower.due_probes(now):
-            probes.append(now)
-        now = round(now + 0.001, 3)
+    probes = _probe_times(follower, until=7.0, step=0.001)
     early = [t for t in probes if t < 0.5]
     assert len(early) >= 24  # the first half second at the full rate
     gaps = [b - a for a, b in itertools.pairwise(probes) if a < 4.9]
