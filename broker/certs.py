@@ -243,14 +243,28 @@ def make_lab_certs(
 
 def issue_client_cert(paths: CertPaths, name: str, days: int = 825) -> tuple[Path, Path]:
     """Issue ``NAME.crt``/``NAME.key`` (clientAuth) from the lab CA, for require_certificate."""
+    return _issue_leaf(paths, name, days, (), ExtendedKeyUsageOID.CLIENT_AUTH)
+
+
+def issue_server_cert(
+    paths: CertPaths, name: str, hosts: Sequence[str], days: int = 825
+) -> tuple[Path, Path]:
+    """Issue ``NAME.crt``/``NAME.key`` (serverAuth, for ``hosts``) from the lab CA: one
+    server's own certificate, when several servers trust the same CA."""
+    if not hosts:
+        raise ValueError("a server certificate needs at least one host name or address")
+    return _issue_leaf(paths, name, days, hosts, ExtendedKeyUsageOID.SERVER_AUTH)
+
+
+def _issue_leaf(
+    paths: CertPaths, name: str, days: int, hosts: Sequence[str], eku: x509.ObjectIdentifier
+) -> tuple[Path, Path]:
     loaded = _load_ca(paths)
     if loaded is None:
         raise ValueError(f"no usable lab CA in {paths.ca_cert.parent}; run make_lab_certs first")
     ca_cert, ca_key = loaded
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _issue(
-        name, key.public_key(), ca_cert, ca_key, days, eku=ExtendedKeyUsageOID.CLIENT_AUTH
-    )
+    cert = _issue(name, key.public_key(), ca_cert, ca_key, days, hosts=hosts, eku=eku)
     out = paths.ca_cert.parent
     cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
     _write(key_path, _key_pem(key), private=True)

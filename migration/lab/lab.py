@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.certs import make_lab_certs
+from broker.certs import CertPaths, issue_client_cert, issue_server_cert, make_lab_certs
 from migration.control import ControlError, control_request
 from migration.scenario import BACKHAUL_BASE, Host, Scenario
 
 from . import net
 from .net import LabError
-from .podman import Instance, Podman, stop_pid
+from .podman import Api, ApiTls, Instance, Podman, stop_pid
 from .postcopy import RUNTIME, runtime_installed
 
 STATE_DIR = Path(os.environ.get("QMIG_LAB_DIR", "/run/qmig/lab"))
@@ -57,6 +57,9 @@ BROKER_NAME = "lab"
 ORCHESTRATOR_PORT = 7890
 TRIGGER_PORT = 7891
 METRICS_PORT = 9883  # the broker's Prometheus metrics, on its lab address
+# Per-host Podman: each host's API on its uplink address, behind mutual TLS (apifront).
+PODMAN_API_PORT = 8888
+PODMAN_CLIENT = "orchestrator"  # the one client certificate the hosts' APIs accept
 
 
 def pod_name(host: Host | str) -> str:
@@ -142,6 +145,7 @@ class LabState:
     token: str
     started_at: float
     services: dict[str, int] = dataclasses.field(default_factory=dict)  # per-host Podman
+    fronts: dict[str, int] = dataclasses.field(default_factory=dict)  # their TLS fronts
     podman: str = "shared"  # the scenario's Podman mode, for every later command on the lab
 
     def save(self, state_dir: Path) -> None:
@@ -165,6 +169,9 @@ class Lab:
         self.scenario = scenario
         self.state_dir = state_dir
         self.etc = state_dir / "etc"
+        # Per-host Podman: the CA of the hosts' API fronts, their certificates and the
+        # orchestrator's (never mounted into a container, unlike etc).
+        self.podman_pki = state_dir / "podman-tls"
         self.state: LabState | None = LabState.load(state_dir)
         self._asked = scenario  # what `up` builds
         if self.state is not None and self.state.podman != scenario.podman:
@@ -199,8 +206,20 @@ class Lab:
         if host.name not in self._podmans:
             inst = self.instance(host)
             pid = self.state.services.get(host.name) if self.state else None
-            self._podmans[host.name] = Podman(inst.socket, pid, inst)
+            exposed = self.state is not None and host.name in self.state.fronts
+            api = self.podman_api(host) if exposed else None
+            self._podmans[host.name] = Podman(inst.socket, pid, inst, api)
         return self._podmans[host.name]
+
+    def host_api_address(self, host: Host) -> str:
+        """Per-host Podman: ``host``'s address on its uplink, where its Podman API is."""
+        return net.net_address(self.scenario.uplink_subnet(host), 2)
+
+    def podman_api(self, host: Host) -> Api:
+        """Per-host Podman: how the machine reaches ``host``'s Podman API, by address."""
+        pki = self.podman_pki
+        tls = ApiTls(pki / "ca.crt", pki / f"{PODMAN_CLIENT}.crt", pki / f"{PODMAN_CLIENT}.key")
+        return Api(f"tcp://{self.host_api_address(host)}:{PODMAN_API_PORT}", tls)
 
     def machine_uplink(self, host: Host) -> str:
         """Per-host Podman: the machine's address on ``host``'s uplink."""
@@ -283,6 +302,7 @@ class Lab:
         host forwards without NAT (as the machine does for the shared lab).
         """
         assert self.state is not None
+        pki = self._podman_pki()
         for index, host in enumerate(self.scenario.hosts):
             ns = host_netns(host)
             _, host_ip = net.add_netns_link(ns, *uplink_veths(index),
@@ -294,9 +314,25 @@ class Lab:
             self._podmans[host.name] = podman
             self.state.services[host.name] = podman.pid or 0
             self.state.save(self.state_dir)
+            # From here on the machine reaches this host's Podman API only by its address.
+            api = self.podman_api(host)
+            assert api.tls is not None
+            server = issue_server_cert(pki, host.name, [host_ip])
+            self.state.fronts[host.name] = podman.expose(
+                host_ip, PODMAN_API_PORT, server, api.tls, inst.run_dir / "apifront.log"
+            )
+            self.state.save(self.state_dir)
             podman.ensure_image(image)  # the first time: as a registry pull would
             podman.ensure_network(pod_name(host), host.subnet, host.gateway)
             podman.create_pod(pod_name(host), pod_name(host), host.address)
+
+    def _podman_pki(self) -> CertPaths:
+        """A fresh CA for the hosts' Podman APIs and the orchestrator's client certificate."""
+        shutil.rmtree(self.podman_pki, ignore_errors=True)
+        self.podman_pki.mkdir(mode=0o700, parents=True)
+        paths = make_lab_certs(self.podman_pki, hosts=["localhost"])
+        issue_client_cert(paths, PODMAN_CLIENT)
+        return paths
 
     def _backhaul(self) -> None:
         """Per-host Podman: checkpoints go host to host, each host's link shaped to the
@@ -336,10 +372,15 @@ class Lab:
         link = {"address": net.net_address(sc.link_subnet, 2), "port": TRANSFER_PORT,
                 "rate": sc.link_rate}  # fmt: skip
 
-        def api(h: Host) -> str:
-            return f"unix://{self.podman_at(h).socket_path}"
+        def api(h: Host) -> dict[str, Any]:
+            where = self.podman_at(h).api
+            if where.tls is None:
+                return {"podman": where.url}
+            tls = {"ca": str(where.tls.ca), "cert": str(where.tls.cert),
+                   "key": str(where.tls.key)}  # fmt: skip
+            return {"podman": where.url, "tls": tls}
 
-        hosts = {h.name: {"podman": api(h), "address": h.address, "link": dict(link)}
+        hosts = {h.name: {**api(h), "address": h.address, "link": dict(link)}
                  for h in sc.hosts}  # fmt: skip
         control = {"port": sc.ports.control, "token_file": str(self.etc / "control.token")}
         broker = {"host": sc.start, "control": control,
@@ -491,6 +532,10 @@ class Lab:
                                        timeout=60, env=inst.env())  # fmt: skip
                         if done.returncode == 0 and done.stdout.strip():
                             removed.append(f"{what} of {host.name}'s Podman")
+            front = self.state.fronts.get(host.name) if self.state else None
+            if front:
+                stop_pid(front, grace=2.0)
+                removed.append(f"{host.name}'s Podman API front")
             pid = self.state.services.get(host.name) if self.state else None
             if pid:
                 stop_pid(pid, grace=2.0)
@@ -506,6 +551,7 @@ class Lab:
                 net.del_netns(ns)
                 removed.append(f"netns {ns}")
         shutil.rmtree(self.state_dir / "hosts", ignore_errors=True)
+        shutil.rmtree(self.podman_pki, ignore_errors=True)
         return removed
 
     # ------------------------------------------------------------------ status

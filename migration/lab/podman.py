@@ -31,6 +31,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 import tomllib
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import net
 from .net import LabError
 
 API_VERSION = "4.0.0"
@@ -125,12 +127,57 @@ def _toml(tables: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(out)
 
 
-def _podman_client(socket_path: Path, timeout: float = 120.0) -> Any:
+@dataclass(frozen=True)
+class ApiTls:
+    """The client side of a Podman API behind TLS (:mod:`migration.lab.apifront`): the CA
+    that issued the server's certificate, and the client's own certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Api:
+    """Where a Podman API is: ``unix:///PATH``, or ``tcp://ADDR:PORT`` with TLS."""
+
+    url: str
+    tls: ApiTls | None = None
+
+
+def _podman_client(api: Api, timeout: float = 120.0) -> Any:
     try:
         from podman import PodmanClient
     except ImportError as exc:  # pragma: no cover - a dependency of the project
         raise LabError("podman-py is not installed (pip install podman)") from exc
-    return PodmanClient(base_url=f"unix://{socket_path}", version=API_VERSION, timeout=timeout)
+    if api.url.startswith("tcp://") and api.tls is None:
+        raise LabError(f"{api.url}: a Podman API over TCP needs TLS (plain TCP would give "
+                       "whoever reaches the port root on the host)")  # fmt: skip
+    client = PodmanClient(base_url=api.url, version=API_VERSION, timeout=timeout)
+    if api.tls is not None:
+        # podman-py's TLS settings are "currently ignored": requests does it, on its session.
+        client.api.mount("http://", _tls_adapter(api.tls))
+        client.api.trust_env = False  # no proxy from the environment in between
+    return client
+
+
+def _tls_adapter(tls: ApiTls) -> Any:
+    """A requests adapter that sends podman-py's ``http://`` requests as ``https://`` with
+    the client certificate, verifying the server against ``tls.ca`` (host name included)."""
+    from requests import PreparedRequest, Response
+    from requests.adapters import HTTPAdapter
+
+    class TlsAdapter(HTTPAdapter):
+        def send(self, request: PreparedRequest, stream: bool = False,
+                 timeout: float | tuple[float | None, float | None] | None = None,
+                 verify: bool | str = True, cert: str | tuple[str, str] | None = None,
+                 proxies: dict[str, str] | None = None) -> Response:  # fmt: skip
+            if request.url and request.url.startswith("http://"):
+                request.url = "https://" + request.url.removeprefix("http://")
+            return super().send(request, stream=stream, timeout=timeout, verify=str(tls.ca),
+                                cert=(str(tls.cert), str(tls.key)), proxies=proxies)  # fmt: skip
+
+    return TlsAdapter()
 
 
 @dataclass
@@ -144,10 +191,11 @@ class Podman:
     """The lab's Podman API service and a podman-py client on it."""
 
     def __init__(self, socket_path: Path, pid: int | None = None,
-                 instance: Instance | None = None) -> None:  # fmt: skip
-        self.socket_path = socket_path
+                 instance: Instance | None = None, api: Api | None = None) -> None:  # fmt: skip
+        self.socket_path = socket_path  # where the service listens
         self.pid = pid
         self.instance = instance  # None: the machine's own Podman
+        self.api = api or Api(f"unix://{socket_path}")  # where its clients reach it
         self._client: Any = None
 
     def argv(self, *args: str) -> list[str]:
@@ -200,6 +248,36 @@ class Podman:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 
+    def expose(self, address: str, port: int, server: tuple[Path, Path], client: ApiTls,
+               log_path: Path) -> int:  # fmt: skip
+        """Serve this Podman's API on ``address:port`` of its host's namespace behind mutual
+        TLS (:mod:`migration.lab.apifront`, with the ``server`` certificate and key, clients
+        of ``client.ca``), and reach it there from now on; returns the front's PID."""
+        assert self.instance is not None, "only an edge host's own Podman is exposed"
+        cert, key = server
+        cmd = net.netns_exec(self.instance.netns, sys.executable, "-m", "migration.lab.apifront",
+                             "--listen", f"{address}:{port}", "--socket", str(self.socket_path),
+                             "--cert", str(cert), "--key", str(key),
+                             "--ca", str(client.ca))  # fmt: skip
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)  # fmt: skip
+        before, self.api = self.api, Api(f"tcp://{address}:{port}", client)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        deadline = time.monotonic() + SERVICE_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if self.alive():
+                return proc.pid
+            time.sleep(0.1)
+        stop_pid(proc.pid)
+        self.api, self._client = before, None
+        raise LabError(f"the Podman API front on {address}:{port} did not answer within "
+                       f"{SERVICE_START_TIMEOUT:g} s; see {log_path}")  # fmt: skip
+
     def alive(self) -> bool:
         try:
             return bool(self.client.ping())
@@ -209,7 +287,7 @@ class Podman:
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = _podman_client(self.socket_path)
+            self._client = _podman_client(self.api)
         return self._client
 
     # ------------------------------------------------------------------ networks and pods

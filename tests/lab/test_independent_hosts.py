@@ -11,17 +11,27 @@ of either instance is left but its storage (the image cache).
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import subprocess
 from typing import Any
 
 import pytest
 
 from migration.lab import net
-from migration.lab.lab import HOSTS_STORAGE, Lab, container_name, host_netns, pod_name
+from migration.lab.lab import (
+    HOSTS_STORAGE,
+    PODMAN_API_PORT,
+    Lab,
+    container_name,
+    host_netns,
+    pod_name,
+)
 from migration.lab.postcopy import postcopy_support
 from migration.lab.precopy import best_method
 from migration.lab.run import run_scenario
-from migration.scenario import ClientSpec, Scenario
+from migration.orchestrator import inventory
+from migration.scenario import ClientSpec, Host, Scenario
 
 from . import test_live
 from .test_live import REASON
@@ -32,6 +42,22 @@ nothing_left_behind = test_live.nothing_left_behind
 # The first run on a machine loads the image into each host's storage: a longer timeout.
 pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"containers unavailable: {REASON}"),
               pytest.mark.timeout(420)]  # fmt: skip
+
+
+def _refused(address: str) -> bool:
+    try:
+        with socket.create_connection((address, PODMAN_API_PORT), timeout=10) as raw:
+            tls = ssl.create_default_context()
+            tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE  # any server, no cert
+            with tls.wrap_socket(raw, server_hostname=address) as conn:
+                conn.sendall(b"GET /v4.0.0/libpod/_ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                return not conn.recv(4096).startswith(b"HTTP/")
+    except OSError:
+        return True
+
+
+def lab_api_address(scenario: Scenario, host: Host) -> str:
+    return net.net_address(scenario.uplink_subnet(host), 2)
 
 
 def _netns_inode(path: str) -> int:
@@ -67,6 +93,12 @@ def test_the_broker_tours_three_independent_podman_instances(image: str) -> None
             bridges = net.run(net.netns_exec(host_netns(host), "ip", "-o", "addr")).stdout
             seen[f"{host.name} bridge"] = f"inet {host.gateway}/" in bridges
             seen[f"{host.name} pod"] = podman.pod_id(pod_name(host))
+            # reached by its address on the lab network, behind mutual TLS, as another
+            # machine's would be; without the orchestrator's certificate, nothing gets in
+            seen[f"{host.name} api"] = podman.api.url
+            seen[f"{host.name} api without a certificate"] = _refused(lab.host_api_address(host))
+        listed = inventory.load(lab.state_dir / "inventory.yaml")
+        seen["inventory"] = {h.name: (h.podman, h.tls is not None) for h in listed.hosts}
         cmd = ["podman", "ps", "-a", "--filter", "label=qmig=lab", "--format", "{{.Names}}"]
         shared = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         seen["machine's podman"] = shared.stdout.split()
@@ -90,6 +122,10 @@ def test_the_broker_tours_three_independent_podman_instances(image: str) -> None
         assert seen[f"{host.name} service netns"], seen  # its Podman runs in its namespace
         assert seen[f"{host.name} bridge"], seen  # and its pod network is that host's
         assert seen[f"{host.name} storage"] == str(HOSTS_STORAGE / host.name), seen
+        api = f"tcp://{lab_api_address(scenario, host)}:{PODMAN_API_PORT}"
+        assert seen[f"{host.name} api"] == api, seen
+        assert seen[f"{host.name} api without a certificate"], seen
+        assert seen["inventory"][host.name] == (api, True), seen
     # Back on edge-a: only edge-a's Podman runs a broker; the others dropped their copies.
     assert seen["edge-a containers"] == [container_name(a)], seen
     assert seen["edge-b containers"] == seen["edge-c containers"] == [], seen
