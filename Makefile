@@ -51,7 +51,8 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy
 
-# PODMAN=per-host: every edge host its own Podman (storage, networks, API) in its own netns.
+# PODMAN=shared: every edge host a pod of the machine's one Podman (default: per-host, every
+# edge host its own Podman, storage, networks and API, in its own netns).
 PODMAN ?=
 demo: setup image
 	$(VENV_PY) -m qmig demo $(if $(PODMAN),--podman $(PODMAN))

@@ -161,7 +161,7 @@ class Scenario:
     pool_order: tuple[str, ...] = ()
     client_subnet: str = "198.18.100.0/24"
     link_subnet: str = "198.18.250.0/30"
-    podman: str = "shared"  # PODMAN_MODES
+    podman: str = "per-host"  # PODMAN_MODES: each edge host its own Podman, by default
 
     # ------------------------------------------------------------------ queries
     def uplink_subnet(self, host: Host) -> str:
@@ -269,7 +269,7 @@ class Scenario:
                 processes=int(data.get("processes", 1)),
                 ports=Ports(**(data.get("ports") or {})),
                 pool_order=tuple(str(n) for n in data.get("pool_order") or ()),
-                podman=str(data.get("podman", "shared")),
+                podman=str(data.get("podman", "per-host")),
             ).validate()
         except (KeyError, TypeError, IndexError, ValueError) as exc:
             if isinstance(exc, ScenarioError):

@@ -214,8 +214,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                    help="cold, precopy, postcopy or hybrid; best (default): precopy where this "
                    "machine can read the broker's memory, else cold")  # fmt: skip
     p.add_argument("--podman", choices=("shared", "per-host"), default=None,
-                   help="per-host: each edge host its own Podman in its own netns (default: "
-                   "the scenario's, shared)")  # fmt: skip
+                   help="per-host: each edge host its own Podman in its own netns; shared: "
+                   "every edge host a pod of one Podman (default: the scenario's, "
+                   "per-host)")  # fmt: skip
     p.add_argument("--report-dir", default="reports", help="where the JSON and PNG go")
     p.add_argument(
         "--transports",

@@ -47,14 +47,19 @@ def inv(**changes: Any) -> Inventory:
 
 
 # ---------------------------------------------------------------------- inventory
-def test_the_lab_writes_an_inventory_the_orchestrator_loads(tmp_path: Path) -> None:
-    lab = Lab(Scenario.load("demo"), tmp_path)
+@pytest.mark.parametrize(("podman", "machine"),
+                         [("per-host", "198.18.20.1"), ("shared", "198.18.1.1")])  # fmt: skip
+def test_the_lab_writes_an_inventory_the_orchestrator_loads(tmp_path: Path, podman: str,
+                                                            machine: str) -> None:  # fmt: skip
+    lab = Lab(Scenario.load("demo").replace(podman=podman), tmp_path)
     inventory = load(lab.write_inventory())
     assert [h.name for h in inventory.hosts] == ["edge-a", "edge-b", "edge-c"]
     assert inventory.host("edge-b").address == "198.18.2.2"  # type: ignore[union-attr]
     assert inventory.brokers[0].name == "lab" and inventory.brokers[0].host == "edge-a"
     assert inventory.orchestrator["api"].startswith("127.0.0.1:")  # local by default
-    assert inventory.orchestrator["triggers"] == "198.18.1.1:7891"  # the pods reach it
+    # the pods reach it: the machine on the start host's uplink, or its pod network's gateway
+    assert inventory.orchestrator["triggers"] == f"{machine}:7891"
+    assert inventory.lab["podman"] == podman
     assert inventory.lab["state_dir"] == str(tmp_path)
 
 

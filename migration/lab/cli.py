@@ -31,8 +31,8 @@ def add_lab_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", type=float, default=None, help="client access-link loss in %%")
     p.add_argument("--image", default=None, help="broker image (default: build/reuse qmig's)")
     p.add_argument("--podman", choices=PODMAN_MODES, default=None,
-                   help="shared: every edge host a pod of this machine's Podman (default); "
-                        "per-host: each edge host its own Podman in its own netns")  # fmt: skip
+                   help="per-host: each edge host its own Podman in its own netns (default); "
+                        "shared: every edge host a pod of this machine's Podman")  # fmt: skip
     p = actions.add_parser("down", help="remove everything the lab made")
     p.add_argument("--scenario", default="demo", help=argparse.SUPPRESS)
     p = actions.add_parser("status", help="where the broker runs, what exists (JSON)")

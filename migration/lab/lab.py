@@ -380,7 +380,10 @@ class Lab:
                    "key": str(where.tls.key)}  # fmt: skip
             return {"podman": where.url, "tls": tls}
 
-        hosts = {h.name: {**api(h), "address": h.address, "link": dict(link)}
+        def link_of(h: Host) -> dict[str, Any]:  # per-host: its own link's address
+            return {**link, "address": self.checkpoint_link(h)[0]}
+
+        hosts = {h.name: {**api(h), "address": h.address, "link": link_of(h)}
                  for h in sc.hosts}  # fmt: skip
         control = {"port": sc.ports.control, "token_file": str(self.etc / "control.token")}
         broker = {"host": sc.start, "control": control,

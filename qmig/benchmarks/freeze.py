@@ -81,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--podman",
         choices=("shared", "per-host"),
-        default="shared",
-        help="per-host: each edge host its own Podman, checkpoints host to host",
+        default="per-host",
+        help="per-host (default): each edge host its own Podman, checkpoints host to host; "
+        "shared: every edge host a pod of one Podman",
     )
     parser.add_argument(
         "--json", default=None, metavar="FILE", help="write the results (- for stdout)"
@@ -207,7 +208,7 @@ def run_lab(
     say: Callable[[str], None],
     qos: int = 1,
     persistence: bool = False,
-    podman: str = "shared",
+    podman: str = "per-host",
 ) -> list[dict[str, Any]]:
     """One lab: every method ``repeats`` times, interleaved; one row per move."""
     from migration.lab.run import run_scenario

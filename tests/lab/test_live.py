@@ -202,7 +202,8 @@ def _wait_for_session(qmig: Any, client_id: str, timeout: float = 15.0) -> None:
 
 def _cli_round_trip(qmig: Any, image: str) -> None:
     try:
-        up = qmig("lab", "up", "--image", image)
+        # The single-Podman lab (--podman shared) keeps working: this test is its one.
+        up = qmig("lab", "up", "--image", image, "--podman", "shared")
         assert up.returncode == 0, up.stderr
         # A QUIC subscriber (qmig sub, proactive) in the clients' namespace stays connected.
         sub = subprocess.Popen(net.netns_exec(

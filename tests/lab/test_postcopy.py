@@ -47,12 +47,14 @@ def test_a_postcopy_move_resumes_before_its_pages_and_loses_nothing(image: str) 
     def after(lab: Lab) -> None:
         seen["status"] = lab.control("status", host=b)
         seen["host"] = lab.state.broker_host if lab.state else None
-        ps = subprocess.run(["podman", "ps", "--filter", "name=qmig-broker-edge-b",
-                             "--filter", "status=running", "--format", "{{.Names}}"],
-                            capture_output=True, text=True, timeout=30)  # fmt: skip
+        podman = lab.podman_at(b)  # edge-b's own Podman, its CLI as on that host
+        ps = subprocess.run(podman.argv("ps", "--filter", "name=qmig-broker-edge-b",
+                                        "--filter", "status=running", "--format", "{{.Names}}"),
+                            capture_output=True, text=True, timeout=30,
+                            env=podman.env())  # fmt: skip
         seen["ps"] = ps.stdout.split()
-        logs = subprocess.run(["podman", "logs", "qmig-broker-edge-b"], capture_output=True,
-                              text=True, timeout=30)  # fmt: skip
+        logs = subprocess.run(podman.argv("logs", "qmig-broker-edge-b"), capture_output=True,
+                              text=True, timeout=30, env=podman.env())  # fmt: skip
         seen["logs_rc"] = logs.returncode
 
     result = run_scenario(scenario, image, on_lab=after)

@@ -45,9 +45,11 @@ def test_a_precopy_move_there_and_back_ships_only_changed_pages_and_loses_nothin
 
     def after(lab: Lab) -> None:
         seen["status"] = lab.control("status", host=a)
-        ps = subprocess.run(["podman", "ps", "--filter", "name=qmig-broker-edge-a",
-                             "--filter", "status=running", "--format", "{{.Names}}"],
-                            capture_output=True, text=True, timeout=30)  # fmt: skip
+        podman = lab.podman_at(a)  # edge-a's own Podman, its CLI as on that host
+        ps = subprocess.run(podman.argv("ps", "--filter", "name=qmig-broker-edge-a",
+                                        "--filter", "status=running", "--format", "{{.Names}}"),
+                            capture_output=True, text=True, timeout=30,
+                            env=podman.env())  # fmt: skip
         seen["ps"] = ps.stdout.split()
 
     result = run_scenario(scenario, image, on_lab=after)

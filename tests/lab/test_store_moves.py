@@ -18,7 +18,7 @@ import pytest
 from migration.lab.lab import Lab, container_name
 from migration.lab.postcopy import postcopy_support
 from migration.lab.run import run_scenario
-from migration.scenario import ClientSpec, Scenario
+from migration.scenario import ClientSpec, Host, Scenario
 
 from . import test_live
 from .test_live import REASON, _in_clients_ns
@@ -33,8 +33,11 @@ RETAINED = 20
 QUEUED = 10
 
 
-def _podman(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=60)
+def _podman(lab: Lab, host: Host, *args: str) -> subprocess.CompletedProcess[str]:
+    """``podman ARGS`` on ``host``, as its own CLI (its Podman, in its namespace)."""
+    podman = lab.podman_at(host)
+    return subprocess.run(podman.argv(*args), capture_output=True, text=True, timeout=60,
+                          env=podman.env())  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["precopy", "postcopy"])
@@ -61,9 +64,9 @@ def test_the_store_moves_with_the_broker_and_survives_a_kill_there(image: str, m
 
     def after(lab: Lab) -> None:
         name = container_name(b)
-        seen["kill"] = _podman("kill", "-s", "KILL", name).returncode
-        _podman("wait", name)
-        seen["start"] = _podman("start", name).returncode
+        seen["kill"] = _podman(lab, b, "kill", "-s", "KILL", name).returncode
+        _podman(lab, b, "wait", name)
+        seen["start"] = _podman(lab, b, "start", name).returncode
         lab.wait_ready(b)
         retained = _in_clients_ns("mosquitto_sub", "-h", b.address, "-t", "store/r/#", "-v",
                                   "-C", str(RETAINED), "-W", "10", timeout=20)  # fmt: skip
