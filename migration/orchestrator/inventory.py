@@ -24,10 +24,11 @@ A YAML file (``qmig lab up`` writes one for the lab, ``$QMIG_LAB_DIR/inventory.y
       triggers: {enabled: true, cooldown: 30}   # seconds between trigger-made moves
       schedule: [{broker: lab, every: 3600, hosts: [edge-a, edge-b]}]
 
-Drivers: ``lab`` moves within the single-Podman lab of :mod:`migration.lab` (one Podman API
-for every host: the hosts' ``podman`` must all be the same URL).  The format already says
-what independent Podman instances need (a Podman API per host, a checkpoint link address
-per host), so a ``podman`` driver for real machines adds an executor, not a new format.
+Drivers: ``lab`` moves within the lab of :mod:`migration.lab`: with ``lab.podman: per-host``
+(what ``qmig lab up`` writes) each host names its own Podman API, ``tcp://ADDR:8888`` with
+``tls``; with ``shared`` the hosts' ``podman`` must all be the same URL.  The format already
+says what independent machines need (a Podman API per host, a checkpoint link address per
+host), so a ``podman`` driver for real machines adds an executor, not a new format.
 
 :func:`load` raises :class:`InventoryError` with the file, the entry and what is wrong in
 one line; nothing is half-loaded.
