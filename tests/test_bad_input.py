@@ -51,6 +51,7 @@ from mqttproto.packets import (
 )
 from mqttproto.properties import PropertyId
 from mqttproto.reasons import ReasonCode
+from tests.brokers import stop_process
 
 P = PropertyId
 R = ReasonCode
@@ -127,13 +128,7 @@ def qmig_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QmigProces
         yield QmigProcess(proc, port, log_path)
         assert proc.poll() is None, "the broker died during the tests"
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc)
 
 
 # --------------------------------------------------------------------------- raw client

@@ -27,7 +27,7 @@ import pytest
 from broker.certs import CertPaths, issue_client_cert, issue_server_cert, make_lab_certs
 from migration.lab.net import LabError
 from migration.lab.podman import Api, ApiTls, _podman_client
-from tests.brokers import free_port
+from tests.brokers import free_port, stop_process
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,12 +99,7 @@ def front(tmp_path: Path, pki: dict[str, Any]) -> Iterator[dict[str, Any]]:
             time.sleep(0.05)
         yield {"port": port, "seen": seen, "log": log}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, timeout=10)
         server.shutdown()
         server.server_close()
 
@@ -128,7 +123,8 @@ def test_the_orchestrators_certificate_reaches_podman(front: dict[str, Any],
     assert front["seen"] == ["/v4.0.0/libpod/_ping", "/v4.0.0/libpod/containers/broker/export"]
 
 
-@pytest.mark.parametrize("who", ["no certificate", "another CA's certificate", "plain HTTP"])
+@pytest.mark.parametrize("who", ["no certificate", "another CA's certificate",
+                                 "a host's server certificate", "plain HTTP"])  # fmt: skip
 def test_nobody_else_reaches_podman(front: dict[str, Any], pki: dict[str, Any], who: str) -> None:
     port = front["port"]
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
@@ -143,6 +139,8 @@ def test_nobody_else_reaches_podman(front: dict[str, Any], pki: dict[str, Any], 
             ctx = ssl.create_default_context(cafile=str(pki["lab"].ca_cert))
             if who == "another CA's certificate":
                 ctx.load_cert_chain(*pki["intruder"])
+            if who == "a host's server certificate":  # same CA, but serverAuth only: a host
+                ctx.load_cert_chain(*pki["server"])  # cannot drive another host's Podman
             try:
                 with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
                     tls.sendall(request)  # TLS 1.3: the server judges the client after this

@@ -8,10 +8,8 @@ of its log is printed when it fails to start and attached to failing test report
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +24,7 @@ import pytest
 from broker.certs import CertPaths, make_lab_certs
 from broker.config import BrokerConfig
 from broker.server import BrokerServer
+from tests.brokers import stop_process
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 15.0
@@ -78,19 +77,6 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    """Terminate by PID, wait, kill if it does not go."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout)
 
 
 @dataclass
