@@ -280,7 +280,7 @@ class Lab:
             if self.per_host:
                 self._backhaul()
             net.route_lab_range()
-            make_lab_certs(self.etc, hosts=["localhost", *(h.address for h in sc.hosts)])
+            self._broker_certs()
             token_file = self.etc / "control.token"
             token_file.write_text(token + "\n")
             token_file.chmod(0o644)  # read inside the container; the directory is root's
@@ -325,6 +325,18 @@ class Lab:
             podman.ensure_image(image)  # the first time: as a registry pull would
             podman.ensure_network(pod_name(host), host.subnet, host.gateway)
             podman.create_pod(pod_name(host), pod_name(host), host.address)
+
+    def _broker_certs(self) -> None:
+        """The lab CA and the brokers' certificate, made (or kept) in ``state_dir/pki``; the
+        broker's ``etc`` (mounted into its container) gets the CA and server certificates
+        and the server key, never the CA key, so a broker cannot mint the lab's certificates."""
+        pki_dir = self.state_dir / "pki"
+        pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        hosts = ["localhost", *(h.address for h in self.scenario.hosts)]
+        pki = make_lab_certs(pki_dir, hosts=hosts)
+        for source in (pki.ca_cert, pki.server_cert, pki.server_key):
+            shutil.copy2(source, self.etc / source.name)
+        (self.etc / pki.ca_key.name).unlink(missing_ok=True)  # an earlier lab's
 
     def _podman_pki(self) -> CertPaths:
         """A fresh CA for the hosts' Podman APIs and the orchestrator's client certificate."""

@@ -97,6 +97,8 @@ def test_the_broker_tours_three_independent_podman_instances(image: str) -> None
             # machine's would be; without the orchestrator's certificate, nothing gets in
             seen[f"{host.name} api"] = podman.api.url
             seen[f"{host.name} api without a certificate"] = _refused(lab.host_api_address(host))
+        # what the broker's container sees of the lab's PKI: no CA key to mint certificates
+        seen["broker etc"] = sorted(p.name for p in lab.etc.iterdir())
         listed = inventory.load(lab.state_dir / "inventory.yaml")
         seen["inventory"] = {h.name: (h.podman, h.tls is not None) for h in listed.hosts}
         cmd = ["podman", "ps", "-a", "--filter", "label=qmig=lab", "--format", "{{.Names}}"]
@@ -130,3 +132,6 @@ def test_the_broker_tours_three_independent_podman_instances(image: str) -> None
     assert seen["edge-a containers"] == [container_name(a)], seen
     assert seen["edge-b containers"] == seen["edge-c containers"] == [], seen
     assert seen["machine's podman"] == [], seen
+    assert "ca.key" not in seen["broker etc"] and "ca.crt" in seen["broker etc"], seen
+    assert not any(name.endswith(".key") and name != "server.key"
+                   for name in seen["broker etc"]), seen  # fmt: skip
