@@ -315,11 +315,9 @@ class Lab:
             self.state.services[host.name] = podman.pid or 0
             self.state.save(self.state_dir)
             # From here on the machine reaches this host's Podman API only by its address.
-            api = self.podman_api(host)
-            assert api.tls is not None
             server = issue_server_cert(pki, host.name, [host_ip])
             self.state.fronts[host.name] = podman.expose(
-                host_ip, PODMAN_API_PORT, server, api.tls, inst.run_dir / "apifront.log"
+                self.podman_api(host), server, inst.run_dir / "apifront.log"
             )
             self.state.save(self.state_dir)
             podman.ensure_image(image)  # the first time: as a registry pull would

@@ -226,17 +226,24 @@ class Podman:
         except FileNotFoundError as exc:
             raise LabError("podman is not installed (run `make setup` as root)") from exc
         podman.pid = proc.pid
+        if podman._answers(proc):
+            return podman
+        if proc.poll() is not None:
+            raise LabError(f"podman system service exited ({proc.returncode}); see {log_path}")
+        podman.stop_service()
+        raise LabError(f"podman system service did not answer within {SERVICE_START_TIMEOUT:g} s")
+
+    def _answers(self, proc: subprocess.Popen[bytes]) -> bool:
+        """Wait until this Podman answers where its clients reach it (True), or until
+        ``proc`` (what serves it) exits or ``SERVICE_START_TIMEOUT`` passes (False)."""
         deadline = time.monotonic() + SERVICE_START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise LabError(f"podman system service exited ({proc.returncode}); see {log_path}")
-            if socket_path.exists():
-                with contextlib.suppress(Exception):
-                    if podman.client.ping():
-                        return podman
+                return False
+            if self.alive():
+                return True
             time.sleep(0.1)
-        podman.stop_service()
-        raise LabError(f"podman system service did not answer within {SERVICE_START_TIMEOUT:g} s")
+        return False
 
     def stop_service(self) -> None:
         if self._client is not None:
@@ -248,34 +255,31 @@ class Podman:
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 
-    def expose(self, address: str, port: int, server: tuple[Path, Path], client: ApiTls,
-               log_path: Path) -> int:  # fmt: skip
-        """Serve this Podman's API on ``address:port`` of its host's namespace behind mutual
-        TLS (:mod:`migration.lab.apifront`, with the ``server`` certificate and key, clients
-        of ``client.ca``), and reach it there from now on; returns the front's PID."""
+    def expose(self, api: Api, server: tuple[Path, Path], log_path: Path) -> int:
+        """Serve this Podman's API at ``api`` (``tcp://ADDR:PORT`` of its host's namespace)
+        behind mutual TLS (:mod:`migration.lab.apifront`, with the ``server`` certificate and
+        key, clients of ``api.tls.ca``), and reach it there from now on; returns the front's
+        PID."""
         assert self.instance is not None, "only an edge host's own Podman is exposed"
+        assert api.url.startswith("tcp://") and api.tls is not None, api
+        listen = api.url.removeprefix("tcp://")
         cert, key = server
         cmd = net.netns_exec(self.instance.netns, sys.executable, "-m", "migration.lab.apifront",
-                             "--listen", f"{address}:{port}", "--socket", str(self.socket_path),
+                             "--listen", listen, "--socket", str(self.socket_path),
                              "--cert", str(cert), "--key", str(key),
-                             "--ca", str(client.ca))  # fmt: skip
+                             "--ca", str(api.tls.ca))  # fmt: skip
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)  # fmt: skip
-        before, self.api = self.api, Api(f"tcp://{address}:{port}", client)
+        before, self.api = self.api, api
         if self._client is not None:
             self._client.close()
             self._client = None
-        deadline = time.monotonic() + SERVICE_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            if self.alive():
-                return proc.pid
-            time.sleep(0.1)
+        if self._answers(proc):
+            return proc.pid
         stop_pid(proc.pid)
         self.api, self._client = before, None
-        raise LabError(f"the Podman API front on {address}:{port} did not answer within "
+        raise LabError(f"the Podman API front on {listen} did not answer within "
                        f"{SERVICE_START_TIMEOUT:g} s; see {log_path}")  # fmt: skip
 
     def alive(self) -> bool:

@@ -31,7 +31,7 @@ from migration.lab.postcopy import postcopy_support
 from migration.lab.precopy import best_method
 from migration.lab.run import run_scenario
 from migration.orchestrator import inventory
-from migration.scenario import ClientSpec, Host, Scenario
+from migration.scenario import ClientSpec, Scenario
 
 from . import test_live
 from .test_live import REASON
@@ -54,10 +54,6 @@ def _refused(address: str) -> bool:
                 return not conn.recv(4096).startswith(b"HTTP/")
     except OSError:
         return True
-
-
-def lab_api_address(scenario: Scenario, host: Host) -> str:
-    return net.net_address(scenario.uplink_subnet(host), 2)
 
 
 def _netns_inode(path: str) -> int:
@@ -124,7 +120,7 @@ def test_the_broker_tours_three_independent_podman_instances(image: str) -> None
         assert seen[f"{host.name} service netns"], seen  # its Podman runs in its namespace
         assert seen[f"{host.name} bridge"], seen  # and its pod network is that host's
         assert seen[f"{host.name} storage"] == str(HOSTS_STORAGE / host.name), seen
-        api = f"tcp://{lab_api_address(scenario, host)}:{PODMAN_API_PORT}"
+        api = f"tcp://{Lab(scenario).host_api_address(host)}:{PODMAN_API_PORT}"
         assert seen[f"{host.name} api"] == api, seen
         assert seen[f"{host.name} api without a certificate"], seen
         assert seen["inventory"][host.name] == (api, True), seen
