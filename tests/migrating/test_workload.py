@@ -495,8 +495,9 @@ async def test_paho_clients_follow_a_server_reference_and_keep_their_session(
         lost_at, back = events[1][1], events[2][1]
         assert lost_at <= sent_away_at and back >= back_at - 0.05, (name, events)
         # The retry schedule (50 ms doubling to 0.5 s) finds the listener soon after it
-        # reopens: well within one capped delay plus a handshake.
-        assert back - back_at < 0.5 + 0.3, (name, back - back_at)
+        # reopens: within one capped delay plus a handshake, long before the 5 s fallback
+        # (the handshake's allowance is 1 s: 0.3 s failed once on a busy 2-core run).
+        assert back - back_at < 0.5 + 1.0, (name, back - back_at)
         figures = client_figures(client, sent_away_at, back_at)
         assert figures["lost"] == 0 and figures["interruption_ms"] is not None, figures
 
